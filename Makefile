@@ -1,0 +1,70 @@
+# Multimodal visual search on Triton. `make help` lists the targets.
+# Everything installs from this repository's files into $(VENV); system packages come from apt when missing.
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+ART       ?= artifacts
+SIZE      ?= tiny
+CATALOG   ?= $(ART)/catalog
+CKPT      ?= $(ART)/checkpoints/3tower
+REPO      ?= model_repository
+CONFIG    ?= cpu
+STEPS     ?= 800
+PYTEST_ARGS ?=
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup system-deps test test-slow test-all demo catalog train quality engines serve bench bench-full clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[serve,gpu,bench,dev]"
+	touch $@
+
+system-deps: ## apt packages: libb64 (perf_analyzer) and chromium (HTML results test)
+	@dpkg -s libb64-0d >/dev/null 2>&1 || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libb64-0d >/dev/null)
+	@command -v chromium >/dev/null 2>&1 || ($(SUDO) apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		(($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null) || echo "warning: chromium not installed; the browser test will skip"))
+
+setup: $(VENV)/.installed system-deps ## create the virtualenv and install everything
+
+test: setup ## the default test suite (CPU, real tritonserver; no slow tests)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup ## only the slow tests
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: setup ## every test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+catalog: setup ## generate the synthetic street-to-shop catalog
+	$(PY) -m mim.data --out $(CATALOG)
+
+train: setup ## train the tiny 3-tower model (STEPS=..., CKPT=...)
+	$(PY) -m mim.train --catalog $(CATALOG) --objective 3tower --steps $(STEPS) --out $(CKPT) --resume
+
+quality: setup ## train DML / 3-tower / 4-tower on the same data and seed; write the comparison table
+	$(PY) -m mim.compare --catalog $(CATALOG) --steps $(STEPS) --out benchmarks/results/quality
+
+engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where TensorRT and a GPU exist) into $(REPO)
+	$(PY) -m export.engines --checkpoint $(CKPT) --repository $(REPO)
+
+serve: setup ## run the bundled tritonserver on 127.0.0.1 with $(REPO) (CONFIG=cpu|default)
+	$(PY) -m mim.serving.server --repository $(REPO) --config $(CONFIG)
+
+demo: setup ## the main job end to end on CPU: data, training, export, Triton, indexing, searches, HTML page
+	$(PY) -m client.demo --artifacts $(ART)
+
+bench: setup ## quick CPU benchmarks (bounded time) into benchmarks/results/quick
+	$(PY) -m benchmarks.run --quick
+
+bench-full: setup ## the full CPU benchmark set into benchmarks/results
+	$(PY) -m benchmarks.run
+
+clean: ## remove generated artifacts (keeps the virtualenv)
+	rm -rf $(ART) .pytest_cache
+	find $(REPO) -name '*.onnx' -o -name '*.plan' | xargs -r rm -f

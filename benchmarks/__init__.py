@@ -1,0 +1,1 @@
+"""Benchmarks: perf_analyzer latency/throughput, kNN against faiss, retrieval quality."""

@@ -1,0 +1,162 @@
+"""Typed model and preprocessing configs.
+
+Named sizes live in `SIZES`. Every value carries the reason it has that value. A checkpoint stores its
+`ModelConfig` and `PreprocessConfig` as JSON next to the weights, and everything downstream (export, the
+Triton preprocessing models, the client) reads them from there, so training and serving cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"vision.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}; "
+                "pick sizes where image_size % patch_size == 0"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"vision.width={self.width} is not divisible by heads={self.heads}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    context_length: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"text.width={self.width} is not divisible by heads={self.heads}")
+        if self.context_length < 2:
+            raise ValueError(f"text.context_length={self.context_length}; need at least 2 ([CLS] + one token)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    embed_dim: int
+    vision: VisionConfig
+    text: TextConfig
+    # CLIP's initial temperature 0.07, stored as the log of its inverse; clamped at 100 during training.
+    init_logit_scale: float = 2.659260036932778
+    max_logit_scale: float = 100.0
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.text.validate()
+
+    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+        """The tokenizer is trained on the catalog, so the vocabulary size is only known after that."""
+        return dataclasses.replace(self, text=dataclasses.replace(self.text, vocab_size=vocab_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything a server needs to turn raw bytes / strings into encoder inputs."""
+
+    image_size: int
+    # CLIP's RGB mean/std: the usual choice for ViTs; the towers train from scratch here, so any fixed
+    # values work as long as training and serving agree, which this config guarantees.
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # Resize the shorter side to image_size (bicubic), then centre-crop a square: keeps the aspect ratio of
+    # user photos instead of squashing them.
+    resize_mode: str = "shorter_side_center_crop"
+    context_length: int = 16
+    tokenizer_file: str = "tokenizer.json"
+    lowercase: bool = True
+    # Decompression-bomb guard: refuse images whose header declares more pixels than this (about 40 MP).
+    max_image_pixels: int = 40_000_000
+    # Refuse encoded payloads larger than this before decoding anything.
+    max_image_bytes: int = 20 * 1024 * 1024
+    # Text longer than this (in UTF-8 bytes) is refused outright; shorter text is truncated to context_length
+    # tokens. The bound keeps a single request from making the tokenizer chew megabytes.
+    max_text_bytes: int = 64 * 1024
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    why: str = field(default="", compare=False)
+
+
+# vocab_size below is a placeholder; `ModelConfig.with_vocab` sets it from the trained tokenizer.
+SIZES: dict[str, SizeSpec] = {
+    "tiny": SizeSpec(
+        model=ModelConfig(
+            name="tiny",
+            embed_dim=128,
+            # 64 px with 8 px patches = 64 tokens: enough to see the product's silhouette and pattern in the
+            # synthetic photos, small enough that a few thousand steps run in minutes on 2 CPU cores.
+            vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4),
+            # Titles are at most ~8 words; 16 tokens leaves room for short queries and reformulations.
+            text=TextConfig(vocab_size=1024, context_length=16, width=128, layers=2, heads=4),
+        ),
+        preprocess=PreprocessConfig(image_size=64, context_length=16),
+        why="trains in minutes on 2 CPU cores; tests and the demo",
+    ),
+    "base": SizeSpec(
+        model=ModelConfig(
+            name="base",
+            embed_dim=512,
+            # ViT-B/16 at 224 px (196 patches + [CLS]); about 35 GFLOP per image.
+            vision=VisionConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12),
+            # CLIP-base text transformer: 12 layers, 512 wide, 8 heads, 77-token context.
+            text=TextConfig(vocab_size=49408, context_length=77, width=512, layers=12, heads=8),
+        ),
+        preprocess=PreprocessConfig(image_size=224, context_length=77),
+        why="GPU serving benchmarks at a production-like size",
+    ),
+}
+
+
+def get_size(name: str) -> SizeSpec:
+    try:
+        return SIZES[name]
+    except KeyError:
+        raise ValueError(f"unknown model size {name!r}; expected one of {sorted(SIZES)}") from None
+
+
+def dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

@@ -1,0 +1,108 @@
+"""The tensor contract: one source of truth for every Triton model's inputs and outputs.
+
+The ONNX exporter names its graph inputs/outputs from here, the TensorRT builder takes its profile shapes from
+here, the config.pbtxt generator writes its inputs/outputs from here, and the client and the perf_analyzer
+input files build their requests from here. Dims exclude the batch dimension (Triton's `max_batch_size`
+convention); symbolic dims ("image_size", "context_length", "embed_dim") are resolved from the model's saved
+configs with `resolve_dims`, so the same contract serves the `tiny` and the `base` sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig, PreprocessConfig
+
+Dim = int | str
+
+_NUMPY = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32, "BYTES": np.object_}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # Triton data type without the TYPE_ prefix: FP32, INT64, BYTES, ...
+    dims: tuple[Dim, ...]  # per-item dims, batch excluded
+
+    @property
+    def numpy_dtype(self) -> type:
+        return _NUMPY[self.dtype]
+
+    @property
+    def triton_type(self) -> str:
+        """Name used in config.pbtxt (`data_type: TYPE_FP32`); the gRPC wire name is `self.dtype`."""
+        return "TYPE_STRING" if self.dtype == "BYTES" else f"TYPE_{self.dtype}"
+
+    def resolve_dims(self, model: ModelConfig | None = None, pre: PreprocessConfig | None = None) -> tuple[int, ...]:
+        values = {}
+        if pre is not None:
+            values.update(image_size=pre.image_size, context_length=pre.context_length)
+        if model is not None:
+            values.update(
+                image_size=model.vision.image_size,
+                context_length=model.text.context_length,
+                embed_dim=model.embed_dim,
+            )
+        out = []
+        for d in self.dims:
+            if isinstance(d, str):
+                if d not in values:
+                    raise ValueError(f"dim {d!r} of tensor {self.name!r} needs the model/preprocess config to resolve")
+                out.append(int(values[d]))
+            else:
+                out.append(d)
+        return tuple(out)
+
+
+# --- tensors -----------------------------------------------------------------------------------------------
+IMAGE = TensorSpec("image", "BYTES", (1,))  # encoded JPEG/PNG/WebP bytes, one per batch row
+TEXT = TensorSpec("text", "BYTES", (1,))  # UTF-8 text, one per batch row
+PIXEL_VALUES = TensorSpec("pixel_values", "FP32", (3, "image_size", "image_size"))
+INPUT_IDS = TensorSpec("input_ids", "INT64", ("context_length",))
+ATTENTION_MASK = TensorSpec("attention_mask", "INT64", ("context_length",))  # 1 = real token, 0 = padding
+IMAGE_EMBEDS = TensorSpec("image_embeds", "FP32", ("embed_dim",))  # L2-normalised
+TEXT_EMBEDS = TensorSpec("text_embeds", "FP32", ("embed_dim",))  # L2-normalised
+EMBEDDING = TensorSpec("embedding", "FP32", ("embed_dim",))  # L2-normalised output of every ensemble
+
+# --- model names -------------------------------------------------------------------------------------------
+PREPROCESS_IMAGE = "preprocess_image"
+PREPROCESS_TEXT = "preprocess_text"
+IMAGE_ENCODER = "image_encoder"
+TEXT_ENCODER = "text_encoder"
+FUSE = "fuse"
+EMBED_IMAGE = "embed_image"
+EMBED_TEXT = "embed_text"
+EMBED_MULTIMODAL = "embed_multimodal"
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+MODELS: dict[str, ModelIO] = {
+    m.name: m
+    for m in (
+        ModelIO(PREPROCESS_IMAGE, (IMAGE,), (PIXEL_VALUES,)),
+        ModelIO(PREPROCESS_TEXT, (TEXT,), (INPUT_IDS, ATTENTION_MASK)),
+        ModelIO(IMAGE_ENCODER, (PIXEL_VALUES,), (IMAGE_EMBEDS,)),
+        ModelIO(TEXT_ENCODER, (INPUT_IDS, ATTENTION_MASK), (TEXT_EMBEDS,)),
+        ModelIO(FUSE, (IMAGE_EMBEDS, TEXT_EMBEDS), (EMBEDDING,)),
+        ModelIO(EMBED_IMAGE, (IMAGE,), (EMBEDDING,)),
+        ModelIO(EMBED_TEXT, (TEXT,), (EMBEDDING,)),
+        ModelIO(EMBED_MULTIMODAL, (IMAGE, TEXT), (EMBEDDING,)),
+    )
+}
+
+# Largest batch any model accepts (Triton max_batch_size, the TensorRT profile's max). Clients split larger
+# lists into requests of at most this many rows.
+MAX_BATCH_SIZE = 64
+
+# Multimodal fusion: embedding = normalize(w * image + (1 - w) * text). 0.5 weighs both modalities equally;
+# a request may override it with the request parameter named FUSION_WEIGHT_PARAM.
+DEFAULT_IMAGE_WEIGHT = 0.5
+FUSION_WEIGHT_PARAM = "image_weight"
