@@ -17,6 +17,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        # mkstemp creates 0600; artifacts are read by other processes (a tritonserver run as another user),
+        # so give the file the mode a plain open() would have: 0666 less the umask.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         write(tmp_path)
         with open(tmp_path, "rb+") as f:
             f.flush()
@@ -26,6 +29,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         tmp_path.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

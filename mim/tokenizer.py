@@ -1,4 +1,4 @@
-"""A word-piece tokenizer trained on the catalog's own text (no downloads), with a fixed context length.
+"""A word-piece tokenizer built from the catalog's own text (no downloads), with a fixed context length.
 
 Layout of every encoded row: [CLS] tokens... [SEP] [PAD]...; the text tower pools the [CLS] position.
 Unknown words map to [UNK] pieces instead of failing; text longer than the context is truncated.
@@ -6,11 +6,12 @@ Unknown words map to [UNK] pieces instead of failing; text longer than the conte
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP]  # ids 0..3, in this order
@@ -32,15 +33,29 @@ class TextTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], *, vocab_size: int, context_length: int, lowercase: bool = True) -> "TextTokenizer":
-        tok = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=64))
-        norm = [normalizers.NFKC()]
-        if lowercase:
-            norm.append(normalizers.Lowercase())
-        tok.normalizer = normalizers.Sequence(norm)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        """Build the vocabulary from `texts`, deterministically.
+
+        The library's WordPiece trainer orders equally frequent merges differently from run to run, which gives
+        the same text different ids in two runs with the same seed. Here the vocabulary is: the special tokens,
+        every character seen (alone and as a "##" continuation, so any word made of known characters
+        tokenizes), then whole words by frequency, ties broken alphabetically, up to `vocab_size`."""
+        norm = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+        normalizer = normalizers.Sequence(norm)
+        pre = pre_tokenizers.BertPreTokenizer()
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+        chars = sorted({c for w in counts for c in w})
+        vocab = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+        if vocab_size < len(vocab):
+            raise ValueError(f"vocab_size={vocab_size} cannot hold the {len(vocab)} special and character tokens; raise it")
+        seen = set(vocab)
+        words = sorted((w for w in counts if w not in seen), key=lambda w: (-counts[w], w))
+        vocab += words[: vocab_size - len(vocab)]
+        tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token=UNK, max_input_chars_per_word=64))
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
-        tok.train_from_iterator(list(texts), trainer=trainer)
         return cls(tok, context_length)
 
     @classmethod

@@ -37,3 +37,55 @@ def make_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+# --- serving fixtures (mim.serving): one exported tiny model, one tritonserver per test session -------------
+# Reuse these from client/search tests: `served_repository` (a tmp copy of model_repository/ with the tiny
+# checkpoint installed), `triton_server` (a running CPU tritonserver on free 127.0.0.1 ports: .grpc_url,
+# .http_url, .metrics_url, .log_path) and `triton_client` (tritonclient.grpc client to it). Tests using the
+# server must be marked `@pytest.mark.server`.
+_REPO_ARTIFACTS = ("*.onnx", "*.plan", "*.plan.json", "preprocess.json", "tokenizer.json", "__pycache__")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny checkpoint exported with export.onnx_export (FP32 ONNX only; parity is export's own test)."""
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export_checkpoint(tiny_checkpoint, out, fp16=False, check=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_repository(tmp_path_factory, tiny_export) -> Path:
+    """A tmp COPY of the committed model_repository/ with the tiny export installed by export.engines.install
+    (which also regenerates the configs for the checkpoint's dims)."""
+    import shutil
+
+    from export.engines import install
+    from mim.serving.repository import DEFAULT_REPOSITORY
+
+    repo = tmp_path_factory.mktemp("serving") / "model_repository"
+    shutil.copytree(DEFAULT_REPOSITORY, repo, ignore=shutil.ignore_patterns(*_REPO_ARTIFACTS))
+    install(tiny_export, repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory, served_repository):
+    """One real tritonserver (bundled CPU build, `--model-config-name=cpu`) for the whole session."""
+    from mim.serving.server import TritonServer
+
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    with TritonServer(served_repository, config="cpu", log_path=log) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def triton_client(triton_server):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    yield client
+    client.close()

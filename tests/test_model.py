@@ -43,7 +43,7 @@ def _png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 # --- towers ------------------------------------------------------------------------------------------------
 def test_image_tower_shapes_and_unit_norm(model):
-    x = torch.randn(5, 3, 64, 64)
+    x = torch.randn(5, 3, 48, 48)
     e = model.encode_image(x)
     assert e.shape == (5, TINY.model.embed_dim)
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(5))
@@ -69,7 +69,7 @@ def test_one_image_tower_and_one_text_tower():
 
 
 def test_wrong_image_size_is_a_clear_error(model):
-    with pytest.raises(ValueError, match=r"pixel_values has shape \(2, 3, 32, 32\); expected \(batch, 3, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"pixel_values has shape \(2, 3, 32, 32\); expected \(batch, 3, 48, 48\)"):
         model.encode_image(torch.randn(2, 3, 32, 32))
 
 
@@ -203,7 +203,7 @@ def test_text_checks():
 def test_checkpoint_round_trip(model, tok, tmp_path):
     out = ckpt.save_checkpoint(tmp_path / "c", model, TINY.preprocess, tok, {"objective": "3tower", "step": 3})
     back = ckpt.load_checkpoint(out, expected=model.cfg)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 48, 48)
     torch.testing.assert_close(back.model.encode_image(x), model.encode_image(x))
     assert back.meta["step"] == 3 and back.pre_cfg == TINY.preprocess
     assert len(back.model_id) == 16 and not list(tmp_path.glob("c/.*.tmp"))

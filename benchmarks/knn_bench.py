@@ -1,0 +1,347 @@
+"""Exact top-k: mim.knn.KnnIndex (NumPy path) against faiss-cpu IndexFlatIP, side by side on the same data.
+
+For every (N, d, batch, k) both engines search the same query batch, warm up once, then alternate timed calls
+until each has run for --min-time seconds (and at least min_reps calls); queries/s = batch / median call time. Results are checked against each
+other "up to ties": at every rank the two returned ids must carry the same exact (float64) score, so the only
+swaps allowed are among equal scores. With a usable GPU the same grid also times the CuPy path, a
+torch.mm + torch.topk baseline, and the memory floor (fp16 gallery bytes / 4.3 TB/s, the H200's HBM bandwidth).
+
+Writes <out>/knn.csv, <out>/knn.json (rows + hardware, versions, threads, date, command) and <out>/knn.png.
+
+    python -m benchmarks.knn_bench --quick      # CI smoke: small N, < 60 s on 2 cores
+    python -m benchmarks.knn_bench              # full grid: N up to 1e6, d 256/512 (~GBs of RAM, minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mim.knn import KnnIndex, cuda_unavailable_reason, default_topk_method
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HBM_BYTES_PER_S = 4.3e12  # H200 HBM3e peak; an exact scan can't beat reading the fp16 gallery once per batch
+SCORE_ATOL = 1e-5  # fp32 vs fp64 inner products of unit vectors differ by ~1e-7
+GPU_SCORE_ATOL = 2e-3  # fp16 storage rounds each embedding entry by up to 2^-11 relative
+
+
+@dataclass(frozen=True)
+class Grid:
+    sizes: tuple[int, ...]
+    dims: tuple[int, ...]
+    batches: tuple[int, ...]
+    ks: tuple[int, ...]
+    min_time: float  # seconds of timed calls per engine per combination
+    min_reps: int
+
+
+QUICK = Grid(sizes=(5_000, 20_000), dims=(256,), batches=(1, 32, 256), ks=(10, 100), min_time=0.15, min_reps=3)
+FULL = Grid(
+    sizes=(10_000, 100_000, 1_000_000), dims=(256, 512), batches=(1, 32, 256), ks=(10, 100), min_time=1.0,
+    min_reps=2,
+)
+
+CSV_FIELDS = [
+    "n", "d", "batch", "k", "ours_qps", "faiss_qps", "ratio_ours_over_faiss", "ids_match", "exact_id_frac",
+    "ours_topk", "gpu_qps", "torch_gpu_qps", "floor_qps", "gpu_ids_match",
+]
+
+
+# ---- environment -----------------------------------------------------------------------------------------
+
+
+def set_threads(n: int) -> dict:
+    """Give faiss (OpenMP), NumPy's OpenBLAS and torch (our default top-k) the same thread count."""
+    import faiss
+    import torch
+
+    faiss.omp_set_num_threads(n)
+    torch.set_num_threads(n)
+    info = {"requested": n, "faiss_omp": faiss.omp_get_max_threads(), "torch": torch.get_num_threads()}
+    info["numpy_openblas"] = _set_numpy_blas_threads(n)
+    return info
+
+
+def _set_numpy_blas_threads(n: int) -> int | str:
+    """NumPy wheels bundle OpenBLAS under numpy.libs; set its pool size through its C API (no threadpoolctl)."""
+    libdir = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    for lib in sorted(libdir.glob("libopenblas*.so*")):
+        handle = ctypes.CDLL(str(lib))  # already loaded by numpy: dlopen returns the same instance
+        for suffix in ("64_", "_64_", ""):
+            setter = getattr(handle, f"openblas_set_num_threads{suffix}", None)
+            getter = getattr(handle, f"openblas_get_num_threads{suffix}", None)
+            if setter is not None and getter is not None:
+                setter(ctypes.c_int(n))
+                return int(getter())
+    return "unknown (no bundled OpenBLAS found; set OMP_NUM_THREADS/OPENBLAS_NUM_THREADS before starting)"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(argv: list[str], threads: dict, gpu_reason: str | None) -> dict:
+    import faiss
+    import torch
+
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.knn_bench", *argv]),
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "threads": threads,
+        "versions": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "faiss": faiss.__version__,
+            "torch": torch.__version__,
+        },
+        "platform": platform.platform(),
+        "gpu": {"usable": gpu_reason is None, "reason": gpu_reason},
+        # Timings are only as good as the machine is idle: record its load (1, 5, 15 min averages).
+        "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if gpu_reason is None:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        env["gpu"]["name"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        env["versions"]["cupy"] = cupy.__version__
+    return env
+
+
+# ---- measurement -----------------------------------------------------------------------------------------
+
+
+def random_unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def time_side_by_side(fns: dict[str, Callable[[], object]], min_time: float, min_reps: int) -> dict[str, float]:
+    """Median seconds per call for each fn: one warm-up each, then alternating timed calls so that every engine
+    sees the same machine state (cache, thermal, background load). The median resists the outliers a shared
+    machine produces (a descheduled OpenMP thread stalls a whole parallel region)."""
+    for fn in fns.values():
+        fn()
+    calls: dict[str, list[float]] = {name: [] for name in fns}
+    while min(len(c) for c in calls.values()) < min_reps or min(sum(c) for c in calls.values()) < min_time:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            calls[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(c)) for name, c in calls.items()}
+
+
+def compare_up_to_ties(gallery: np.ndarray, q: np.ndarray, ids_a, ids_b, atol: float) -> tuple[bool, float]:
+    """(same up to ties, fraction of identical ids). Rows of ids_a/ids_b are gallery row numbers, best first."""
+    q64 = q.astype(np.float64)
+    true_a = np.einsum("qd,qkd->qk", q64, gallery[ids_a].astype(np.float64))
+    true_b = np.einsum("qd,qkd->qk", q64, gallery[ids_b].astype(np.float64))
+    unique = all(len(set(r)) == len(r) for r in np.asarray(ids_a).tolist())
+    match = unique and bool(np.allclose(true_a, true_b, atol=atol, rtol=0))
+    return match, float(np.mean(np.asarray(ids_a) == np.asarray(ids_b)))
+
+
+class GpuSide:
+    """CuPy KnnIndex vs torch.mm + torch.topk vs the HBM floor, for one gallery. Only built when CUDA is usable;
+    the gallery is copied to the device once per (N, d)."""
+
+    def __init__(self, gallery: np.ndarray, ids: np.ndarray, topk: str) -> None:
+        import torch
+
+        self.gallery = gallery
+        self.index = KnnIndex(gallery.shape[1], device="cuda", topk=topk)
+        self.index.add(ids, gallery)
+        self.tg = None
+        if torch.cuda.is_available():
+            self.tg = torch.as_tensor(gallery, device="cuda").half()  # (N, d) fp16, like our storage
+        else:
+            print("  torch.mm+topk GPU baseline skipped: this torch build has no CUDA")
+
+    def time(self, q: np.ndarray, k: int, grid: Grid, cpu_ids: np.ndarray) -> dict:
+        import torch
+
+        fns: dict[str, Callable] = {"gpu": lambda: self.index.search(q, k)}  # returns host arrays: synchronous
+        if self.tg is not None:
+            tq = torch.as_tensor(q, device="cuda").half()
+
+            def torch_search():
+                out = torch.topk(tq @ self.tg.T, k, dim=1)  # (B, N) fp16 scores
+                torch.cuda.synchronize()
+                return out
+
+            fns["torch_gpu"] = torch_search
+        secs = time_side_by_side(fns, grid.min_time, grid.min_reps)
+        floor_s = self.gallery.shape[0] * self.gallery.shape[1] * 2 / HBM_BYTES_PER_S  # one fp16 gallery read
+        _, got = self.index.search(q, k)
+        return {
+            "gpu_qps": len(q) / secs["gpu"],
+            "torch_gpu_qps": len(q) / secs["torch_gpu"] if "torch_gpu" in secs else None,
+            "floor_qps": len(q) / floor_s,
+            # fp16 storage may swap near-ties that the fp32 CPU path orders the other way: looser tolerance
+            "gpu_ids_match": compare_up_to_ties(self.gallery, q, got, cpu_ids, GPU_SCORE_ATOL)[0],
+        }
+
+
+def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[dict]:
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in grid.sizes:
+        for d in grid.dims:
+            gallery = random_unit(rng, n, d)  # (N, d) fp32
+            ids = np.arange(n, dtype=np.int64)  # = faiss's sequential labels, so results compare directly
+            ours = KnnIndex(d, device="cpu", topk=topk)
+            ours.add(ids, gallery)
+            flat = faiss.IndexFlatIP(d)
+            flat.add(gallery)
+            gpu = GpuSide(gallery, ids, topk) if gpu_reason is None else None
+            for batch in grid.batches:
+                q = random_unit(rng, batch, d)
+                for k in grid.ks:
+                    secs = time_side_by_side(
+                        {"ours": lambda: ours.search(q, k), "faiss": lambda: flat.search(q, k)},
+                        grid.min_time, grid.min_reps,
+                    )
+                    _, our_ids = ours.search(q, k)
+                    _, faiss_ids = flat.search(q, k)
+                    match, exact = compare_up_to_ties(gallery, q, our_ids, faiss_ids, SCORE_ATOL)
+                    row = {
+                        "n": n, "d": d, "batch": batch, "k": k,
+                        "ours_qps": batch / secs["ours"], "faiss_qps": batch / secs["faiss"],
+                        "ratio_ours_over_faiss": secs["faiss"] / secs["ours"],
+                        "ids_match": match, "exact_id_frac": exact,
+                        "ours_topk": topk if topk != "auto" else default_topk_method("cpu", k),
+                        "gpu_qps": None, "torch_gpu_qps": None, "floor_qps": None, "gpu_ids_match": None,
+                    }
+                    if gpu is not None:
+                        row.update(gpu.time(q, k, grid, our_ids))
+                    rows.append(row)
+                    print(_format_row(row), flush=True)
+            del ours, flat, gpu, gallery
+    return rows
+
+
+# ---- output ----------------------------------------------------------------------------------------------
+
+
+def _format_row(r: dict) -> str:
+    line = (
+        f"N={r['n']:>8} d={r['d']:>4} batch={r['batch']:>4} k={r['k']:>4}  ours {r['ours_qps']:>10.1f} q/s  "
+        f"faiss {r['faiss_qps']:>10.1f} q/s  ratio {r['ratio_ours_over_faiss']:5.2f}  "
+        f"match={'yes' if r['ids_match'] else 'NO'} exact={r['exact_id_frac']:.3f}"
+    )
+    if r.get("gpu_qps") is not None:
+        line += f"  gpu {r['gpu_qps']:.0f} q/s floor {r['floor_qps']:.0f} q/s"
+        if r.get("torch_gpu_qps") is not None:
+            line += f" torch {r['torch_gpu_qps']:.0f} q/s"
+    return line
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_FIELDS})
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["d"], r["k"]) for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (d, k) in zip(axes[0], panels):
+        for color, b in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], batches):
+            sel = sorted((r for r in rows if (r["d"], r["k"], r["batch"]) == (d, k, b)), key=lambda r: r["n"])
+            ns = [r["n"] for r in sel]
+            ax.plot(ns, [r["ours_qps"] for r in sel], "o-", color=color, label=f"ours b={b}")
+            ax.plot(ns, [r["faiss_qps"] for r in sel], "s--", color=color, label=f"faiss b={b}")
+            if any(r.get("gpu_qps") for r in sel):
+                ax.plot(ns, [r["gpu_qps"] for r in sel], "^:", color=color, label=f"ours GPU b={b}")
+        ax.set(xscale="log", yscale="log", xlabel="gallery size N", ylabel="queries / s", title=f"d={d}, k={k}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- entry point -----------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(float(v)) for v in text.split(","))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small grid for CI (< 60 s on 2 cores)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory (default: %(default)s)")
+    p.add_argument("--sizes", type=_ints, help="override gallery sizes, e.g. 1e4,1e5")
+    p.add_argument("--dims", type=_ints, help="override embedding dims, e.g. 256,512")
+    p.add_argument("--batches", type=_ints, help="override query batch sizes, e.g. 1,32,256")
+    p.add_argument("--ks", type=_ints, help="override k values, e.g. 10,100")
+    p.add_argument("--min-time", type=float, help="timed seconds per engine per combination")
+    p.add_argument("--threads", type=int, default=None, help="threads for faiss, OpenBLAS and torch (default: all)")
+    p.add_argument("--topk", default="auto", help="KnnIndex top-k selector (auto|argpartition|torch|two_stage)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    base = QUICK if args.quick else FULL
+    grid = Grid(
+        sizes=args.sizes or base.sizes, dims=args.dims or base.dims, batches=args.batches or base.batches,
+        ks=args.ks or base.ks, min_time=base.min_time if args.min_time is None else args.min_time,
+        min_reps=base.min_reps,
+    )
+    n_threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = set_threads(n_threads)
+    gpu_reason = cuda_unavailable_reason()
+    if gpu_reason is not None:
+        print(f"GPU timings (CuPy path, torch.mm+topk, HBM floor) skipped: {gpu_reason}")
+    print(f"threads: {threads}")
+
+    rows = run_grid(grid, args.topk, args.seed, gpu_reason)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, args.out / "knn.csv")
+    report = {**environment(argv, threads, gpu_reason), "grid": grid.__dict__, "results": rows}
+    (args.out / "knn.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, args.out / "knn.png")
+    ok = all(r["ids_match"] for r in rows) and all(r["gpu_ids_match"] in (None, True) for r in rows)
+    print(f"wrote {args.out / 'knn.csv'}, knn.json, knn.png; results {'match' if ok else 'DO NOT match'} faiss")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Triton python-backend plumbing shared by every `model_repository/<name>/1/model.py`.
+
+Converts Triton's request objects into `backends.Request`s and `backends.Response`s back into
+`InferenceResponse`s; everything else is in `mim.serving.backends`. `pb_utils` (the module
+`triton_python_backend_utils`, which exists only inside the backend's stub process) is passed in rather than
+imported, so this file imports anywhere and is tested with a stand-in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from mim import contract
+from mim.serving import backends
+
+
+def version_dir(args: Mapping[str, str]) -> Path:
+    """The folder of the model version being loaded. The python backend passes the MODEL folder as
+    `model_repository` (not the repository root), and the version as a string."""
+    return Path(args["model_repository"]) / str(args["model_version"])
+
+
+def make_handler(name: str, args: Mapping[str, str]) -> backends.Handler:
+    """`initialize`: build the handler from the version folder and the config Triton loaded (the variant
+    chosen with --model-config-name, so its parameters are the ones used)."""
+    return backends.make_handler(name, version_dir(args), json.loads(args["model_config"]))
+
+
+def request_params(request: Any) -> dict[str, Any]:
+    """A request's parameters (JSON in the python backend), {} when it has none."""
+    raw = request.parameters() if hasattr(request, "parameters") else "{}"
+    try:
+        params = json.loads(raw or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
+def to_request(pb_utils: Any, io: contract.ModelIO, request: Any) -> backends.Request:
+    inputs = {}
+    for spec in io.inputs:
+        tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+        if tensor is not None:  # a missing input is reported by the handler's check
+            inputs[spec.name] = tensor.as_numpy()
+    return backends.Request(inputs, request_params(request))
+
+
+def to_response(pb_utils: Any, response: backends.Response) -> Any:
+    if response.ok:
+        tensors = [pb_utils.Tensor(name, array) for name, array in response.outputs.items()]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+    return pb_utils.InferenceResponse(error=triton_error(pb_utils, response.error, response.code))
+
+
+def triton_error(pb_utils: Any, message: str, code: str) -> Any:
+    """TritonError with a status code (INVALID_ARG, INTERNAL) where the python backend has codes (>= 23.10)."""
+    error_cls = pb_utils.TritonError
+    code_value = getattr(error_cls, code, None)
+    return error_cls(message) if code_value is None else error_cls(message, code_value)
+
+
+def execute(pb_utils: Any, handler: backends.Handler, requests: Sequence[Any]) -> list[Any]:
+    """`execute`: one response per request, in order; the good requests run together as one batch."""
+    converted = [to_request(pb_utils, handler.io, r) for r in requests]
+    return [to_response(pb_utils, r) for r in handler(converted)]

@@ -1,0 +1,407 @@
+"""Launch the tritonserver bundled in the `nvidia-pytriton` wheel, without Docker.
+
+    python -m mim.serving.server --repository model_repository --config cpu          # `make serve`
+    python -m mim.serving.server --repository model_repository --config cpu --grpc-port 8001
+
+The wheel carries `pytriton/tritonserver/bin/tritonserver` (Triton 2.51) with its shared libraries in
+`nvidia_pytriton.libs/`, the python backend, and one backend stub per Python version. The python backend
+expects the stub next to `libtriton_python.so`, so a backend folder with both is assembled once in a cache
+folder and passed with `--backend-directory`. The python models run in the stub with this virtualenv's
+packages (so they `import mim`). Every listener binds to 127.0.0.1 only.
+
+Config variants (see mim.serving.repository): `cpu` and `gpu_onnx` select `configs/<name>.pbtxt` with
+`--model-config-name`; `default` uses each model's `config.pbtxt` (TensorRT engines, NGC container).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+HOST = "127.0.0.1"
+CONFIGS = ("cpu", "gpu_onnx", "default")
+DEFAULT_CONFIG = "cpu"
+STARTUP_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 20.0
+LOG_TAIL_LINES = 25
+
+
+class TritonServerError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TritonPaths:
+    """Where the bundled server's pieces are. `lib_dir` goes on LD_LIBRARY_PATH of anything that runs the
+    binary or the stub (perf_analyzer too, for libcudart)."""
+
+    root: Path  # pytriton/tritonserver
+    binary: Path  # tritonserver
+    lib_dir: Path  # nvidia_pytriton.libs
+    python_backend: Path  # backends/python (libtriton_python.so + triton_python_backend_utils.py)
+    stub: Path  # python_backend_stubs/<X.Y>/triton_python_backend_stub for the running Python
+    version: str  # nvidia-pytriton version, keys the backend cache
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for the server: the bundled libraries first on LD_LIBRARY_PATH, this Python's bin
+        first on PATH (the stub's interpreter then finds this virtualenv's packages)."""
+        env = dict(os.environ if base is None else base)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(self.lib_dir), env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        return env
+
+
+def triton_paths() -> TritonPaths:
+    """Locate the bundled tritonserver in the installed `nvidia-pytriton` package; explain what is missing."""
+    try:
+        import pytriton
+    except ImportError:
+        raise TritonServerError(
+            "the bundled tritonserver comes with the `nvidia-pytriton` package; install the serving extra: "
+            "pip install -e '.[serve]'"
+        ) from None
+    site = Path(pytriton.__file__).resolve().parent.parent
+    root = site / "pytriton" / "tritonserver"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    paths = TritonPaths(
+        root=root,
+        binary=root / "bin" / "tritonserver",
+        lib_dir=site / "nvidia_pytriton.libs",
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / py / "triton_python_backend_stub",
+        version=metadata.version("nvidia-pytriton"),
+    )
+    for what, path in (("tritonserver binary", paths.binary), ("library folder", paths.lib_dir),
+                       ("python backend", paths.python_backend / "libtriton_python.so"),
+                       (f"python backend stub for Python {py}", paths.stub)):  # fmt: skip
+        if not path.exists():
+            raise TritonServerError(f"{what} not found at {path}; reinstall nvidia-pytriton: pip install -e '.[serve]'")
+    return paths
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("MIM_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mim"
+
+
+def backend_dir(paths: TritonPaths | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A `--backend-directory` holding `python/` = the bundled python backend + the stub for this Python.
+
+    Built once per (nvidia-pytriton version, Python version) under the cache folder; assembled in a temporary
+    folder and renamed into place, so concurrent first runs cannot see a half-copied backend."""
+    paths = paths or triton_paths()
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    target = Path(cache_dir or default_cache_dir()) / f"triton-backends-{paths.version}-py{py}"
+    stub_name = paths.stub.name
+    if _backend_complete(target, paths):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        dst = tmp / "python"
+        shutil.copytree(paths.python_backend, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(paths.stub, dst / stub_name)
+        if target.exists():  # stale or incomplete: replace it
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _backend_complete(target, paths):  # someone else's rename won only if theirs is complete
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _backend_complete(target: Path, paths: TritonPaths) -> bool:
+    wanted = [(paths.stub, target / "python" / paths.stub.name)]
+    wanted += [(f, target / "python" / f.name) for f in paths.python_backend.iterdir() if f.is_file()]
+    return all(dst.is_file() and dst.stat().st_size == src.stat().st_size for src, dst in wanted)
+
+
+def free_port(host: str = HOST) -> int:
+    """A port that was free a moment ago (the OS picks it); the server binds it right after."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def config_name_args(config: str) -> list[str]:
+    if config not in CONFIGS:
+        raise ValueError(f"config {config!r}; expected one of {list(CONFIGS)}")
+    return [] if config == "default" else [f"--model-config-name={config}"]
+
+
+class TritonServer:
+    """A tritonserver process on 127.0.0.1, as a context manager.
+
+        with TritonServer("model_repository", config="cpu") as server:
+            client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
+
+    Ports are free ones unless given. Start-up waits (bounded) until the server reports ready, i.e. every
+    model loaded; a server that exits or is not ready in time raises TritonServerError with the log tail.
+    """
+
+    def __init__(
+        self,
+        repository: str | Path,
+        *,
+        config: str = DEFAULT_CONFIG,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        log_path: str | Path | None = None,
+        log_verbose: int = 0,
+        startup_timeout: float = STARTUP_TIMEOUT_S,
+        stop_timeout: float = STOP_TIMEOUT_S,
+        cache_dir: str | Path | None = None,
+        extra_args: Sequence[str] = (),
+    ):
+        self.repository = Path(repository).resolve()
+        self.config = config
+        self._config_args = config_name_args(config)
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.log_path = Path(log_path) if log_path else _temp_log()
+        self.log_verbose = log_verbose
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.cache_dir = cache_dir
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen | None = None
+
+    # --- addresses ---
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.grpc_port}"  # tritonclient.grpc takes host:port without a scheme
+
+    @property
+    def http_url(self) -> str:
+        return f"{HOST}:{self.http_port}"  # likewise tritonclient.http
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}/metrics"
+
+    # --- life cycle ---
+    def command(self, paths: TritonPaths | None = None) -> list[str]:
+        paths = paths or triton_paths()
+        return [
+            str(paths.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir(paths, self.cache_dir)}",
+            *self._config_args,
+            f"--grpc-address={HOST}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={HOST}", f"--http-port={self.http_port}",
+            f"--metrics-address={HOST}", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",  # no DCGM on CPU machines; CPU metrics stay on
+            "--strict-readiness=true",  # ready only when every model is
+            "--exit-on-error=true",  # a model that fails to load stops the server (and start() reports why)
+            f"--exit-timeout-secs={max(1, int(self.stop_timeout) - 2)}",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self) -> "TritonServer":
+        if self.process is not None:
+            raise TritonServerError("server already started")
+        if not self.repository.is_dir():
+            raise TritonServerError(f"model repository {self.repository} is not a directory")
+        paths = triton_paths()
+        cmd = self.command(paths)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            log.write(("$ " + " ".join(cmd) + "\n").encode())
+            log.flush()
+            # Own session: Ctrl-C in a terminal reaches only us, and stop() can signal the whole group
+            # (the server and its python-backend stubs).
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=paths.env(),
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise TritonServerError(
+                    f"tritonserver exited with code {code} while starting (repository {self.repository}, "
+                    f"config {self.config!r}){self._diagnosis()}"
+                )
+            if _http_ok(url):
+                return
+            if time.monotonic() > deadline:
+                raise TritonServerError(
+                    f"tritonserver not ready after {self.startup_timeout:.0f} s (repository {self.repository}, "
+                    f"config {self.config!r}){self._diagnosis()}"
+                )
+            time.sleep(0.2)
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGINT (Triton unloads models and waits for in-flight requests), SIGKILL to the process group
+        after `stop_timeout`. Returns the exit code."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGINT)
+            try:
+                proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)  # the hung server and its python-backend stubs
+        code = proc.wait()
+        self.process = None
+        return code
+
+    def _diagnosis(self) -> str:
+        """The models that failed to load, each with its first error line, then the log's tail."""
+        failures = load_failures(self.log_text())
+        listed = "".join(f"\n  {name}: {message}" for name, message in failures.items())
+        head = f"\nmodels that failed to load:{listed}" if failures else ""
+        return f"{head}\nlog {self.log_path}, last lines:\n{self.log_tail()}"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        text = self.log_text()
+        return "\n".join(text.splitlines()[-lines:]) if text else "(no log)"
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+_LOAD_FAILURE = re.compile(r"failed to load (?:model )?'([^']+)'(?: version \S+)?: (.*?)(?:\\n|\"?$)", re.MULTILINE)
+
+
+def load_failures(log_text: str) -> dict[str, str]:
+    """Model name -> first line of its load error, from tritonserver's log ("failed to load 'x' version 1: ...")."""
+    return {m.group(1): m.group(2) for m in _LOAD_FAILURE.finditer(log_text)}
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the group we created with start_new_session
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _temp_log() -> Path:
+    fd, path = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+    os.close(fd)
+    return Path(path)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mim.serving.server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository folder")
+    p.add_argument(
+        "--config", choices=CONFIGS, default=DEFAULT_CONFIG,
+        help="config variant: cpu (ONNX Runtime, CPU), gpu_onnx (ONNX Runtime, CUDA), default (TensorRT engines)",
+    )  # fmt: skip
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log", type=Path, default=None, help="log file (default: a temporary file)")
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)
+    return p
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Explicit handlers: a shell starts background jobs with SIGINT ignored, and SIGTERM (docker stop,
+    # systemd, kill) would otherwise end us without stopping the server. Restored on return, for callers
+    # that run main() in-process (tests).
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return serve(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start the server, wait until it exits or we are told to stop; 0 on a requested stop."""
+    server = TritonServer(
+        args.repository, config=args.config, grpc_port=args.grpc_port, http_port=args.http_port,
+        metrics_port=args.metrics_port, log_path=args.log, log_verbose=args.log_verbose,
+        startup_timeout=args.startup_timeout,
+    )  # fmt: skip
+    try:
+        server.start()
+    except TritonServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except _Stop:
+        return 0  # start() has stopped the server already
+    print(f"tritonserver ready ({args.config}): grpc {server.grpc_url}  http {server.http_url}  "
+          f"metrics {server.metrics_url}\nlog: {server.log_path}   (Ctrl-C to stop)", flush=True)  # fmt: skip
+    try:
+        while server.is_running():
+            time.sleep(0.5)
+        print(f"tritonserver exited unexpectedly; last log lines:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    except _Stop as e:
+        print(f"{e}: stopping tritonserver ...", file=sys.stderr)
+        return 0
+    finally:
+        # A second Ctrl-C must not abandon the server half-stopped (it runs in its own session); stop() is
+        # bounded anyway: SIGKILL after the stop timeout.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        server.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

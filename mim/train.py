@@ -1,0 +1,233 @@
+"""Train the MIM model (DML baseline, 3-tower or 4-tower) on a catalog.
+
+    python -m mim.train --catalog artifacts/catalog --objective 3tower --out artifacts/checkpoints/3tower
+    python -m mim.train ... --objective 4tower --init-from artifacts/checkpoints/3tower   # paper's best 4-tower
+    python -m mim.train ... --resume                                                      # continue a run
+
+CPU by default here, the GPU when one is present. Seeded: the batch at step i depends only on (seed, i), so a
+resumed run draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import ModelConfig, PreprocessConfig, get_size
+from .data import Catalog, ensure_catalog, load_catalog
+from .losses import OBJECTIVES, LossWeights, mim_loss
+from .model import MIMModel
+from .preprocess import preprocess_image_bytes
+from .tokenizer import TextTokenizer
+
+
+@dataclass
+class TrainData:
+    """A split's images preprocessed once into arrays (the tiny size fits in memory many times over)."""
+
+    product_ids: list[int]
+    product_pixels: np.ndarray  # (P, 3, S, S)
+    titles: list[str]
+    query_pixels: np.ndarray  # (Q, 3, S, S)
+    query_texts: list[str]
+    queries_of: list[np.ndarray]  # per product row: indices into query_pixels
+
+
+def load_split(catalog: Catalog, split: str, pre: PreprocessConfig, progress: bool = True) -> TrainData:
+    products = catalog.products_in(split)
+    row = {p.product_id: i for i, p in enumerate(products)}
+    queries = [q for q in catalog.queries_in(split) if q.product_id in row]
+    it = tqdm(products + queries, desc=f"preprocess {split}", disable=not progress, leave=False)
+    arrays = [preprocess_image_bytes(catalog.read_bytes(x.image), pre) for x in it]
+    qof: list[list[int]] = [[] for _ in products]
+    for j, q in enumerate(queries):
+        qof[row[q.product_id]].append(j)
+    if any(not x for x in qof):
+        raise ValueError(f"every {split} product needs at least one query photo; the catalog at {catalog.root} has none for some")
+    return TrainData(
+        product_ids=[p.product_id for p in products],
+        product_pixels=np.stack(arrays[: len(products)]),
+        titles=[p.title for p in products],
+        query_pixels=np.stack(arrays[len(products) :]),
+        query_texts=[q.short_text for q in queries],
+        queries_of=[np.asarray(x) for x in qof],
+    )
+
+
+def tokenizer_texts(catalog: Catalog) -> list[str]:
+    """Training split text only: test titles are never seen, and their words still tokenize (word pieces)."""
+    texts = [p.title for p in catalog.products_in("train")]
+    texts += [q.short_text for q in catalog.queries_in("train")]
+    texts += [r.text for r in catalog.reformulations_in("train")]
+    return texts
+
+
+def batch_loss(
+    model: MIMModel,
+    tok: TextTokenizer,
+    data: TrainData,
+    objective: str,
+    rng: np.random.Generator,
+    batch_size: int,
+    weights: LossWeights = LossWeights(),
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Draw one batch of distinct products (a street photo, the catalog photo, the title and a short query each)
+    and return the objective's loss on it."""
+    dev = next(model.parameters()).device
+    rows = rng.choice(len(data.product_ids), size=batch_size, replace=False)
+    qidx = np.array([rng.choice(data.queries_of[r]) for r in rows])
+    q_pix = data.query_pixels[qidx]
+    flip = rng.random(batch_size) < 0.5  # the catalog photo is never mirrored; street photos may be
+    q_pix = np.where(flip[:, None, None, None], q_pix[..., ::-1], q_pix)
+    pixels = torch.from_numpy(np.ascontiguousarray(np.concatenate([q_pix, data.product_pixels[rows]]))).to(dev)
+    pids = [data.product_ids[r] for r in rows]
+    titles = [data.titles[r] for r in rows]
+    shorts = [data.query_texts[i] for i in qidx]
+    imgs = model.encode_image(pixels)  # query photos and catalog photos through the one image encoder
+    q, p = imgs[:batch_size], imgs[batch_size:]
+    t = s = None
+    if objective != "dml":
+        texts = titles + (shorts if objective == "4tower" else [])
+        ids, mask = tok.encode_batch(texts)
+        emb = model.encode_text(torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev))  # one text encoder
+        t = emb[:batch_size]
+        s = emb[batch_size:] if objective == "4tower" else None
+    return mim_loss(objective, model.scale(), q, p, t, s, pids, titles, shorts, weights)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mim.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--catalog", default="artifacts/catalog", help="catalog folder (generated if missing)")
+    ap.add_argument("--catalog-seed", type=int, default=0)
+    ap.add_argument("--size", default="tiny", help="named model size (mim.config.SIZES)")
+    ap.add_argument("--objective", choices=OBJECTIVES, default="3tower")
+    ap.add_argument("--out", required=True, help="checkpoint folder to write")
+    ap.add_argument("--init-from", help="start from this checkpoint's weights and tokenizer (e.g. 4-tower from 3-tower)")
+    ap.add_argument("--resume", action="store_true", help="continue from --out if it holds a checkpoint")
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    train(**{k.replace("-", "_"): v for k, v in vars(args).items()})
+    return 0
+
+
+def train(
+    *,
+    catalog: str,
+    out: str,
+    objective: str = "3tower",
+    size: str = "tiny",
+    catalog_seed: int = 0,
+    init_from: str | None = None,
+    resume: bool = False,
+    steps: int = 800,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    warmup: int = 50,
+    seed: int = 0,
+    save_every: int = 200,
+    device: str = "auto",
+    no_progress: bool = False,
+) -> Path:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    progress = not no_progress
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    cat_path = Path(catalog)
+    cat = load_catalog(cat_path) if (cat_path / "catalog.json").is_file() else ensure_catalog(cat_path, seed=catalog_seed)
+    out_dir = Path(out)
+
+    start_step = 0
+    if resume and (out_dir / ckpt.CONFIG).is_file():
+        state = ckpt.load_checkpoint(out_dir)
+        if state.meta.get("objective") != objective:
+            raise ValueError(f"--resume: {out_dir} was trained with objective {state.meta.get('objective')!r}, not {objective!r}")
+        model, pre, tok = state.model, state.pre_cfg, state.tokenizer
+        start_step = int(state.meta.get("step", 0))
+    elif init_from:
+        state = ckpt.load_checkpoint(init_from)
+        model, pre, tok = state.model, state.pre_cfg, state.tokenizer
+    else:
+        spec = get_size(size)
+        pre = spec.preprocess
+        tok = TextTokenizer.train(tokenizer_texts(cat), vocab_size=spec.model.text.vocab_size, context_length=pre.context_length, lowercase=pre.lowercase)
+        model = MIMModel(spec.model.with_vocab(tok.vocab_size))
+    model.to(dev).train()
+
+    data = load_split(cat, "train", pre, progress)
+    n_products = len(data.product_ids)
+    if batch_size > n_products:
+        raise ValueError(f"--batch-size {batch_size} is larger than the {n_products} training products; lower it")
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    if start_step:
+        ckpt.load_train_state(out_dir, model, opt)
+
+    meta = {"objective": objective, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "catalog": str(cat.root), "catalog_seed": cat.seed, "init_from": init_from}
+    weights = LossWeights()
+    bar = tqdm(range(start_step, steps), desc=f"train {objective}", disable=not progress, initial=start_step, total=steps)
+    t0, last = time.time(), {}
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        loss, parts = batch_loss(model, tok, data, objective, np.random.default_rng([seed, step]), batch_size, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        last = {"loss": float(loss.detach()), **parts}
+        bar.set_postfix(loss=f"{last['loss']:.3f}", scale=f"{float(model.scale().detach()):.1f}")
+        done = step + 1
+        if done % save_every == 0 or done == steps:
+            model.eval()
+            ckpt.save_checkpoint(out_dir, model, pre, tok, {**meta, "step": done, "last_loss": last}, opt)
+            model.train()
+    if start_step >= steps:
+        print(f"{out_dir}: already trained for {start_step} steps; nothing to do", file=sys.stderr)
+    else:
+        print(f"trained {objective} for {steps - start_step} steps in {time.time() - t0:.0f}s -> {out_dir} (last loss {last.get('loss', float('nan')):.3f})", file=sys.stderr)
+    return out_dir
+
+
+if __name__ == "__main__":
+    sys.exit(main())

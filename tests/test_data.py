@@ -1,0 +1,246 @@
+"""Tests for the synthetic street-to-shop catalog (mim.data), on a 3 x 3 x 3 subset at 64 px."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mim import data
+from mim.data import CATEGORIES, COLOURS, PATTERNS, PATTERN_WORDS
+
+SMALL = dict(
+    image_size=64,
+    categories=["mug", "shirt", "hat"],
+    patterns=["solid", "zebra", "dots"],
+    colours=["red", "blue", "green"],
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def cat(tmp_path_factory) -> data.Catalog:
+    return data.generate_catalog(tmp_path_factory.mktemp("cat_a"), seed=0, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def cat_again(tmp_path_factory) -> data.Catalog:
+    return data.generate_catalog(tmp_path_factory.mktemp("cat_b"), seed=0, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def cat_seed1(tmp_path_factory) -> data.Catalog:
+    return data.generate_catalog(tmp_path_factory.mktemp("cat_c"), seed=1, **SMALL)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_is_byte_identical(cat, cat_again):
+    a, b = _files(cat.root), _files(cat_again.root)
+    assert a.keys() == b.keys()
+    assert "catalog.json" in a
+    different = [k for k in a if a[k] != b[k]]
+    assert different == []
+
+
+def test_different_seed_differs(cat, cat_seed1):
+    a, b = _files(cat.root), _files(cat_seed1.root)
+    assert a["catalog.json"] != b["catalog.json"]
+    queries = [k for k in a if k.startswith("street/") and k in b]
+    assert queries and sum(a[k] != b[k] for k in queries) == len(queries)
+
+
+def test_one_product_per_combination(cat):
+    combos = {(p.category, p.pattern, p.colour) for p in cat.products}
+    assert len(cat.products) == len(combos) == 27
+    assert [p.product_id for p in cat.products] == list(range(27))
+    assert [q.query_id for q in cat.queries] == list(range(len(cat.queries)))
+
+
+def test_split_by_product_is_disjoint_and_complete(cat):
+    ids = {s: {p.product_id for p in cat.products_in(s)} for s in data.SPLITS}
+    assert all(ids.values()), f"every split should be non-empty: {ids}"
+    assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
+    assert set().union(*ids.values()) == {p.product_id for p in cat.products}
+    for s in data.SPLITS:
+        # Stratified per category: every split holds every category.
+        assert {p.category for p in cat.products_in(s)} == set(SMALL["categories"])
+        for q in cat.queries_in(s):
+            assert q.product_id in ids[s]
+
+
+def test_query_counts_per_split(cat):
+    per_product: dict[int, int] = {}
+    for q in cat.queries:
+        per_product[q.product_id] = per_product.get(q.product_id, 0) + 1
+    for p in cat.products:
+        assert per_product[p.product_id] == (4 if p.split == "train" else 2)
+
+
+def test_default_split_proportions():
+    params = data._normalize_params()
+    products, queries, reforms = data._plan(params)
+    assert len(products) == len(CATEGORIES) * len(PATTERNS) * len(COLOURS) == 640
+    counts = {s: sum(p.split == s for p in products) for s in data.SPLITS}
+    assert counts == {"train": 450, "val": 60, "test": 130}
+    test_reforms = [r for r in reforms if r.split == "test"]
+    assert {r.kind for r in test_reforms} == {"colour", "pattern"}
+    assert len(test_reforms) > 200
+
+
+def test_reformulations_change_one_attribute_within_split(cat):
+    assert cat.reformulations, "the small catalog should still produce reformulation pairs"
+    queries = {q.query_id: q for q in cat.queries}
+    for r in cat.reformulations:
+        src, tgt = cat.product(r.source_product_id), cat.product(r.target_product_id)
+        assert queries[r.query_id].product_id == src.product_id
+        assert src.split == tgt.split == r.split
+        assert src.category == tgt.category
+        if r.kind == "colour":
+            assert src.pattern == tgt.pattern and src.colour != tgt.colour
+            assert tgt.colour in r.text.split()
+        else:
+            assert r.kind == "pattern"
+            assert src.colour == tgt.colour and src.pattern != tgt.pattern
+            assert r.text in data.PATTERN_PHRASES[tgt.pattern]
+
+
+def test_images_decode_with_expected_format(cat):
+    for p in cat.products:
+        with Image.open(io.BytesIO(cat.read_bytes(p.image))) as im:
+            assert (im.format, im.mode, im.size) == ("PNG", "RGB", (64, 64))
+            assert im.getpixel((0, 0)) == (255, 255, 255)  # white catalog background
+            assert im.getpixel((32, 32)) != (255, 255, 255)  # the product sits in the middle
+    for q in cat.queries:
+        with Image.open(cat.path(q.image)) as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (64, 64))
+
+
+def test_titles_and_short_texts(cat):
+    for p in cat.products:
+        words = p.title.split()
+        assert p.colour in words and p.category == words[-1]
+        assert PATTERN_WORDS[p.pattern][0] in words
+    for q in cat.queries:
+        words = q.short_text.split()
+        assert 2 <= len(words) <= 3 and words[-1] == cat.product(q.product_id).category
+    texts = cat.all_texts()
+    assert len(texts) == len(cat.products) + len(cat.queries) + len(cat.reformulations)
+    assert cat.products[0].title in texts and cat.reformulations[0].text in texts
+
+
+def test_load_round_trip(cat):
+    loaded = data.load_catalog(cat.root)
+    assert loaded == cat
+    assert loaded.params == cat.params and loaded.image_size == 64
+
+
+def test_ensure_reuses_matching_catalog(cat):
+    manifest = cat.root / data.MANIFEST
+    before = manifest.stat().st_mtime_ns
+    again = data.ensure_catalog(cat.root, seed=0, **SMALL)
+    assert again == cat
+    assert manifest.stat().st_mtime_ns == before
+
+
+def test_ensure_regenerates_on_changed_params(tmp_path):
+    first = data.generate_catalog(tmp_path, seed=0, **SMALL)
+    second = data.ensure_catalog(tmp_path, seed=0, **{**SMALL, "n_train_queries": 1, "n_eval_queries": 1})
+    assert second.params["n_train_queries"] == 1
+    assert len(second.queries) == len(second.products) < len(first.queries)
+    on_disk = {f"street/{p.name}" for p in (tmp_path / "street").iterdir()}
+    assert on_disk == {q.image for q in second.queries}, "stale query photos of the old catalog must be removed"
+    assert data.load_catalog(tmp_path) == second
+
+
+def test_ensure_regenerates_when_an_image_is_missing(tmp_path):
+    first = data.generate_catalog(tmp_path, seed=0, **SMALL)
+    first.path(first.queries[0].image).unlink()
+    again = data.ensure_catalog(tmp_path, seed=0, **SMALL)
+    assert again.path(first.queries[0].image).is_file()
+
+
+def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
+    data.generate_catalog(tmp_path, seed=0, **SMALL)
+    calls = {"n": 0}
+    real = data.render_query_photo
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "render_query_photo", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        data.generate_catalog(tmp_path, seed=3, **SMALL)
+    assert not (tmp_path / data.MANIFEST).exists()
+    with pytest.raises(FileNotFoundError, match="python -m mim.data"):
+        data.load_catalog(tmp_path)
+
+
+def test_manifest_is_valid_json_with_version(cat):
+    doc = json.loads((cat.root / data.MANIFEST).read_text())
+    assert doc["format_version"] == data.FORMAT_VERSION
+    assert doc["params"]["seed"] == 0 and doc["params"]["categories"] == ["mug", "shirt", "hat"]
+
+
+def test_unknown_product_id(cat):
+    with pytest.raises(KeyError, match=r"unknown product id 9999 .* valid ids are 0\.\.26"):
+        cat.product(9999)
+
+
+def test_unknown_split(cat):
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        cat.products_in("dev")
+
+
+def test_path_must_stay_inside_root(cat):
+    with pytest.raises(ValueError, match="stay inside"):
+        cat.path("../etc/passwd")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"categories": ["mug", "spaceship"]}, r"unknown categories \['spaceship'\]; expected names from"),
+        ({"categories": ["mug"]}, "need at least 2"),
+        ({"patterns": ["zebra", "zebra"]}, "duplicate patterns"),
+        ({"colours": ["white"]}, r"unknown colours \['white'\]"),
+        ({"image_size": 16}, r"image_size=16; expected an int in \[32, 1024\]"),
+        ({"n_train_queries": 0}, r"n_train_queries=0"),
+        ({"seed": -1}, "non-negative"),
+        ({"split": (0.5, 0.5, 0.5)}, "summing to 1"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.generate_catalog(tmp_path, progress=False, **kwargs)
+    assert not any(tmp_path.iterdir()), "validation must happen before anything is written"
+
+
+def test_subset_order_does_not_change_ids():
+    a = data._normalize_params(categories=["hat", "mug"])
+    b = data._normalize_params(categories=["mug", "hat"])
+    assert a == b
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    sheet = tmp_path / "sheet.png"
+    argv = ["--out", str(out), "--image-size", "48", "--categories", "mug,bag", "--patterns", "stars,plaid",
+            "--colours", "pink,black", "--no-progress", "--sheet", str(sheet)]
+    assert data.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "train:" in printed and "test :" in printed
+    cat = data.load_catalog(out)
+    assert len(cat.products) == 8 and cat.image_size == 48
+    with Image.open(sheet) as im:
+        assert im.format == "PNG"
+    assert data.main(["--out", str(out), "--categories", "rocket", "--no-progress"]) == 2
+    assert "unknown categories" in capsys.readouterr().err

@@ -1,0 +1,497 @@
+"""mim.knn against a float64 NumPy full sort with a stable id tie-break.
+
+Two kinds of data:
+* "quantised": rows with four entries of +-0.5 and zeros elsewhere. They are exactly unit norm, every inner
+  product is a multiple of 0.25 computed exactly in fp16/fp32/fp64, and most scores tie, so results must equal
+  the reference bit for bit, including the tie order (ascending id).
+* "gaussian": random unit rows. fp32 and fp64 scores differ by ~1e-7, so results are compared "up to ties":
+  the same score sequence, and every returned id really has the score at its position.
+
+The CuPy variants run the same checks with device="cuda" and skip with a reason where CUDA is not usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from mim import knn
+from mim.knn import TOPK_METHODS, KnnIndex, cuda_unavailable_reason
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    if request.param == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"CuPy path needs a usable CUDA device: {reason}")
+    return request.param
+
+
+def _skip_if_unusable(device: str, method: str) -> None:
+    if device == "cuda" and method == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("topk='torch' on the GPU needs a CUDA build of torch; this torch is CPU-only")
+
+
+# ---- data and reference ----------------------------------------------------------------------------------
+
+
+def quantised_unit(rng: np.random.Generator, n: int, d: int = 16) -> np.ndarray:
+    x = np.zeros((n, d), dtype=np.float32)
+    cols = np.argsort(rng.random((n, d)), axis=1)[:, :4]  # 4 distinct columns per row
+    np.put_along_axis(x, cols, rng.choice([-0.5, 0.5], size=(n, 4)).astype(np.float32), axis=1)
+    return x
+
+
+def gaussian_unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def reference_topk(gallery, ids, queries, k, allowed=None):
+    """float64 full sort; equal scores by ascending id; fewer than k allowed items -> pad with -1 / -inf."""
+    ids = np.asarray(ids)
+    by_id = np.argsort(ids, kind="stable")
+    if allowed is not None:
+        by_id = by_id[np.asarray(allowed)[by_id]]
+    g, gid = np.asarray(gallery, np.float64)[by_id], ids[by_id]
+    s = np.asarray(queries, np.float64) @ g.T  # (Q, M), columns in ascending id order
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]  # stable: ties keep ascending id
+    m = order.shape[1]
+    scores = np.full((len(queries), k), -np.inf)
+    out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    scores[:, :m] = np.take_along_axis(s, order, axis=1)
+    out_ids[:, :m] = gid[order]
+    return scores, out_ids
+
+
+def assert_same_up_to_ties(index, queries, k, got_scores, got_ids, atol=1e-5):
+    """Scores agree with the float64 reference and every id carries the reference score at its position."""
+    gallery, ids = index.embeddings(), index.ids
+    ref_scores, _ = reference_topk(gallery, ids, queries, k)
+    np.testing.assert_allclose(got_scores, ref_scores, atol=atol, rtol=0)
+    rows = np.searchsorted(ids, got_ids)
+    true = np.einsum("qd,qkd->qk", queries.astype(np.float64), gallery.astype(np.float64)[rows])
+    np.testing.assert_allclose(true, ref_scores, atol=atol, rtol=0)
+    assert all(len(set(r)) == k for r in got_ids.tolist()), "an id was returned twice in one row"
+
+
+def make_index(rng, n=3000, d=16, device="cpu", data=quantised_unit, id_stride=7, **kw):
+    x = data(rng, n, d)
+    ids = rng.permutation(n).astype(np.int64) * id_stride + 3  # non-contiguous ids added out of order
+    index = KnnIndex(d, device=device, **kw)
+    index.add(ids, x)
+    return index, ids, x
+
+
+# ---- equality with the reference -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(TOPK_METHODS))
+def test_exact_with_ties_matches_reference(device, method):
+    _skip_if_unusable(device, method)
+    rng = np.random.default_rng(0)
+    index, ids, x = make_index(rng, device=device, topk=method, chunk_size=700)
+    q = quantised_unit(rng, 20)
+    for k in (1, 10, 1024, len(index)):
+        scores, got = index.search(q, k)
+        ref_s, ref_i = reference_topk(x, ids, q, k)
+        assert scores.dtype == np.float32 and got.dtype == np.int64 and got.shape == (20, k)
+        np.testing.assert_array_equal(got, ref_i)
+        np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
+
+
+def test_random_data_matches_reference_up_to_ties(device):
+    rng = np.random.default_rng(1)
+    index, _, _ = make_index(rng, n=5000, d=64, device=device, data=gaussian_unit, chunk_size=1500)
+    q = gaussian_unit(rng, 16, 64)
+    for k in (1, 100, 1024, len(index)):
+        scores, got = index.search(q, k)
+        assert_same_up_to_ties(index, q, k, scores, got)
+
+
+@pytest.mark.parametrize("method", sorted(TOPK_METHODS))
+def test_chunked_equals_unchunked(device, method):
+    _skip_if_unusable(device, method)
+    rng = np.random.default_rng(2)
+    x, ids, q = quantised_unit(rng, 1000), np.arange(1000) * 2, quantised_unit(rng, 12)
+    whole = KnnIndex(16, device=device, topk=method, chunk_size=1 << 20)
+    tiny = KnnIndex(16, device=device, topk=method, chunk_size=7, query_batch_size=5)
+    for index in (whole, tiny):
+        index.add(ids, x)
+    for k in (1, 50, 1000):
+        s1, i1 = whole.search(q, k)
+        s2, i2 = tiny.search(q, k)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(s1, s2)
+
+
+def test_batch_equals_single_queries(device):
+    rng = np.random.default_rng(3)
+    index, _, _ = make_index(rng, n=800, device=device, chunk_size=300, query_batch_size=4)
+    q = quantised_unit(rng, 9)
+    s, i = index.search(q, 25)
+    for row in range(len(q)):
+        s1, i1 = index.search(q[row : row + 1], 25)
+        np.testing.assert_array_equal(i1[0], i[row])
+        np.testing.assert_array_equal(s1[0], s[row])
+
+
+def test_ties_are_ordered_by_ascending_id(device):
+    rng = np.random.default_rng(4)
+    v = quantised_unit(rng, 1)
+    ids = rng.permutation(500) * 3
+    index = KnnIndex(16, device=device, chunk_size=64)
+    for part in np.array_split(ids, 4):  # several adds, ids out of order
+        index.add(part, np.repeat(v, len(part), axis=0))
+    scores, got = index.search(v, 200)
+    np.testing.assert_array_equal(got[0], np.sort(ids)[:200])
+    assert (scores == 1.0).all()
+
+
+# ---- category filter -------------------------------------------------------------------------------------
+
+
+def _index_with_categories(rng, device, n=2000, model_id=None):
+    x = quantised_unit(rng, n)
+    ids = np.arange(n) * 5
+    cats = rng.choice(["shoes", "bags", "hats", "rare"], p=[0.4, 0.4, 0.195, 0.005], size=n)
+    meta = [{"title": f"item {i}", "category": c, "image_path": f"img/{i}.jpg"} for i, c in zip(ids, cats)]
+    index = KnnIndex(16, device=device, chunk_size=300, model_id=model_id)
+    index.add(ids, x, meta)
+    return index, ids, x, cats
+
+
+def test_category_filter_matches_reference(device):
+    rng = np.random.default_rng(5)
+    index, ids, x, cats = _index_with_categories(rng, device)
+    q = quantised_unit(rng, 8)
+    for filt, allowed in (("shoes", cats == "shoes"), ({"bags", "hats"}, np.isin(cats, ["bags", "hats"]))):
+        scores, got = index.search(q, 100, categories=filt)
+        ref_s, ref_i = reference_topk(x, ids, q, 100, allowed=allowed)
+        np.testing.assert_array_equal(got, ref_i)
+        np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
+        wanted = {filt} if isinstance(filt, str) else filt
+        assert {index.get_metadata(i)["category"] for i in got.ravel().tolist()} <= wanted
+
+
+def test_category_filter_pads_when_fewer_items_match(device):
+    rng = np.random.default_rng(6)
+    index, ids, x, cats = _index_with_categories(rng, device)
+    n_rare = int((cats == "rare").sum())
+    assert 0 < n_rare < 50
+    q = quantised_unit(rng, 3)
+    scores, got = index.search(q, 50, categories="rare")
+    ref_s, ref_i = reference_topk(x, ids, q, 50, allowed=cats == "rare")
+    np.testing.assert_array_equal(got, ref_i)
+    assert (got[:, n_rare:] == -1).all() and np.isneginf(scores[:, n_rare:]).all()
+    assert np.isfinite(scores[:, :n_rare]).all()
+    scores, got = index.search(q, 5, categories={"no-such-category"})
+    assert (got == -1).all() and np.isneginf(scores).all()
+
+
+# ---- mutation --------------------------------------------------------------------------------------------
+
+
+def test_remove_then_search_and_add_after_remove(device):
+    rng = np.random.default_rng(7)
+    index, ids, x = make_index(rng, n=1500, device=device, chunk_size=400)
+    gone = rng.choice(ids, size=600, replace=False)
+    index.remove(gone)
+    keep = ~np.isin(ids, gone)
+    assert len(index) == 900 and set(index.ids.tolist()) == set(ids[keep].tolist())
+    q = quantised_unit(rng, 10)
+    scores, got = index.search(q, 300)
+    ref_s, ref_i = reference_topk(x[keep], ids[keep], q, 300)
+    np.testing.assert_array_equal(got, ref_i)
+    np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
+    with pytest.raises(KeyError, match=f"id {int(gone[0])} is not in the index"):
+        index.get_metadata(gone[0])
+
+    back = gone[:100]
+    new_x = quantised_unit(rng, 100)
+    index.add(back, new_x, [{"title": "re-added", "category": "c"}] * 100)
+    all_ids = np.concatenate([ids[keep], back])
+    all_x = np.concatenate([x[keep], new_x])
+    scores, got = index.search(q, 1000)
+    ref_s, ref_i = reference_topk(all_x, all_ids, q, 1000)
+    np.testing.assert_array_equal(got, ref_i)
+    np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
+    assert index.get_metadata(back[0]) == {"title": "re-added", "category": "c"}
+
+
+def test_remove_unknown_id_names_it_and_removes_nothing():
+    rng = np.random.default_rng(8)
+    index, ids, _ = make_index(rng, n=50)
+    with pytest.raises(KeyError, match="id 4 is not in the index; nothing was removed"):
+        index.remove([ids[0], 4])
+    assert len(index) == 50
+    with pytest.raises(KeyError, match="id 1"):
+        KnnIndex(16, device="cpu").remove([1])
+
+
+# ---- validation ------------------------------------------------------------------------------------------
+
+
+def _small(model_id=None):
+    rng = np.random.default_rng(9)
+    index = KnnIndex(16, device="cpu", model_id=model_id)
+    index.add([1, 2, 3], quantised_unit(rng, 3))
+    return index
+
+
+def _unit(n, d=16):
+    return quantised_unit(np.random.default_rng(10), n, d)
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda ix: ix.add([10, 11], _unit(2, 8)), ValueError, r"have dim 8, expected 16"),
+        (lambda ix: ix.add([10], _unit(1)[0]), ValueError, r"must be 2-D \(n, 16\); got shape \(16,\)"),
+        (lambda ix: ix.add([10], _unit(1)[None]), ValueError, r"must be 2-D"),
+        (lambda ix: ix.add([10, 11], np.where(np.eye(2, 16) > 0, np.nan, _unit(2))), ValueError,
+         r"embeddings row 0 contains NaN or inf"),
+        (lambda ix: ix.add([10, 11], np.vstack([_unit(1), np.full((1, 16), np.inf)])), ValueError,
+         r"row 1 contains NaN or inf"),
+        (lambda ix: ix.add([10, 10], _unit(2)), ValueError, r"duplicate id 10 in ids"),
+        (lambda ix: ix.add([10, 2], _unit(2)), ValueError, r"id 2 is already in the index"),
+        (lambda ix: ix.add([1.5, 2.5], _unit(2)), TypeError, r"ids must be integers .*got dtype float64"),
+        (lambda ix: ix.add(["a"], _unit(1)), TypeError, r"ids must be integers"),
+        (lambda ix: ix.add([-1], _unit(1)), ValueError, r"-1 marks padding"),
+        (lambda ix: ix.add([10, 11], _unit(3)), ValueError, r"got 2 ids but 3 embedding rows"),
+        (lambda ix: ix.add([10, 11], _unit(2), [{"title": "x"}]), ValueError,
+         r"metadata has 1 entries but 2 ids"),
+        (lambda ix: ix.add([10], _unit(1), [{"x": object()}]), ValueError, r"metadata\[0\] is not JSON"),
+        (lambda ix: ix.add([10], _unit(1), [{"category": 3}]), TypeError, r"\['category'\] must be a str"),
+        (lambda ix: ix.add([10], 2 * _unit(1)), ValueError, r"row 0 has L2 norm 2; expected unit norm"),
+        (lambda ix: ix.add([10], np.zeros((1, 16)), normalize=True), ValueError, r"all zeros"),
+        (lambda ix: ix.add([10], np.ones((1, 16), dtype=np.int64)), TypeError, r"must be a float array"),
+        (lambda ix: ix.search(_unit(2, 8), 1), ValueError, r"queries have dim 8, expected 16"),
+        (lambda ix: ix.search(_unit(1)[0], 1), ValueError, r"queries must be 2-D"),
+        (lambda ix: ix.search(np.full((1, 16), np.nan), 1), ValueError, r"queries row 0 contains NaN"),
+        (lambda ix: ix.search(_unit(1), 4), ValueError,
+         r"k=4 is larger than the index \(3 items\); expected 1 <= k <= 3"),
+        (lambda ix: ix.search(_unit(1), 0), ValueError, r"k must be a positive int; got 0"),
+        (lambda ix: ix.search(_unit(1), 1, categories={3}), TypeError, r"categories must be a str or a set"),
+        (lambda ix: ix.get_metadata(99), KeyError, r"id 99 is not in the index"),
+    ],
+)
+def test_validation_errors(call, exc, match):
+    index = _small()
+    with pytest.raises(exc, match=match):
+        call(index)
+    assert len(index) == 3  # a refused call changes nothing
+
+
+def test_empty_index_search_is_refused():
+    with pytest.raises(ValueError, match="the index is empty; add items before searching"):
+        KnnIndex(16, device="cpu").search(_unit(1), 1)
+
+
+def test_normalize_option_and_unit_tolerance():
+    index = KnnIndex(16, device="cpu")
+    index.add([1, 2], 3 * _unit(2), normalize=True)
+    index.add([3], _unit(1) * (1 + 5e-4))  # within the default tolerance
+    np.testing.assert_allclose(np.linalg.norm(index.embeddings(), axis=1), 1, atol=1e-3)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda'; got 'tpu'"):
+        KnnIndex(4, device="tpu")
+    with pytest.raises(ValueError, match="topk must be 'auto' or one of"):
+        KnnIndex(4, device="cpu", topk="heap")
+    with pytest.raises(ValueError, match="dim must be a positive int"):
+        KnnIndex(0, device="cpu")
+    if cuda_unavailable_reason() is not None:
+        with pytest.raises(RuntimeError, match="device='cuda' was requested but .*use device='cpu'"):
+            KnnIndex(4, device="cuda")
+        assert KnnIndex(4, device="auto").device == "cpu"
+
+
+# ---- persistence -----------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path, device):
+    rng = np.random.default_rng(11)
+    index, ids, _, _ = _index_with_categories(rng, device, n=700, model_id="clip-b16")
+    index.remove(ids[:10])
+    path = tmp_path / "gallery.safetensors"
+    index.save(path)
+    loaded = KnnIndex.load(path, expected_model_id="clip-b16", device=device)
+    assert loaded.model_id == "clip-b16" and len(loaded) == len(index) == 690
+    np.testing.assert_array_equal(loaded.ids, index.ids)
+    np.testing.assert_array_equal(loaded.embeddings(), index.embeddings())
+    for i in index.ids.tolist():
+        assert loaded.get_metadata(i) == index.get_metadata(i)
+    q = quantised_unit(rng, 6)
+    for kw in ({}, {"categories": "bags"}):
+        s1, i1 = index.search(q, 40, **kw)
+        s2, i2 = loaded.search(q, 40, **kw)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(s1, s2)
+
+
+def test_save_load_empty_and_model_id_none(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    KnnIndex(8, device="cpu").save(path)
+    loaded = KnnIndex.load(path, device="cpu")
+    assert len(loaded) == 0 and loaded.dim == 8 and loaded.model_id is None
+
+
+def test_load_refuses_other_model(tmp_path):
+    index = KnnIndex(16, device="cpu", model_id="mim-tiny-v1")
+    index.add([1], _unit(1))
+    index.save(tmp_path / "g.safetensors")
+    with pytest.raises(ValueError, match=r"model_id='mim-tiny-v1' but expected_model_id='mim-base-v2'"):
+        KnnIndex.load(tmp_path / "g.safetensors", expected_model_id="mim-base-v2", device="cpu")
+
+
+def test_file_is_safetensors_not_pickle(tmp_path):
+    index = KnnIndex(16, device="cpu", model_id="m")
+    index.add([5, 6], _unit(2), [{"title": "a", "category": "c", "image_path": "a.jpg"}, {}])
+    path = tmp_path / "g.safetensors"
+    index.save(path)
+    raw = path.read_bytes()
+    assert not raw.startswith(b"\x80"), "pickle protocol opcode at the start of the file"
+    (n,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 little-endian header size, then JSON
+    header = json.loads(raw[8 : 8 + n])
+    meta = header["__metadata__"]
+    assert meta["format"] == "mim-knn-index" and meta["format_version"] == "1"
+    assert meta["dim"] == "16" and json.loads(meta["model_id"]) == "m" and meta["count"] == "2"
+    assert header["ids"]["dtype"] == "I64" and header["embeddings"]["shape"] == [2, 16]
+    assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"]
+
+
+def _good_file(tmp_path):
+    index = _small(model_id="m")
+    path = tmp_path / "g.safetensors"
+    index.save(path)
+    return index, path
+
+
+def _assert_loads_like(path, index):
+    loaded = KnnIndex.load(path, expected_model_id="m", device="cpu")
+    np.testing.assert_array_equal(loaded.ids, index.ids)
+    np.testing.assert_array_equal(loaded.embeddings(), index.embeddings())
+
+
+def test_crash_in_writer_keeps_last_good_file(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    index, path = _good_file(tmp_path)
+    before = path.read_bytes()
+
+    def half_write_then_die(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"trunc")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", half_write_then_die)
+    bigger = _small()
+    bigger.add([50], _unit(1))
+    with pytest.raises(OSError, match="simulated"):
+        bigger.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"], "temp file left behind"
+    _assert_loads_like(path, index)
+
+
+def test_crash_at_rename_keeps_last_good_file(tmp_path, monkeypatch):
+    index, path = _good_file(tmp_path)
+    before = path.read_bytes()
+
+    def no_rename(src, dst):
+        raise KeyboardInterrupt  # the process dies between fsync and rename
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(KeyboardInterrupt):
+        _small().save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"], "temp file left behind"
+    _assert_loads_like(path, index)
+
+
+def test_corrupted_and_foreign_files_are_refused(tmp_path):
+    _, path = _good_file(tmp_path)
+    raw = bytearray(path.read_bytes())
+
+    flipped = tmp_path / "flipped.safetensors"
+    raw_f = bytearray(raw)
+    raw_f[-10] ^= 0xFF  # inside the tensor data
+    flipped.write_bytes(bytes(raw_f))
+    with pytest.raises(ValueError, match="is corrupted: the SHA-256"):
+        KnnIndex.load(flipped, device="cpu")
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(ValueError, match="not a readable KnnIndex file"):
+        KnnIndex.load(truncated, device="cpu")
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x80\x04\x95 definitely a pickle")
+    with pytest.raises(ValueError, match="not a readable KnnIndex file"):
+        KnnIndex.load(garbage, device="cpu")
+
+    from safetensors.numpy import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, foreign, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a KnnIndex file: header format='pt'"):
+        KnnIndex.load(foreign, device="cpu")
+
+    future = tmp_path / "future.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, future, metadata={"format": knn.FORMAT_NAME, "format_version": "9"})
+    with pytest.raises(ValueError, match="format version '9'; this code reads version 1"):
+        KnnIndex.load(future, device="cpu")
+
+    with pytest.raises(FileNotFoundError, match="no index file"):
+        KnnIndex.load(tmp_path / "missing.safetensors", device="cpu")
+
+
+# ---- selectors and the GPU path --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(TOPK_METHODS))
+def test_each_selector_returns_a_valid_topk_set(method):
+    rng = np.random.default_rng(12)
+    scores = (rng.integers(-4, 5, size=(7, 3000)) / 4).astype(np.float32)  # heavy ties
+    for k in (1, 13, 1024, 3000):
+        cols = TOPK_METHODS[method](np, scores, k)
+        assert cols.shape == (7, k)
+        kth = -np.sort(-scores, axis=1)[:, k - 1 : k]
+        picked = np.take_along_axis(scores, cols, axis=1)
+        assert (picked >= kth).all() and all(len(set(r)) == k for r in cols.tolist())
+        canon = knn._lowest_columns_on_ties(np, scores, cols)
+        expect = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+        np.testing.assert_array_equal(np.sort(canon, axis=1), expect)
+
+
+@pytest.mark.gpu
+def test_cupy_equals_numpy():
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"CuPy path needs a usable CUDA device: {reason}")
+    rng = np.random.default_rng(13)
+    x, ids, q = quantised_unit(rng, 4000), rng.permutation(4000) * 3, quantised_unit(rng, 64)
+    meta = [{"category": "ab"[i % 2]} for i in range(4000)]
+    cpu = KnnIndex(16, device="cpu")
+    gpu = KnnIndex(16, device="cuda", chunk_size=999)
+    for index in (cpu, gpu):
+        index.add(ids, x, meta)
+    assert gpu.dtype == np.float16 and cpu.dtype == np.float32
+    for k, cats in ((1, None), (100, None), (1024, None), (4000, None), (100, "a")):
+        s1, i1 = cpu.search(q, k, categories=cats)
+        s2, i2 = gpu.search(q, k, categories=cats)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(s1, s2)
