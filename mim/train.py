@@ -72,6 +72,24 @@ def tokenizer_texts(catalog: Catalog) -> list[str]:
     return texts
 
 
+def augment(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random flip, scale, shift and rotation of a batch of street photos (B, 3, S, S), drawn from `rng`.
+
+    Each product has only a few fixed street photos; without this the towers memorise those photos instead of
+    learning what the product is. The catalog photo is never augmented: it is what the gallery holds."""
+    b = len(pixels)
+    scale = rng.uniform(0.8, 1.15, b)  # > 1 zooms out (the frame shows more), < 1 zooms in
+    angle = rng.uniform(-0.25, 0.25, b)  # radians, about +-15 degrees
+    flip = np.where(rng.random(b) < 0.5, -1.0, 1.0)
+    shift = rng.uniform(-0.12, 0.12, (b, 2))  # fraction of half the frame
+    cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
+    theta = np.stack([np.stack([cos * flip, -sin, shift[:, 0]], 1), np.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    x = torch.from_numpy(np.ascontiguousarray(pixels))
+    grid = torch.nn.functional.affine_grid(torch.from_numpy(theta.astype(np.float32)), list(x.shape), align_corners=False)
+    # Border padding repeats the photo's own edge: the street photos have no white margin to invent.
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False).numpy()
+
+
 def batch_loss(
     model: MIMModel,
     tok: TextTokenizer,
@@ -86,10 +104,8 @@ def batch_loss(
     dev = next(model.parameters()).device
     rows = rng.choice(len(data.product_ids), size=batch_size, replace=False)
     qidx = np.array([rng.choice(data.queries_of[r]) for r in rows])
-    q_pix = data.query_pixels[qidx]
-    flip = rng.random(batch_size) < 0.5  # the catalog photo is never mirrored; street photos may be
-    q_pix = np.where(flip[:, None, None, None], q_pix[..., ::-1], q_pix)
-    pixels = torch.from_numpy(np.ascontiguousarray(np.concatenate([q_pix, data.product_pixels[rows]]))).to(dev)
+    q_pix = torch.from_numpy(augment(data.query_pixels[qidx], rng))
+    pixels = torch.cat([q_pix, torch.from_numpy(data.product_pixels[rows])]).to(dev)
     pids = [data.product_ids[r] for r in rows]
     titles = [data.titles[r] for r in rows]
     shorts = [data.query_texts[i] for i in qidx]

@@ -79,7 +79,8 @@ def test_query_counts_per_split(cat):
     for q in cat.queries:
         per_product[q.product_id] = per_product.get(q.product_id, 0) + 1
     for p in cat.products:
-        assert per_product[p.product_id] == (4 if p.split == "train" else 2)
+        assert per_product[p.product_id] == (cat.params["n_train_queries"] if p.split == "train" else cat.params["n_eval_queries"])
+    assert cat.params["n_train_queries"] == 8 and cat.params["n_eval_queries"] == 2  # the defaults
 
 
 def test_default_split_proportions():

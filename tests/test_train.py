@@ -87,3 +87,16 @@ def test_evaluate_reports_every_metric(small_catalog, tmp_path):
     for key in ("image R@1", "image R@10", "image catP@10", "title R@1", "n_gallery"):
         assert key in m
     assert 0.0 <= m["image R@1"] <= m["image R@5"] <= m["image R@10"] <= 1.0
+
+
+def test_augment_moves_pixels_but_keeps_shape_dtype_and_range():
+    from mim.train import augment
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3, 48, 48)).astype(np.float32)
+    y = augment(x, np.random.default_rng(1))
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert not np.allclose(x, y)
+    # bilinear sampling with border padding never leaves the input's value range
+    assert y.min() >= x.min() - 1e-5 and y.max() <= x.max() + 1e-5
+    np.testing.assert_array_equal(y, augment(x, np.random.default_rng(1)))  # seeded: same draw, same batch
