@@ -9,7 +9,7 @@ CATALOG   ?= $(ART)/catalog
 CKPT      ?= $(ART)/checkpoints/3tower
 REPO      ?= model_repository
 CONFIG    ?= cpu
-STEPS     ?= 800
+STEPS     ?= 600
 PYTEST_ARGS ?=
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -57,7 +57,7 @@ serve: setup ## run the bundled tritonserver on 127.0.0.1 with $(REPO) (CONFIG=c
 	$(PY) -m mim.serving.server --repository $(REPO) --config $(CONFIG)
 
 demo: setup ## the main job end to end on CPU: data, training, export, Triton, indexing, searches, HTML page
-	$(PY) -m client.demo --artifacts $(ART)
+	$(PY) -m client.demo --artifacts $(ART) --steps $(STEPS)
 
 bench: setup ## quick CPU benchmarks (bounded time) into benchmarks/results/quick
 	$(PY) -m benchmarks.run --quick

@@ -88,6 +88,9 @@ def install(export_dir: str | Path, repo_dir: str | Path) -> list[Path]:
     for tower in ENCODERS:
         vdir = repo_dir / tower / VERSION_DIR
         put(export_dir / onnx_filename(tower), vdir / REPO_ONNX)
+        # The export record (source checkpoint hash, parity figures) travels with each tower, so whoever holds
+        # the repository can tell which model it serves (the index/search CLI refuses a gallery of another).
+        put(meta_path, vdir / EXPORT_JSON)
         fp16_src = export_dir / onnx_filename(tower, fp16=True)
         if fp16_src.is_file():
             put(fp16_src, vdir / REPO_ONNX_FP16)

@@ -1,7 +1,7 @@
 """Train the DML baseline, the 3-tower and the 4-tower models on the same data and seed, evaluate each on the
 test split, and write one comparison table (markdown + JSON).
 
-    python -m mim.compare --catalog artifacts/catalog --steps 800 --out benchmarks/results/quality
+    python -m mim.compare --catalog artifacts/catalog --steps 600 --out benchmarks/results/quality
 
 4-tower is trained twice: from scratch, and initialised from the 3-tower weights (which the paper reports as
 better). Checkpoints already trained to the requested step count are reused.
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mim.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", default="artifacts/catalog")
     ap.add_argument("--checkpoints", default="artifacts/checkpoints", help="where each run's checkpoint goes")
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", default="tiny")

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="checkpoint folder to write")
     ap.add_argument("--init-from", help="start from this checkpoint's weights and tokenizer (e.g. 4-tower from 3-tower)")
     ap.add_argument("--resume", action="store_true", help="continue from --out if it holds a checkpoint")
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -172,7 +172,7 @@ def train(
     catalog_seed: int = 0,
     init_from: str | None = None,
     resume: bool = False,
-    steps: int = 800,
+    steps: int = 600,
     batch_size: int = 64,
     lr: float = 1e-3,
     weight_decay: float = 0.05,

@@ -207,7 +207,7 @@ def expected_layout(repo: Path, plans: bool = False) -> set[Path]:
         repo / "preprocess_text/1/tokenizer.json",
     }
     for tower in ENCODERS:
-        files |= {repo / tower / "1/model.onnx", repo / tower / "1/model.fp16.onnx"}
+        files |= {repo / tower / "1/model.onnx", repo / tower / "1/model.fp16.onnx", repo / tower / "1/export.json"}
         if plans:
             files |= {repo / tower / "1/model.plan", repo / tower / "1/model.plan.json"}
     return files
@@ -272,7 +272,7 @@ def test_engines_cli_installs_the_onnx_path_and_says_why_no_engine(make_engines)
     ]
     assert expected_layout(repo) <= set(p for p in repo.rglob("*") if p.is_file())
     assert not list(repo.rglob("*.plan")) and not list(export_dir.rglob("*.plan"))
-    assert "installed 7 files" in stdout
+    assert "installed 9 files" in stdout
 
 
 def test_engines_message_when_tensorrt_does_not_import(exported, tiny_checkpoint, tmp_path, capsys, monkeypatch):

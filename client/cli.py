@@ -1,0 +1,207 @@
+"""Index a gallery through the served model, and search it.
+
+    python -m client.cli index  --url 127.0.0.1:8001 --catalog artifacts/catalog --split test --out gallery.safetensors
+    python -m client.cli index  --url ... --images photos/ --manifest photos/items.csv --out gallery.safetensors --model-id v1
+    python -m client.cli search --url ... --index gallery.safetensors --image photo.jpg -k 10
+    python -m client.cli search --url ... --index gallery.safetensors --text "zebra mug" --json
+    python -m client.cli search --url ... --index gallery.safetensors --image photo.jpg --text "in blue" --mode refine --html out.html
+
+`index` embeds every gallery image with the `embed_image` ensemble and saves a KnnIndex (safetensors) holding
+the ids, the embeddings, each item's title/category/image path, and the identity of the embedding model. It is
+resumable: the partial index is saved every few batches, and rerunning the same command continues where it
+stopped. A manifest for `--images` is a CSV with a header or a JSONL file with fields id, image (relative to
+--images), and optionally title and category.
+
+The model identity is the hash of the checkpoint the served model was exported from. It is taken from, in this
+order: --model-id, the served `image_encoder` config (parameter `checkpoint_hash`, when the repository carries
+it), the export metadata installed in --repository, or the weights of --checkpoint. `search` refuses an index
+built with another model whenever the served model's identity is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from mim import contract
+from mim.checkpoint import weights_hash
+from mim.data import load_catalog
+from mim.evaluate import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
+from mim.knn import KnnIndex
+
+from .html import QueryBlock, render_page, write_page
+from .indexing import DEFAULT_SAVE_EVERY, build_index, catalog_items, manifest_items
+from .search import MODES, SearchResult, SearchService
+from .triton_client import DEFAULT_URL, ClientError, EmbeddingClient
+
+class UsageError(ValueError):
+    """Flags that do not make a command; reported as `error: ...` with exit code 2."""
+
+
+MODEL_ID_PARAM = "checkpoint_hash"  # config parameter / export-metadata key naming the source checkpoint
+EXPORT_META_FILES = ("export.json", "model.plan.json")  # looked for in <repo>/image_encoder/1/
+
+
+# --- model identity ---------------------------------------------------------------------------------------------
+def served_model_id(client: EmbeddingClient) -> str | None:
+    """The `checkpoint_hash` parameter of the served image encoder's config, if the repository sets one."""
+    try:
+        cfg = client.model_config(contract.IMAGE_ENCODER)
+    except ClientError:
+        return None
+    if MODEL_ID_PARAM not in cfg.parameters:
+        return None
+    return cfg.parameters[MODEL_ID_PARAM].string_value or None
+
+
+def repository_model_id(repo: str | Path) -> str | None:
+    """The source checkpoint hash recorded next to the installed image encoder, if any."""
+    vdir = Path(repo) / contract.IMAGE_ENCODER / "1"
+    for name in EXPORT_META_FILES:
+        try:
+            value = json.loads((vdir / name).read_text()).get(MODEL_ID_PARAM)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            return str(value)
+    return None
+
+
+def resolve_model_id(args: argparse.Namespace, client: EmbeddingClient) -> tuple[str | None, str]:
+    """(model id, where it came from)."""
+    if getattr(args, "model_id", None):
+        return args.model_id, "--model-id"
+    found = served_model_id(client)
+    if found:
+        return found, f"served {contract.IMAGE_ENCODER} config"
+    if getattr(args, "repository", None):
+        found = repository_model_id(args.repository)
+        if found:
+            return found, f"repository {args.repository}"
+    if getattr(args, "checkpoint", None):
+        return weights_hash(args.checkpoint), f"checkpoint {args.checkpoint}"
+    return None, "unknown"
+
+
+# --- output -----------------------------------------------------------------------------------------------------
+def format_results(results: Sequence[SearchResult]) -> str:
+    lines = [f"{'rank':>4}  {'id':>7}  {'score':>7}  {'category':<10}  title"]
+    for r in results:
+        lines.append(f"{r.rank:>4}  {r.id:>7}  {r.score:>7.4f}  {(r.category or '-'):<10}  {r.title or '-'}")
+    return "\n".join(lines)
+
+
+def results_json(query: dict, results: Sequence[SearchResult]) -> str:
+    return json.dumps({"query": query, "results": [r.to_dict() for r in results]}, indent=2)
+
+
+# --- commands ---------------------------------------------------------------------------------------------------
+def cmd_index(args: argparse.Namespace) -> int:
+    if bool(args.catalog) == bool(args.images):
+        raise UsageError("index: give exactly one gallery: --catalog DIR, or --images DIR --manifest FILE")
+    if args.images and not args.manifest:
+        raise UsageError("index: --images needs --manifest FILE (CSV or JSONL with id, image[, title, category])")
+    items = catalog_items(load_catalog(args.catalog), args.split) if args.catalog else manifest_items(args.images, args.manifest)
+    with EmbeddingClient(args.url, timeout_s=args.timeout, retries=args.retries, max_batch=args.batch_size) as client:
+        client.wait_ready(args.wait)
+        model_id, source = resolve_model_id(args, client)
+        if model_id is None:
+            raise UsageError("index: the embedding model's identity is unknown: pass --model-id ID, or --repository "
+                             "REPO / --checkpoint CKPT that the server was built from")
+        print(f"indexing {len(items)} images from {args.catalog or args.images} into {args.out} "
+              f"(model_id {model_id} from {source})", file=sys.stderr)
+        report = build_index(client.embed_images, items, args.out, model_id=model_id, batch_size=args.batch_size,
+                             save_every=args.save_every, max_batches=args.max_batches, progress=not args.no_progress)
+    print(report.summary())
+    return 0 if report.complete else 3
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.image is None and args.text is None:
+        raise UsageError("search: give --image FILE, --text TEXT, or both")
+    image = Path(args.image).read_bytes() if args.image else None
+    with EmbeddingClient(args.url, timeout_s=args.timeout, retries=args.retries) as client:
+        client.wait_ready(args.wait)
+        expected, _ = resolve_model_id(args, client)
+        index = KnnIndex.load(args.index, expected_model_id=expected)
+        service = SearchService(client, index)
+        if image is not None and args.text is not None:
+            results = service.by_image_text(image, args.text, args.k, mode=args.mode, image_weight=args.image_weight,
+                                            text_weight=args.text_weight, top_n=args.top_n)
+            mode = args.mode
+        elif image is not None:
+            results, mode = service.by_image(image, args.k, categories=args.category), "image"
+        else:
+            results, mode = service.by_text(args.text, args.k, categories=args.category), "text"
+    query = {"image": args.image, "text": args.text, "mode": mode, "k": args.k, "index": str(args.index),
+             "model_id": index.model_id}
+    if args.html:
+        label = " + ".join(x for x in (args.image and Path(args.image).name, args.text and repr(args.text)) if x)
+        page = render_page([QueryBlock(label, results, image=image, text=args.text, mode=mode)],
+                           subtitle=f"index {args.index} ({len(index)} items, model {index.model_id})")
+        write_page(args.html, page)
+    print(results_json(query, results) if args.json else format_results(results))
+    if args.html and not args.json:
+        print(f"HTML page: {args.html}")
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address host:port (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument("--retries", type=int, default=3, help="extra attempts when the server is UNAVAILABLE")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the server to be ready")
+    p.add_argument("--model-id", help="identity of the embedding model (default: found from the server/repository)")
+    p.add_argument("--repository", type=Path, help="model repository the server runs (to read the model identity)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint the served model was exported from (identity)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m client.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    ix = sub.add_parser("index", help="embed a gallery through the server and save a KnnIndex (resumable)")
+    _common(ix)
+    ix.add_argument("--catalog", help="synthetic catalog folder (python -m mim.data)")
+    ix.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="catalog products to index")
+    ix.add_argument("--images", help="folder of images (with --manifest)")
+    ix.add_argument("--manifest", help="CSV/JSONL with id, image[, title, category] (with --images)")
+    ix.add_argument("--out", required=True, type=Path, help="index file to write (safetensors)")
+    ix.add_argument("--batch-size", type=int, default=contract.MAX_BATCH_SIZE, help="images per request")
+    ix.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY, help="batches between saves of the partial index")
+    ix.add_argument("--max-batches", type=int, help="stop (saved, exit 3) after this many batches; rerun to continue")
+    ix.add_argument("--no-progress", action="store_true")
+    ix.set_defaults(func=cmd_index)
+
+    se = sub.add_parser("search", help="search an index by image, text, or image + text")
+    _common(se)
+    se.add_argument("--index", required=True, type=Path)
+    se.add_argument("--image", help="query image file")
+    se.add_argument("--text", help="query text; with --image, the reformulation ('in blue')")
+    se.add_argument("--mode", choices=MODES, default="fusion", help="image + text: fusion or refine")
+    se.add_argument("-k", type=int, default=10)
+    se.add_argument("--image-weight", type=float, default=contract.DEFAULT_IMAGE_WEIGHT, help="fusion: weight a of the image")
+    se.add_argument("--text-weight", type=float, default=DEFAULT_REFINE_WEIGHT, help="refine: weight b of cos(text, product)")
+    se.add_argument("--top-n", type=int, default=REFINE_TOP_N, help="refine: image candidates re-ranked")
+    se.add_argument("--category", action="append", help="only this category (repeatable; image or text queries)")
+    se.add_argument("--json", action="store_true", help="print JSON (query + results) instead of a table")
+    se.add_argument("--html", type=Path, help="also write a self-contained HTML results page")
+    se.set_defaults(func=cmd_search)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ClientError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

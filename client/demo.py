@@ -1,0 +1,253 @@
+"""The whole stack end to end on the CPU (`make demo`):
+
+    python -m client.demo --artifacts artifacts [--steps 600] [--quick]
+
+ 1. catalog   generate (or reuse) the synthetic street-to-shop catalog
+ 2. train     train the tiny 3-tower model (resumes / reuses a checkpoint already trained that far)
+ 3. export    export the towers to ONNX and install them into a COPY of model_repository/ under the artifacts
+ 4. serve     start the bundled tritonserver on 127.0.0.1 with the CPU configs
+ 5. index     embed the test-split gallery through the `embed_image` ensemble into a KnnIndex
+ 6. search    a few image, text and image + text (fusion and refine) searches
+ 7. quality   Recall@1/10 of the served path on the test queries next to the in-process torch figures
+ 8. page      a self-contained HTML page of the searches
+
+Everything lands under --artifacts; a rerun reuses the catalog, the checkpoint, the export and the index when
+they are current. `--quick` uses a small catalog and a short training run (tests; a smoke check in ~1 minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mim.checkpoint import Checkpoint, load_checkpoint, weights_hash
+from mim.data import Catalog, ensure_catalog
+from mim.evaluate import Embedder, evaluate, torch_embedder
+from mim.knn import KnnIndex
+from mim.serving.server import TritonServer
+from mim.train import train
+
+from .html import QueryBlock, render_page, write_page
+from .indexing import build_index, catalog_items
+from .search import SearchResult, SearchService
+from .triton_client import EmbeddingClient
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_REPOSITORY = REPO_ROOT / "model_repository"
+SHOW_K = 5  # results printed per demo search (the page shows SHOW_K * 2)
+METRICS = ("image R@1", "image R@10", "image catP@10", "title R@1", "mm-fusion R@1", "mm-fusion R@10",
+           "mm-refine R@1", "mm-refine R@10")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Catalog and training sizes. The full demo uses the default catalog (640 products, 128 px) and the
+    Makefile's 600 steps; --quick shrinks both so a test runs it in about a minute."""
+
+    catalog: dict
+    steps: int
+    batch_size: int
+    check_export: bool = True
+
+    @classmethod
+    def full(cls, steps: int | None) -> "DemoSettings":
+        return cls(catalog={"seed": 0}, steps=600 if steps is None else steps, batch_size=64)
+
+    @classmethod
+    def quick(cls, steps: int | None) -> "DemoSettings":
+        # 4 categories x 3 patterns x 3 colours = 36 products at 64 px, split half/half (16 train, 20 test) so
+        # the test gallery holds more than the 10 results Recall@10 and catP@10 need.
+        small = {"seed": 0, "image_size": 64, "categories": ["mug", "shirt", "shoe", "bag"],
+                 "patterns": ["solid", "stripes", "dots"], "colours": ["red", "blue", "green"], "split": (0.5, 0.0, 0.5)}
+        return cls(catalog=small, steps=20 if steps is None else steps, batch_size=16, check_export=False)
+
+
+class Steps:
+    """Numbered step headers with the time each step took."""
+
+    def __init__(self, total: int, out: Callable[[str], None] = print) -> None:
+        self.total, self.n, self.out = total, 0, out
+        self.t0 = self.t_step = time.monotonic()
+
+    def __call__(self, title: str) -> None:
+        now = time.monotonic()
+        if self.n:
+            self.out(f"    ({now - self.t_step:.1f}s)")
+        self.n, self.t_step = self.n + 1, now
+        self.out(f"\n==> [{self.n}/{self.total}] {title}")
+
+    def done(self) -> float:
+        now = time.monotonic()
+        self.out(f"    ({now - self.t_step:.1f}s)")
+        return now - self.t0
+
+
+# --- the steps ----------------------------------------------------------------------------------------------------
+def prepare_repository(art: Path, ckpt: Path, check: bool = True) -> Path:
+    """Copy the committed repository (configs, model.py files) to art/model_repository and install the export
+    of `ckpt` into it; the export is redone only when its checkpoint hash is not the current checkpoint's.
+    `check=False` skips the exporter's torch-vs-ONNX parity checks (--quick; the tests run them)."""
+    from export import engines
+    from export.onnx_export import EXPORT_JSON
+
+    repo, export_dir = art / "model_repository", art / "export"
+    shutil.copytree(COMMITTED_REPOSITORY, repo, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    meta = export_dir / EXPORT_JSON
+    current = meta.is_file() and json.loads(meta.read_text()).get("checkpoint_hash") == weights_hash(ckpt)
+    if current:
+        files = engines.install(export_dir, repo)
+        print(f"    export of this checkpoint already in {export_dir}; installed {len(files)} files into {repo}")
+    else:
+        argv = ["--checkpoint", str(ckpt), "--repository", str(repo), "--export-dir", str(export_dir)]
+        rc = engines.main(argv + ([] if check else ["--no-check"]))
+        if rc != 0:
+            raise RuntimeError(f"export.engines failed with exit code {rc}")
+    return repo
+
+
+def index_gallery(client: EmbeddingClient, catalog: Catalog, path: Path, model_id: str, progress: bool) -> KnnIndex:
+    if path.exists():
+        try:
+            KnnIndex.load(path, expected_model_id=model_id)
+        except ValueError as e:
+            print(f"    {path} is from another model or damaged ({e}); rebuilding it")
+            path.unlink()
+    report = build_index(client.embed_images, catalog_items(catalog, "test"), path, model_id=model_id, progress=progress)
+    print(f"    {report.summary()}")
+    return report.index
+
+
+@dataclass
+class DemoSearch:
+    label: str
+    run: Callable[[], list[SearchResult]]
+    image: bytes | None = None
+    text: str | None = None
+    mode: str | None = None
+    expected_id: int | None = None
+
+
+def demo_searches(service: SearchService, catalog: Catalog, k: int) -> list[DemoSearch]:
+    """Two photo queries, two text queries, and one reformulation searched both by fusion and by refine."""
+    queries = catalog.queries_in("test")
+    refs = catalog.reformulations_in("test")
+    out: list[DemoSearch] = []
+    # One street photo of each of the first two categories, then two different typed queries.
+    first_of = {}
+    for q in queries:
+        first_of.setdefault(catalog.product(q.product_id).category, q)
+    for q in list(first_of.values())[:2]:
+        img = catalog.read_bytes(q.image)
+        p = catalog.product(q.product_id)
+        out.append(DemoSearch(f"street photo {q.image} of {p.title!r}", lambda img=img: service.by_image(img, k), img,
+                              None, "image", q.product_id))
+    texts = list(dict.fromkeys(q.short_text for q in reversed(queries)))[:2]
+    for t in texts:
+        out.append(DemoSearch(f"typed query {t!r}", lambda t=t: service.by_text(t, k), None, t, "text", None))
+    if refs:
+        r = refs[0]
+        q = next(x for x in queries if x.query_id == r.query_id)
+        img = catalog.read_bytes(q.image)
+        for mode in ("fusion", "refine"):
+            out.append(DemoSearch(
+                f"photo of {catalog.product(r.source_product_id).title!r} + {r.text!r} ({mode})",
+                lambda img=img, t=r.text, m=mode: service.by_image_text(img, t, k, mode=m), img, r.text, mode,
+                r.target_product_id))  # fmt: skip
+    return out
+
+
+def print_results(s: DemoSearch, results: Sequence[SearchResult]) -> None:
+    want = f" (correct product: {s.expected_id})" if s.expected_id is not None else ""
+    print(f"  {s.label}{want}")
+    for r in results[:SHOW_K]:
+        mark = " <- correct" if r.id == s.expected_id else ""
+        print(f"    {r.rank:>2}. {r.score:7.4f}  [{r.id:>4}] {r.title}{mark}")
+
+
+def quality_table(served: dict[str, float], local: dict[str, float]) -> str:
+    lines = [f"    {'metric':<16}{'served (Triton)':>17}{'in-process torch':>18}"]
+    for m in METRICS:
+        if m in served and m in local:
+            lines.append(f"    {m:<16}{served[m]:>17.3f}{local[m]:>18.3f}")
+    return "\n".join(lines)
+
+
+# --- main ---------------------------------------------------------------------------------------------------------
+def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_timeout: float = 120.0) -> dict:
+    art.mkdir(parents=True, exist_ok=True)
+    step = Steps(8)
+    step("catalog: synthetic street-to-shop data")
+    catalog = ensure_catalog(art / "catalog", progress=progress, **settings.catalog)
+    print(f"    {catalog.root}: {len(catalog.products)} products; test split {len(catalog.products_in('test'))} "
+          f"products, {len(catalog.queries_in('test'))} street photos, {len(catalog.reformulations_in('test'))} reformulations")
+
+    step(f"train: tiny 3-tower model, {settings.steps} steps (reuses a checkpoint already trained that far)")
+    ckpt_dir = art / "checkpoints" / "3tower"
+    train(catalog=str(catalog.root), out=str(ckpt_dir), objective="3tower", steps=settings.steps,
+          batch_size=min(settings.batch_size, len(catalog.products_in("train"))), resume=True,
+          no_progress=not progress)  # fmt: skip
+    ck: Checkpoint = load_checkpoint(ckpt_dir)
+    model_id = ck.model_id
+    print(f"    checkpoint {ckpt_dir} (step {ck.meta.get('step')}, model_id {model_id})")
+
+    step("export: ONNX towers into a copy of model_repository/")
+    repo = prepare_repository(art, ckpt_dir, check=settings.check_export)
+
+    step("serve: bundled tritonserver on 127.0.0.1, CPU configs")
+    log = art / "tritonserver.log"
+    with TritonServer(repo, config="cpu", log_path=log, startup_timeout=startup_timeout) as server:
+        print(f"    ready at grpc {server.grpc_url} (log {log})")
+        with EmbeddingClient(server.grpc_url, timeout_s=60) as client:
+            client.wait_ready(30)
+
+            step("index: test-split gallery through the embed_image ensemble")
+            index = index_gallery(client, catalog, art / "index" / "test.safetensors", model_id, progress)
+            service = SearchService(client, index)
+
+            step("search: image, text, image + text (fusion and refine)")
+            blocks = []
+            for s in demo_searches(service, catalog, min(2 * SHOW_K, len(index))):
+                results = s.run()
+                print_results(s, results)
+                blocks.append(QueryBlock(s.label, results, image=s.image, text=s.text, mode=s.mode,
+                                         expected_id=s.expected_id))
+
+            step("quality: served path vs in-process torch on the test queries")
+            served = evaluate(Embedder(client.embed_images, client.embed_texts), catalog, "test")
+        local = evaluate(torch_embedder(ck), catalog, "test")
+    print(quality_table(served, local))
+    print(f"    served image Recall@1 {served['image R@1']:.3f} / Recall@10 {served['image R@10']:.3f} vs in-process "
+          f"torch {local['image R@1']:.3f} / {local['image R@10']:.3f} ({served['n_queries']} queries, "
+          f"{served['n_gallery']} gallery products)")
+
+    step("page: self-contained HTML results")
+    page = art / "results.html"
+    write_page(page, render_page(blocks, title="Multimodal visual search demo",
+                                 subtitle=f"{len(index)} test products, model {model_id}, served by tritonserver (CPU)"))
+    total = step.done()
+    print(f"\nDone in {total:.0f}s (server stopped). Outputs under {art}/:\n"
+          f"  results page   {page}\n  gallery index  {art / 'index' / 'test.safetensors'}\n"
+          f"  checkpoint     {ckpt_dir}\n  repository     {repo}\n  server log     {log}")
+    return {"served": served, "local": local, "page": page, "seconds": total}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where everything is written")
+    ap.add_argument("--steps", type=int, help="training steps (default 600; 20 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="small catalog and short training (tests, smoke checks)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    settings = DemoSettings.quick(args.steps) if args.quick else DemoSettings.full(args.steps)
+    run(args.artifacts, settings, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

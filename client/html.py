@@ -1,0 +1,138 @@
+"""A self-contained HTML page of search results: every image is inlined as a data: URI and the CSS is inline, so
+the file opens anywhere (a laptop, a CI artifact, an e-mail attachment) without the catalog next to it.
+
+    page = render_page([QueryBlock("photo + 'in blue'", image=photo, text="in blue", mode="fusion", results=hits)])
+    write_page("results.html", page)
+
+All text (titles, query text, categories, paths) is HTML-escaped; nothing from the index or the query reaches
+the page as markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mim.atomic import atomic_write_text
+
+from .search import SearchResult
+
+_MIME = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+         (b"GIF89a", "image/gif"))
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """The image type from the file's magic bytes (not its name), or None for anything else."""
+    for magic, mime in _MIME:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def data_uri(data: bytes) -> str | None:
+    mime = sniff_mime(data)
+    return None if mime is None else f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+@dataclass
+class QueryBlock:
+    """One query and its ranked results. `expected_id` (optional) marks the correct product, if known."""
+
+    label: str
+    results: Sequence[SearchResult]
+    image: bytes | None = None
+    text: str | None = None
+    mode: str | None = None
+    expected_id: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_image(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
+def _img(data: bytes | None, alt: str, cls: str) -> str:
+    uri = data_uri(data) if data else None
+    if uri is None:
+        return f'<div class="{cls} missing" role="img" aria-label="{html.escape(alt)}">no image</div>'
+    return f'<img class="{cls}" src="{uri}" alt="{html.escape(alt)}">'
+
+
+def _result(r: SearchResult, expected_id: int | None, load: Callable[[str | None], bytes | None]) -> str:
+    e = html.escape
+    hit = expected_id is not None and r.id == expected_id
+    title = r.title if r.title is not None else f"product {r.id}"
+    return (
+        f'<li class="result{" hit" if hit else ""}" data-id="{r.id}" data-rank="{r.rank}">'
+        f"{_img(load(r.image), title, 'thumb')}"
+        f'<div class="rank">#{r.rank}{" &#10003;" if hit else ""}</div>'
+        f'<div class="title">{e(title)}</div>'
+        f'<div class="meta"><span class="score">{r.score:.4f}</span> &middot; '
+        f'<span class="category">{e(r.category or "-")}</span> &middot; id {r.id}</div>'
+        "</li>"
+    )
+
+
+def _block(b: QueryBlock, load: Callable[[str | None], bytes | None]) -> str:
+    e = html.escape
+    query = []
+    if b.image is not None:
+        query.append(_img(b.image, "query image", "query-image"))
+    if b.text is not None:
+        query.append(f'<div class="query-text">&ldquo;{e(b.text)}&rdquo;</div>')
+    if b.mode:
+        query.append(f'<div class="mode">mode: {e(b.mode)}</div>')
+    query += [f'<div class="note">{e(n)}</div>' for n in b.notes]
+    items = "".join(_result(r, b.expected_id, load) for r in b.results)
+    return (
+        f'<section class="query-block"><h2>{e(b.label)}</h2>'
+        f'<div class="query">{"".join(query)}</div>'
+        f'<ol class="results">{items}</ol></section>'
+    )
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}
+h1{font-size:22px;margin:0 0 4px} .subtitle{color:#666;margin-bottom:16px}
+.query-block{background:#fff;border:1px solid #ddd;border-radius:8px;padding:12px 16px;margin-bottom:20px}
+.query-block h2{font-size:16px;margin:0 0 8px}
+.query{display:flex;gap:16px;align-items:center;margin-bottom:10px}
+.query-image{width:128px;height:128px;object-fit:contain;border:2px solid #444;border-radius:4px}
+.query-text{font-size:18px;font-style:italic} .mode,.note{color:#666;font-size:13px}
+.results{display:flex;flex-wrap:wrap;gap:10px;list-style:none;padding:0;margin:0}
+.result{box-sizing:border-box;width:144px;border:1px solid #e3e3e3;border-radius:6px;padding:6px;font-size:12px;background:#fff}
+.result.hit{border:2px solid #2a9d3a;background:#effaf0}
+.thumb{width:128px;height:128px;object-fit:contain;display:block}
+.missing{display:flex;align-items:center;justify-content:center;background:#eee;color:#999}
+.rank{font-weight:bold} .title{margin:2px 0;overflow-wrap:anywhere} .meta{color:#666}
+"""
+
+
+def render_page(blocks: Sequence[QueryBlock], *, title: str = "Visual search results", subtitle: str | None = None,
+                load_image: Callable[[str | None], bytes | None] = _read_image) -> str:
+    """The whole page as a string. `load_image(path)` reads a result's image (None = show a placeholder)."""
+    e = html.escape
+    body = "".join(_block(b, load_image) for b in blocks)
+    sub = f'<div class="subtitle">{e(subtitle)}</div>' if subtitle else ""
+    return (
+        "<!DOCTYPE html>\n"
+        f'<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+        f"<style>{_CSS}</style></head>"
+        f"<body><h1>{e(title)}</h1>{sub}{body}</body></html>\n"
+    )
+
+
+def write_page(path: str | Path, page: str) -> Path:
+    path = Path(path)
+    atomic_write_text(path, page)
+    return path

@@ -1,0 +1,187 @@
+"""Build a gallery `KnnIndex` by embedding product images through the served `embed_image` ensemble.
+
+Resumable: the partial index is saved atomically every `save_every` batches (KnnIndex.save: temp file, fsync,
+rename), and a rerun loads it and embeds only the ids it does not hold yet. A crash therefore loses at most the
+batches since the last save, and never corrupts the file. The index records the embedding model's identity;
+resuming with another model is refused, so one file never mixes two embedding spaces.
+
+Galleries come from the synthetic catalog (`catalog_items`) or from any folder of images with a CSV/JSONL
+manifest (`manifest_items`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from mim import contract
+from mim.data import Catalog
+from mim.knn import KnnIndex
+
+EmbedImages = Callable[[Sequence[bytes]], np.ndarray]
+DEFAULT_SAVE_EVERY = 4  # batches between checkpoints of the partial index: 4 x 64 images
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    id: int
+    image: Path  # absolute path of the image file
+    title: str | None = None
+    category: str | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"image": str(self.image)}
+        if self.title is not None:
+            meta["title"] = self.title
+        if self.category is not None:
+            meta["category"] = self.category
+        return meta
+
+
+@dataclass
+class IndexReport:
+    index: KnnIndex
+    path: Path
+    added: int  # items embedded by this run
+    resumed_from: int  # items already in the saved index when this run started
+    complete: bool  # False when stopped early by max_batches
+
+    def summary(self) -> str:
+        state = "complete" if self.complete else "PARTIAL (rerun the same command to continue)"
+        return (f"{self.path}: {len(self.index)} items ({self.resumed_from} resumed, {self.added} embedded now), "
+                f"dim {self.index.dim}, model_id {self.index.model_id}, {state}")
+
+
+# --- galleries --------------------------------------------------------------------------------------------------
+def catalog_items(catalog: Catalog, split: str = "test") -> list[GalleryItem]:
+    """The catalog ("shop") images of one split's products, or of every product with split="all"."""
+    products = catalog.products if split == "all" else catalog.products_in(split)
+    return [GalleryItem(p.product_id, catalog.path(p.image).resolve(), p.title, p.category) for p in products]
+
+
+def manifest_items(images_dir: str | Path, manifest: str | Path) -> list[GalleryItem]:
+    """Items from a CSV (header row) or JSONL manifest with fields `id` and `image` (a path relative to
+    `images_dir`), and optionally `title` and `category`."""
+    images_dir, manifest = Path(images_dir), Path(manifest)
+    rows = list(_manifest_rows(manifest))
+    if not rows:
+        raise ValueError(f"{manifest}: no rows; expected a CSV with a header (id,image[,title,category]) or JSONL")
+    items, seen = [], set()
+    for line, row in rows:
+        where = f"{manifest}:{line}"
+        missing = [k for k in ("id", "image") if row.get(k) in (None, "")]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}; every row needs `id` and `image`")
+        try:
+            pid = int(row["id"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: id {row['id']!r} is not an integer; ids must be non-negative int64") from None
+        if pid < 0 or pid in seen:
+            raise ValueError(f"{where}: id {pid} is {'negative' if pid < 0 else 'a duplicate'}; ids must be unique and >= 0")
+        seen.add(pid)
+        rel = Path(str(row["image"]))
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"{where}: image {str(rel)!r} must be a path relative to {images_dir} and stay inside it")
+        path = (images_dir / rel).resolve()
+        if not path.is_file():
+            raise ValueError(f"{where}: image file {path} does not exist")
+        title, cat = row.get("title"), row.get("category")
+        items.append(GalleryItem(pid, path, None if title in (None, "") else str(title), None if cat in (None, "") else str(cat)))
+    return items
+
+
+def _manifest_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    if manifest.suffix.lower() in (".jsonl", ".ndjson"):
+        with open(manifest, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{manifest}:{n}: not JSON ({e})") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{manifest}:{n}: expected a JSON object per line")
+                    yield n, row
+    elif manifest.suffix.lower() == ".csv":
+        with open(manifest, encoding="utf-8", newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), 2):
+                yield n, row
+    else:
+        raise ValueError(f"{manifest}: unknown manifest type {manifest.suffix!r}; expected .csv or .jsonl")
+
+
+# --- building ---------------------------------------------------------------------------------------------------
+def open_partial(out: Path, items: Sequence[GalleryItem], model_id: str | None) -> KnnIndex | None:
+    """The index saved at `out` by an earlier run over the same gallery and model, or None if there is none."""
+    if not out.exists():
+        return None
+    try:
+        index = KnnIndex.load(out, expected_model_id=model_id, device="cpu")
+    except ValueError as e:
+        raise ValueError(f"cannot resume from {out}: {e}. Delete it to rebuild, or choose another --out") from None
+    stray = np.setdiff1d(index.ids, np.array([it.id for it in items], dtype=np.int64))
+    if stray.size:
+        raise ValueError(f"cannot resume from {out}: it holds ids not in this gallery (e.g. {int(stray[0])}), so it "
+                         "was built from another gallery. Delete it to rebuild, or choose another --out")
+    return index
+
+
+def build_index(
+    embed_images: EmbedImages,
+    items: Sequence[GalleryItem],
+    out: str | Path,
+    *,
+    model_id: str | None,
+    batch_size: int = contract.MAX_BATCH_SIZE,
+    save_every: int = DEFAULT_SAVE_EVERY,
+    max_batches: int | None = None,
+    on_batch: Callable[[int, KnnIndex], None] | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> IndexReport:
+    """Embed every item not yet in the index saved at `out` and save it.
+
+    `on_batch(batches_done, index)` runs after each batch is added (tests use it to simulate a crash).
+    `max_batches` stops cleanly after that many batches (saved, `complete=False`).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if batch_size < 1 or save_every < 1:
+        raise ValueError(f"batch_size={batch_size} and save_every={save_every} must be >= 1")
+    if not items:
+        raise ValueError("the gallery is empty: nothing to index")
+    index = open_partial(out, items, model_id)
+    if index is not None and model_id is None:
+        model_id = index.model_id
+    have = set(index.ids.tolist()) if index is not None else set()
+    todo = [it for it in items if it.id not in have]
+    resumed = len(have)
+    bar = tqdm(total=len(items), initial=resumed, desc="index", unit="img", disable=not progress)
+    batches = added = 0
+    try:
+        for start in range(0, len(todo), batch_size):
+            part = todo[start : start + batch_size]
+            emb = np.asarray(embed_images([it.image.read_bytes() for it in part]))  # (n, D) L2-normalised
+            if index is None:
+                index = KnnIndex(emb.shape[1], device=device, model_id=model_id)
+            index.add([it.id for it in part], emb, [it.metadata() for it in part])
+            batches, added = batches + 1, added + len(part)
+            bar.update(len(part))
+            if batches % save_every == 0:
+                index.save(out)
+            if on_batch is not None:
+                on_batch(batches, index)
+            if max_batches is not None and batches >= max_batches and added < len(todo):
+                index.save(out)
+                return IndexReport(index, out, added, resumed, complete=False)
+    finally:
+        bar.close()
+    assert index is not None  # items is non-empty, so either it was loaded or a batch created it
+    index.save(out)
+    return IndexReport(index, out, added, resumed, complete=True)

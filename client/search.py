@@ -1,0 +1,140 @@
+"""Search over a `KnnIndex` gallery with query embeddings from an embedding client.
+
+    service = SearchService(EmbeddingClient(url), KnnIndex.load("gallery.safetensors"))
+    service.by_image(photo_bytes, k=10)
+    service.by_text("zebra mug", k=10)
+    service.by_image_text(photo_bytes, "in blue", k=10, mode="fusion", image_weight=0.5)
+    service.by_image_text(photo_bytes, "in blue", k=10, mode="refine", text_weight=1.0, top_n=50)
+
+The two multimodal modes are METHOD.md's "Multimodal search":
+- fusion: one kNN on normalize(a * image + (1 - a) * text), the embedding the server's `embed_multimodal`
+  ensemble computes (its `fuse` model);
+- refine: image kNN for the top N, re-ranked by cos(q, p) + b * cos(s, p) with `mim.evaluate.refine`, the same
+  function the offline evaluation uses.
+
+`client` is anything with `embed_images`, `embed_texts` and `embed_multimodal` (`EmbeddingClient`, or an
+in-process embedder for tests and offline use). Results carry the metadata the index was built with (title,
+category, image path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Protocol, Sequence
+
+import numpy as np
+
+from mim import contract
+from mim.evaluate import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine
+from mim.knn import KnnIndex
+
+MODES = ("fusion", "refine")
+
+
+class Embeds(Protocol):
+    def embed_images(self, images: Sequence[bytes]) -> np.ndarray: ...
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def embed_multimodal(self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    rank: int  # 1-based
+    id: int
+    score: float  # inner product (cosine) for image/text/fusion; cos(q, p) + b * cos(s, p) for refine
+    title: str | None
+    category: str | None
+    image: str | None  # path of the product image, as stored in the index metadata
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def results_from(index: KnnIndex, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
+    """One query's (k,) scores and ids -> results; padding (id -1, from a category filter) is dropped."""
+    out = []
+    for s, i in zip(scores.tolist(), ids.tolist()):
+        if i < 0:
+            continue
+        meta = index.get_metadata(i)
+        out.append(SearchResult(len(out) + 1, int(i), float(s), meta.get("title"), meta.get("category"),
+                                meta.get("image"), meta))
+    return out
+
+
+class SearchService:
+    def __init__(self, client: Embeds, index: KnnIndex) -> None:
+        self.client, self.index = client, index
+        self._gallery: tuple[np.ndarray, np.ndarray] | None = None  # (ids, embeddings fp32) host copy for refine
+
+    # --- queries ----------------------------------------------------------------------------------------------
+    def by_image(self, image: bytes, k: int = 10, *, categories: str | Iterable[str] | None = None) -> list[SearchResult]:
+        return self.search_embedding(self.client.embed_images([image]), k, categories=categories)
+
+    def by_text(self, text: str, k: int = 10, *, categories: str | Iterable[str] | None = None) -> list[SearchResult]:
+        return self.search_embedding(self.client.embed_texts([text]), k, categories=categories)
+
+    def by_image_text(
+        self,
+        image: bytes,
+        text: str,
+        k: int = 10,
+        *,
+        mode: str = "fusion",
+        image_weight: float | None = None,
+        text_weight: float = DEFAULT_REFINE_WEIGHT,
+        top_n: int = REFINE_TOP_N,
+    ) -> list[SearchResult]:
+        """Photo + reformulation text. `image_weight` (a) is fusion's, `text_weight` (b) and `top_n` refine's."""
+        if mode == "fusion":
+            w = contract.DEFAULT_IMAGE_WEIGHT if image_weight is None else image_weight
+            return self.search_embedding(self.client.embed_multimodal([image], [text], image_weight=w), k)
+        if mode == "refine":
+            q = self.client.embed_images([image])
+            s = self.client.embed_texts([text])
+            return self.refine_embeddings(q, s, k, text_weight=text_weight, top_n=top_n)
+        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+
+    # --- the embedding-level API (also used for batched evaluation) ----------------------------------------------
+    def search_embedding(self, query: np.ndarray, k: int, *, categories: str | Iterable[str] | None = None) -> list[SearchResult]:
+        """One (1, D) query embedding -> top-k results."""
+        scores, ids = self.index.search(query, self._k(k), categories=categories)
+        return results_from(self.index, scores[0], ids[0])
+
+    def refine_embeddings(self, q_img: np.ndarray, q_txt: np.ndarray, k: int, *, text_weight: float = DEFAULT_REFINE_WEIGHT,
+                          top_n: int = REFINE_TOP_N) -> list[SearchResult]:
+        """Image kNN for `top_n` candidates from the index, re-ranked by `mim.evaluate.refine`."""
+        if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
+            raise ValueError(f"top_n={top_n!r}; expected a positive int (candidates re-ranked by refine)")
+        k = self._k(k)
+        n = min(max(int(top_n), k), len(self.index))
+        _, cand = self.index.search(q_img, n)  # (1, n) best first
+        # Candidates in ascending id order, so refine's "ties by lower row" is "ties by lower id", as in search.
+        cand_ids = np.sort(cand[0])
+        sub = self._embeddings_of(cand_ids)  # (n, D)
+        rows = refine(q_img, q_txt, sub, k, top_n=n, text_weight=text_weight)[0]  # (k,) rows of sub
+        # The score refine ranked by, reported with each result.
+        score = sub[rows] @ q_img[0] + text_weight * (sub[rows] @ q_txt[0])
+        return results_from(self.index, score, cand_ids[rows])
+
+    def refresh(self) -> None:
+        """Drop the host copy of the gallery used by refine (done automatically when the index size changes)."""
+        self._gallery = None
+
+    # --- internals ------------------------------------------------------------------------------------------------
+    def _k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k={k!r}; expected a positive int")
+        if len(self.index) == 0:
+            raise ValueError("the index is empty; build it first (python -m client.cli index ...)")
+        return min(int(k), len(self.index))
+
+    def _embeddings_of(self, ids: np.ndarray) -> np.ndarray:
+        if self._gallery is None or len(self._gallery[0]) != len(self.index):
+            # KnnIndex keeps rows sorted by id: one host copy, then rows are found by binary search.
+            self._gallery = (self.index.ids, self.index.embeddings().astype(np.float32, copy=False))
+        all_ids, emb = self._gallery
+        return emb[np.searchsorted(all_ids, ids)]

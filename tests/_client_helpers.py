@@ -1,0 +1,58 @@
+"""Helpers for the client/search tests: an in-process twin of the embedding client (the reference the served
+path is compared with), a small catalog, and a ranking comparison that tolerates float-level ties."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mim import contract
+from mim.checkpoint import Checkpoint
+from mim.data import Catalog, ensure_catalog
+from mim.evaluate import embed_images, embed_texts, fuse
+
+# 4 categories x 3 patterns x 3 colours = 36 products, 64 px: generated in a few seconds.
+SMALL_CATALOG = {"seed": 0, "image_size": 64, "categories": ["mug", "shirt", "shoe", "bag"],
+                 "patterns": ["solid", "stripes", "dots"], "colours": ["red", "blue", "green"]}
+
+
+def small_catalog(root: Path) -> Catalog:
+    return ensure_catalog(root, progress=False, **SMALL_CATALOG)
+
+
+class TorchEmbeddings:
+    """The in-process model behind the same methods as `EmbeddingClient` (fusion by mim.evaluate.fuse)."""
+
+    def __init__(self, ck: Checkpoint) -> None:
+        self.ck = ck
+
+    def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
+        return embed_images(self.ck, list(images))
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return embed_texts(self.ck, list(texts))
+
+    def embed_multimodal(self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None) -> np.ndarray:
+        w = contract.DEFAULT_IMAGE_WEIGHT if image_weight is None else image_weight
+        return fuse(self.embed_images(images), self.embed_texts(texts), w)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def assert_same_ranking(got, want, tol: float = 1e-4) -> None:
+    """Two result lists rank the same products with the same scores, except that products whose reference
+    scores are within `tol` of each other (float-level ties between runtimes) may swap places."""
+    assert len(got) == len(want), (len(got), len(want))
+    np.testing.assert_allclose([r.score for r in got], [r.score for r in want], atol=tol)
+    ref = {r.id: r.score for r in want}
+    for g, w in zip(got, want):
+        if g.id != w.id:
+            # An id outside the reference top-k can only be a tie with the reference's last result.
+            ref_score = ref.get(g.id, want[-1].score if abs(g.score - want[-1].score) <= tol else -np.inf)
+            assert abs(ref_score - w.score) <= tol, (
+                f"rank {w.rank}: got id {g.id}, expected {w.id} (score {w.score:.6f}); not a tie"
+            )

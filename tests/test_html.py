@@ -1,0 +1,124 @@
+"""The self-contained HTML results page: escaping, inlined images, and a render in a real headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.html import QueryBlock, data_uri, render_page, sniff_mime, write_page
+from client.search import SearchResult
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+NASTY = '<script>alert("x")</script> & "quoted" \'mug\''
+
+
+def _image(colour: tuple[int, int, int], fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    img.paste(Image.new("RGB", (40, 40), colour), (12, 12))
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _results(tmp_path: Path, n: int, titles: list[str] | None = None) -> list[SearchResult]:
+    out = []
+    for i in range(n):
+        path = tmp_path / f"p{i}.png"
+        path.write_bytes(_image((40 * i % 255, 120, 200 - 30 * i % 200)))
+        title = titles[i] if titles else f"product number {i}"
+        out.append(SearchResult(i + 1, 100 + i, 0.9 - 0.05 * i, title, "mug", str(path)))
+    return out
+
+
+class _Page(HTMLParser):
+    """Collects, per results list, the titles of its items, and every <img> src and <script> tag."""
+
+    def __init__(self):
+        super().__init__()
+        self.lists: list[list[str]] = []
+        self.srcs: list[str] = []
+        self.scripts = 0
+        self._in_title = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "ol" and a.get("class") == "results":
+            self.lists.append([])
+        elif tag == "div" and a.get("class") == "title":
+            self._in_title = True
+            self.lists[-1].append("")
+        elif tag == "img":
+            self.srcs.append(a.get("src", ""))
+        elif tag == "script":
+            self.scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag == "div":
+            self._in_title = False
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.lists[-1][-1] += data
+
+
+def test_page_escapes_text_and_inlines_images(tmp_path):
+    results = _results(tmp_path, 3, titles=[NASTY, "plain", "a < b"])
+    results.append(SearchResult(4, 7, 0.1, None, None, str(tmp_path / "missing.png")))
+    page = render_page([QueryBlock(f"query {NASTY}", results, image=_image((1, 2, 3), "JPEG"), text=NASTY,
+                                   mode="fusion", expected_id=101)], title="t & t")
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&quot;quoted&quot;" in page
+    parsed = _Page()
+    parsed.feed(page)
+    assert parsed.scripts == 0
+    assert parsed.lists == [[NASTY, "plain", "a < b", "product 7"]]
+    assert parsed.srcs[0].startswith("data:image/jpeg;base64,")  # the query image
+    assert all(s.startswith("data:image/png;base64,") for s in parsed.srcs[1:]) and len(parsed.srcs) == 4
+    assert 'class="thumb missing"' in page  # the missing file is a placeholder, not a broken link
+    assert '<li class="result hit" data-id="101"' in page
+
+
+def test_mime_sniffing_uses_magic_bytes():
+    assert sniff_mime(_image((0, 0, 0))) == "image/png"
+    assert sniff_mime(_image((0, 0, 0), "JPEG")) == "image/jpeg"
+    assert sniff_mime(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
+    assert sniff_mime(b"<svg onload=alert(1)>") is None and data_uri(b"<svg>") is None
+
+
+@pytest.mark.browser
+def test_page_renders_in_headless_chromium(tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"chromium not found at {CHROMIUM}; `make system-deps` installs it (apt-get install chromium)")
+    blocks = [
+        QueryBlock("photo + 'in blue'", _results(tmp_path, 5, [f"blue mug {i} {NASTY}" for i in range(5)]),
+                   image=_image((200, 40, 40), "JPEG"), text="in blue", mode="refine", expected_id=102),
+        QueryBlock("typed query", _results(tmp_path, 3), text="zebra mug", mode="text"),
+    ]
+    page = write_page(tmp_path / "results.html", render_page(blocks, subtitle="browser test"))
+    profile = tmp_path / "profile"
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--hide-scrollbars"]
+    dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=90)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    parsed = _Page()
+    parsed.feed(dom.stdout)
+    assert [len(x) for x in parsed.lists] == [5, 3]
+    assert parsed.lists[0] == [f"blue mug {i} {NASTY}" for i in range(5)] and parsed.scripts == 0
+    assert len(parsed.srcs) == 1 + 5 + 3 and all(s.startswith("data:image/") for s in parsed.srcs)
+
+    shot = tmp_path / "results.png"
+    run = subprocess.run(flags + ["--window-size=1100,900", f"--screenshot={shot}", page.as_uri()],
+                         capture_output=True, text=True, timeout=90)
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape[:2] == (900, 1100) and pixels.std() > 10  # something was drawn, not a blank page
+    # The query image's red square is drawn in the first block (left of the text), not just referenced.
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 90) & (pixels[..., 2] < 90)
+    assert red.sum() > 500
