@@ -250,25 +250,38 @@ def test_bad_input_gets_an_error_that_says_what_was_wrong(triton_server, triton_
 def test_bad_requests_batched_with_good_ones_fail_alone(triton_client, ref):
     n = 24
     images = [b"junk %d" % i if i % 4 == 1 else photo(100 + i) for i in range(n)]
-    before = _counts(triton_client, contract.PREPROCESS_IMAGE)
+    good = [i for i in range(n) if i % 4 != 1]
+    want = ref.image([images[i] for i in good])
+    # Whether Triton folds the burst into shared executions depends on timing; a burst that ran one request per
+    # execution proves nothing about mixed batches, so send it again (at most 3 bursts).
+    for _attempt in range(3):
+        before = _counts(triton_client, contract.PREPROCESS_IMAGE)
+        results = _burst(triton_client, images)
+        got = np.concatenate([results[i][0].as_numpy(contract.EMBEDDING.name) for i in good])
+        assert_close(got, want)
+        for i in range(1, n, 4):
+            assert results[i][0] is None and "could not decode image" in results[i][1].message()
+        inferences, executions = np.subtract(_counts(triton_client, contract.PREPROCESS_IMAGE), before)
+        assert inferences == n
+        if executions < n:  # some executions held several requests, bad and good
+            break
+    assert executions < n, "Triton never batched the burst: the mixed-batch path was not exercised"
+
+
+def _burst(client, images: list[bytes]) -> dict[int, tuple]:
+    """All requests in flight at once (so Triton can batch them); returns {i: (result, error)}."""
     results: dict[int, tuple] = {}
+
     def done(i):
         return lambda result, error: results.__setitem__(i, (result, error))
 
-    for i, data in enumerate(images):  # all in flight at once: Triton batches them
-        triton_client.async_infer("embed_image", _image([data]), done(i))
+    for i, data in enumerate(images):
+        client.async_infer("embed_image", _image([data]), done(i))
     deadline = time.monotonic() + 60
-    while len(results) < n and time.monotonic() < deadline:
+    while len(results) < len(images) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(results) == n
-    good = [i for i in range(n) if i % 4 != 1]
-    want = ref.image([images[i] for i in good])
-    got = np.concatenate([results[i][0].as_numpy(contract.EMBEDDING.name) for i in good])
-    assert_close(got, want)
-    for i in range(1, n, 4):
-        assert results[i][0] is None and "could not decode image" in results[i][1].message()
-    inferences, executions = np.subtract(_counts(triton_client, contract.PREPROCESS_IMAGE), before)
-    assert inferences == n and executions < n  # some executions held several requests, bad and good
+    assert len(results) == len(images)
+    return results
 
 
 def _counts(client, model: str) -> tuple[int, int]:

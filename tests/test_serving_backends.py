@@ -260,6 +260,30 @@ class FakeTensor:
     def as_numpy(self):
         return self.array
 
+    def is_cpu(self):
+        return True
+
+
+class FakeDeviceTensor(FakeTensor):
+    """Stands in for a GPU input (FORCE_CPU_ONLY_INPUT_TENSORS=no): as_numpy() is refused, DLPack works."""
+
+    def as_numpy(self):
+        raise RuntimeError("as_numpy() is only for CPU tensors")
+
+    def is_cpu(self):
+        return False
+
+    def to_dlpack(self):
+        import torch
+
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self.array))
+
+
+def test_device_tensors_are_read_through_dlpack():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(python_backend.host_array(FakeDeviceTensor("x", x)), x)
+    np.testing.assert_array_equal(python_backend.host_array(FakeTensor("x", x)), x)
+
 
 class FakeError:
     INVALID_ARG, INTERNAL = "invalid-arg-code", "internal-code"

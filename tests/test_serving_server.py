@@ -19,7 +19,10 @@ def test_triton_paths_point_into_the_installed_wheel():
     assert (paths.python_backend / "libtriton_python.so").is_file()
     assert paths.stub.parent.name == f"{os.sys.version_info.major}.{os.sys.version_info.minor}"
     env = paths.env({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
-    assert env["LD_LIBRARY_PATH"] == f"{paths.lib_dir}{os.pathsep}/opt/lib"
+    # This interpreter's libpython first (the stub must load the libpython matching our stdlib), then the
+    # bundled server libraries, then what was there.
+    expected = [d for d in (S.python_library_dir(), str(paths.lib_dir), "/opt/lib") if d]
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == expected
     assert env["PATH"].split(os.pathsep)[0] == str(S.Path(S.sys.executable).parent)
 
 

@@ -43,8 +43,19 @@ def to_request(pb_utils: Any, io: contract.ModelIO, request: Any) -> backends.Re
     for spec in io.inputs:
         tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
         if tensor is not None:  # a missing input is reported by the handler's check
-            inputs[spec.name] = tensor.as_numpy()
+            inputs[spec.name] = host_array(tensor)
     return backends.Request(inputs, request_params(request))
+
+
+def host_array(tensor: Any) -> Any:
+    """A Triton input tensor as a NumPy array. With FORCE_CPU_ONLY_INPUT_TENSORS=no an input may live on the
+    GPU, where `as_numpy()` fails: it is then taken through DLPack (zero-copy into torch) and copied to host,
+    since the handlers compute with NumPy/ONNX Runtime."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    from torch.utils.dlpack import from_dlpack  # torch only where a GPU tensor actually arrives
+
+    return from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
 
 def to_response(pb_utils: Any, response: backends.Response) -> Any:

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -60,9 +61,24 @@ class TritonPaths:
         """Environment for the server: the bundled libraries first on LD_LIBRARY_PATH, this Python's bin
         first on PATH (the stub's interpreter then finds this virtualenv's packages)."""
         env = dict(os.environ if base is None else base)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(self.lib_dir), env.get("LD_LIBRARY_PATH", "")) if p)
+        dirs = (python_library_dir(), str(self.lib_dir), env.get("LD_LIBRARY_PATH", ""))
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in dirs if p)
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         return env
+
+
+def python_library_dir() -> str | None:
+    """The folder of THIS interpreter's libpython, to put first on LD_LIBRARY_PATH of the python-backend stub.
+
+    The stub links `libpython3.X.so.1.0` and would otherwise load the system's (Debian's 3.11.2 here), whose C
+    modules need not match the standard library of the interpreter running this code (pyenv's 3.11.7 here):
+    PyTriton's proxy model dies on that mismatch ("'_thread.RLock' object has no attribute
+    '_recursion_count'"). None when this interpreter has no shared libpython."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
+    if libdir and ldlib and (Path(libdir) / ldlib).exists():
+        return libdir
+    return None
 
 
 def triton_paths() -> TritonPaths:

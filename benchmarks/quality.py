@@ -1,0 +1,163 @@
+"""Retrieval quality through the SERVED path, next to the same metrics in-process: serving must lose nothing.
+
+    python -m benchmarks.quality --url 127.0.0.1:8001 --checkpoint artifacts/checkpoints/3tower \
+        --catalog artifacts/catalog --out benchmarks/results
+
+`mim.evaluate.evaluate` runs twice on the same catalog split: with the in-process torch model
+(`torch_embedder`) and with an Embedder whose images and texts go through the Triton ensembles
+(client/triton_client.EmbeddingClient -> preprocessing models -> ONNX Runtime towers). Both embedders record
+what they returned, so besides the metric differences the report gives the embeddings' worst cosine and
+largest absolute difference, row for row.
+
+The DML / 3-tower / 4-tower table is trained and written by `python -m mim.compare` (`make quality`) into
+benchmarks/results/quality.{md,json}; this module only reads it for RESULTS.md and never retrains.
+
+Writes <out>/quality_served.json and <out>/quality_served.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mim.atomic import atomic_write_text
+from mim.checkpoint import load_checkpoint, weights_hash
+from mim.evaluate import Embedder, evaluate, markdown_table, torch_embedder
+
+from .common import now_utc, write_json
+
+TRAINED_TABLE = Path(__file__).resolve().parent / "results" / "quality"  # mim.compare's --out default
+TRAINED_COMMAND = "python -m mim.compare --catalog artifacts/catalog --steps 800 --out benchmarks/results/quality"
+# Served and in-process embeddings are the same FP32 math in two runtimes (torch vs ONNX Runtime).
+MIN_COSINE = 0.9999
+METRIC_TOLERANCE = 1e-6  # metrics are shares of queries: any flipped ranking moves them by >= 1/queries
+
+
+@dataclass
+class Recorder:
+    """Wraps an embedding function and keeps every array it returned, in call order."""
+
+    fn: Callable[[Sequence], np.ndarray]
+    calls: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __call__(self, items: Sequence) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = np.asarray(self.fn(items), dtype=np.float32)
+        self.seconds += time.perf_counter() - t0
+        self.calls.append(out)
+        return out
+
+    def all(self) -> np.ndarray:
+        return np.concatenate(self.calls) if self.calls else np.zeros((0, 0), np.float32)
+
+
+def served_embedder(client) -> Embedder:
+    """Embeddings through the Triton ensembles (client/triton_client.EmbeddingClient or anything alike)."""
+    return Embedder(images=client.embed_images, texts=client.embed_texts)
+
+
+def embedding_diff(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    if a.shape != b.shape:
+        raise ValueError(f"served and in-process embeddings differ in shape: {a.shape} vs {b.shape}")
+    na = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    nb = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return {"rows": int(a.shape[0]), "min_cosine": float(np.min(np.sum(na * nb, axis=1))),
+            "max_abs_diff": float(np.max(np.abs(a - b)))}  # fmt: skip
+
+
+def served_quality(url: str, checkpoint: Path, catalog, split: str = "test") -> dict:
+    """Both evaluations, their metric differences and the embedding differences."""
+    from client.triton_client import EmbeddingClient  # lazily: a client import error fails this step only
+
+    local = torch_embedder(load_checkpoint(checkpoint))
+    local_rec = Embedder(Recorder(local.images), Recorder(local.texts))
+    with EmbeddingClient(url, timeout_s=120.0) as client:
+        client.wait_ready(60)
+        served = served_embedder(client)
+        served_rec = Embedder(Recorder(served.images), Recorder(served.texts))
+        served_metrics = evaluate(served_rec, catalog, split)
+    local_metrics = evaluate(local_rec, catalog, split)
+    diffs = {k: abs(served_metrics[k] - local_metrics[k]) for k in local_metrics
+             if isinstance(local_metrics[k], float) and k in served_metrics}  # fmt: skip
+    embeddings = {
+        "images": embedding_diff(served_rec.images.all(), local_rec.images.all()),
+        "texts": embedding_diff(served_rec.texts.all(), local_rec.texts.all()),
+    }
+    ok = max(diffs.values(), default=0.0) <= METRIC_TOLERANCE and all(
+        e["min_cosine"] >= MIN_COSINE for e in embeddings.values())  # fmt: skip
+    meta = json.loads((Path(checkpoint) / "config.json").read_text()).get("meta", {})
+    return {
+        "checkpoint": str(checkpoint), "checkpoint_hash": weights_hash(checkpoint), "checkpoint_meta": meta,
+        "split": split, "rows": {"in-process (torch)": local_metrics, "served (Triton, ONNX Runtime)": served_metrics},
+        "max_metric_diff": max(diffs.values(), default=0.0), "metric_diffs": diffs, "embeddings": embeddings,
+        "seconds": {"in-process": local_rec.images.seconds + local_rec.texts.seconds,
+                    "served": served_rec.images.seconds + served_rec.texts.seconds},
+        "serving_loses_nothing": ok,
+        "thresholds": {"min_cosine": MIN_COSINE, "metric_tolerance": METRIC_TOLERANCE},
+    }  # fmt: skip
+
+
+def served_markdown(report: dict) -> str:
+    e = report["embeddings"]
+    meta = report["checkpoint_meta"]
+    kind = "random-init (untrained: the metrics are chance level; the parity is the point)" if meta.get(
+        "random_init") else f"trained ({meta.get('objective', '?')}, step {meta.get('step', '?')})"  # fmt: skip
+    return "\n".join([
+        f"Checkpoint `{report['checkpoint']}` ({report['checkpoint_hash']}), {kind}; split `{report['split']}`.",
+        "",
+        markdown_table(report["rows"]),
+        "",
+        f"Largest metric difference served vs in-process: {report['max_metric_diff']:.2e} "
+        f"(tolerance {report['thresholds']['metric_tolerance']:g}). Embeddings, row for row: images "
+        f"{e['images']['rows']} rows min cosine {e['images']['min_cosine']:.7f} max |diff| "
+        f"{e['images']['max_abs_diff']:.2e}; texts {e['texts']['rows']} rows min cosine "
+        f"{e['texts']['min_cosine']:.7f} max |diff| {e['texts']['max_abs_diff']:.2e}. "
+        f"Serving loses nothing: **{'yes' if report['serving_loses_nothing'] else 'NO'}**.",
+    ])  # fmt: skip
+
+
+def trained_table(base: Path = TRAINED_TABLE) -> str | None:
+    """mim.compare's table (quality.md without its header), or None when `make quality` has not run."""
+    md, js = base.with_suffix(".md"), base.with_suffix(".json")
+    if not (md.is_file() and js.is_file()):
+        return None
+    return markdown_table(json.loads(js.read_text()))
+
+
+def write_outputs(report: dict, out: Path, command: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "quality_served.md"
+    atomic_write_text(md, f"# Retrieval quality, served vs in-process\n\nCommand: `{command}`\n\n{served_markdown(report)}\n")
+    return [write_json(report, out / "quality_served.json"), md]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of a server running the checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint the server was exported from")
+    p.add_argument("--catalog", type=Path, default=Path("artifacts/catalog"))
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    from mim.data import load_catalog
+
+    report = served_quality(args.url, args.checkpoint, load_catalog(args.catalog), args.split)
+    report["date"] = now_utc()
+    command = "python -m benchmarks.quality " + shlex.join(argv)
+    write_outputs(report, args.out, command)
+    print(served_markdown(report))
+    return 0 if report["serving_loses_nothing"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
