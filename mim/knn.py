@@ -28,11 +28,12 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from .atomic import atomic_write
 
 FORMAT_NAME = "mim-knn-index"
 FORMAT_VERSION = 1
@@ -663,36 +664,10 @@ def _digest(emb: np.ndarray, ids: np.ndarray, meta_bytes: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename. Some filesystems refuse fsync on a directory; the rename itself has happened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_safetensors(path: Path, tensors: dict[str, np.ndarray], header: dict[str, str]) -> None:
-    from safetensors.numpy import save_file
+    import safetensors.numpy  # looked up at call time, so tests can make the writer fail halfway
 
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb") as f:  # fsync flushes the inode, whichever descriptor asks
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
+    atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=header))
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
