@@ -51,7 +51,7 @@ quality: setup ## train DML / 3-tower / 4-tower on the same data and seed; write
 	$(PY) -m mim.compare --catalog $(CATALOG) --steps $(STEPS) --out benchmarks/results/quality
 
 engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where TensorRT and a GPU exist) into $(REPO)
-	$(PY) -m export.engines --checkpoint $(CKPT) --repository $(REPO)
+	$(PY) -m export.engines --checkpoint $(CKPT) --repository $(REPO) $(if $(wildcard $(CATALOG)/catalog.json),--catalog $(CATALOG))
 
 serve: setup ## run the bundled tritonserver on 127.0.0.1 with $(REPO) (CONFIG=cpu|default)
 	$(PY) -m mim.serving.server --repository $(REPO) --config $(CONFIG)

@@ -34,7 +34,9 @@ from mim import contract
 from mim.atomic import atomic_write
 from mim.checkpoint import TOKENIZER, weights_hash
 from mim.config import ModelConfig, PreprocessConfig
+from mim.data import load_catalog
 
+from .fp16_gate import fp16_gate
 from .onnx_export import EXPORT_JSON, PUBLIC_MODE, MODEL_JSON, PREPROCESS_JSON, export_checkpoint, onnx_filename, summary_lines
 from .tensorrt_build import (
     PLAN_META_SUFFIX,
@@ -181,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-batch", type=int, default=16, help="batch the engine's kernels are tuned for")
     p.add_argument("--max-batch", type=int, default=contract.MAX_BATCH_SIZE, help="largest batch the engine accepts")
     p.add_argument("--no-check", action="store_true", help="skip the parity checks (torch vs ONNX vs engine)")
+    p.add_argument("--catalog", type=Path, help="also gate the FP16 ONNX on this catalog's test split (export/fp16_gate.py)")
     return p
 
 
@@ -199,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = export_checkpoint(args.checkpoint, args.export_dir, check=not args.no_check)
     for line in summary_lines(report):
         print(line)
+    if args.catalog is not None and not args.no_check:
+        gate = fp16_gate(args.checkpoint, args.export_dir, load_catalog(args.catalog))
+        print(f"FP16 gate on {gate['split']} split: min cosine images {gate['min_cosine_images']:.6f}, titles "
+              f"{gate['min_cosine_titles']:.6f}; Recall@10 FP16 {gate['recall10_fp16']:.4f} vs FP32 {gate['recall10_fp32']:.4f}")  # fmt: skip
 
     reason = None if args.no_tensorrt else tensorrt_unavailable_reason()
     if args.no_tensorrt:
