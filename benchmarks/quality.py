@@ -35,7 +35,7 @@ from mim.evaluate import Embedder, evaluate, markdown_table, torch_embedder
 from .common import now_utc, write_json
 
 TRAINED_TABLE = Path(__file__).resolve().parent / "results" / "quality"  # mim.compare's --out default
-TRAINED_COMMAND = "python -m mim.compare --catalog artifacts/catalog --steps 800 --out benchmarks/results/quality"
+TRAINED_COMMAND = "python -m mim.compare --catalog artifacts/catalog --steps 600 --out benchmarks/results/quality"
 # Served and in-process embeddings are the same FP32 math in two runtimes (torch vs ONNX Runtime).
 MIN_COSINE = 0.9999
 METRIC_TOLERANCE = 1e-6  # metrics are shares of queries: any flipped ranking moves them by >= 1/queries
