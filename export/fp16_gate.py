@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from mim import contract
 from mim.checkpoint import Checkpoint, load_checkpoint
 from mim.data import Catalog, load_catalog
 from mim.evaluate import Embedder, embed_images, embed_texts, evaluate, torch_embedder
 from mim.preprocess import preprocess_image_bytes
+from mim.serving.backends import OnnxEncoder
 
 from .onnx_export import onnx_filename
 
@@ -40,25 +40,26 @@ class GateError(RuntimeError):
 
 
 def onnx_embedder(ck: Checkpoint, image_onnx: str | Path, text_onnx: str | Path) -> Embedder:
-    """An Embedder running the exported towers with ONNX Runtime (CPU here; the FP16 graphs keep FP32 I/O)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    img = ort.InferenceSession(str(image_onnx), opts, providers=["CPUExecutionProvider"])
-    txt = ort.InferenceSession(str(text_onnx), opts, providers=["CPUExecutionProvider"])
+    """An Embedder running the exported towers with the serving code's ONNX Runtime runner (CPU here; the FP16
+    graphs keep FP32 I/O), so the gate exercises what Triton's CPU models run."""
+    def encoder(path, name):
+        io = contract.MODELS[name]
+        return OnnxEncoder(path, io, {t.name: t.resolve_dims(ck.model_cfg) for t in io.inputs}, intra_op_threads=2)
+
+    img, txt = encoder(image_onnx, contract.IMAGE_ENCODER), encoder(text_onnx, contract.TEXT_ENCODER)
 
     def images(data: Sequence[bytes]) -> np.ndarray:
         out = [np.zeros((0, ck.model_cfg.embed_dim), np.float32)]
         for i in range(0, len(data), BATCH):
             px = np.stack([preprocess_image_bytes(b, ck.pre_cfg) for b in data[i : i + BATCH]])
-            out.append(img.run([contract.IMAGE_EMBEDS.name], {contract.PIXEL_VALUES.name: px})[0])
+            out.append(img({contract.PIXEL_VALUES.name: px}))
         return np.concatenate(out)
 
     def texts(data: Sequence[str]) -> np.ndarray:
         out = [np.zeros((0, ck.model_cfg.embed_dim), np.float32)]
         for i in range(0, len(data), BATCH):
             ids, mask = ck.tokenizer.encode_batch(list(data[i : i + BATCH]))
-            feeds = {contract.INPUT_IDS.name: ids, contract.ATTENTION_MASK.name: mask}
-            out.append(txt.run([contract.TEXT_EMBEDS.name], feeds)[0])
+            out.append(txt({contract.INPUT_IDS.name: ids, contract.ATTENTION_MASK.name: mask}))
         return np.concatenate(out)
 
     return Embedder(images, texts)
