@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test test-slow test-all demo catalog train quality engines serve bench bench-full clean
+.PHONY: help setup system-deps lint format test test-slow test-all demo catalog train quality engines serve bench bench-full clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,7 +32,15 @@ system-deps: ## apt packages: libb64 (perf_analyzer) and chromium (HTML results 
 
 setup: $(VENV)/.installed system-deps ## create the virtualenv and install everything
 
-test: setup ## the default test suite (CPU, real tritonserver; no slow tests)
+lint: setup ## ruff lint + format check (part of `make test`)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup ## apply ruff's fixes and formatting
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+test: setup lint ## lint, then the default test suite (CPU, real tritonserver; no slow tests)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup ## only the slow tests

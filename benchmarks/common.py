@@ -11,9 +11,10 @@ import json
 import math
 import os
 import platform
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from mim.atomic import atomic_write_text
 
@@ -21,8 +22,16 @@ from .knn_bench import cpu_model
 
 # Distributions whose versions decide the figures (the server binary comes from nvidia-pytriton, the
 # perf_analyzer binary from tritonclient, the in-process ceiling from onnxruntime, the PyTriton baseline from torch).
-VERSIONED = ("numpy", "torch", "onnxruntime", "tritonclient", "nvidia-pytriton", "nvidia-cuda-runtime-cu12",
-             "faiss-cpu", "matplotlib")  # fmt: skip
+VERSIONED = (
+    "numpy",
+    "torch",
+    "onnxruntime",
+    "tritonclient",
+    "nvidia-pytriton",
+    "nvidia-cuda-runtime-cu12",
+    "faiss-cpu",
+    "matplotlib",
+)
 # tritonserver version of the binary bundled in nvidia-pytriton 0.7.0 (the package does not expose it).
 BUNDLED_TRITONSERVER = {"0.7.0": "2.51"}
 

@@ -40,13 +40,18 @@ def unavailable_reason(repository: Path | None = None) -> str | None:
     except ImportError:
         return "onnxruntime is not installed"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu for the "
-                f"{GPU_CONFIG} config)")  # fmt: skip
+        return (
+            f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu for the "
+            f"{GPU_CONFIG} config)"
+        )
     if repository is not None:
         for model in GPU_MODELS:
             cfg = repository / model / "configs" / f"{GPU_CONFIG}.pbtxt"
             if not cfg.is_file():
-                return f"{cfg} missing: the repository has no {GPU_CONFIG} variant (python -m mim.serving.repository --write)"
+                return (
+                    f"{cfg} missing: the repository has no {GPU_CONFIG} variant "
+                    "(python -m mim.serving.repository --write)"
+                )
             if not (repository / model / "1" / "model.fp16.onnx").is_file():
                 return f"{model}/1/model.fp16.onnx missing: export with FP16 (make engines)"
     return None
@@ -72,8 +77,16 @@ def allow_gpu_inputs(repository: Path, force_cpu_inputs: str = "no") -> list[Pat
     return changed
 
 
-def run(pa: perf.PerfAnalyzer, repository: Path, input_files: dict[str, Path], settings: perf.PerfSettings,
-        out: Path, *, force_cpu_inputs: str = "no", log=print) -> perf.SweepResult:  # fmt: skip
+def run(
+    pa: perf.PerfAnalyzer,
+    repository: Path,
+    input_files: dict[str, Path],
+    settings: perf.PerfSettings,
+    out: Path,
+    *,
+    force_cpu_inputs: str = "no",
+    log=print,
+) -> perf.SweepResult:
     """Serve `repository` (a copy this function may modify) with the gpu_onnx config and sweep every model in
     `input_files`; writes <out>/perf.* like the CPU sweep."""
     from mim.serving.server import TritonServer

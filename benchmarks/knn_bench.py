@@ -1,10 +1,11 @@
 """Exact top-k: mim.knn.KnnIndex (NumPy path) against faiss-cpu IndexFlatIP, side by side on the same data.
 
 For every (N, d, batch, k) both engines search the same query batch, warm up once, then alternate timed calls
-until each has run for --min-time seconds (and at least min_reps calls); queries/s = batch / median call time. Results are checked against each
-other "up to ties": at every rank the two returned ids must carry the same exact (float64) score, so the only
-swaps allowed are among equal scores. With a usable GPU the same grid also times the CuPy path, a
-torch.mm + torch.topk baseline, and the memory floor (fp16 gallery bytes / 4.3 TB/s, the H200's HBM bandwidth).
+until each has run for --min-time seconds (and at least min_reps calls); queries/s = batch / median call time.
+Results are checked against each other "up to ties": at every rank the two returned ids must carry the same
+exact (float64) score, so the only swaps allowed are among equal scores. With a usable GPU the same grid also
+times the CuPy path, a torch.mm + torch.topk baseline, and the memory floor (fp16 gallery bytes / 4.3 TB/s,
+the H200's HBM bandwidth).
 
 Writes <out>/knn.csv, <out>/knn.json (rows + hardware, versions, threads, date, command) and <out>/knn.png.
 
@@ -23,9 +24,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -49,13 +50,29 @@ class Grid:
 
 QUICK = Grid(sizes=(5_000, 20_000), dims=(256,), batches=(1, 32, 256), ks=(10, 100), min_time=0.15, min_reps=3)
 FULL = Grid(
-    sizes=(10_000, 100_000, 1_000_000), dims=(256, 512), batches=(1, 32, 256), ks=(10, 100), min_time=1.0,
+    sizes=(10_000, 100_000, 1_000_000),
+    dims=(256, 512),
+    batches=(1, 32, 256),
+    ks=(10, 100),
+    min_time=1.0,
     min_reps=2,
 )
 
 CSV_FIELDS = [
-    "n", "d", "batch", "k", "ours_qps", "faiss_qps", "ratio_ours_over_faiss", "ids_match", "exact_id_frac",
-    "ours_topk", "gpu_qps", "torch_gpu_qps", "floor_qps", "gpu_ids_match",
+    "n",
+    "d",
+    "batch",
+    "k",
+    "ours_qps",
+    "faiss_qps",
+    "ratio_ours_over_faiss",
+    "ids_match",
+    "exact_id_frac",
+    "ours_topk",
+    "gpu_qps",
+    "torch_gpu_qps",
+    "floor_qps",
+    "gpu_ids_match",
 ]
 
 
@@ -222,19 +239,31 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                 q = random_unit(rng, batch, d)
                 for k in grid.ks:
                     secs = time_side_by_side(
-                        {"ours": lambda: ours.search(q, k), "faiss": lambda: flat.search(q, k)},
-                        grid.min_time, grid.min_reps,
+                        {
+                            "ours": lambda ours=ours, q=q, k=k: ours.search(q, k),
+                            "faiss": lambda flat=flat, q=q, k=k: flat.search(q, k),
+                        },
+                        grid.min_time,
+                        grid.min_reps,
                     )
                     _, our_ids = ours.search(q, k)
                     _, faiss_ids = flat.search(q, k)
                     match, exact = compare_up_to_ties(gallery, q, our_ids, faiss_ids, SCORE_ATOL)
                     row = {
-                        "n": n, "d": d, "batch": batch, "k": k,
-                        "ours_qps": batch / secs["ours"], "faiss_qps": batch / secs["faiss"],
+                        "n": n,
+                        "d": d,
+                        "batch": batch,
+                        "k": k,
+                        "ours_qps": batch / secs["ours"],
+                        "faiss_qps": batch / secs["faiss"],
                         "ratio_ours_over_faiss": secs["faiss"] / secs["ours"],
-                        "ids_match": match, "exact_id_frac": exact,
+                        "ids_match": match,
+                        "exact_id_frac": exact,
                         "ours_topk": topk if topk != "auto" else default_topk_method("cpu", k),
-                        "gpu_qps": None, "torch_gpu_qps": None, "floor_qps": None, "gpu_ids_match": None,
+                        "gpu_qps": None,
+                        "torch_gpu_qps": None,
+                        "floor_qps": None,
+                        "gpu_ids_match": None,
                     }
                     if gpu is not None:
                         row.update(gpu.time(q, k, grid, our_ids))
@@ -320,8 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = QUICK if args.quick else FULL
     grid = Grid(
-        sizes=args.sizes or base.sizes, dims=args.dims or base.dims, batches=args.batches or base.batches,
-        ks=args.ks or base.ks, min_time=base.min_time if args.min_time is None else args.min_time,
+        sizes=args.sizes or base.sizes,
+        dims=args.dims or base.dims,
+        batches=args.batches or base.batches,
+        ks=args.ks or base.ks,
+        min_time=base.min_time if args.min_time is None else args.min_time,
         min_reps=base.min_reps,
     )
     n_threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())

@@ -37,10 +37,11 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,9 +75,14 @@ class PerfAnalyzer:
 
     def run(self, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(self.binary), *args], env=self.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            errors="replace", timeout=timeout,
-        )  # fmt: skip
+            [str(self.binary), *args],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+        )
 
 
 def find_binary() -> Path:
@@ -149,8 +155,9 @@ def locate() -> PerfAnalyzer:
     binary = find_binary()
     env = perf_env()
     try:
-        proc = subprocess.run([str(binary), "--version"], env=env, capture_output=True, text=True, timeout=30,
-                              errors="replace")  # fmt: skip
+        proc = subprocess.run(
+            [str(binary), "--version"], env=env, capture_output=True, text=True, timeout=30, errors="replace"
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise PerfAnalyzerError(f"perf_analyzer ({binary}) cannot start: {e}") from None
     if proc.returncode != 0:
@@ -169,7 +176,9 @@ def deserialize_bytes_elements(buf: bytes) -> list[bytes]:
     out, pos = [], 0
     while pos < len(buf):
         if pos + 4 > len(buf):
-            raise ValueError(f"truncated BYTES tensor: {len(buf) - pos} byte(s) left where a 4-byte length was expected")
+            raise ValueError(
+                f"truncated BYTES tensor: {len(buf) - pos} byte(s) left where a 4-byte length was expected"
+            )
         (n,) = struct.unpack_from("<I", buf, pos)
         pos += 4
         if pos + n > len(buf):
@@ -297,8 +306,11 @@ class PerfSettings:
             raise ValueError(f"max_trials={self.max_trials}; perf_analyzer needs at least 3 windows to judge stability")
 
     def window_args(self) -> list[str]:
-        args = [f"--measurement-mode={self.mode}", f"--stability-percentage={self.stability_pct:g}",
-                f"--max-trials={self.max_trials}"]  # fmt: skip
+        args = [
+            f"--measurement-mode={self.mode}",
+            f"--stability-percentage={self.stability_pct:g}",
+            f"--max-trials={self.max_trials}",
+        ]
         if self.mode == "time_windows":
             return args + [f"--measurement-interval={self.interval_ms}"]
         return args + [f"--measurement-request-count={self.request_count}"]
@@ -426,17 +438,43 @@ class Level:
     stdout: str
 
 
-def perf_args(model: str, url: str, input_file: Path, concurrency: int, settings: PerfSettings, csv_path: Path,
-              window_args: Sequence[str] | None = None) -> list[str]:  # fmt: skip
+def perf_args(
+    model: str,
+    url: str,
+    input_file: Path,
+    concurrency: int,
+    settings: PerfSettings,
+    csv_path: Path,
+    window_args: Sequence[str] | None = None,
+) -> list[str]:
     return [
-        "-m", model, "-u", url, "-i", settings.protocol, "--input-data", str(input_file),
-        "-b", str(settings.batch), f"--concurrency-range={concurrency}",
-        *(settings.window_args() if window_args is None else window_args), "-f", str(csv_path),
-    ]  # fmt: skip
+        "-m",
+        model,
+        "-u",
+        url,
+        "-i",
+        settings.protocol,
+        "--input-data",
+        str(input_file),
+        "-b",
+        str(settings.batch),
+        f"--concurrency-range={concurrency}",
+        *(settings.window_args() if window_args is None else window_args),
+        "-f",
+        str(csv_path),
+    ]
 
 
-def measure(pa: PerfAnalyzer, model: str, url: str, input_file: Path, concurrency: int, settings: PerfSettings,
-            workdir: Path, label: str = "") -> Level:  # fmt: skip
+def measure(
+    pa: PerfAnalyzer,
+    model: str,
+    url: str,
+    input_file: Path,
+    concurrency: int,
+    settings: PerfSettings,
+    workdir: Path,
+    label: str = "",
+) -> Level:
     """One perf_analyzer run for one concurrency level.
 
     When the windows cannot settle within the tolerance (a shared 2-core machine), perf_analyzer exits without
@@ -445,9 +483,14 @@ def measure(pa: PerfAnalyzer, model: str, url: str, input_file: Path, concurrenc
     PerfAnalyzerError with perf_analyzer's own words."""
     workdir.mkdir(parents=True, exist_ok=True)
     tag = f"{label or model}_c{concurrency}".replace("@", "_at_")
-    attempts = [(settings.window_args(), None), (settings.fixed_count_args(concurrency),
-                f"windows did not settle within {settings.stability_pct:g}% in {settings.max_trials} tries; "
-                f"one measurement of {settings.fallback_requests(concurrency)} requests")]  # fmt: skip
+    attempts = [
+        (settings.window_args(), None),
+        (
+            settings.fixed_count_args(concurrency),
+            f"windows did not settle within {settings.stability_pct:g}% in {settings.max_trials} tries; "
+            f"one measurement of {settings.fallback_requests(concurrency)} requests",
+        ),
+    ]
     for i, (window_args, note) in enumerate(attempts, 1):
         csv_path = workdir / f"{tag}.csv"
         csv_path.unlink(missing_ok=True)
@@ -456,13 +499,23 @@ def measure(pa: PerfAnalyzer, model: str, url: str, input_file: Path, concurrenc
         try:
             proc = pa.run(args, timeout=settings.time_bound_s())
         except subprocess.TimeoutExpired:
-            raise PerfAnalyzerError(f"perf_analyzer on {model} (concurrency {concurrency}) ran past "
-                                    f"{settings.time_bound_s():.0f} s: {shlex.join([str(pa.binary), *args])}") from None
+            raise PerfAnalyzerError(
+                f"perf_analyzer on {model} (concurrency {concurrency}) ran past "
+                f"{settings.time_bound_s():.0f} s: {shlex.join([str(pa.binary), *args])}"
+            ) from None
         output = proc.stdout + proc.stderr
         (workdir / f"{tag}.log").write_text(f"$ {shlex.join([str(pa.binary), *args])}\n{output}")
         if proc.returncode == 0 and csv_path.is_file():
-            level = _level(model, concurrency, settings, csv_path.read_text(), output, [str(pa.binary), *args],
-                           seconds=time.monotonic() - t0, label=label)  # fmt: skip
+            level = _level(
+                model,
+                concurrency,
+                settings,
+                csv_path.read_text(),
+                output,
+                [str(pa.binary), *args],
+                seconds=time.monotonic() - t0,
+                label=label,
+            )
             level.row.update(stable=note is None, attempts=i, note=note)
             return level
         if "Failed to obtain stable measurement" not in output or note is not None:
@@ -473,8 +526,18 @@ def measure(pa: PerfAnalyzer, model: str, url: str, input_file: Path, concurrenc
 def warm_up(pa: PerfAnalyzer, model: str, url: str, input_file: Path, requests: int = 32) -> None:
     """A few requests before measuring (first calls pay for lazy initialisation: ORT/torch allocations, gRPC
     channels); also fails fast, with the server's words, when the inputs do not fit the model."""
-    args = ["-m", model, "-u", url, "-i", "grpc", "--input-data", str(input_file), "--concurrency-range=1",
-            f"--request-count={requests}"]  # fmt: skip
+    args = [
+        "-m",
+        model,
+        "-u",
+        url,
+        "-i",
+        "grpc",
+        "--input-data",
+        str(input_file),
+        "--concurrency-range=1",
+        f"--request-count={requests}",
+    ]
     try:
         proc = pa.run(args, timeout=120)
     except subprocess.TimeoutExpired:
@@ -487,31 +550,51 @@ def _run_failure(pa: PerfAnalyzer, model: str, concurrency: int, args: list[str]
     if _MISSING_LIB.search(output):
         return diagnose_start_failure(pa.binary, code, output)
     tail = "\n".join(output.strip().splitlines()[-12:])
-    return (f"perf_analyzer failed on {model} at concurrency {concurrency} (exit code {code}):\n{tail}\n"
-            f"command: {shlex.join([str(pa.binary), *args])}")  # fmt: skip
+    return (
+        f"perf_analyzer failed on {model} at concurrency {concurrency} (exit code {code}):\n{tail}\n"
+        f"command: {shlex.join([str(pa.binary), *args])}"
+    )
 
 
-def _level(model: str, concurrency: int, s: PerfSettings, csv_text: str, stdout: str, command: list[str], *,
-           seconds: float, label: str) -> Level:  # fmt: skip
+def _level(
+    model: str,
+    concurrency: int,
+    s: PerfSettings,
+    csv_text: str,
+    stdout: str,
+    command: list[str],
+    *,
+    seconds: float,
+    label: str,
+) -> Level:
     rows = [r for r in parse_csv(csv_text) if r.get("concurrency") == concurrency]
     if not rows:
-        raise PerfAnalyzerError(f"perf_analyzer's CSV for {model} has no row for concurrency {concurrency}:\n{csv_text}")
+        raise PerfAnalyzerError(
+            f"perf_analyzer's CSV for {model} has no row for concurrency {concurrency}:\n{csv_text}"
+        )
     csv_row = rows[0]
     report = parse_stdout(stdout).get(concurrency, {"client": {}, "server": {}, "composing": {}})
     server = report["server"]
     row: dict[str, Any] = {
-        "model": label or model, "served_model": model, "concurrency": concurrency, "batch": s.batch,
+        "model": label or model,
+        "served_model": model,
+        "concurrency": concurrency,
+        "batch": s.batch,
         "throughput": csv_row.get("throughput"),
         **{f"{p}_ms": _ms(csv_row.get(f"{p}_us")) for p in ("p50", "p90", "p95", "p99")},
         "avg_ms": _ms(report["client"].get("avg_latency_us")),
         "server_queue_ms": _ms(server.get("queue_us", csv_row.get("server_queue_us"))),
         "server_compute_ms": _ms(_server_compute_us(server, csv_row)),
         "server_avg_batch": _avg_batch(server),
-        "interval_ms": s.interval_ms, "stability_pct": s.stability_pct, "seconds": round(seconds, 2),
-    }  # fmt: skip
+        "interval_ms": s.interval_ms,
+        "stability_pct": s.stability_pct,
+        "seconds": round(seconds, 2),
+    }
     breakdown = [_breakdown_row(label or model, concurrency, model, "(whole model)", server)]
-    breakdown += [_breakdown_row(label or model, concurrency, model, name, stats)
-                  for name, stats in sorted(report["composing"].items())]  # fmt: skip
+    breakdown += [
+        _breakdown_row(label or model, concurrency, model, name, stats)
+        for name, stats in sorted(report["composing"].items())
+    ]
     return Level(row, breakdown, command, stdout)
 
 
@@ -529,14 +612,21 @@ def _server_compute_us(server: dict, csv_row: dict) -> float | None:
 
 def _breakdown_row(label: str, concurrency: int, model: str, component: str, stats: dict) -> dict[str, Any]:
     return {
-        "model": label, "served_model": model, "concurrency": concurrency, "component": component,
-        "inference_count": stats.get("inference_count"), "execution_count": stats.get("execution_count"),
+        "model": label,
+        "served_model": model,
+        "concurrency": concurrency,
+        "component": component,
+        "inference_count": stats.get("inference_count"),
+        "execution_count": stats.get("execution_count"),
         "avg_batch": _avg_batch(stats),
-        "avg_latency_ms": _ms(stats.get("avg_latency_us")), "queue_ms": _ms(stats.get("queue_us")),
-        "compute_input_ms": _ms(stats.get("compute_input_us")), "compute_infer_ms": _ms(stats.get("compute_infer_us")),
-        "compute_output_ms": _ms(stats.get("compute_output_us")), "compute_ms": _ms(stats.get("compute_us")),
+        "avg_latency_ms": _ms(stats.get("avg_latency_us")),
+        "queue_ms": _ms(stats.get("queue_us")),
+        "compute_input_ms": _ms(stats.get("compute_input_us")),
+        "compute_infer_ms": _ms(stats.get("compute_infer_us")),
+        "compute_output_ms": _ms(stats.get("compute_output_us")),
+        "compute_ms": _ms(stats.get("compute_us")),
         "overhead_ms": _ms(stats.get("overhead_us")),
-    }  # fmt: skip
+    }
 
 
 def _ms(us: float | None) -> float | None:
@@ -548,8 +638,16 @@ def _avg_batch(stats: dict) -> float | None:
     return round(inf / exe, 3) if inf and exe else None
 
 
-def sweep(pa: PerfAnalyzer, model: str, url: str, input_file: Path, settings: PerfSettings, workdir: Path,
-          label: str = "", log=print) -> list[Level]:  # fmt: skip
+def sweep(
+    pa: PerfAnalyzer,
+    model: str,
+    url: str,
+    input_file: Path,
+    settings: PerfSettings,
+    workdir: Path,
+    label: str = "",
+    log=print,
+) -> list[Level]:
     warm_up(pa, model, url, input_file)
     levels = []
     for c in settings.concurrencies:
@@ -562,18 +660,51 @@ def sweep(pa: PerfAnalyzer, model: str, url: str, input_file: Path, settings: Pe
 def format_row(r: dict) -> str:
     if r.get("throughput") is None:
         return f"  {r['model']:<26} c={r['concurrency']:<3} {r.get('note') or 'no result'}"
-    return (f"  {r['model']:<26} c={r['concurrency']:<3} {r['throughput']:8.1f} infer/s  p50 {r['p50_ms']:7.2f} ms  "
-            f"p99 {r['p99_ms']:7.2f} ms  server queue {r['server_queue_ms'] or 0:.2f} ms compute "
-            f"{r['server_compute_ms'] or 0:.2f} ms" + ("" if r.get("stable") else "  (unsettled: fixed-count run)"))
+    return (
+        f"  {r['model']:<26} c={r['concurrency']:<3} {r['throughput']:8.1f} infer/s  p50 {r['p50_ms']:7.2f} ms  "
+        f"p99 {r['p99_ms']:7.2f} ms  server queue {r['server_queue_ms'] or 0:.2f} ms compute "
+        f"{r['server_compute_ms'] or 0:.2f} ms" + ("" if r.get("stable") else "  (unsettled: fixed-count run)")
+    )
 
 
 # --- output ------------------------------------------------------------------------------------------------
-PERF_FIELDS = ["model", "served_model", "concurrency", "batch", "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms",
-               "avg_ms", "server_queue_ms", "server_compute_ms", "server_avg_batch", "stable", "attempts",
-               "interval_ms", "stability_pct", "seconds", "note"]  # fmt: skip
-BREAKDOWN_FIELDS = ["model", "served_model", "concurrency", "component", "inference_count", "execution_count",
-                    "avg_batch", "avg_latency_ms", "queue_ms", "compute_input_ms", "compute_infer_ms",
-                    "compute_output_ms", "compute_ms", "overhead_ms"]  # fmt: skip
+PERF_FIELDS = [
+    "model",
+    "served_model",
+    "concurrency",
+    "batch",
+    "throughput",
+    "p50_ms",
+    "p90_ms",
+    "p95_ms",
+    "p99_ms",
+    "avg_ms",
+    "server_queue_ms",
+    "server_compute_ms",
+    "server_avg_batch",
+    "stable",
+    "attempts",
+    "interval_ms",
+    "stability_pct",
+    "seconds",
+    "note",
+]
+BREAKDOWN_FIELDS = [
+    "model",
+    "served_model",
+    "concurrency",
+    "component",
+    "inference_count",
+    "execution_count",
+    "avg_batch",
+    "avg_latency_ms",
+    "queue_ms",
+    "compute_input_ms",
+    "compute_infer_ms",
+    "compute_output_ms",
+    "compute_ms",
+    "overhead_ms",
+]
 
 
 def plot(rows: Sequence[dict], path: Path, title: str = "perf_analyzer: latency vs throughput") -> Path:
@@ -588,8 +719,9 @@ def plot(rows: Sequence[dict], path: Path, title: str = "perf_analyzer: latency 
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, model in enumerate(models):
-        sel = sorted((r for r in rows if r["model"] == model and r.get("throughput") is not None),
-                     key=lambda r: r["concurrency"])  # fmt: skip
+        sel = sorted(
+            (r for r in rows if r["model"] == model and r.get("throughput") is not None), key=lambda r: r["concurrency"]
+        )
         if not sel:
             continue
         color = colors[i % len(colors)]
@@ -598,8 +730,14 @@ def plot(rows: Sequence[dict], path: Path, title: str = "perf_analyzer: latency 
         ax.plot(thr, [r["p99_ms"] for r in sel], ":", color=color, alpha=0.7)
         for r in sel:
             mark = "" if r.get("stable") else "*"
-            ax.annotate(f"c{r['concurrency']}{mark}", (r["throughput"], r["p50_ms"]), textcoords="offset points",
-                        xytext=(3, 3), fontsize=7, color=color)  # fmt: skip
+            ax.annotate(
+                f"c{r['concurrency']}{mark}",
+                (r["throughput"], r["p50_ms"]),
+                textcoords="offset points",
+                xytext=(3, 3),
+                fontsize=7,
+                color=color,
+            )
     ax.set(xlabel="throughput (inferences / s)", ylabel="latency (ms); solid p50, dotted p99", title=title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
@@ -618,8 +756,15 @@ class SweepResult:
     errors: dict[str, str]
 
 
-def run_sweeps(pa: PerfAnalyzer, url: str, models: Sequence[str], input_files: dict[str, Path],
-               settings: PerfSettings, workdir: Path, log=print) -> SweepResult:  # fmt: skip
+def run_sweeps(
+    pa: PerfAnalyzer,
+    url: str,
+    models: Sequence[str],
+    input_files: dict[str, Path],
+    settings: PerfSettings,
+    workdir: Path,
+    log=print,
+) -> SweepResult:
     """Every model's sweep; a model whose runs fail is reported in `errors` and the others still run."""
     result = SweepResult([], [], {}, {})
     for model in models:
@@ -640,8 +785,16 @@ def write_outputs(result: SweepResult, out: Path, meta: dict) -> list[Path]:
     return [
         write_rows_csv(result.rows, out / "perf.csv", PERF_FIELDS),
         write_rows_csv(result.breakdown, out / "perf_breakdown.csv", BREAKDOWN_FIELDS),
-        write_json({**meta, "commands": result.commands, "errors": result.errors, "results": result.rows,
-                    "breakdown": result.breakdown}, out / "perf.json"),  # fmt: skip
+        write_json(
+            {
+                **meta,
+                "commands": result.commands,
+                "errors": result.errors,
+                "results": result.rows,
+                "breakdown": result.breakdown,
+            },
+            out / "perf.json",
+        ),
         plot(result.rows, out / "perf.png"),
     ]
 
@@ -653,11 +806,15 @@ def describe_inputs(files: dict[str, Path], samples: Sequence[Sample]) -> dict:
 
     return {
         "samples": [{"image": s.source, "text": s.text, "image_bytes": len(s.image)} for s in samples],
-        "files": {m: {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()[:16]} for m, p in files.items()},
-    }  # fmt: skip
+        "files": {
+            m: {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()[:16]} for m, p in files.items()
+        },
+    }
 
 
-def prepare_inputs(models: Sequence[str], samples: Sequence[Sample], repository: Path | None, folder: Path) -> dict[str, Path]:
+def prepare_inputs(
+    models: Sequence[str], samples: Sequence[Sample], repository: Path | None, folder: Path
+) -> dict[str, Path]:
     towers = TowerInputs(repository) if repository is not None and set(models) & set(TOWERS) else None
     return {m: write_input_data(folder / f"{m}.json", m, samples, towers) for m in models}
 
@@ -670,8 +827,12 @@ def _ints(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address host:port")
-    p.add_argument("--repository", type=Path, default=Path("model_repository"),
-                   help="the served repository (its preprocess.json/tokenizer build the towers' inputs)")
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="the served repository (its preprocess.json/tokenizer build the towers' inputs)",
+    )
     p.add_argument("--catalog", type=Path, default=Path("artifacts/catalog"), help="images and titles to send")
     p.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated; default: towers + ensembles")
     p.add_argument("--concurrency", type=_ints, help="e.g. 1,2,4,8 (default: 1,4 with --quick, else 1,2,4,8)")
@@ -688,9 +849,13 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> PerfSettings:
     base = QUICK if args.quick else FULL
     return dataclasses.replace(
-        base, concurrencies=args.concurrency or base.concurrencies, batch=args.batch, mode=args.mode,
-        interval_ms=args.interval_ms or base.interval_ms, request_count=args.request_count,
-    )  # fmt: skip
+        base,
+        concurrencies=args.concurrency or base.concurrencies,
+        batch=args.batch,
+        mode=args.mode,
+        interval_ms=args.interval_ms or base.interval_ms,
+        request_count=args.request_count,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -712,9 +877,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     inputs = prepare_inputs(models, samples, args.repository, args.out / "inputs")
     result = run_sweeps(pa, args.url, models, inputs, settings, args.out / "logs")
-    meta = {"date": now_utc(), "command": "python -m benchmarks.perf " + shlex.join(argv), "hardware": hardware(),
-            "versions": versions(), "settings": dataclasses.asdict(settings), "url": args.url,
-            "inputs": describe_inputs(inputs, samples)}  # fmt: skip
+    meta = {
+        "date": now_utc(),
+        "command": "python -m benchmarks.perf " + shlex.join(argv),
+        "hardware": hardware(),
+        "versions": versions(),
+        "settings": dataclasses.asdict(settings),
+        "url": args.url,
+        "inputs": describe_inputs(inputs, samples),
+    }
     write_outputs(result, args.out, meta)
     print(f"wrote {args.out}/perf.csv, perf_breakdown.csv, perf.json, perf.png")
     return 1 if result.errors else 0

@@ -24,8 +24,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -89,10 +89,19 @@ def make_infer_functions(checkpoint: Path, threads: int | None = None) -> dict:
         dims = spec.resolve_dims(ck.model_cfg, pre)
         return Tensor(name=spec.name, dtype=np.bytes_ if spec.dtype == "BYTES" else spec.numpy_dtype, shape=dims)
 
-    fns = {contract.EMBED_IMAGE: embed_image, contract.EMBED_TEXT: embed_text,
-           contract.EMBED_MULTIMODAL: embed_multimodal}  # fmt: skip
-    return {name: (fn, [tensor(s) for s in contract.MODELS[name].inputs],
-                   [tensor(s) for s in contract.MODELS[name].outputs]) for name, fn in fns.items()}  # fmt: skip
+    fns = {
+        contract.EMBED_IMAGE: embed_image,
+        contract.EMBED_TEXT: embed_text,
+        contract.EMBED_MULTIMODAL: embed_multimodal,
+    }
+    return {
+        name: (
+            fn,
+            [tensor(s) for s in contract.MODELS[name].inputs],
+            [tensor(s) for s in contract.MODELS[name].outputs],
+        )
+        for name, fn in fns.items()
+    }
 
 
 def serve(checkpoint: Path, grpc_port: int, http_port: int, metrics_port: int, threads: int | None = None) -> None:
@@ -101,16 +110,26 @@ def serve(checkpoint: Path, grpc_port: int, http_port: int, metrics_port: int, t
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     config = TritonConfig(
-        grpc_address=HOST, grpc_port=grpc_port, http_address=HOST, http_port=http_port,
-        metrics_address=HOST, metrics_port=metrics_port, allow_gpu_metrics=False,
-    )  # fmt: skip
+        grpc_address=HOST,
+        grpc_port=grpc_port,
+        http_address=HOST,
+        http_port=http_port,
+        metrics_address=HOST,
+        metrics_port=metrics_port,
+        allow_gpu_metrics=False,
+    )
     security = TritonSecurityConfig(restricted_endpoints=list(RESTRICTED_ENDPOINTS))
     functions = make_infer_functions(checkpoint, threads)
     with Triton(config=config, security_config=security) as triton:
         for name, (fn, inputs, outputs) in functions.items():
             # What a PyTriton user writes: the contract's batch limit, the default batcher (no queue delay).
-            triton.bind(model_name=name, infer_func=fn, inputs=inputs, outputs=outputs,
-                        config=ModelConfig(max_batch_size=contract.MAX_BATCH_SIZE, batcher=DynamicBatcher()))  # fmt: skip
+            triton.bind(
+                model_name=name,
+                infer_func=fn,
+                inputs=inputs,
+                outputs=outputs,
+                config=ModelConfig(max_batch_size=contract.MAX_BATCH_SIZE, batcher=DynamicBatcher()),
+            )
         print(f"{READY_LINE}: grpc {HOST}:{grpc_port} http {HOST}:{http_port}", flush=True)
         triton.serve()
 
@@ -134,12 +153,22 @@ class PyTritonProcess:
         return f"{HOST}:{self.grpc_port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "benchmarks.pytriton_baseline", "--checkpoint", str(self.checkpoint),
-               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-               "--metrics-port", str(self.metrics_port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.pytriton_baseline",
+            "--checkpoint",
+            str(self.checkpoint),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--http-port",
+            str(self.http_port),
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
         return cmd + (["--threads", str(self.threads)] if self.threads else [])
 
-    def start(self) -> "PyTritonProcess":
+    def start(self) -> PyTritonProcess:
         self.start_async()
         try:
             self.wait_ready()
@@ -148,31 +177,42 @@ class PyTritonProcess:
             raise
         return self
 
-    def start_async(self) -> "PyTritonProcess":
+    def start_async(self) -> PyTritonProcess:
         """Launch without waiting (overlaps its start-up with other work); call wait_ready() before use."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         root = Path(__file__).resolve().parents[1]
         env = stub_env(root)
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, cwd=root, env=env,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         return self
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         models = (contract.EMBED_IMAGE, contract.EMBED_TEXT, contract.EMBED_MULTIMODAL)
         urls = [f"http://{HOST}:{self.http_port}/v2/health/ready"] + [
-            f"http://{HOST}:{self.http_port}/v2/models/{m}/ready" for m in models]  # fmt: skip
+            f"http://{HOST}:{self.http_port}/v2/models/{m}/ready" for m in models
+        ]
         while True:
             code = self.process.poll()
             if code is not None:
-                raise RuntimeError(f"PyTriton baseline exited with code {code} while starting; log {self.log_path}:\n"
-                                   f"{self.log_tail()}")  # fmt: skip
+                raise RuntimeError(
+                    f"PyTriton baseline exited with code {code} while starting; log {self.log_path}:\n{self.log_tail()}"
+                )
             if all(_http_ok(u) for u in urls):
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"PyTriton baseline not ready after {self.startup_timeout:.0f} s; log "
-                                   f"{self.log_path}:\n{self.log_tail()}")  # fmt: skip
+                raise RuntimeError(
+                    f"PyTriton baseline not ready after {self.startup_timeout:.0f} s; log "
+                    f"{self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(0.25)
 
     def log_tail(self, lines: int = 20) -> str:
@@ -198,7 +238,7 @@ class PyTritonProcess:
             self._log = None
         self.process = None
 
-    def __enter__(self) -> "PyTritonProcess":
+    def __enter__(self) -> PyTritonProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -22,9 +22,9 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -70,8 +70,11 @@ def embedding_diff(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         raise ValueError(f"served and in-process embeddings differ in shape: {a.shape} vs {b.shape}")
     na = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     nb = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return {"rows": int(a.shape[0]), "min_cosine": float(np.min(np.sum(na * nb, axis=1))),
-            "max_abs_diff": float(np.max(np.abs(a - b)))}  # fmt: skip
+    return {
+        "rows": int(a.shape[0]),
+        "min_cosine": float(np.min(np.sum(na * nb, axis=1))),
+        "max_abs_diff": float(np.max(np.abs(a - b))),
+    }
 
 
 def served_quality(url: str, checkpoint: Path, catalog, split: str = "test") -> dict:
@@ -86,43 +89,59 @@ def served_quality(url: str, checkpoint: Path, catalog, split: str = "test") -> 
         served_rec = Embedder(Recorder(served.images), Recorder(served.texts))
         served_metrics = evaluate(served_rec, catalog, split)
     local_metrics = evaluate(local_rec, catalog, split)
-    diffs = {k: abs(served_metrics[k] - local_metrics[k]) for k in local_metrics
-             if isinstance(local_metrics[k], float) and k in served_metrics}  # fmt: skip
+    diffs = {
+        k: abs(served_metrics[k] - local_metrics[k])
+        for k in local_metrics
+        if isinstance(local_metrics[k], float) and k in served_metrics
+    }
     embeddings = {
         "images": embedding_diff(served_rec.images.all(), local_rec.images.all()),
         "texts": embedding_diff(served_rec.texts.all(), local_rec.texts.all()),
     }
     ok = max(diffs.values(), default=0.0) <= METRIC_TOLERANCE and all(
-        e["min_cosine"] >= MIN_COSINE for e in embeddings.values())  # fmt: skip
+        e["min_cosine"] >= MIN_COSINE for e in embeddings.values()
+    )
     meta = json.loads((Path(checkpoint) / "config.json").read_text()).get("meta", {})
     return {
-        "checkpoint": str(checkpoint), "checkpoint_hash": weights_hash(checkpoint), "checkpoint_meta": meta,
-        "split": split, "rows": {"in-process (torch)": local_metrics, "served (Triton, ONNX Runtime)": served_metrics},
-        "max_metric_diff": max(diffs.values(), default=0.0), "metric_diffs": diffs, "embeddings": embeddings,
-        "seconds": {"in-process": local_rec.images.seconds + local_rec.texts.seconds,
-                    "served": served_rec.images.seconds + served_rec.texts.seconds},
+        "checkpoint": str(checkpoint),
+        "checkpoint_hash": weights_hash(checkpoint),
+        "checkpoint_meta": meta,
+        "split": split,
+        "rows": {"in-process (torch)": local_metrics, "served (Triton, ONNX Runtime)": served_metrics},
+        "max_metric_diff": max(diffs.values(), default=0.0),
+        "metric_diffs": diffs,
+        "embeddings": embeddings,
+        "seconds": {
+            "in-process": local_rec.images.seconds + local_rec.texts.seconds,
+            "served": served_rec.images.seconds + served_rec.texts.seconds,
+        },
         "serving_loses_nothing": ok,
         "thresholds": {"min_cosine": MIN_COSINE, "metric_tolerance": METRIC_TOLERANCE},
-    }  # fmt: skip
+    }
 
 
 def served_markdown(report: dict) -> str:
     e = report["embeddings"]
     meta = report["checkpoint_meta"]
-    kind = "random-init (untrained: the metrics are chance level; the parity is the point)" if meta.get(
-        "random_init") else f"trained ({meta.get('objective', '?')}, step {meta.get('step', '?')})"  # fmt: skip
-    return "\n".join([
-        f"Checkpoint `{report['checkpoint']}` ({report['checkpoint_hash']}), {kind}; split `{report['split']}`.",
-        "",
-        markdown_table(report["rows"]),
-        "",
-        f"Largest metric difference served vs in-process: {report['max_metric_diff']:.2e} "
-        f"(tolerance {report['thresholds']['metric_tolerance']:g}). Embeddings, row for row: images "
-        f"{e['images']['rows']} rows min cosine {e['images']['min_cosine']:.7f} max |diff| "
-        f"{e['images']['max_abs_diff']:.2e}; texts {e['texts']['rows']} rows min cosine "
-        f"{e['texts']['min_cosine']:.7f} max |diff| {e['texts']['max_abs_diff']:.2e}. "
-        f"Serving loses nothing: **{'yes' if report['serving_loses_nothing'] else 'NO'}**.",
-    ])  # fmt: skip
+    kind = (
+        "random-init (untrained: the metrics are chance level; the parity is the point)"
+        if meta.get("random_init")
+        else f"trained ({meta.get('objective', '?')}, step {meta.get('step', '?')})"
+    )
+    return "\n".join(
+        [
+            f"Checkpoint `{report['checkpoint']}` ({report['checkpoint_hash']}), {kind}; split `{report['split']}`.",
+            "",
+            markdown_table(report["rows"]),
+            "",
+            f"Largest metric difference served vs in-process: {report['max_metric_diff']:.2e} "
+            f"(tolerance {report['thresholds']['metric_tolerance']:g}). Embeddings, row for row: images "
+            f"{e['images']['rows']} rows min cosine {e['images']['min_cosine']:.7f} max |diff| "
+            f"{e['images']['max_abs_diff']:.2e}; texts {e['texts']['rows']} rows min cosine "
+            f"{e['texts']['min_cosine']:.7f} max |diff| {e['texts']['max_abs_diff']:.2e}. "
+            f"Serving loses nothing: **{'yes' if report['serving_loses_nothing'] else 'NO'}**.",
+        ]
+    )
 
 
 def trained_table(base: Path = TRAINED_TABLE) -> str | None:
@@ -136,7 +155,9 @@ def trained_table(base: Path = TRAINED_TABLE) -> str | None:
 def write_outputs(report: dict, out: Path, command: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     md = out / "quality_served.md"
-    atomic_write_text(md, f"# Retrieval quality, served vs in-process\n\nCommand: `{command}`\n\n{served_markdown(report)}\n")
+    atomic_write_text(
+        md, f"# Retrieval quality, served vs in-process\n\nCommand: `{command}`\n\n{served_markdown(report)}\n"
+    )
     return [write_json(report, out / "quality_served.json"), md]
 
 

@@ -28,10 +28,11 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mim import contract
 
@@ -45,13 +46,23 @@ DEFAULT_CATALOG = Path("artifacts/catalog")
 DEFAULT_WORK = Path("artifacts/bench")
 # Quick catalog: 4 categories x 4 patterns x 4 colours = 64 products (12 test products, 24 test photos) drawn
 # in ~4 s; the default catalog (640 products) takes ~40 s.
-QUICK_CATALOG = {"categories": "mug,shirt,shoe,bag", "patterns": "solid,stripes,zebra,dots",
-                 "colours": "red,blue,green,black"}  # fmt: skip
+QUICK_CATALOG = {
+    "categories": "mug,shirt,shoe,bag",
+    "patterns": "solid,stripes,zebra,dots",
+    "colours": "red,blue,green,black",
+}
 # Repository files that belong to an export, not to the committed tree (tests/conftest.py skips the same).
 REPO_ARTIFACTS = ("*.onnx", "*.plan", "*.plan.json", "preprocess.json", "tokenizer.json", "__pycache__")
 # The tiny checkpoint made when none is given: a tokenizer trained on these few titles (as tests/conftest.py).
-TOY_TITLES = ["blue zebra-striped ceramic mug", "red polka-dot cotton shirt", "green plaid leather shoe",
-              "yellow striped canvas bag", "zebra mug", "in red", "with polka dots"]  # fmt: skip
+TOY_TITLES = [
+    "blue zebra-striped ceramic mug",
+    "red polka-dot cotton shirt",
+    "green plaid leather shoe",
+    "yellow striped canvas bag",
+    "zebra mug",
+    "in red",
+    "with polka dots",
+]
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,9 @@ QUICK = Mode("quick", perf.QUICK, perf.ENSEMBLES, 8, 0.3, ("--quick",), 1)
 # 10 minutes; `python -m benchmarks.knn_bench` runs the whole grid on its own.
 FULL_KNN = ("--sizes", "10000,100000", "--min-time", "0.4")
 # 1.2 s windows, at most 5: 5 models x 4 levels in the sweep plus 3 x 4 x 2 rounds x 2 servers in the comparison.
-FULL = Mode("full", dataclasses.replace(perf.FULL, interval_ms=1200, max_trials=5), perf.ENSEMBLES, 16, 1.0, FULL_KNN, 2)
+FULL = Mode(
+    "full", dataclasses.replace(perf.FULL, interval_ms=1200, max_trials=5), perf.ENSEMBLES, 16, 1.0, FULL_KNN, 2
+)
 
 
 @dataclass
@@ -138,8 +151,10 @@ def resolve_checkpoint(run: Run, path: Path) -> Path:
         ckpt = run.work / "random-tiny-checkpoint"
         if not (ckpt / "config.json").is_file():
             make_random_checkpoint(ckpt)
-        note = (f"no checkpoint at {path} (train one with `make train`): using a RANDOM-INIT tiny checkpoint; "
-                "speed and served-vs-in-process parity are meaningful, retrieval metrics are not")  # fmt: skip
+        note = (
+            f"no checkpoint at {path} (train one with `make train`): using a RANDOM-INIT tiny checkpoint; "
+            "speed and served-vs-in-process parity are meaningful, retrieval metrics are not"
+        )
     print(f"checkpoint: {ckpt} ({note})")
     meta = read_config(ckpt).get("meta", {})
     run.checkpoint = {"path": str(ckpt), "hash": weights_hash(ckpt), "note": note, "meta": meta}
@@ -175,8 +190,13 @@ def resolve_catalog(run: Run, path: Path):
         else:
             catalog, how = ensure_catalog(path, progress=False), "default catalog generated (as `make catalog`)"
     print(summary(catalog))
-    run.catalog = {"path": str(catalog.root), "how": how, "seed": catalog.seed,
-                   "test_products": len(catalog.products_in("test")), "test_queries": len(catalog.queries_in("test"))}  # fmt: skip
+    run.catalog = {
+        "path": str(catalog.root),
+        "how": how,
+        "seed": catalog.seed,
+        "test_products": len(catalog.products_in("test")),
+        "test_queries": len(catalog.queries_in("test")),
+    }
     return catalog
 
 
@@ -207,14 +227,30 @@ def start_servers(run: Run, stack: ExitStack, repo: Path, ckpt: Path, want_basel
 
 
 # --- report ------------------------------------------------------------------------------------------------
-PERF_COLUMNS = [("model", "model"), ("concurrency", "c"), ("throughput", "infer/s"), ("p50_ms", "p50 ms"),
-                ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"), ("server_queue_ms", "server queue ms"),
-                ("server_compute_ms", "server compute ms"), ("server_avg_batch", "avg batch"),
-                ("stable", "settled")]  # fmt: skip
-BREAKDOWN_COLUMNS = [("component", "model / step"), ("inference_count", "requests"), ("execution_count", "executions"),
-                     ("avg_batch", "avg batch"), ("avg_latency_ms", "latency ms"), ("queue_ms", "queue ms"),
-                     ("compute_input_ms", "input ms"), ("compute_infer_ms", "infer ms"),
-                     ("compute_output_ms", "output ms"), ("compute_ms", "compute ms")]  # fmt: skip
+PERF_COLUMNS = [
+    ("model", "model"),
+    ("concurrency", "c"),
+    ("throughput", "infer/s"),
+    ("p50_ms", "p50 ms"),
+    ("p90_ms", "p90 ms"),
+    ("p99_ms", "p99 ms"),
+    ("server_queue_ms", "server queue ms"),
+    ("server_compute_ms", "server compute ms"),
+    ("server_avg_batch", "avg batch"),
+    ("stable", "settled"),
+]
+BREAKDOWN_COLUMNS = [
+    ("component", "model / step"),
+    ("inference_count", "requests"),
+    ("execution_count", "executions"),
+    ("avg_batch", "avg batch"),
+    ("avg_latency_ms", "latency ms"),
+    ("queue_ms", "queue ms"),
+    ("compute_input_ms", "input ms"),
+    ("compute_infer_ms", "infer ms"),
+    ("compute_output_ms", "output ms"),
+    ("compute_ms", "compute ms"),
+]
 
 
 def results_markdown(run: Run) -> str:
@@ -241,18 +277,25 @@ def results_markdown(run: Run) -> str:
         lines += [f"- perf_analyzer, {m}: `{c}`" for m, c in run.sweep.commands.items()]
     if run.comparison is not None:
         lines += [f"- perf_analyzer, {m}: `{c}`" for m, c in run.comparison.commands.items() if m.endswith("@pytriton")]
-    lines += ["", f"Checkpoint: `{run.checkpoint.get('path')}` ({run.checkpoint.get('hash')}): "
-                  f"{run.checkpoint.get('note')}.", "",
-              f"Catalog: `{run.catalog.get('path')}` ({run.catalog.get('how')}), test split "
-              f"{run.catalog.get('test_products')} products / {run.catalog.get('test_queries')} query photos.", ""]  # fmt: skip
+    lines += [
+        "",
+        f"Checkpoint: `{run.checkpoint.get('path')}` ({run.checkpoint.get('hash')}): {run.checkpoint.get('note')}.",
+        "",
+        f"Catalog: `{run.catalog.get('path')}` ({run.catalog.get('how')}), test split "
+        f"{run.catalog.get('test_products')} products / {run.catalog.get('test_queries')} query photos.",
+        "",
+    ]
     lines += _perf_section(run) + _comparison_section(run) + _quality_section(run) + _knn_section(run)
     lines += ["## GPU", ""]
     if "gpu" in run.skipped:
         lines += [f"Skipped: {run.skipped['gpu']}.", ""]
     elif run.gpu_reason:
-        lines += [f"Skipped: {run.gpu_reason}. The code path (`benchmarks/gpu.py`: the `gpu_onnx` config with "
-                  "FORCE_CPU_ONLY_INPUT_TENSORS=no, then the same perf_analyzer sweep) runs where a GPU is lent; "
-                  "GPU.md lists what to measure there.", ""]  # fmt: skip
+        lines += [
+            f"Skipped: {run.gpu_reason}. The code path (`benchmarks/gpu.py`: the `gpu_onnx` config with "
+            "FORCE_CPU_ONLY_INPUT_TENSORS=no, then the same perf_analyzer sweep) runs where a GPU is lent; "
+            "GPU.md lists what to measure there.",
+            "",
+        ]
     else:
         lines += ["See `gpu/perf.csv` and `gpu/perf.png`.", ""]
     lines += ["## Run", "", "| step | seconds |", "|---|---:|"]
@@ -272,21 +315,33 @@ def _perf_section(run: Run) -> list[str]:
     if run.sweep is None:
         return []
     s = run.mode.perf
-    window = (f"time windows of {s.interval_ms} ms" if s.mode == "time_windows"
-              else f"count windows of >= {s.request_count} requests")  # fmt: skip
-    lines = ["## perf_analyzer: latency vs throughput", "",
-             f"gRPC, batch {s.batch}, concurrency {', '.join(map(str, s.concurrencies))}, {window}, settled when "
-             f"the last 3 agree within {s.stability_pct:g}% (at most {s.max_trials} windows; otherwise one "
-             "fixed-count measurement, `settled = no`). Inputs: real catalog images (PNG and JPEG) and titles "
-             "(`--input-data`, BYTES as base64); the towers get the same images and titles preprocessed as the "
-             "server does. Files: `perf.csv`, `perf_breakdown.csv`, `perf.json`, `perf.png`.", "",
-             markdown_table(run.sweep.rows, PERF_COLUMNS), ""]  # fmt: skip
+    window = (
+        f"time windows of {s.interval_ms} ms"
+        if s.mode == "time_windows"
+        else f"count windows of >= {s.request_count} requests"
+    )
+    lines = [
+        "## perf_analyzer: latency vs throughput",
+        "",
+        f"gRPC, batch {s.batch}, concurrency {', '.join(map(str, s.concurrencies))}, {window}, settled when "
+        f"the last 3 agree within {s.stability_pct:g}% (at most {s.max_trials} windows; otherwise one "
+        "fixed-count measurement, `settled = no`). Inputs: real catalog images (PNG and JPEG) and titles "
+        "(`--input-data`, BYTES as base64); the towers get the same images and titles preprocessed as the "
+        "server does. Files: `perf.csv`, `perf_breakdown.csv`, `perf.json`, `perf.png`.",
+        "",
+        markdown_table(run.sweep.rows, PERF_COLUMNS),
+        "",
+    ]
     sample = _breakdown_sample(run.sweep.breakdown)
     if sample:
         model, c = sample[0]["model"], sample[0]["concurrency"]
-        lines += [f"Per-model breakdown (server side, per request) of `{model}` at concurrency {c}; "
-                  "`avg batch` = requests / executions shows the dynamic batcher at work:", "",
-                  markdown_table(sample, BREAKDOWN_COLUMNS), ""]  # fmt: skip
+        lines += [
+            f"Per-model breakdown (server side, per request) of `{model}` at concurrency {c}; "
+            "`avg batch` = requests / executions shows the dynamic batcher at work:",
+            "",
+            markdown_table(sample, BREAKDOWN_COLUMNS),
+            "",
+        ]
     return lines
 
 
@@ -302,17 +357,27 @@ def _comparison_section(run: Run) -> list[str]:
     cmp = run.comparison
     if cmp is None:
         return []
-    lines = ["## Ours vs PyTriton vs in-process (side by side, one run)", "",
-             "ours = our ensembles (python-backend preprocessing + ONNX Runtime towers, `cpu` config); PyTriton = "
-             "the same checkpoint served as a PyTriton user would (Python preprocessing + torch eager forward, "
-             "`@batch`, same bundled server binary, same perf_analyzer settings and input files); in-process = "
-             "the same preprocessing + ONNX Runtime sessions called directly (batch 1: latency floor; batch = c: "
-             "throughput ceiling). For each model and concurrency the three ran back to back. Ratios are ours "
-             "over the other: throughput > 1 and latency < 1 favour ours.", ""]  # fmt: skip
+    lines = [
+        "## Ours vs PyTriton vs in-process (side by side, one run)",
+        "",
+        "ours = our ensembles (python-backend preprocessing + ONNX Runtime towers, `cpu` config); PyTriton = "
+        "the same checkpoint served as a PyTriton user would (Python preprocessing + torch eager forward, "
+        "`@batch`, same bundled server binary, same perf_analyzer settings and input files); in-process = "
+        "the same preprocessing + ONNX Runtime sessions called directly (batch 1: latency floor; batch = c: "
+        "throughput ceiling). For each model and concurrency the three ran back to back. Ratios are ours "
+        "over the other: throughput > 1 and latency < 1 favour ours.",
+        "",
+    ]
     if cmp.parity:
-        lines += ["Same computation first (min cosine over 8 requests): " + "; ".join(
-            f"{m}: " + ", ".join(f"{k.replace('_', ' ')} {v:.6f}" for k, v in checks.items())
-            for m, checks in cmp.parity.items()) + ".", ""]  # fmt: skip
+        lines += [
+            "Same computation first (min cosine over 8 requests): "
+            + "; ".join(
+                f"{m}: " + ", ".join(f"{k.replace('_', ' ')} {v:.6f}" for k, v in checks.items())
+                for m, checks in cmp.parity.items()
+            )
+            + ".",
+            "",
+        ]
     lines += [serving_compare.table(cmp.rows), "", "Files: `comparison.csv`, `comparison.json`, `comparison.png`.", ""]
     return lines
 
@@ -321,14 +386,27 @@ def _quality_section(run: Run) -> list[str]:
     lines = ["## Retrieval quality", ""]
     trained = quality.trained_table()
     if trained:
-        lines += [f"DML vs 3-tower vs 4-tower, trained by `{quality.TRAINED_COMMAND}` (see `quality.md` for its "
-                  "setup; not retrained by this benchmark):", "", trained, ""]  # fmt: skip
+        lines += [
+            f"DML vs 3-tower vs 4-tower, trained by `{quality.TRAINED_COMMAND}` (see `quality.md` for its "
+            "setup; not retrained by this benchmark):",
+            "",
+            trained,
+            "",
+        ]
     else:
-        lines += [f"The DML / 3-tower / 4-tower table is not there yet: `make quality` (`{quality.TRAINED_COMMAND}`)"
-                  " writes benchmarks/results/quality.{md,json}; this benchmark never retrains.", ""]  # fmt: skip
+        lines += [
+            f"The DML / 3-tower / 4-tower table is not there yet: `make quality` (`{quality.TRAINED_COMMAND}`)"
+            " writes benchmarks/results/quality.{md,json}; this benchmark never retrains.",
+            "",
+        ]
     if run.quality is not None:
-        lines += ["Served (Triton, ONNX Runtime, through client/triton_client.EmbeddingClient) vs in-process "
-                  "(torch), same catalog split (`quality_served.md`):", "", quality.served_markdown(run.quality), ""]  # fmt: skip
+        lines += [
+            "Served (Triton, ONNX Runtime, through client/triton_client.EmbeddingClient) vs in-process "
+            "(torch), same catalog split (`quality_served.md`):",
+            "",
+            quality.served_markdown(run.quality),
+            "",
+        ]
     return lines
 
 
@@ -343,16 +421,33 @@ def _knn_section(run: Run) -> list[str]:
             rows = list(csv.DictReader(f))
     except OSError:
         pass
-    lines = ["## Exact kNN vs faiss", "",
-             f"`python -m benchmarks.knn_bench {' '.join(run.mode.knn_args + ('--out', _rel(run.out)))}` "
-             f"(exit {run.knn_rc}); `knn.csv`, `knn.json`, `knn.png`. Largest gallery, ratio = ours / faiss "
-             "queries per second:", ""]  # fmt: skip
+    lines = [
+        "## Exact kNN vs faiss",
+        "",
+        f"`python -m benchmarks.knn_bench {' '.join(run.mode.knn_args + ('--out', _rel(run.out)))}` "
+        f"(exit {run.knn_rc}); `knn.csv`, `knn.json`, `knn.png`. Largest gallery, ratio = ours / faiss "
+        "queries per second:",
+        "",
+    ]
     if rows:
         n = max(int(r["n"]) for r in rows)
         sel = [{k: _number(v) for k, v in r.items()} for r in rows if int(r["n"]) == n]
-        lines += [markdown_table(sel, [("n", "N"), ("d", "d"), ("batch", "batch"), ("k", "k"), ("ours_qps", "ours q/s"),
-                                       ("faiss_qps", "faiss q/s"), ("ratio_ours_over_faiss", "ours/faiss"),
-                                       ("ids_match", "same ids")]), ""]  # fmt: skip
+        lines += [
+            markdown_table(
+                sel,
+                [
+                    ("n", "N"),
+                    ("d", "d"),
+                    ("batch", "batch"),
+                    ("k", "k"),
+                    ("ours_qps", "ours q/s"),
+                    ("faiss_qps", "faiss q/s"),
+                    ("ratio_ours_over_faiss", "ours/faiss"),
+                    ("ids_match", "same ids"),
+                ],
+            ),
+            "",
+        ]
     return lines
 
 
@@ -388,8 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results[/quick])")
     p.add_argument("--concurrency", type=perf._ints, help="override the sweep, e.g. 1,2,4,8")
     p.add_argument("--skip", default="", help="comma-separated steps to leave out: perf,compare,quality,knn,gpu")
-    p.add_argument("--gpu-force-cpu-inputs", choices=("yes", "no"), default="no",
-                   help="FORCE_CPU_ONLY_INPUT_TENSORS for the GPU run")  # fmt: skip
+    p.add_argument(
+        "--gpu-force-cpu-inputs",
+        choices=("yes", "no"),
+        default="no",
+        help="FORCE_CPU_ONLY_INPUT_TENSORS for the GPU run",
+    )
     return p
 
 
@@ -430,8 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.stages["total"] = round(time.monotonic() - t0, 1)
     write_json(_run_json(run), out / "run.json")
     (out / "RESULTS.md").write_text(results_markdown(run))
-    print(f"\nwrote {out}/RESULTS.md in {run.stages['total']:.0f} s" + (f"; FAILED steps: {sorted(run.errors)}"
-                                                                       if run.errors else ""))  # fmt: skip
+    print(
+        f"\nwrote {out}/RESULTS.md in {run.stages['total']:.0f} s"
+        + (f"; FAILED steps: {sorted(run.errors)}" if run.errors else "")
+    )
     return 1 if run.errors else 0
 
 
@@ -446,14 +547,23 @@ def _served_steps(run: Run, pa, repo: Path, ckpt: Path, catalog, skip: set[str],
         if servers is None:
             return
         server, baseline = servers
-        meta = {"date": now_utc(), "mode": mode.name, "settings": dataclasses.asdict(mode.perf),
-                "hardware": hardware(), "versions": versions(), "checkpoint": run.checkpoint, "catalog": run.catalog,
-                "inputs": perf.describe_inputs(inputs or {}, samples)}  # fmt: skip
+        meta = {
+            "date": now_utc(),
+            "mode": mode.name,
+            "settings": dataclasses.asdict(mode.perf),
+            "hardware": hardware(),
+            "versions": versions(),
+            "checkpoint": run.checkpoint,
+            "catalog": run.catalog,
+            "inputs": perf.describe_inputs(inputs or {}, samples),
+        }
         if "perf" in skip or pa is None or inputs is None:
             run.skipped["perf"] = "--skip perf" if "perf" in skip else "perf_analyzer unavailable"
         else:
-            run.sweep = run.stage("perf", lambda: perf.run_sweeps(pa, server.grpc_url, models, inputs, mode.perf,
-                                                                  run.work / "logs" / "perf"))  # fmt: skip
+            run.sweep = run.stage(
+                "perf",
+                lambda: perf.run_sweeps(pa, server.grpc_url, models, inputs, mode.perf, run.work / "logs" / "perf"),
+            )
             if run.sweep is not None:
                 perf.write_outputs(run.sweep, out, meta)
                 run.errors.update({f"perf {m}": e for m, e in run.sweep.errors.items()})
@@ -470,7 +580,9 @@ def _served_steps(run: Run, pa, repo: Path, ckpt: Path, catalog, skip: set[str],
             run.quality = run.stage("quality", lambda: quality.served_quality(server.grpc_url, ckpt, catalog))
             if run.quality is not None:
                 run.quality["date"] = now_utc()
-                cmd = f"python -m benchmarks.quality --url {server.grpc_url} --checkpoint {ckpt} --catalog {catalog.root}"
+                cmd = (
+                    f"python -m benchmarks.quality --url {server.grpc_url} --checkpoint {ckpt} --catalog {catalog.root}"
+                )
                 quality.write_outputs(run.quality, out, cmd)
                 if not run.quality["serving_loses_nothing"]:
                     run.errors["quality"] = "served and in-process results differ (see quality_served.md)"
@@ -480,10 +592,18 @@ def _compare(run: Run, pa, server, baseline, repo: Path, inputs: dict, samples) 
     inproc = serving_compare.InProcess(repo)
     models = list(run.mode.compare_models)
     return serving_compare.compare(
-        pa, server.grpc_url, baseline.grpc_url if baseline else None, inproc, models,
-        {m: inputs[m] for m in models}, samples, run.mode.perf, run.work / "logs" / "compare",
-        rounds=run.mode.compare_rounds, inproc_min_time=run.mode.inproc_min_time,
-    )  # fmt: skip
+        pa,
+        server.grpc_url,
+        baseline.grpc_url if baseline else None,
+        inproc,
+        models,
+        {m: inputs[m] for m in models},
+        samples,
+        run.mode.perf,
+        run.work / "logs" / "compare",
+        rounds=run.mode.compare_rounds,
+        inproc_min_time=run.mode.inproc_min_time,
+    )
 
 
 def _gpu_step(run: Run, pa, repo: Path | None, catalog, skip: set[str], args) -> None:
@@ -513,12 +633,22 @@ def _gpu_step(run: Run, pa, repo: Path | None, catalog, skip: set[str], args) ->
 
 def _run_json(run: Run) -> dict:
     return {
-        "mode": run.mode.name, "command": _command(run.argv), "started": run.started,
-        "finished": now_utc(), "hardware_before": run.hardware_before, "hardware_after": hardware(),
-        "versions": versions(), "perf_analyzer": run.perf_analyzer, "checkpoint": run.checkpoint,
-        "catalog": run.catalog, "stages_s": run.stages, "errors": run.errors, "skipped": run.skipped,
-        "gpu_skipped_reason": run.gpu_reason, "commands": run.commands,
-    }  # fmt: skip
+        "mode": run.mode.name,
+        "command": _command(run.argv),
+        "started": run.started,
+        "finished": now_utc(),
+        "hardware_before": run.hardware_before,
+        "hardware_after": hardware(),
+        "versions": versions(),
+        "perf_analyzer": run.perf_analyzer,
+        "checkpoint": run.checkpoint,
+        "catalog": run.catalog,
+        "stages_s": run.stages,
+        "errors": run.errors,
+        "skipped": run.skipped,
+        "gpu_skipped_reason": run.gpu_reason,
+        "commands": run.commands,
+    }
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 import shlex
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -49,11 +49,18 @@ class InProcess:
         self.images = ImagePreprocessor(image_cfg)
         self.texts = TextPreprocessor.from_dir(repository / c.PREPROCESS_TEXT / "1")
         s, t = image_cfg.image_size, self.texts.cfg.context_length
-        self.image_encoder = OnnxEncoder(repository / c.IMAGE_ENCODER / "1" / ONNX_FP32, c.MODELS[c.IMAGE_ENCODER],
-                                         {c.PIXEL_VALUES.name: (3, s, s)}, intra_op_threads=threads)  # fmt: skip
-        self.text_encoder = OnnxEncoder(repository / c.TEXT_ENCODER / "1" / ONNX_FP32, c.MODELS[c.TEXT_ENCODER],
-                                        {c.INPUT_IDS.name: (t,), c.ATTENTION_MASK.name: (t,)},
-                                        intra_op_threads=threads)  # fmt: skip
+        self.image_encoder = OnnxEncoder(
+            repository / c.IMAGE_ENCODER / "1" / ONNX_FP32,
+            c.MODELS[c.IMAGE_ENCODER],
+            {c.PIXEL_VALUES.name: (3, s, s)},
+            intra_op_threads=threads,
+        )
+        self.text_encoder = OnnxEncoder(
+            repository / c.TEXT_ENCODER / "1" / ONNX_FP32,
+            c.MODELS[c.TEXT_ENCODER],
+            {c.INPUT_IDS.name: (t,), c.ATTENTION_MASK.name: (t,)},
+            intra_op_threads=threads,
+        )
 
     def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
         pixels, errors = self.images.decode_batch(list(images))  # (N, 3, S, S)
@@ -100,8 +107,9 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min(np.sum(a * b, axis=1)))
 
 
-def parity(ours_url: str, baseline_url: str | None, inproc: InProcess, models: Sequence[str],
-           samples: Sequence[perf.Sample]) -> dict[str, dict[str, float]]:  # fmt: skip
+def parity(
+    ours_url: str, baseline_url: str | None, inproc: InProcess, models: Sequence[str], samples: Sequence[perf.Sample]
+) -> dict[str, dict[str, float]]:
     """Per model: min cosine of ours vs in-process and ours vs the PyTriton baseline on the same samples."""
     out = {}
     for model in models:
@@ -122,8 +130,14 @@ class Comparison:
     errors: dict[str, str]
 
 
-def inprocess_timing(inproc: InProcess, model: str, samples: Sequence[perf.Sample], batches: Sequence[int],
-                     min_time: float, min_reps: int) -> dict[int, float]:  # fmt: skip
+def inprocess_timing(
+    inproc: InProcess,
+    model: str,
+    samples: Sequence[perf.Sample],
+    batches: Sequence[int],
+    min_time: float,
+    min_reps: int,
+) -> dict[int, float]:
     """Median seconds per call at each batch size (knn_bench's alternating timer, one warm-up each)."""
     fns: dict[str, Callable[[], object]] = {}
     for b in dict.fromkeys(batches):
@@ -133,10 +147,21 @@ def inprocess_timing(inproc: InProcess, model: str, samples: Sequence[perf.Sampl
     return {int(k): v for k, v in secs.items()}
 
 
-def compare(pa: perf.PerfAnalyzer, ours_url: str, baseline_url: str | None, inproc: InProcess,
-            models: Sequence[str], input_files: dict[str, Path], samples: Sequence[perf.Sample],
-            settings: perf.PerfSettings, workdir: Path, *, rounds: int = 1, inproc_min_time: float = 0.5,
-            log=print) -> Comparison:  # fmt: skip
+def compare(
+    pa: perf.PerfAnalyzer,
+    ours_url: str,
+    baseline_url: str | None,
+    inproc: InProcess,
+    models: Sequence[str],
+    input_files: dict[str, Path],
+    samples: Sequence[perf.Sample],
+    settings: perf.PerfSettings,
+    workdir: Path,
+    *,
+    rounds: int = 1,
+    inproc_min_time: float = 0.5,
+    log=print,
+) -> Comparison:
     """`rounds` > 1 repeats each (model, concurrency) pair in ABBA order (ours, pytriton, pytriton, ours, ...)
     so a load drift on the machine hits both sides alike; the table gives the mean and each round's ratio."""
     result = Comparison([], [], {}, {}, {})
@@ -150,39 +175,76 @@ def compare(pa: perf.PerfAnalyzer, ours_url: str, baseline_url: str | None, inpr
             log(f"  {model}: {result.errors[model]}")
             continue
         try:
-            _compare_model(pa, {"ours": ours_url, "pytriton": baseline_url}, inproc, model, input_files[model],
-                           samples, settings, workdir, rounds, inproc_min_time, result, log)  # fmt: skip
+            _compare_model(
+                pa,
+                {"ours": ours_url, "pytriton": baseline_url},
+                inproc,
+                model,
+                input_files[model],
+                samples,
+                settings,
+                workdir,
+                rounds,
+                inproc_min_time,
+                result,
+                log,
+            )
         except perf.PerfAnalyzerError as e:
             result.errors[model] = str(e)
             log(f"  {model}: {e}")
     return result
 
 
-def _compare_model(pa, urls: dict[str, str | None], inproc, model, input_file, samples, settings, workdir, rounds,
-                   inproc_min_time, result: Comparison, log) -> None:  # fmt: skip
+def _compare_model(
+    pa,
+    urls: dict[str, str | None],
+    inproc,
+    model,
+    input_file,
+    samples,
+    settings,
+    workdir,
+    rounds,
+    inproc_min_time,
+    result: Comparison,
+    log,
+) -> None:
     sides = [side for side, url in urls.items() if url]
     for side in sides:
         perf.warm_up(pa, model, urls[side], input_file)
     for c in settings.concurrencies:
         measured: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(rounds):
-            for side in (sides if r % 2 == 0 else sides[::-1]):
-                level = perf.measure(pa, model, urls[side], input_file, c, settings, workdir,
-                                     label=f"{model}@{side}" + (f"#{r + 1}" if rounds > 1 else ""))  # fmt: skip
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                level = perf.measure(
+                    pa,
+                    model,
+                    urls[side],
+                    input_file,
+                    c,
+                    settings,
+                    workdir,
+                    label=f"{model}@{side}" + (f"#{r + 1}" if rounds > 1 else ""),
+                )
                 log(perf.format_row(level.row))
                 result.levels.append(level.row)
                 result.commands.setdefault(f"{model}@{side}", shlex.join(level.command))
                 measured[side].append(level.row)
         b = c * settings.batch
         secs = inprocess_timing(inproc, model, samples, (1, b), inproc_min_time, 5)
-        row = comparison_row(model, c, combine(measured["ours"]), combine(measured.get("pytriton", [])),
-                             secs[1], secs[b], b)  # fmt: skip
-        per_round = [ratio(o.get("throughput"), p.get("throughput"))
-                     for o, p in zip(measured["ours"], measured.get("pytriton", []))]  # fmt: skip
+        row = comparison_row(
+            model, c, combine(measured["ours"]), combine(measured.get("pytriton", [])), secs[1], secs[b], b
+        )
+        per_round = [
+            ratio(o.get("throughput"), p.get("throughput"))
+            for o, p in zip(measured["ours"], measured.get("pytriton", []))
+        ]
         row["rounds"] = rounds
         row["throughput_ratio_per_round"] = "/".join(f"{x:.2f}" for x in per_round if x is not None) or None
-        log(f"  {model:<26} c={c:<3} in-process batch 1 {row['inproc_b1_ms']:.2f} ms, batch {b} "
-            f"{row['inproc_batch_throughput']:.0f} infer/s")  # fmt: skip
+        log(
+            f"  {model:<26} c={c:<3} in-process batch 1 {row['inproc_b1_ms']:.2f} ms, batch {b} "
+            f"{row['inproc_batch_throughput']:.0f} infer/s"
+        )
         result.rows.append(row)
 
 
@@ -197,36 +259,49 @@ def combine(rows: Sequence[dict]) -> dict:
     return out
 
 
-def comparison_row(model: str, concurrency: int, ours: dict, base: dict, inproc_b1_s: float, inproc_batch_s: float,
-                   batch: int) -> dict:  # fmt: skip
+def comparison_row(
+    model: str, concurrency: int, ours: dict, base: dict, inproc_b1_s: float, inproc_batch_s: float, batch: int
+) -> dict:
     """One table row; every ratio is ours over the other (throughput: > 1 means ours serves more; latency:
     < 1 means ours answers faster)."""
     inproc_b1_ms = inproc_b1_s * 1000.0
     inproc_thr = batch / inproc_batch_s
     return {
-        "model": model, "concurrency": concurrency,
-        "ours_throughput": ours.get("throughput"), "pytriton_throughput": base.get("throughput"),
-        "inproc_batch": batch, "inproc_batch_throughput": inproc_thr,
-        "ours_p50_ms": ours.get("p50_ms"), "pytriton_p50_ms": base.get("p50_ms"), "inproc_b1_ms": inproc_b1_ms,
-        "ours_p99_ms": ours.get("p99_ms"), "pytriton_p99_ms": base.get("p99_ms"),
+        "model": model,
+        "concurrency": concurrency,
+        "ours_throughput": ours.get("throughput"),
+        "pytriton_throughput": base.get("throughput"),
+        "inproc_batch": batch,
+        "inproc_batch_throughput": inproc_thr,
+        "ours_p50_ms": ours.get("p50_ms"),
+        "pytriton_p50_ms": base.get("p50_ms"),
+        "inproc_b1_ms": inproc_b1_ms,
+        "ours_p99_ms": ours.get("p99_ms"),
+        "pytriton_p99_ms": base.get("p99_ms"),
         "throughput_ours_over_pytriton": ratio(ours.get("throughput"), base.get("throughput")),
         "p50_ours_over_pytriton": ratio(ours.get("p50_ms"), base.get("p50_ms")),
         "p50_ours_over_inprocess": ratio(ours.get("p50_ms"), inproc_b1_ms),
         "throughput_ours_over_inprocess_ceiling": ratio(ours.get("throughput"), inproc_thr),
-        "ours_settled": ours.get("stable"), "pytriton_settled": base.get("stable"),
-    }  # fmt: skip
+        "ours_settled": ours.get("stable"),
+        "pytriton_settled": base.get("stable"),
+    }
 
 
 TABLE_COLUMNS = [
-    ("model", "model"), ("concurrency", "c"),
-    ("ours_throughput", "ours infer/s"), ("pytriton_throughput", "PyTriton infer/s"),
-    ("throughput_ours_over_pytriton", "thr ours/PyTriton"), ("throughput_ratio_per_round", "per round"),
-    ("ours_p50_ms", "ours p50 ms"), ("pytriton_p50_ms", "PyTriton p50 ms"),
+    ("model", "model"),
+    ("concurrency", "c"),
+    ("ours_throughput", "ours infer/s"),
+    ("pytriton_throughput", "PyTriton infer/s"),
+    ("throughput_ours_over_pytriton", "thr ours/PyTriton"),
+    ("throughput_ratio_per_round", "per round"),
+    ("ours_p50_ms", "ours p50 ms"),
+    ("pytriton_p50_ms", "PyTriton p50 ms"),
     ("p50_ours_over_pytriton", "p50 ours/PyTriton"),
-    ("inproc_b1_ms", "in-proc b1 ms"), ("p50_ours_over_inprocess", "p50 ours/in-proc"),
+    ("inproc_b1_ms", "in-proc b1 ms"),
+    ("p50_ours_over_inprocess", "p50 ours/in-proc"),
     ("inproc_batch_throughput", "in-proc batch=c infer/s"),
     ("throughput_ours_over_inprocess_ceiling", "thr ours/in-proc ceiling"),
-]  # fmt: skip
+]
 
 
 def table(rows: Sequence[dict]) -> str:
@@ -244,10 +319,16 @@ def plot(rows: Sequence[dict], path: Path) -> Path:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(2, max(1, len(models)), figsize=(4.5 * max(1, len(models)), 7), squeeze=False)
-    series = [("ours_throughput", "ours (ensemble, ORT)", "o-"), ("pytriton_throughput", "PyTriton (torch eager)", "s--"),
-              ("inproc_batch_throughput", "in-process ORT, batch=c", "^:")]  # fmt: skip
-    lat = [("ours_p50_ms", "ours p50", "o-"), ("pytriton_p50_ms", "PyTriton p50", "s--"),
-           ("inproc_b1_ms", "in-process batch 1", "^:")]  # fmt: skip
+    series = [
+        ("ours_throughput", "ours (ensemble, ORT)", "o-"),
+        ("pytriton_throughput", "PyTriton (torch eager)", "s--"),
+        ("inproc_batch_throughput", "in-process ORT, batch=c", "^:"),
+    ]
+    lat = [
+        ("ours_p50_ms", "ours p50", "o-"),
+        ("pytriton_p50_ms", "PyTriton p50", "s--"),
+        ("inproc_b1_ms", "in-process batch 1", "^:"),
+    ]
     for j, model in enumerate(models):
         sel = sorted((r for r in rows if r["model"] == model), key=lambda r: r["concurrency"])
         cs = [r["concurrency"] for r in sel]
@@ -269,14 +350,29 @@ def plot(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-FIELDS = [k for k, _ in TABLE_COLUMNS] + ["rounds", "inproc_batch", "ours_p99_ms", "pytriton_p99_ms", "ours_settled",
-                                         "pytriton_settled"]  # fmt: skip
+FIELDS = [k for k, _ in TABLE_COLUMNS] + [
+    "rounds",
+    "inproc_batch",
+    "ours_p99_ms",
+    "pytriton_p99_ms",
+    "ours_settled",
+    "pytriton_settled",
+]
 
 
 def write_outputs(result: Comparison, out: Path, meta: dict) -> list[Path]:
     return [
         write_rows_csv(result.rows, out / "comparison.csv", FIELDS),
-        write_json({**meta, "parity": result.parity, "commands": result.commands, "errors": result.errors,
-                    "results": result.rows, "perf_rows": result.levels}, out / "comparison.json"),  # fmt: skip
+        write_json(
+            {
+                **meta,
+                "parity": result.parity,
+                "commands": result.commands,
+                "errors": result.errors,
+                "results": result.rows,
+                "perf_rows": result.levels,
+            },
+            out / "comparison.json",
+        ),
         plot(result.rows, out / "comparison.png"),
     ]

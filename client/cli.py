@@ -1,10 +1,12 @@
 """Index a gallery through the served model, and search it.
 
     python -m client.cli index  --url 127.0.0.1:8001 --catalog artifacts/catalog --split test --out gallery.safetensors
-    python -m client.cli index  --url ... --images photos/ --manifest photos/items.csv --out gallery.safetensors --model-id v1
+    python -m client.cli index  --url ... --images photos/ --manifest photos/items.csv --out gallery.safetensors \\
+        --model-id v1
     python -m client.cli search --url ... --index gallery.safetensors --image photo.jpg -k 10
     python -m client.cli search --url ... --index gallery.safetensors --text "zebra mug" --json
-    python -m client.cli search --url ... --index gallery.safetensors --image photo.jpg --text "in blue" --mode refine --html out.html
+    python -m client.cli search --url ... --index gallery.safetensors --image photo.jpg --text "in blue" \\
+        --mode refine --html out.html
 
 `index` embeds every gallery image with the `embed_image` ensemble and saves a KnnIndex (safetensors) holding
 the ids, the embeddings, each item's title/category/image path, and the identity of the embedding model. It is
@@ -23,8 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mim import contract
 from mim.checkpoint import weights_hash
@@ -36,6 +38,7 @@ from .html import QueryBlock, render_page, write_page
 from .indexing import DEFAULT_SAVE_EVERY, build_index, catalog_items, manifest_items
 from .search import MODES, SearchResult, SearchService
 from .triton_client import DEFAULT_URL, ClientError, EmbeddingClient
+
 
 class UsageError(ValueError):
     """Flags that do not make a command; reported as `error: ...` with exit code 2."""
@@ -104,17 +107,34 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise UsageError("index: give exactly one gallery: --catalog DIR, or --images DIR --manifest FILE")
     if args.images and not args.manifest:
         raise UsageError("index: --images needs --manifest FILE (CSV or JSONL with id, image[, title, category])")
-    items = catalog_items(load_catalog(args.catalog), args.split) if args.catalog else manifest_items(args.images, args.manifest)
+    items = (
+        catalog_items(load_catalog(args.catalog), args.split)
+        if args.catalog
+        else manifest_items(args.images, args.manifest)
+    )
     with EmbeddingClient(args.url, timeout_s=args.timeout, retries=args.retries, max_batch=args.batch_size) as client:
         client.wait_ready(args.wait)
         model_id, source = resolve_model_id(args, client)
         if model_id is None:
-            raise UsageError("index: the embedding model's identity is unknown: pass --model-id ID, or --repository "
-                             "REPO / --checkpoint CKPT that the server was built from")
-        print(f"indexing {len(items)} images from {args.catalog or args.images} into {args.out} "
-              f"(model_id {model_id} from {source})", file=sys.stderr)
-        report = build_index(client.embed_images, items, args.out, model_id=model_id, batch_size=args.batch_size,
-                             save_every=args.save_every, max_batches=args.max_batches, progress=not args.no_progress)
+            raise UsageError(
+                "index: the embedding model's identity is unknown: pass --model-id ID, or --repository "
+                "REPO / --checkpoint CKPT that the server was built from"
+            )
+        print(
+            f"indexing {len(items)} images from {args.catalog or args.images} into {args.out} "
+            f"(model_id {model_id} from {source})",
+            file=sys.stderr,
+        )
+        report = build_index(
+            client.embed_images,
+            items,
+            args.out,
+            model_id=model_id,
+            batch_size=args.batch_size,
+            save_every=args.save_every,
+            max_batches=args.max_batches,
+            progress=not args.no_progress,
+        )
     print(report.summary())
     return 0 if report.complete else 3
 
@@ -129,19 +149,34 @@ def cmd_search(args: argparse.Namespace) -> int:
         index = KnnIndex.load(args.index, expected_model_id=expected)
         service = SearchService(client, index)
         if image is not None and args.text is not None:
-            results = service.by_image_text(image, args.text, args.k, mode=args.mode, image_weight=args.image_weight,
-                                            text_weight=args.text_weight, top_n=args.top_n)
+            results = service.by_image_text(
+                image,
+                args.text,
+                args.k,
+                mode=args.mode,
+                image_weight=args.image_weight,
+                text_weight=args.text_weight,
+                top_n=args.top_n,
+            )
             mode = args.mode
         elif image is not None:
             results, mode = service.by_image(image, args.k, categories=args.category), "image"
         else:
             results, mode = service.by_text(args.text, args.k, categories=args.category), "text"
-    query = {"image": args.image, "text": args.text, "mode": mode, "k": args.k, "index": str(args.index),
-             "model_id": index.model_id}
+    query = {
+        "image": args.image,
+        "text": args.text,
+        "mode": mode,
+        "k": args.k,
+        "index": str(args.index),
+        "model_id": index.model_id,
+    }
     if args.html:
         label = " + ".join(x for x in (args.image and Path(args.image).name, args.text and repr(args.text)) if x)
-        page = render_page([QueryBlock(label, results, image=image, text=args.text, mode=mode)],
-                           subtitle=f"index {args.index} ({len(index)} items, model {index.model_id})")
+        page = render_page(
+            [QueryBlock(label, results, image=image, text=args.text, mode=mode)],
+            subtitle=f"index {args.index} ({len(index)} items, model {index.model_id})",
+        )
         write_page(args.html, page)
     print(results_json(query, results) if args.json else format_results(results))
     if args.html and not args.json:
@@ -161,18 +196,24 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m client.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m client.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     ix = sub.add_parser("index", help="embed a gallery through the server and save a KnnIndex (resumable)")
     _common(ix)
     ix.add_argument("--catalog", help="synthetic catalog folder (python -m mim.data)")
-    ix.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="catalog products to index")
+    ix.add_argument(
+        "--split", default="test", choices=["train", "val", "test", "all"], help="catalog products to index"
+    )
     ix.add_argument("--images", help="folder of images (with --manifest)")
     ix.add_argument("--manifest", help="CSV/JSONL with id, image[, title, category] (with --images)")
     ix.add_argument("--out", required=True, type=Path, help="index file to write (safetensors)")
     ix.add_argument("--batch-size", type=int, default=contract.MAX_BATCH_SIZE, help="images per request")
-    ix.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY, help="batches between saves of the partial index")
+    ix.add_argument(
+        "--save-every", type=int, default=DEFAULT_SAVE_EVERY, help="batches between saves of the partial index"
+    )
     ix.add_argument("--max-batches", type=int, help="stop (saved, exit 3) after this many batches; rerun to continue")
     ix.add_argument("--no-progress", action="store_true")
     ix.set_defaults(func=cmd_index)
@@ -184,8 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--text", help="query text; with --image, the reformulation ('in blue')")
     se.add_argument("--mode", choices=MODES, default="fusion", help="image + text: fusion or refine")
     se.add_argument("-k", type=int, default=10)
-    se.add_argument("--image-weight", type=float, default=contract.DEFAULT_IMAGE_WEIGHT, help="fusion: weight a of the image")
-    se.add_argument("--text-weight", type=float, default=DEFAULT_REFINE_WEIGHT, help="refine: weight b of cos(text, product)")
+    se.add_argument(
+        "--image-weight", type=float, default=contract.DEFAULT_IMAGE_WEIGHT, help="fusion: weight a of the image"
+    )
+    se.add_argument(
+        "--text-weight", type=float, default=DEFAULT_REFINE_WEIGHT, help="refine: weight b of cos(text, product)"
+    )
     se.add_argument("--top-n", type=int, default=REFINE_TOP_N, help="refine: image candidates re-ranked")
     se.add_argument("--category", action="append", help="only this category (repeatable; image or text queries)")
     se.add_argument("--json", action="store_true", help="print JSON (query + results) instead of a table")

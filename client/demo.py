@@ -22,9 +22,9 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from mim.checkpoint import Checkpoint, load_checkpoint, weights_hash
 from mim.data import Catalog, ensure_catalog
@@ -41,8 +41,16 @@ from .triton_client import EmbeddingClient
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMITTED_REPOSITORY = REPO_ROOT / "model_repository"
 SHOW_K = 5  # results printed per demo search (the page shows SHOW_K * 2)
-METRICS = ("image R@1", "image R@10", "image catP@10", "title R@1", "mm-fusion R@1", "mm-fusion R@10",
-           "mm-refine R@1", "mm-refine R@10")
+METRICS = (
+    "image R@1",
+    "image R@10",
+    "image catP@10",
+    "title R@1",
+    "mm-fusion R@1",
+    "mm-fusion R@10",
+    "mm-refine R@1",
+    "mm-refine R@10",
+)
 
 
 @dataclass(frozen=True)
@@ -56,15 +64,21 @@ class DemoSettings:
     check_export: bool = True
 
     @classmethod
-    def full(cls, steps: int | None) -> "DemoSettings":
+    def full(cls, steps: int | None) -> DemoSettings:
         return cls(catalog={"seed": 0}, steps=600 if steps is None else steps, batch_size=64)
 
     @classmethod
-    def quick(cls, steps: int | None) -> "DemoSettings":
+    def quick(cls, steps: int | None) -> DemoSettings:
         # 4 categories x 3 patterns x 3 colours = 36 products at 64 px, split half/half (16 train, 20 test) so
         # the test gallery holds more than the 10 results Recall@10 and catP@10 need.
-        small = {"seed": 0, "image_size": 64, "categories": ["mug", "shirt", "shoe", "bag"],
-                 "patterns": ["solid", "stripes", "dots"], "colours": ["red", "blue", "green"], "split": (0.5, 0.0, 0.5)}
+        small = {
+            "seed": 0,
+            "image_size": 64,
+            "categories": ["mug", "shirt", "shoe", "bag"],
+            "patterns": ["solid", "stripes", "dots"],
+            "colours": ["red", "blue", "green"],
+            "split": (0.5, 0.0, 0.5),
+        }
         return cls(catalog=small, steps=20 if steps is None else steps, batch_size=16, check_export=False)
 
 
@@ -118,7 +132,9 @@ def index_gallery(client: EmbeddingClient, catalog: Catalog, path: Path, model_i
         except ValueError as e:
             print(f"    {path} is from another model or damaged ({e}); rebuilding it")
             path.unlink()
-    report = build_index(client.embed_images, catalog_items(catalog, "test"), path, model_id=model_id, progress=progress)
+    report = build_index(
+        client.embed_images, catalog_items(catalog, "test"), path, model_id=model_id, progress=progress
+    )
     print(f"    {report.summary()}")
     return report.index
 
@@ -145,8 +161,16 @@ def demo_searches(service: SearchService, catalog: Catalog, k: int) -> list[Demo
     for q in list(first_of.values())[:2]:
         img = catalog.read_bytes(q.image)
         p = catalog.product(q.product_id)
-        out.append(DemoSearch(f"street photo {q.image} of {p.title!r}", lambda img=img: service.by_image(img, k), img,
-                              None, "image", q.product_id))
+        out.append(
+            DemoSearch(
+                f"street photo {q.image} of {p.title!r}",
+                lambda img=img: service.by_image(img, k),
+                img,
+                None,
+                "image",
+                q.product_id,
+            )
+        )
     texts = list(dict.fromkeys(q.short_text for q in reversed(queries)))[:2]
     for t in texts:
         out.append(DemoSearch(f"typed query {t!r}", lambda t=t: service.by_text(t, k), None, t, "text", None))
@@ -155,10 +179,16 @@ def demo_searches(service: SearchService, catalog: Catalog, k: int) -> list[Demo
         q = next(x for x in queries if x.query_id == r.query_id)
         img = catalog.read_bytes(q.image)
         for mode in ("fusion", "refine"):
-            out.append(DemoSearch(
-                f"photo of {catalog.product(r.source_product_id).title!r} + {r.text!r} ({mode})",
-                lambda img=img, t=r.text, m=mode: service.by_image_text(img, t, k, mode=m), img, r.text, mode,
-                r.target_product_id))  # fmt: skip
+            out.append(
+                DemoSearch(
+                    f"photo of {catalog.product(r.source_product_id).title!r} + {r.text!r} ({mode})",
+                    lambda img=img, t=r.text, m=mode: service.by_image_text(img, t, k, mode=m),
+                    img,
+                    r.text,
+                    mode,
+                    r.target_product_id,
+                )
+            )
     return out
 
 
@@ -184,14 +214,23 @@ def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_tim
     step = Steps(8)
     step("catalog: synthetic street-to-shop data")
     catalog = ensure_catalog(art / "catalog", progress=progress, **settings.catalog)
-    print(f"    {catalog.root}: {len(catalog.products)} products; test split {len(catalog.products_in('test'))} "
-          f"products, {len(catalog.queries_in('test'))} street photos, {len(catalog.reformulations_in('test'))} reformulations")
+    print(
+        f"    {catalog.root}: {len(catalog.products)} products; test split {len(catalog.products_in('test'))} "
+        f"products, {len(catalog.queries_in('test'))} street photos, "
+        f"{len(catalog.reformulations_in('test'))} reformulations"
+    )
 
     step(f"train: tiny 3-tower model, {settings.steps} steps (reuses a checkpoint already trained that far)")
     ckpt_dir = art / "checkpoints" / "3tower"
-    train(catalog=str(catalog.root), out=str(ckpt_dir), objective="3tower", steps=settings.steps,
-          batch_size=min(settings.batch_size, len(catalog.products_in("train"))), resume=True,
-          no_progress=not progress)  # fmt: skip
+    train(
+        catalog=str(catalog.root),
+        out=str(ckpt_dir),
+        objective="3tower",
+        steps=settings.steps,
+        batch_size=min(settings.batch_size, len(catalog.products_in("train"))),
+        resume=True,
+        no_progress=not progress,
+    )
     ck: Checkpoint = load_checkpoint(ckpt_dir)
     model_id = ck.model_id
     print(f"    checkpoint {ckpt_dir} (step {ck.meta.get('step')}, model_id {model_id})")
@@ -215,30 +254,43 @@ def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_tim
             for s in demo_searches(service, catalog, min(2 * SHOW_K, len(index))):
                 results = s.run()
                 print_results(s, results)
-                blocks.append(QueryBlock(s.label, results, image=s.image, text=s.text, mode=s.mode,
-                                         expected_id=s.expected_id))
+                blocks.append(
+                    QueryBlock(s.label, results, image=s.image, text=s.text, mode=s.mode, expected_id=s.expected_id)
+                )
 
             step("quality: served path vs in-process torch on the test queries")
             served = evaluate(Embedder(client.embed_images, client.embed_texts), catalog, "test")
         local = evaluate(torch_embedder(ck), catalog, "test")
     print(quality_table(served, local))
-    print(f"    served image Recall@1 {served['image R@1']:.3f} / Recall@10 {served['image R@10']:.3f} vs in-process "
-          f"torch {local['image R@1']:.3f} / {local['image R@10']:.3f} ({served['n_queries']} queries, "
-          f"{served['n_gallery']} gallery products)")
+    print(
+        f"    served image Recall@1 {served['image R@1']:.3f} / Recall@10 {served['image R@10']:.3f} vs in-process "
+        f"torch {local['image R@1']:.3f} / {local['image R@10']:.3f} ({served['n_queries']} queries, "
+        f"{served['n_gallery']} gallery products)"
+    )
 
     step("page: self-contained HTML results")
     page = art / "results.html"
-    write_page(page, render_page(blocks, title="Multimodal visual search demo",
-                                 subtitle=f"{len(index)} test products, model {model_id}, served by tritonserver (CPU)"))
+    write_page(
+        page,
+        render_page(
+            blocks,
+            title="Multimodal visual search demo",
+            subtitle=f"{len(index)} test products, model {model_id}, served by tritonserver (CPU)",
+        ),
+    )
     total = step.done()
-    print(f"\nDone in {total:.0f}s (server stopped). Outputs under {art}/:\n"
-          f"  results page   {page}\n  gallery index  {art / 'index' / 'test.safetensors'}\n"
-          f"  checkpoint     {ckpt_dir}\n  repository     {repo}\n  server log     {log}")
+    print(
+        f"\nDone in {total:.0f}s (server stopped). Outputs under {art}/:\n"
+        f"  results page   {page}\n  gallery index  {art / 'index' / 'test.safetensors'}\n"
+        f"  checkpoint     {ckpt_dir}\n  repository     {repo}\n  server log     {log}"
+    )
     return {"served": served, "local": local, "page": page, "seconds": total}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m client.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where everything is written")
     ap.add_argument("--steps", type=int, help="training steps (default 600; 20 with --quick)")
     ap.add_argument("--quick", action="store_true", help="small catalog and short training (tests, smoke checks)")

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from mim.atomic import atomic_write_text
 
 from .search import SearchResult
 
-_MIME = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
-         (b"GIF89a", "image/gif"))
+_MIME = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
 
 
 def sniff_mime(data: bytes) -> str | None:
@@ -110,7 +114,8 @@ h1{font-size:22px;margin:0 0 4px} .subtitle{color:#666;margin-bottom:16px}
 .query-image{width:128px;height:128px;object-fit:contain;border:2px solid #444;border-radius:4px}
 .query-text{font-size:18px;font-style:italic} .mode,.note{color:#666;font-size:13px}
 .results{display:flex;flex-wrap:wrap;gap:10px;list-style:none;padding:0;margin:0}
-.result{box-sizing:border-box;width:144px;border:1px solid #e3e3e3;border-radius:6px;padding:6px;font-size:12px;background:#fff}
+.result{box-sizing:border-box;width:144px;border:1px solid #e3e3e3;border-radius:6px;padding:6px}
+.result{font-size:12px;background:#fff}
 .result.hit{border:2px solid #2a9d3a;background:#effaf0}
 .thumb{width:128px;height:128px;object-fit:contain;display:block}
 .missing{display:flex;align-items:center;justify-content:center;background:#eee;color:#999}
@@ -118,8 +123,13 @@ h1{font-size:22px;margin:0 0 4px} .subtitle{color:#666;margin-bottom:16px}
 """
 
 
-def render_page(blocks: Sequence[QueryBlock], *, title: str = "Visual search results", subtitle: str | None = None,
-                load_image: Callable[[str | None], bytes | None] = _read_image) -> str:
+def render_page(
+    blocks: Sequence[QueryBlock],
+    *,
+    title: str = "Visual search results",
+    subtitle: str | None = None,
+    load_image: Callable[[str | None], bytes | None] = _read_image,
+) -> str:
     """The whole page as a string. `load_image(path)` reads a result's image (None = show a placeholder)."""
     e = html.escape
     body = "".join(_block(b, load_image) for b in blocks)

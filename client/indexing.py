@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -54,8 +55,10 @@ class IndexReport:
 
     def summary(self) -> str:
         state = "complete" if self.complete else "PARTIAL (rerun the same command to continue)"
-        return (f"{self.path}: {len(self.index)} items ({self.resumed_from} resumed, {self.added} embedded now), "
-                f"dim {self.index.dim}, model_id {self.index.model_id}, {state}")
+        return (
+            f"{self.path}: {len(self.index)} items ({self.resumed_from} resumed, {self.added} embedded now), "
+            f"dim {self.index.dim}, model_id {self.index.model_id}, {state}"
+        )
 
 
 # --- galleries --------------------------------------------------------------------------------------------------
@@ -83,7 +86,9 @@ def manifest_items(images_dir: str | Path, manifest: str | Path) -> list[Gallery
         except (TypeError, ValueError):
             raise ValueError(f"{where}: id {row['id']!r} is not an integer; ids must be non-negative int64") from None
         if pid < 0 or pid in seen:
-            raise ValueError(f"{where}: id {pid} is {'negative' if pid < 0 else 'a duplicate'}; ids must be unique and >= 0")
+            raise ValueError(
+                f"{where}: id {pid} is {'negative' if pid < 0 else 'a duplicate'}; ids must be unique and >= 0"
+            )
         seen.add(pid)
         rel = Path(str(row["image"]))
         if rel.is_absolute() or ".." in rel.parts:
@@ -92,7 +97,9 @@ def manifest_items(images_dir: str | Path, manifest: str | Path) -> list[Gallery
         if not path.is_file():
             raise ValueError(f"{where}: image file {path} does not exist")
         title, cat = row.get("title"), row.get("category")
-        items.append(GalleryItem(pid, path, None if title in (None, "") else str(title), None if cat in (None, "") else str(cat)))
+        items.append(
+            GalleryItem(pid, path, None if title in (None, "") else str(title), None if cat in (None, "") else str(cat))
+        )
     return items
 
 
@@ -127,8 +134,10 @@ def open_partial(out: Path, items: Sequence[GalleryItem], model_id: str | None) 
         raise ValueError(f"cannot resume from {out}: {e}. Delete it to rebuild, or choose another --out") from None
     stray = np.setdiff1d(index.ids, np.array([it.id for it in items], dtype=np.int64))
     if stray.size:
-        raise ValueError(f"cannot resume from {out}: it holds ids not in this gallery (e.g. {int(stray[0])}), so it "
-                         "was built from another gallery. Delete it to rebuild, or choose another --out")
+        raise ValueError(
+            f"cannot resume from {out}: it holds ids not in this gallery (e.g. {int(stray[0])}), so it "
+            "was built from another gallery. Delete it to rebuild, or choose another --out"
+        )
     return index
 
 

@@ -19,8 +19,9 @@ category, image path).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -36,7 +37,9 @@ class Embeds(Protocol):
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
-    def embed_multimodal(self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None) -> np.ndarray: ...
+    def embed_multimodal(
+        self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None
+    ) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,11 @@ def results_from(index: KnnIndex, scores: np.ndarray, ids: np.ndarray) -> list[S
         if i < 0:
             continue
         meta = index.get_metadata(i)
-        out.append(SearchResult(len(out) + 1, int(i), float(s), meta.get("title"), meta.get("category"),
-                                meta.get("image"), meta))
+        out.append(
+            SearchResult(
+                len(out) + 1, int(i), float(s), meta.get("title"), meta.get("category"), meta.get("image"), meta
+            )
+        )
     return out
 
 
@@ -71,7 +77,9 @@ class SearchService:
         self._gallery: tuple[np.ndarray, np.ndarray] | None = None  # (ids, embeddings fp32) host copy for refine
 
     # --- queries ----------------------------------------------------------------------------------------------
-    def by_image(self, image: bytes, k: int = 10, *, categories: str | Iterable[str] | None = None) -> list[SearchResult]:
+    def by_image(
+        self, image: bytes, k: int = 10, *, categories: str | Iterable[str] | None = None
+    ) -> list[SearchResult]:
         return self.search_embedding(self.client.embed_images([image]), k, categories=categories)
 
     def by_text(self, text: str, k: int = 10, *, categories: str | Iterable[str] | None = None) -> list[SearchResult]:
@@ -99,13 +107,22 @@ class SearchService:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
 
     # --- the embedding-level API (also used for batched evaluation) ----------------------------------------------
-    def search_embedding(self, query: np.ndarray, k: int, *, categories: str | Iterable[str] | None = None) -> list[SearchResult]:
+    def search_embedding(
+        self, query: np.ndarray, k: int, *, categories: str | Iterable[str] | None = None
+    ) -> list[SearchResult]:
         """One (1, D) query embedding -> top-k results."""
         scores, ids = self.index.search(query, self._k(k), categories=categories)
         return results_from(self.index, scores[0], ids[0])
 
-    def refine_embeddings(self, q_img: np.ndarray, q_txt: np.ndarray, k: int, *, text_weight: float = DEFAULT_REFINE_WEIGHT,
-                          top_n: int = REFINE_TOP_N) -> list[SearchResult]:
+    def refine_embeddings(
+        self,
+        q_img: np.ndarray,
+        q_txt: np.ndarray,
+        k: int,
+        *,
+        text_weight: float = DEFAULT_REFINE_WEIGHT,
+        top_n: int = REFINE_TOP_N,
+    ) -> list[SearchResult]:
         """Image kNN for `top_n` candidates from the index, re-ranked by `mim.evaluate.refine`."""
         if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
             raise ValueError(f"top_n={top_n!r}; expected a positive int (candidates re-ranked by refine)")

@@ -22,8 +22,9 @@ import asyncio
 import random
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -43,8 +44,16 @@ class ClientError(RuntimeError):
     """A request that could not be answered. `status` is the gRPC status (e.g. "StatusCode.INVALID_ARGUMENT")
     when the server or the channel gave one, `server_message` the server's own words."""
 
-    def __init__(self, message: str, *, model: str | None = None, tensor: str | None = None,
-                 status: str | None = None, server_message: str | None = None, attempts: int = 1) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        tensor: str | None = None,
+        status: str | None = None,
+        server_message: str | None = None,
+        attempts: int = 1,
+    ) -> None:
         super().__init__(message)
         self.model, self.tensor, self.status = model, tensor, status
         self.server_message, self.attempts = server_message, attempts
@@ -105,10 +114,17 @@ def image_column(model: str, images: Sequence[bytes], offset: int = 0) -> np.nda
         if not isinstance(b, (bytes, bytearray, memoryview)):
             raise ClientError(
                 f"{model}: input {spec.name!r} row {offset + i} is {type(b).__name__}; expected the encoded image "
-                "file as bytes (JPEG/PNG/WebP), e.g. Path(p).read_bytes()", model=model, tensor=spec.name)
+                "file as bytes (JPEG/PNG/WebP), e.g. Path(p).read_bytes()",
+                model=model,
+                tensor=spec.name,
+            )
         if len(b) == 0:
-            raise ClientError(f"{model}: input {spec.name!r} row {offset + i} is empty (0 bytes); expected an "
-                              "encoded JPEG/PNG/WebP file", model=model, tensor=spec.name)
+            raise ClientError(
+                f"{model}: input {spec.name!r} row {offset + i} is empty (0 bytes); expected an "
+                "encoded JPEG/PNG/WebP file",
+                model=model,
+                tensor=spec.name,
+            )
     return _bytes_column(spec, [bytes(b) for b in images])
 
 
@@ -116,50 +132,75 @@ def text_column(model: str, texts: Sequence[str], offset: int = 0) -> np.ndarray
     spec = contract.TEXT
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise ClientError(f"{model}: input {spec.name!r} row {offset + i} is {type(t).__name__}; expected str "
-                              "(sent as UTF-8)", model=model, tensor=spec.name)
+            raise ClientError(
+                f"{model}: input {spec.name!r} row {offset + i} is {type(t).__name__}; expected str (sent as UTF-8)",
+                model=model,
+                tensor=spec.name,
+            )
     return _bytes_column(spec, [t.encode("utf-8") for t in texts])
 
 
 def _as_list(x: Sequence[Any] | bytes | str, what: str) -> list[Any]:
     if isinstance(x, (bytes, bytearray, str)):
-        raise ClientError(f"{what} must be a list (one item per row), got a single {type(x).__name__}; wrap it "
-                          f"in a list: [{what[:-1]}]")
+        raise ClientError(
+            f"{what} must be a list (one item per row), got a single {type(x).__name__}; wrap it "
+            f"in a list: [{what[:-1]}]"
+        )
     return list(x)
 
 
 def check_image_weight(image_weight: float | None) -> float:
     w = contract.DEFAULT_IMAGE_WEIGHT if image_weight is None else image_weight
     if isinstance(w, bool) or not isinstance(w, (int, float, np.floating)) or not 0.0 <= float(w) <= 1.0:
-        raise ClientError(f"{contract.EMBED_MULTIMODAL}: image_weight={image_weight!r}; expected a number in [0, 1] "
-                          f"(request parameter {contract.FUSION_WEIGHT_PARAM!r})", model=contract.EMBED_MULTIMODAL)
+        raise ClientError(
+            f"{contract.EMBED_MULTIMODAL}: image_weight={image_weight!r}; expected a number in [0, 1] "
+            f"(request parameter {contract.FUSION_WEIGHT_PARAM!r})",
+            model=contract.EMBED_MULTIMODAL,
+        )
     return float(w)
 
 
 def plan_images(images: Sequence[bytes], max_batch: int) -> list[Chunk]:
     images = _as_list(images, "images")
     m = contract.EMBED_IMAGE
-    return [Chunk(m, s, s + len(part), {contract.IMAGE.name: image_column(m, part, s)})
-            for s, part in _chunks(images, max_batch)]
+    return [
+        Chunk(m, s, s + len(part), {contract.IMAGE.name: image_column(m, part, s)})
+        for s, part in _chunks(images, max_batch)
+    ]
 
 
 def plan_texts(texts: Sequence[str], max_batch: int) -> list[Chunk]:
     texts = _as_list(texts, "texts")
     m = contract.EMBED_TEXT
-    return [Chunk(m, s, s + len(part), {contract.TEXT.name: text_column(m, part, s)})
-            for s, part in _chunks(texts, max_batch)]
+    return [
+        Chunk(m, s, s + len(part), {contract.TEXT.name: text_column(m, part, s)})
+        for s, part in _chunks(texts, max_batch)
+    ]
 
 
-def plan_multimodal(images: Sequence[bytes], texts: Sequence[str], image_weight: float | None, max_batch: int) -> list[Chunk]:
+def plan_multimodal(
+    images: Sequence[bytes], texts: Sequence[str], image_weight: float | None, max_batch: int
+) -> list[Chunk]:
     images, texts = _as_list(images, "images"), _as_list(texts, "texts")
     m = contract.EMBED_MULTIMODAL
     if len(images) != len(texts):
-        raise ClientError(f"{m}: got {len(images)} images and {len(texts)} texts; expected one text per image "
-                          f"(inputs {contract.IMAGE.name!r} and {contract.TEXT.name!r} share the batch dim)", model=m)
+        raise ClientError(
+            f"{m}: got {len(images)} images and {len(texts)} texts; expected one text per image "
+            f"(inputs {contract.IMAGE.name!r} and {contract.TEXT.name!r} share the batch dim)",
+            model=m,
+        )
     params = {contract.FUSION_WEIGHT_PARAM: check_image_weight(image_weight)}
     return [
-        Chunk(m, s, s + len(ip), {contract.IMAGE.name: image_column(m, ip, s),
-                                  contract.TEXT.name: text_column(m, texts[s : s + len(ip)], s)}, params)
+        Chunk(
+            m,
+            s,
+            s + len(ip),
+            {
+                contract.IMAGE.name: image_column(m, ip, s),
+                contract.TEXT.name: text_column(m, texts[s : s + len(ip)], s),
+            },
+            params,
+        )
         for s, ip in _chunks(images, max_batch)
     ]
 
@@ -186,13 +227,18 @@ def parse_result(chunk: Chunk, result: Any) -> np.ndarray:
     out = result.as_numpy(spec.name)
     n = chunk.stop - chunk.start
     if out is None:
-        raise ClientError(f"{chunk.model}: the response has no output {spec.name!r} ({chunk.describe()})",
-                          model=chunk.model, tensor=spec.name)
+        raise ClientError(
+            f"{chunk.model}: the response has no output {spec.name!r} ({chunk.describe()})",
+            model=chunk.model,
+            tensor=spec.name,
+        )
     if out.dtype != spec.numpy_dtype or out.ndim != 2 or out.shape[0] != n:
         raise ClientError(
             f"{chunk.model}: output {spec.name!r} came back as {out.dtype} shape {tuple(out.shape)}; expected "
             f"{np.dtype(spec.numpy_dtype)} shape ({n}, embed_dim) for {chunk.describe()}",
-            model=chunk.model, tensor=spec.name)
+            model=chunk.model,
+            tensor=spec.name,
+        )
     return out
 
 
@@ -208,10 +254,18 @@ def request_error(chunk: Chunk, exc: InferenceServerException, url: str, attempt
         head = f"{chunk.model}: the server refused the request"
         hint = ""
     tensor = _tensor_named_in(msg or "", list(chunk.inputs))
-    expected = ", ".join(f"{n!r} {_spec(n).dtype} shape (n, {', '.join(map(str, _spec(n).dims))}) with n <= "
-                         f"{contract.MAX_BATCH_SIZE}" for n in chunk.inputs)
-    return ClientError(f"{head} ({chunk.describe()}; expected {expected}): {status}: {msg}{hint}",
-                       model=chunk.model, tensor=tensor, status=status, server_message=msg, attempts=attempts)
+    expected = ", ".join(
+        f"{n!r} {_spec(n).dtype} shape (n, {', '.join(map(str, _spec(n).dims))}) with n <= {contract.MAX_BATCH_SIZE}"
+        for n in chunk.inputs
+    )
+    return ClientError(
+        f"{head} ({chunk.describe()}; expected {expected}): {status}: {msg}{hint}",
+        model=chunk.model,
+        tensor=tensor,
+        status=status,
+        server_message=msg,
+        attempts=attempts,
+    )
 
 
 def _tensor_named_in(message: str, names: list[str]) -> str | None:
@@ -240,14 +294,27 @@ def _validate_settings(timeout_s: float, retries: int, max_batch: int) -> None:
 class EmbeddingClient:
     """Blocking client. `retries` is the number of extra attempts on UNAVAILABLE (0 = try once)."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout_s: float = 30.0, retries: int = 3,
-                 max_batch: int = contract.MAX_BATCH_SIZE, backoff: Backoff = Backoff()) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        max_batch: int = contract.MAX_BATCH_SIZE,
+        backoff: Backoff = Backoff(),
+    ) -> None:
         _validate_settings(timeout_s, retries, max_batch)
-        self.url, self.timeout_s, self.retries, self.max_batch, self.backoff = url, timeout_s, retries, max_batch, backoff
+        self.url, self.timeout_s, self.retries, self.max_batch, self.backoff = (
+            url,
+            timeout_s,
+            retries,
+            max_batch,
+            backoff,
+        )
         self._client = grpcclient.InferenceServerClient(url)
         self._dim: int | None = None
 
-    def __enter__(self) -> "EmbeddingClient":
+    def __enter__(self) -> EmbeddingClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -257,7 +324,10 @@ class EmbeddingClient:
         self._client.close()
 
     def __repr__(self) -> str:
-        return f"EmbeddingClient(url={self.url!r}, timeout_s={self.timeout_s}, retries={self.retries}, max_batch={self.max_batch})"
+        return (
+            f"EmbeddingClient(url={self.url!r}, timeout_s={self.timeout_s}, retries={self.retries}, "
+            f"max_batch={self.max_batch})"
+        )
 
     # public API
     def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
@@ -267,7 +337,9 @@ class EmbeddingClient:
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self._run(plan_texts(texts, self.max_batch))
 
-    def embed_multimodal(self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None) -> np.ndarray:
+    def embed_multimodal(
+        self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None
+    ) -> np.ndarray:
         """normalize(w * image + (1 - w) * text) computed by the server's `fuse` model; w defaults to the contract's."""
         return self._run(plan_multimodal(images, texts, image_weight, self.max_batch))
 
@@ -289,8 +361,10 @@ class EmbeddingClient:
     def embed_dim(self) -> int:
         """Width of the served embedding, from the `embed_image` model metadata (cached)."""
         if self._dim is None:
-            meta = self._call(lambda: self._client.get_model_metadata(contract.EMBED_IMAGE, client_timeout=self.timeout_s),
-                              contract.EMBED_IMAGE)
+            meta = self._call(
+                lambda: self._client.get_model_metadata(contract.EMBED_IMAGE, client_timeout=self.timeout_s),
+                contract.EMBED_IMAGE,
+            )
             self._dim = _dim_from_metadata(meta)
         return self._dim
 
@@ -327,8 +401,13 @@ class EmbeddingClient:
                 return fn()
             except InferenceServerException as e:
                 if not is_retryable(e) or attempts > self.retries:
-                    raise ClientError(f"{model}: {e.status()}: {e.message()} (server {self.url}, {attempts} attempt(s))",
-                                      model=model, status=e.status(), server_message=e.message(), attempts=attempts) from None
+                    raise ClientError(
+                        f"{model}: {e.status()}: {e.message()} (server {self.url}, {attempts} attempt(s))",
+                        model=model,
+                        status=e.status(),
+                        server_message=e.message(),
+                        attempts=attempts,
+                    ) from None
                 time.sleep(self.backoff.delay(attempts - 1))
 
 
@@ -336,8 +415,11 @@ def _dim_from_metadata(meta: Any) -> int:
     for out in meta.outputs:
         if out.name == contract.EMBEDDING.name:
             return int(out.shape[-1])
-    raise ClientError(f"{meta.name}: model metadata has no output {contract.EMBEDDING.name!r}", model=meta.name,
-                      tensor=contract.EMBEDDING.name)
+    raise ClientError(
+        f"{meta.name}: model metadata has no output {contract.EMBEDDING.name!r}",
+        model=meta.name,
+        tensor=contract.EMBEDDING.name,
+    )
 
 
 # --- the asyncio client ----------------------------------------------------------------------------------------
@@ -348,17 +430,31 @@ class AsyncEmbeddingClient:
     big call from queueing hundreds of requests in front of everyone else's).
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout_s: float = 30.0, retries: int = 3,
-                 max_batch: int = contract.MAX_BATCH_SIZE, max_concurrency: int = 4, backoff: Backoff = Backoff()) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        max_batch: int = contract.MAX_BATCH_SIZE,
+        max_concurrency: int = 4,
+        backoff: Backoff = Backoff(),
+    ) -> None:
         _validate_settings(timeout_s, retries, max_batch)
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency={max_concurrency!r}; expected an int >= 1")
-        self.url, self.timeout_s, self.retries, self.max_batch, self.backoff = url, timeout_s, retries, max_batch, backoff
+        self.url, self.timeout_s, self.retries, self.max_batch, self.backoff = (
+            url,
+            timeout_s,
+            retries,
+            max_batch,
+            backoff,
+        )
         self.max_concurrency = max_concurrency
         self._client = grpcclient_aio.InferenceServerClient(url)
         self._dim: int | None = None
 
-    async def __aenter__(self) -> "AsyncEmbeddingClient":
+    async def __aenter__(self) -> AsyncEmbeddingClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -373,7 +469,9 @@ class AsyncEmbeddingClient:
     async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return await self._run(plan_texts(texts, self.max_batch))
 
-    async def embed_multimodal(self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None) -> np.ndarray:
+    async def embed_multimodal(
+        self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None
+    ) -> np.ndarray:
         return await self._run(plan_multimodal(images, texts, image_weight, self.max_batch))
 
     async def wait_ready(self, timeout: float = 60.0, models: Sequence[str] = ENSEMBLES) -> None:
@@ -395,8 +493,12 @@ class AsyncEmbeddingClient:
             try:
                 meta = await self._client.get_model_metadata(contract.EMBED_IMAGE, client_timeout=self.timeout_s)
             except InferenceServerException as e:
-                raise ClientError(f"{contract.EMBED_IMAGE}: {e.status()}: {e.message()} (server {self.url})",
-                                  model=contract.EMBED_IMAGE, status=e.status(), server_message=e.message()) from None
+                raise ClientError(
+                    f"{contract.EMBED_IMAGE}: {e.status()}: {e.message()} (server {self.url})",
+                    model=contract.EMBED_IMAGE,
+                    status=e.status(),
+                    server_message=e.message(),
+                ) from None
             self._dim = _dim_from_metadata(meta)
         return self._dim
 
@@ -433,4 +535,3 @@ class AsyncEmbeddingClient:
                 if not is_retryable(e) or attempts > self.retries:
                     raise request_error(chunk, e, self.url, attempts) from None
                 await asyncio.sleep(self.backoff.delay(attempts - 1))
-

@@ -18,8 +18,8 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -65,7 +65,9 @@ class Row:
     floor_items_per_s: float
 
 
-def _callable(module: torch.nn.Module, inputs: dict[str, torch.Tensor], cuda_graphs: bool) -> Callable[[], torch.Tensor]:
+def _callable(
+    module: torch.nn.Module, inputs: dict[str, torch.Tensor], cuda_graphs: bool
+) -> Callable[[], torch.Tensor]:
     """A zero-argument function running the module on fixed inputs: the eager call, or a CUDA graph replay
     (removes the per-kernel launch overhead that dominates small batches)."""
     if not cuda_graphs:
@@ -115,7 +117,11 @@ def fp16_parity(fp32: torch.nn.Module, fp16: torch.nn.Module, io: contract.Model
     x16 = {k: (v.half() if v.is_floating_point() else v) for k, v in x32.items()}
     ref, got = fp32(**x32).double(), fp16(**x16).double()
     cos = torch.nn.functional.cosine_similarity(ref, got, dim=-1)
-    return {"min_cosine": float(cos.min()), "max_abs_err": float((ref - got).abs().max()), "finite": bool(got.isfinite().all())}
+    return {
+        "min_cosine": float(cos.min()),
+        "max_abs_err": float((ref - got).abs().max()),
+        "finite": bool(got.isfinite().all()),
+    }
 
 
 def bench(args: argparse.Namespace) -> tuple[list[Row], dict]:
@@ -182,8 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(0)
     for name, p in parity.items():
         print(f"{name}: FP16 vs FP32 min cosine {p['min_cosine']:.6f}, max abs err {p['max_abs_err']:.2e}")
-    print(f"{args.size} towers, torch {torch.__version__} FP16{' + CUDA graphs' if args.cuda_graphs else ''}, {gpu}, "
-          f"peak {args.peak_tflops:.0f} TFLOP/s")  # fmt: skip
+    print(
+        f"{args.size} towers, torch {torch.__version__} FP16{' + CUDA graphs' if args.cuda_graphs else ''}, {gpu}, "
+        f"peak {args.peak_tflops:.0f} TFLOP/s"
+    )
     print(table(rows))
     if args.json:
         result = {

@@ -27,8 +27,8 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mim import contract
 from mim.atomic import atomic_write
@@ -37,7 +37,15 @@ from mim.config import ModelConfig, PreprocessConfig
 from mim.data import load_catalog
 
 from .fp16_gate import fp16_gate
-from .onnx_export import EXPORT_JSON, PUBLIC_MODE, MODEL_JSON, PREPROCESS_JSON, export_checkpoint, onnx_filename, summary_lines
+from .onnx_export import (
+    EXPORT_JSON,
+    MODEL_JSON,
+    PREPROCESS_JSON,
+    PUBLIC_MODE,
+    export_checkpoint,
+    onnx_filename,
+    summary_lines,
+)
 from .tensorrt_build import (
     PLAN_META_SUFFIX,
     BatchRange,
@@ -163,8 +171,14 @@ def build_engines(export_dir: str | Path, batches: BatchRange, *, check: bool = 
         if engine_is_current(plan, meta["checkpoint_hash"], profile=profile):
             log.info("%s: engine %s is current, not rebuilding", tower, plan)
         else:
-            build_engine(onnx_path, plan, fp16=True, profile=profile, timing_cache_path=export_dir / TIMING_CACHE,
-                         checkpoint_hash=meta["checkpoint_hash"])  # fmt: skip
+            build_engine(
+                onnx_path,
+                plan,
+                fp16=True,
+                profile=profile,
+                timing_cache_path=export_dir / TIMING_CACHE,
+                checkpoint_hash=meta["checkpoint_hash"],
+            )
         if check:
             result = engine_parity(plan, onnx_path, model_cfg=model_cfg)
             log.info("%s: engine vs ONNX Runtime cosine %.5f", tower, result["min_cosine"])
@@ -183,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-batch", type=int, default=16, help="batch the engine's kernels are tuned for")
     p.add_argument("--max-batch", type=int, default=contract.MAX_BATCH_SIZE, help="largest batch the engine accepts")
     p.add_argument("--no-check", action="store_true", help="skip the parity checks (torch vs ONNX vs engine)")
-    p.add_argument("--catalog", type=Path, help="also gate the FP16 ONNX on this catalog's test split (export/fp16_gate.py)")
+    p.add_argument(
+        "--catalog", type=Path, help="also gate the FP16 ONNX on this catalog's test split (export/fp16_gate.py)"
+    )
     return p
 
 
@@ -196,29 +212,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if batches.max != contract.MAX_BATCH_SIZE:
-        log.warning("--max-batch %d differs from the generated config.pbtxt's max_batch_size %d (mim.contract."
-                    "MAX_BATCH_SIZE): Triton refuses an engine whose profile is smaller", batches.max,
-                    contract.MAX_BATCH_SIZE)  # fmt: skip
+        log.warning(
+            "--max-batch %d differs from the generated config.pbtxt's max_batch_size %d (mim.contract."
+            "MAX_BATCH_SIZE): Triton refuses an engine whose profile is smaller",
+            batches.max,
+            contract.MAX_BATCH_SIZE,
+        )
     report = export_checkpoint(args.checkpoint, args.export_dir, check=not args.no_check)
     for line in summary_lines(report):
         print(line)
     if args.catalog is not None and not args.no_check:
         gate = fp16_gate(args.checkpoint, args.export_dir, load_catalog(args.catalog))
-        print(f"FP16 gate on {gate['split']} split: min cosine images {gate['min_cosine_images']:.6f}, titles "
-              f"{gate['min_cosine_titles']:.6f}; Recall@10 FP16 {gate['recall10_fp16']:.4f} vs FP32 {gate['recall10_fp32']:.4f}")  # fmt: skip
+        print(
+            f"FP16 gate on {gate['split']} split: min cosine images {gate['min_cosine_images']:.6f}, titles "
+            f"{gate['min_cosine_titles']:.6f}; Recall@10 FP16 {gate['recall10_fp16']:.4f} "
+            f"vs FP32 {gate['recall10_fp32']:.4f}"
+        )
 
     reason = None if args.no_tensorrt else tensorrt_unavailable_reason()
     if args.no_tensorrt:
-        print("TensorRT build skipped (--no-tensorrt): built ONNX artifacts for the CPU/ONNX path only; no engine was built")
+        print(
+            "TensorRT build skipped (--no-tensorrt): built ONNX artifacts for the CPU/ONNX path only; "
+            "no engine was built"
+        )
     elif reason is not None:
-        print(f"TensorRT not available ({reason}): built ONNX artifacts for the CPU/ONNX path only; no engine was built")
+        print(
+            f"TensorRT not available ({reason}): built ONNX artifacts for the CPU/ONNX path only; no engine was built"
+        )
     else:
         build_engines(args.export_dir, batches, check=not args.no_check)
         print(f"built TensorRT FP16 engines (batch {batches.min}/{batches.opt}/{batches.max}) in {args.export_dir}")
     files = install(args.export_dir, args.repository)
     plans = sum(1 for f in files if f.name == REPO_PLAN)
-    print(f"installed {len(files)} files into {args.repository} ({plans} engine plans), "
-          f"checkpoint {weights_hash(args.checkpoint)}")  # fmt: skip
+    print(
+        f"installed {len(files)} files into {args.repository} ({plans} engine plans), "
+        f"checkpoint {weights_hash(args.checkpoint)}"
+    )
     return 0
 
 

@@ -14,7 +14,8 @@ and target type. Float initializers read by FP16 nodes are stored in FP16 (one c
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,10 +26,22 @@ from .surgery import remove_redundant_casts
 # Ops computed in FP32 wherever they are. LayerNormalization is a single op at opset >= 17 with the
 # TorchScript exporter (our towers have no ReduceMean/Pow decomposition); the decomposed forms are listed
 # for older opsets and other exporters.
-KEEP_FP32_OPS = frozenset({
-    "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax", "ReduceSum", "ReduceSumSquare", "ReduceL2",
-    "LpNormalization", "InstanceNormalization", "GroupNormalization", "BatchNormalization",
-})  # fmt: skip
+KEEP_FP32_OPS = frozenset(
+    {
+        "LayerNormalization",
+        "ReduceMean",
+        "Pow",
+        "Sqrt",
+        "Softmax",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "ReduceL2",
+        "LpNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "BatchNormalization",
+    }
+)
 # Walking back from a graph output, these end the FP32 output tail: the projection stays FP16 (tensor-core
 # matmul with FP32 accumulation on the GPU); the L2 normalisation after it stays FP32.
 _TAIL_STOP = frozenset({"MatMul", "Gemm", "Conv", "Gather", "Einsum"})
@@ -120,8 +133,11 @@ class _Converter:
                 name = t.name
                 t.name = f"{name}_fp16"
                 cast = gs.Variable(name, dtype=F32, shape=t.shape)
-                self.graph.nodes.append(gs.Node("Cast", name=f"{name}_to_fp32", attrs={"to": onnx.TensorProto.FLOAT},
-                                                inputs=[t], outputs=[cast]))  # fmt: skip
+                self.graph.nodes.append(
+                    gs.Node(
+                        "Cast", name=f"{name}_to_fp32", attrs={"to": onnx.TensorProto.FLOAT}, inputs=[t], outputs=[cast]
+                    )
+                )
                 t = cast
             outs.append(t)
         self.graph.outputs = outs
@@ -131,8 +147,9 @@ class _Converter:
         if key not in self.casts:
             out = gs.Variable(f"{t.name}_{target.name}", dtype=target, shape=t.shape)
             to = onnx.TensorProto.FLOAT16 if target == F16 else onnx.TensorProto.FLOAT
-            self.graph.nodes.append(gs.Node("Cast", name=f"{t.name}_cast_{target.name}", attrs={"to": to},
-                                            inputs=[t], outputs=[out]))  # fmt: skip
+            self.graph.nodes.append(
+                gs.Node("Cast", name=f"{t.name}_cast_{target.name}", attrs={"to": to}, inputs=[t], outputs=[out])
+            )
             self.casts[key] = out
         return self.casts[key]
 

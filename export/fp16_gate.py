@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class GateError(RuntimeError):
 def onnx_embedder(ck: Checkpoint, image_onnx: str | Path, text_onnx: str | Path) -> Embedder:
     """An Embedder running the exported towers with the serving code's ONNX Runtime runner (CPU here; the FP16
     graphs keep FP32 I/O), so the gate exercises what Triton's CPU models run."""
+
     def encoder(path, name):
         io = contract.MODELS[name]
         return OnnxEncoder(path, io, {t.name: t.resolve_dims(ck.model_cfg) for t in io.inputs}, intra_op_threads=2)
@@ -74,7 +76,10 @@ def fp16_gate(ckpt_dir: str | Path, export_dir: str | Path, catalog: Catalog, sp
     """Run the gate; raise GateError naming the failing figure, else return the figures."""
     ck = load_checkpoint(ckpt_dir)
     export_dir = Path(export_dir)
-    paths = [export_dir / onnx_filename(contract.IMAGE_ENCODER, fp16=True), export_dir / onnx_filename(contract.TEXT_ENCODER, fp16=True)]
+    paths = [
+        export_dir / onnx_filename(contract.IMAGE_ENCODER, fp16=True),
+        export_dir / onnx_filename(contract.TEXT_ENCODER, fp16=True),
+    ]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise GateError(f"FP16 ONNX missing: {missing}; export with FP16 on (python -m export.onnx_export)")
@@ -87,21 +92,33 @@ def fp16_gate(ckpt_dir: str | Path, export_dir: str | Path, catalog: Catalog, sp
     r32 = evaluate(torch_embedder(ck), catalog, split)["image R@10"]
     r16 = evaluate(fp16, catalog, split)["image R@10"]
     report = {
-        "split": split, "n_images": len(images), "n_titles": len(texts),
-        "min_cosine_images": cos_img, "min_cosine_titles": cos_txt,
-        "recall10_fp32": r32, "recall10_fp16": r16, "min_cosine_gate": MIN_COSINE, "max_recall_drop": MAX_RECALL_DROP,
-    }  # fmt: skip
+        "split": split,
+        "n_images": len(images),
+        "n_titles": len(texts),
+        "min_cosine_images": cos_img,
+        "min_cosine_titles": cos_txt,
+        "recall10_fp32": r32,
+        "recall10_fp16": r16,
+        "min_cosine_gate": MIN_COSINE,
+        "max_recall_drop": MAX_RECALL_DROP,
+    }
     if min(cos_img, cos_txt) < MIN_COSINE:
-        raise GateError(f"FP16 towers fail the cosine gate on the {split} split: images {cos_img:.6f}, titles "
-                        f"{cos_txt:.6f}, need >= {MIN_COSINE}; keep more of the graph in FP32 (export/fp16.py)")  # fmt: skip
+        raise GateError(
+            f"FP16 towers fail the cosine gate on the {split} split: images {cos_img:.6f}, titles "
+            f"{cos_txt:.6f}, need >= {MIN_COSINE}; keep more of the graph in FP32 (export/fp16.py)"
+        )
     if r32 - r16 > MAX_RECALL_DROP:
-        raise GateError(f"FP16 towers lose retrieval quality on the {split} split: Recall@10 {r16:.4f} vs FP32 "
-                        f"{r32:.4f}, more than {MAX_RECALL_DROP} lower")  # fmt: skip
+        raise GateError(
+            f"FP16 towers lose retrieval quality on the {split} split: Recall@10 {r16:.4f} vs FP32 "
+            f"{r32:.4f}, more than {MAX_RECALL_DROP} lower"
+        )
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export.fp16_gate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m export.fp16_gate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--checkpoint", required=True, type=Path)
     ap.add_argument("--export-dir", default=Path("artifacts/export"), type=Path)
     ap.add_argument("--catalog", default=Path("artifacts/catalog"), type=Path)

@@ -26,9 +26,10 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -58,8 +59,12 @@ TRACE_BATCH = 2
 
 MODEL_JSON, PREPROCESS_JSON, EXPORT_JSON = "model.json", "preprocess.json", "export.json"
 PUBLIC_MODE = 0o644
-_ONNX_DTYPES = {"FP32": onnx.TensorProto.FLOAT, "FP16": onnx.TensorProto.FLOAT16, "INT64": onnx.TensorProto.INT64,
-                "INT32": onnx.TensorProto.INT32}  # fmt: skip
+_ONNX_DTYPES = {
+    "FP32": onnx.TensorProto.FLOAT,
+    "FP16": onnx.TensorProto.FLOAT16,
+    "INT64": onnx.TensorProto.INT64,
+    "INT32": onnx.TensorProto.INT32,
+}
 
 
 class ExportError(RuntimeError):
@@ -155,7 +160,8 @@ def check_io(model: onnx.ModelProto, io: contract.ModelIO, model_cfg: ModelConfi
             t = v.type.tensor_type
             if t.elem_type != _ONNX_DTYPES[spec.dtype]:
                 raise ExportError(
-                    f"{io.name}.{spec.name}: dtype {onnx.TensorProto.DataType.Name(t.elem_type)}; contract says {spec.dtype}"
+                    f"{io.name}.{spec.name}: dtype {onnx.TensorProto.DataType.Name(t.elem_type)}; "
+                    f"contract says {spec.dtype}"
                 )
             dims = [d.dim_param or d.dim_value for d in t.shape.dim]
             want_dims = [BATCH_DIM, *spec.resolve_dims(model_cfg)]
@@ -295,8 +301,13 @@ def _export_one(tower: Tower, model_cfg: ModelConfig, out_dir: Path, *, opset: i
     else:
         # A variant left from an earlier export would otherwise be installed next to the new FP32 model.
         (out_dir / onnx_filename(tower.name, fp16=True)).unlink(missing_ok=True)
-    log.debug("%s: %d -> %d nodes%s", tower.name, entry["nodes_exported"], entry["nodes"],
-             f", cosine {entry['parity_fp32']['min_cosine']:.7f}" if check else "")  # fmt: skip
+    log.debug(
+        "%s: %d -> %d nodes%s",
+        tower.name,
+        entry["nodes_exported"],
+        entry["nodes"],
+        f", cosine {entry['parity_fp32']['min_cosine']:.7f}" if check else "",
+    )
     return entry
 
 

@@ -18,7 +18,7 @@ What the TorchScript exporter leaves behind in our towers, and the pass that rem
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -48,8 +48,8 @@ def remove_identity(graph: gs.Graph) -> gs.Graph:
     An Identity whose output is a graph output is kept unless its source can take the output's name: graph
     outputs are the tensor contract and keep their names.
     """
-    outputs = set(id(t) for t in graph.outputs)
-    inputs = set(id(t) for t in graph.inputs)
+    outputs = {id(t) for t in graph.outputs}
+    inputs = {id(t) for t in graph.inputs}
     for node in list(graph.nodes):
         if not _is_noop(node):
             continue
@@ -60,7 +60,7 @@ def remove_identity(graph: gs.Graph) -> gs.Graph:
                 continue
             src.name = dst.name
             graph.outputs = [src if t is dst else t for t in graph.outputs]
-            outputs = set(id(t) for t in graph.outputs)
+            outputs = {id(t) for t in graph.outputs}
         _reroute(dst, src)
         node.outputs.clear()
     return graph.cleanup().toposort()
@@ -167,8 +167,11 @@ def _scalar_dim(t: gs.Tensor) -> int | tuple[gs.Tensor, int] | None:
 
 
 def _is_shape_of(t: gs.Tensor) -> bool:
-    return len(t.inputs) == 1 and t.inputs[0].op == "Shape" and not t.inputs[0].attrs.get("start") and (
-        t.inputs[0].attrs.get("end") is None
+    return (
+        len(t.inputs) == 1
+        and t.inputs[0].op == "Shape"
+        and not t.inputs[0].attrs.get("start")
+        and (t.inputs[0].attrs.get("end") is None)
     )
 
 
@@ -275,11 +278,22 @@ def _dtype(t: gs.Tensor) -> np.dtype | None:
 
 # Casts A -> B that keep every value of A exactly, so a following B -> C cast sees what A -> C would.
 _WIDENINGS = {
-    ("float16", "float32"), ("float16", "float64"), ("float32", "float64"),
-    ("int8", "int16"), ("int8", "int32"), ("int8", "int64"), ("int16", "int32"), ("int16", "int64"),
-    ("int32", "int64"), ("uint8", "int16"), ("uint8", "int32"), ("uint8", "int64"),
-    ("uint16", "int32"), ("uint16", "int64"), ("uint32", "int64"),
-}  # fmt: skip
+    ("float16", "float32"),
+    ("float16", "float64"),
+    ("float32", "float64"),
+    ("int8", "int16"),
+    ("int8", "int32"),
+    ("int8", "int64"),
+    ("int16", "int32"),
+    ("int16", "int64"),
+    ("int32", "int64"),
+    ("uint8", "int16"),
+    ("uint8", "int32"),
+    ("uint8", "int64"),
+    ("uint16", "int32"),
+    ("uint16", "int64"),
+    ("uint32", "int64"),
+}
 
 
 def _lossless(a: np.dtype | None, b: np.dtype | None) -> bool:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -442,7 +443,21 @@ def io_for_onnx(model) -> contract.ModelIO:
 
 
 __all__ = [
-    "BatchRange", "PLAN_META_SUFFIX", "TensorRTError", "build_engine", "config_for", "current_environment",
-    "engine_is_current", "engine_parity", "engine_staleness", "io_for_onnx", "io_signature", "network_from_onnx",
-    "pin_fp32_layers", "plan_filename", "profile_for", "tensorrt_unavailable_reason", "tower_profile",
-]  # fmt: skip
+    "BatchRange",
+    "PLAN_META_SUFFIX",
+    "TensorRTError",
+    "build_engine",
+    "config_for",
+    "current_environment",
+    "engine_is_current",
+    "engine_parity",
+    "engine_staleness",
+    "io_for_onnx",
+    "io_signature",
+    "network_from_onnx",
+    "pin_fp32_layers",
+    "plan_filename",
+    "profile_for",
+    "tensorrt_unavailable_reason",
+    "tower_profile",
+]

@@ -22,7 +22,12 @@ from .tokenizer import TextTokenizer
 
 FORMAT = "mim-checkpoint"
 VERSION = 1
-WEIGHTS, CONFIG, TOKENIZER, TRAIN_STATE = "model.safetensors", "config.json", "tokenizer.json", "train_state.safetensors"
+WEIGHTS, CONFIG, TOKENIZER, TRAIN_STATE = (
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "train_state.safetensors",
+)
 
 
 class CheckpointError(ValueError):
@@ -88,7 +93,8 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     cfg = json.loads(path.read_text())
     if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
         raise CheckpointError(
-            f"{path}: format {cfg.get('format')!r} version {cfg.get('version')!r}; expected {FORMAT!r} version {VERSION}"
+            f"{path}: format {cfg.get('format')!r} version {cfg.get('version')!r}; "
+            f"expected {FORMAT!r} version {VERSION}"
         )
     return cfg
 

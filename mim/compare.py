@@ -35,7 +35,9 @@ RUNS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mim.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m mim.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--catalog", default="artifacts/catalog")
     ap.add_argument("--checkpoints", default="artifacts/checkpoints", help="where each run's checkpoint goes")
     ap.add_argument("--steps", type=int, default=600)
@@ -53,14 +55,24 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.checkpoints) / name
         t0 = time.time()
         train(
-            catalog=str(cat_dir), out=str(out), objective=objective, size=args.size, steps=mult * args.steps,
-            batch_size=args.batch_size, seed=args.seed, resume=True, no_progress=args.no_progress,
+            catalog=str(cat_dir),
+            out=str(out),
+            objective=objective,
+            size=args.size,
+            steps=mult * args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            resume=True,
+            no_progress=args.no_progress,
             init_from=str(Path(args.checkpoints) / init) if init else None,
         )
         timings[name] = time.time() - t0
         rows[name] = evaluate(torch_embedder(load_checkpoint(out)), catalog, "test")
-        print(f"{name}: image R@1 {rows[name]['image R@1']:.3f}, catP@10 {rows[name]['image catP@10']:.3f}, "
-              f"mm-fusion R@1 {rows[name].get('mm-fusion R@1', float('nan')):.3f}", file=sys.stderr)
+        print(
+            f"{name}: image R@1 {rows[name]['image R@1']:.3f}, catP@10 {rows[name]['image catP@10']:.3f}, "
+            f"mm-fusion R@1 {rows[name].get('mm-fusion R@1', float('nan')):.3f}",
+            file=sys.stderr,
+        )
     any_row = next(iter(rows.values()))
     header = (
         f"# Retrieval quality: DML vs 3-tower vs 4-tower\n\n"

@@ -66,7 +66,7 @@ class ModelConfig:
         self.vision.validate()
         self.text.validate()
 
-    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+    def with_vocab(self, vocab_size: int) -> ModelConfig:
         """The tokenizer is trained on the catalog, so the vocabulary size is only known after that."""
         return dataclasses.replace(self, text=dataclasses.replace(self.text, vocab_size=vocab_size))
 
@@ -74,7 +74,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
 
@@ -108,7 +108,7 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)

@@ -37,9 +37,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
@@ -254,9 +255,7 @@ def _normalize_params(
             raise ValueError(f"{name}={n!r}; expected an int in [1, 64]")
     cats = _pick("categories", categories, CATEGORIES)
     if len(cats) < 2:
-        raise ValueError(
-            f"categories={cats}; need at least 2 so query photos can hold distractors of another category"
-        )
+        raise ValueError(f"categories={cats}; need at least 2 so query photos can hold distractors of another category")
     fractions = [float(f) for f in split]
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split={tuple(split)}; expected three non-negative (train, val, test) fractions summing to 1")
@@ -338,9 +337,7 @@ def _reformulations(
     """At most one colour change and one pattern change per query photo, to a target in the same split."""
     rng = _rng(seed, _STREAM_REFORM, q.query_id)
     out = []
-    colour_targets = [
-        t for (c, p, k), t in index.items() if c == src.category and p == src.pattern and k != src.colour
-    ]
+    colour_targets = [t for (c, p, k), t in index.items() if c == src.category and p == src.pattern and k != src.colour]
     pattern_targets = [
         t for (c, p, k), t in index.items() if c == src.category and k == src.colour and p != src.pattern
     ]
@@ -408,8 +405,36 @@ def _mug(f: _Pen, h: _Pen) -> None:
 
 
 def _shirt(f: _Pen, h: _Pen) -> None:
-    f.poly(0.34, 0.10, 0.42, 0.10, 0.46, 0.16, 0.54, 0.16, 0.58, 0.10, 0.66, 0.10, 0.94, 0.28, 0.86, 0.46,
-           0.74, 0.38, 0.74, 0.92, 0.26, 0.92, 0.26, 0.38, 0.14, 0.46, 0.06, 0.28)
+    f.poly(
+        0.34,
+        0.10,
+        0.42,
+        0.10,
+        0.46,
+        0.16,
+        0.54,
+        0.16,
+        0.58,
+        0.10,
+        0.66,
+        0.10,
+        0.94,
+        0.28,
+        0.86,
+        0.46,
+        0.74,
+        0.38,
+        0.74,
+        0.92,
+        0.26,
+        0.92,
+        0.26,
+        0.38,
+        0.14,
+        0.46,
+        0.06,
+        0.28,
+    )
     h.poly(0.42, 0.10, 0.46, 0.16, 0.54, 0.16, 0.58, 0.10, 0.55, 0.10, 0.53, 0.13, 0.47, 0.13, 0.45, 0.10)
 
 
@@ -475,8 +500,16 @@ def _clock(f: _Pen, h: _Pen) -> None:
 
 
 _SHAPES: dict[str, Callable[[_Pen, _Pen], None]] = {
-    "mug": _mug, "shirt": _shirt, "shoe": _shoe, "bag": _bag, "lamp": _lamp,
-    "bottle": _bottle, "hat": _hat, "chair": _chair, "umbrella": _umbrella, "clock": _clock,
+    "mug": _mug,
+    "shirt": _shirt,
+    "shoe": _shoe,
+    "bag": _bag,
+    "lamp": _lamp,
+    "bottle": _bottle,
+    "hat": _hat,
+    "chair": _chair,
+    "umbrella": _umbrella,
+    "clock": _clock,
 }
 
 
@@ -559,8 +592,10 @@ def _pat_zigzag(u, v, ph):
 def _pat_stars(u, v, ph):
     tilt = (ph[2] - 0.5) * 0.6  # radians; one point roughly up
     # Unit star: 10 vertices alternating outer points (radius 1) and inner corners (radius 0.42).
-    unit = [((1.0 if i % 2 == 0 else 0.42) * math.cos(a), (1.0 if i % 2 == 0 else 0.42) * math.sin(a))
-            for i, a in enumerate(-np.pi / 2 + tilt + np.arange(10) * np.pi / 5)]
+    unit = [
+        ((1.0 if i % 2 == 0 else 0.42) * math.cos(a), (1.0 if i % 2 == 0 else 0.42) * math.sin(a))
+        for i, a in enumerate(-np.pi / 2 + tilt + np.arange(10) * np.pi / 5)
+    ]
 
     def star(d, cx, cy, cell):
         r = 0.40 * cell
@@ -570,8 +605,14 @@ def _pat_stars(u, v, ph):
 
 
 _PATTERN_FNS: dict[str, Callable[..., np.ndarray]] = {
-    "solid": _pat_solid, "stripes": _pat_stripes, "zebra": _pat_zebra, "dots": _pat_dots, "plaid": _pat_plaid,
-    "checkerboard": _pat_checkerboard, "zigzag": _pat_zigzag, "stars": _pat_stars,
+    "solid": _pat_solid,
+    "stripes": _pat_stripes,
+    "zebra": _pat_zebra,
+    "dots": _pat_dots,
+    "plaid": _pat_plaid,
+    "checkerboard": _pat_checkerboard,
+    "zigzag": _pat_zigzag,
+    "stars": _pat_stars,
 }
 
 _HARDWARE_RGB = (58, 56, 60)
@@ -710,7 +751,11 @@ def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float,
 
 
 def _place_distractors(
-    rng: np.random.Generator, canvas: Image.Image, product: Product, others: list[str], scale: float,
+    rng: np.random.Generator,
+    canvas: Image.Image,
+    product: Product,
+    others: list[str],
+    scale: float,
     product_box: tuple[float, float, float, float],
 ) -> None:
     """1-3 objects of other categories with the product's pattern (same colour 60% of the time), placed where they
@@ -860,8 +905,14 @@ def generate_catalog(
     points at missing or stale files.
     """
     params = _normalize_params(
-        seed=seed, image_size=image_size, n_train_queries=n_train_queries, n_eval_queries=n_eval_queries,
-        categories=categories, patterns=patterns, colours=colours, split=split,
+        seed=seed,
+        image_size=image_size,
+        n_train_queries=n_train_queries,
+        n_eval_queries=n_eval_queries,
+        categories=categories,
+        patterns=patterns,
+        colours=colours,
+        split=split,
     )
     root = Path(root)
     products, queries, reforms = _plan(params)
@@ -940,8 +991,9 @@ def ensure_catalog(root: str | os.PathLike, **kwargs: Any) -> Catalog:
 # Inspection
 
 
-def save_contact_sheet(catalog: Catalog, out: str | os.PathLike, *, split: str = "test", n_products: int = 6,
-                       cell: int = 128) -> Path:
+def save_contact_sheet(
+    catalog: Catalog, out: str | os.PathLike, *, split: str = "test", n_products: int = 6, cell: int = 128
+) -> Path:
     """One row per product: its catalog image, then its query photos, with the title underneath. For eyeballing."""
     products = catalog.products_in(split)
     step = max(1, len(products) // max(1, n_products))
@@ -989,11 +1041,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sheet", default=None, help="also save a contact sheet PNG of test products here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    kwargs = dict(
-        seed=args.seed, image_size=args.image_size, n_train_queries=args.n_train_queries,
-        n_eval_queries=args.n_eval_queries, categories=args.categories, patterns=args.patterns,
-        colours=args.colours, progress=not args.no_progress,
-    )
+    kwargs = {
+        "seed": args.seed,
+        "image_size": args.image_size,
+        "n_train_queries": args.n_train_queries,
+        "n_eval_queries": args.n_eval_queries,
+        "categories": args.categories,
+        "patterns": args.patterns,
+        "colours": args.colours,
+        "progress": not args.no_progress,
+    }
     t0 = time.perf_counter()
     try:
         cat = generate_catalog(args.out, **kwargs) if args.force else ensure_catalog(args.out, **kwargs)

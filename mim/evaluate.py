@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,9 @@ REFINE_TOP_N = 50
 
 # --- metrics (pure NumPy, unit-tested on hand-made rankings) --------------------------------------------------
 def recall_at_k(ranked: np.ndarray, target: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
-    """ranked (Q, K) gallery ids best first; target (Q,) the correct id. Share of queries whose target is in the top k."""
+    """Share of queries whose target is in the top k.
+
+    ranked (Q, K) holds gallery ids best first; target (Q,) the correct id per query."""
     ranked, target = np.asarray(ranked), np.asarray(target)
     if ranked.ndim != 2 or len(ranked) != len(target):
         raise ValueError(f"ranked must be (Q, K) and target (Q,); got {ranked.shape} and {target.shape}")
@@ -67,7 +69,14 @@ def fuse(image: np.ndarray, text: np.ndarray, image_weight: float = DEFAULT_FUSI
     return normalize(image_weight * image + (1.0 - image_weight) * text)
 
 
-def refine(q_img: np.ndarray, q_txt: np.ndarray, gallery: np.ndarray, k: int, top_n: int = REFINE_TOP_N, text_weight: float = DEFAULT_REFINE_WEIGHT) -> np.ndarray:
+def refine(
+    q_img: np.ndarray,
+    q_txt: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    top_n: int = REFINE_TOP_N,
+    text_weight: float = DEFAULT_REFINE_WEIGHT,
+) -> np.ndarray:
     """Image kNN for top_n candidates, re-ranked by cos(q, p) + b * cos(s, p); returns (Q, k) gallery rows."""
     cand = top_k(q_img, gallery, min(top_n, len(gallery)))  # (Q, N)
     g = gallery[cand]  # (Q, N, D)
@@ -112,7 +121,7 @@ def evaluate(embedder: Embedder, catalog: Catalog, split: str = "test") -> dict[
     queries = catalog.queries_in(split)
     refs = catalog.reformulations_in(split)
     pid = np.array([p.product_id for p in products])
-    row = {p: i for i, p in enumerate(pid)}
+    {p: i for i, p in enumerate(pid)}
     pcat = np.array([p.category for p in products])
     gallery = embedder.images([catalog.read_bytes(p.image) for p in products])
     qimg = embedder.images([catalog.read_bytes(q.image) for q in queries])
@@ -132,12 +141,24 @@ def evaluate(embedder: Embedder, catalog: Catalog, split: str = "test") -> dict[
         target = np.array([r.target_product_id for r in refs])
         fused = fuse(ref_img, ref_txt)
         metrics.update({f"mm-fusion {k}": v for k, v in recall_at_k(pid[top_k(fused, gallery, kmax)], target).items()})
-        metrics.update({f"mm-refine {k}": v for k, v in recall_at_k(pid[refine(ref_img, ref_txt, gallery, kmax)], target).items()})
+        metrics.update(
+            {f"mm-refine {k}": v for k, v in recall_at_k(pid[refine(ref_img, ref_txt, gallery, kmax)], target).items()}
+        )
     metrics["n_gallery"], metrics["n_queries"], metrics["n_reformulations"] = len(products), len(queries), len(refs)
     return metrics
 
 
-COLUMNS = ["image R@1", "image R@5", "image R@10", "image catP@10", "title R@1", "mm-fusion R@1", "mm-fusion R@10", "mm-refine R@1", "mm-refine R@10"]
+COLUMNS = [
+    "image R@1",
+    "image R@5",
+    "image R@10",
+    "image catP@10",
+    "title R@1",
+    "mm-fusion R@1",
+    "mm-fusion R@10",
+    "mm-refine R@1",
+    "mm-refine R@10",
+]
 
 
 def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = COLUMNS) -> str:
@@ -156,8 +177,15 @@ def write_results(out: str | Path, rows: dict[str, dict[str, float]], header: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mim.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", action="append", required=True, help="checkpoint folder; repeat to compare (name=path also works)")
+    ap = argparse.ArgumentParser(
+        prog="python -m mim.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="checkpoint folder; repeat to compare (name=path also works)",
+    )
     ap.add_argument("--catalog", default="artifacts/catalog")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"])
     ap.add_argument("--out", help="write OUT.md and OUT.json")
@@ -171,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows)
     print(table)
     if args.out:
-        write_results(args.out, rows, f"Split: {args.split}; command: python -m mim.evaluate {' '.join(argv or sys.argv[1:])}")
+        write_results(
+            args.out, rows, f"Split: {args.split}; command: python -m mim.evaluate {' '.join(argv or sys.argv[1:])}"
+        )
     return 0
 
 

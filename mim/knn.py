@@ -28,8 +28,9 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -242,14 +243,11 @@ def _check_ids(ids: Any, what: str = "ids") -> np.ndarray:
         raise ValueError(f"{what} must be 1-D; got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(
-            f"{what} must be integers (int64 ids); got dtype {arr.dtype}. "
-            "Convert with np.asarray(ids, dtype=np.int64)."
+            f"{what} must be integers (int64 ids); got dtype {arr.dtype}. Convert with np.asarray(ids, dtype=np.int64)."
         )
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) > _INT64_MAX):
         bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
-        raise ValueError(
-            f"{what} must lie in [0, 2**63-1] (-1 marks padding in search results); got {bad}"
-        )
+        raise ValueError(f"{what} must lie in [0, 2**63-1] (-1 marks padding in search results); got {bad}")
     arr = arr.astype(np.int64, copy=False)
     uniq, counts = np.unique(arr, return_counts=True)
     if uniq.size != arr.size:
@@ -436,17 +434,13 @@ class KnnIndex:
         ids = _check_ids(ids)
         emb = _check_matrix(xp, embeddings, self._dim, "embeddings")
         if emb.shape[0] != ids.shape[0]:
-            raise ValueError(
-                f"got {ids.shape[0]} ids but {emb.shape[0]} embedding rows; pass one row per id"
-            )
+            raise ValueError(f"got {ids.shape[0]} ids but {emb.shape[0]} embedding rows; pass one row per id")
         metas = _check_metadata(metadata, ids.shape[0])
         if ids.size == 0:
             return
         clash = ids[np.isin(ids, self._ids)]
         if clash.size:
-            raise ValueError(
-                f"id {int(clash[0])} is already in the index; remove it first or use a new id"
-            )
+            raise ValueError(f"id {int(clash[0])} is already in the index; remove it first or use a new id")
         if emb.dtype == np.float16:  # norms of fp16 rows are computed in fp32
             emb = emb.astype(np.float32)
         emb = self._normalised_rows(emb, normalize, norm_tol)
@@ -624,7 +618,7 @@ class KnnIndex:
         chunk_size: int = 65536,
         topk: str = "auto",
         query_batch_size: int = 256,
-    ) -> "KnnIndex":
+    ) -> KnnIndex:
         """Load a file written by `save`. With ``expected_model_id``, a file from another model is refused
         (ValueError naming both ids). A file that is not a valid index raises ValueError."""
         path = Path(path)

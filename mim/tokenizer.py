@@ -7,8 +7,8 @@ Unknown words map to [UNK] pieces instead of failing; text longer than the conte
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -32,7 +32,9 @@ class TextTokenizer:
         self._tok.no_truncation()
 
     @classmethod
-    def train(cls, texts: Iterable[str], *, vocab_size: int, context_length: int, lowercase: bool = True) -> "TextTokenizer":
+    def train(
+        cls, texts: Iterable[str], *, vocab_size: int, context_length: int, lowercase: bool = True
+    ) -> TextTokenizer:
         """Build the vocabulary from `texts`, deterministically.
 
         The library's WordPiece trainer orders equally frequent merges differently from run to run, which gives
@@ -48,18 +50,22 @@ class TextTokenizer:
         chars = sorted({c for w in counts for c in w})
         vocab = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
         if vocab_size < len(vocab):
-            raise ValueError(f"vocab_size={vocab_size} cannot hold the {len(vocab)} special and character tokens; raise it")
+            raise ValueError(
+                f"vocab_size={vocab_size} cannot hold the {len(vocab)} special and character tokens; raise it"
+            )
         seen = set(vocab)
         words = sorted((w for w in counts if w not in seen), key=lambda w: (-counts[w], w))
         vocab += words[: vocab_size - len(vocab)]
-        tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token=UNK, max_input_chars_per_word=64))
+        tok = Tokenizer(
+            models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token=UNK, max_input_chars_per_word=64)
+        )
         tok.normalizer = normalizer
         tok.pre_tokenizer = pre
         tok.decoder = decoders.WordPiece()
         return cls(tok, context_length)
 
     @classmethod
-    def from_file(cls, path: str | Path, context_length: int) -> "TextTokenizer":
+    def from_file(cls, path: str | Path, context_length: int) -> TextTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} not found; it is saved with every checkpoint/export")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import ModelConfig, PreprocessConfig, get_size
+from .config import PreprocessConfig, get_size
 from .data import Catalog, ensure_catalog, load_catalog
 from .losses import OBJECTIVES, LossWeights, mim_loss
 from .model import MIMModel
@@ -53,7 +52,9 @@ def load_split(catalog: Catalog, split: str, pre: PreprocessConfig, progress: bo
     for j, q in enumerate(queries):
         qof[row[q.product_id]].append(j)
     if any(not x for x in qof):
-        raise ValueError(f"every {split} product needs at least one query photo; the catalog at {catalog.root} has none for some")
+        raise ValueError(
+            f"every {split} product needs at least one query photo; the catalog at {catalog.root} has none for some"
+        )
     return TrainData(
         product_ids=[p.product_id for p in products],
         product_pixels=np.stack(arrays[: len(products)]),
@@ -85,7 +86,9 @@ def augment(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
     theta = np.stack([np.stack([cos * flip, -sin, shift[:, 0]], 1), np.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
     x = torch.from_numpy(np.ascontiguousarray(pixels))
-    grid = torch.nn.functional.affine_grid(torch.from_numpy(theta.astype(np.float32)), list(x.shape), align_corners=False)
+    grid = torch.nn.functional.affine_grid(
+        torch.from_numpy(theta.astype(np.float32)), list(x.shape), align_corners=False
+    )
     # Border padding repeats the photo's own edge: the street photos have no white margin to invent.
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False).numpy()
 
@@ -97,7 +100,7 @@ def batch_loss(
     objective: str,
     rng: np.random.Generator,
     batch_size: int,
-    weights: LossWeights = LossWeights(),
+    weights: LossWeights | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Draw one batch of distinct products (a street photo, the catalog photo, the title and a short query each)
     and return the objective's loss on it."""
@@ -118,7 +121,7 @@ def batch_loss(
         emb = model.encode_text(torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev))  # one text encoder
         t = emb[:batch_size]
         s = emb[batch_size:] if objective == "4tower" else None
-    return mim_loss(objective, model.scale(), q, p, t, s, pids, titles, shorts, weights)
+    return mim_loss(objective, model.scale(), q, p, t, s, pids, titles, shorts, weights or LossWeights())
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -137,13 +140,17 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m mim.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m mim.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--catalog", default="artifacts/catalog", help="catalog folder (generated if missing)")
     ap.add_argument("--catalog-seed", type=int, default=0)
     ap.add_argument("--size", default="tiny", help="named model size (mim.config.SIZES)")
     ap.add_argument("--objective", choices=OBJECTIVES, default="3tower")
     ap.add_argument("--out", required=True, help="checkpoint folder to write")
-    ap.add_argument("--init-from", help="start from this checkpoint's weights and tokenizer (e.g. 4-tower from 3-tower)")
+    ap.add_argument(
+        "--init-from", help="start from this checkpoint's weights and tokenizer (e.g. 4-tower from 3-tower)"
+    )
     ap.add_argument("--resume", action="store_true", help="continue from --out if it holds a checkpoint")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -188,14 +195,18 @@ def train(
     dev = pick_device(device)
     torch.manual_seed(seed)
     cat_path = Path(catalog)
-    cat = load_catalog(cat_path) if (cat_path / "catalog.json").is_file() else ensure_catalog(cat_path, seed=catalog_seed)
+    cat = (
+        load_catalog(cat_path) if (cat_path / "catalog.json").is_file() else ensure_catalog(cat_path, seed=catalog_seed)
+    )
     out_dir = Path(out)
 
     start_step = 0
     if resume and (out_dir / ckpt.CONFIG).is_file():
         state = ckpt.load_checkpoint(out_dir)
         if state.meta.get("objective") != objective:
-            raise ValueError(f"--resume: {out_dir} was trained with objective {state.meta.get('objective')!r}, not {objective!r}")
+            raise ValueError(
+                f"--resume: {out_dir} was trained with objective {state.meta.get('objective')!r}, not {objective!r}"
+            )
         model, pre, tok = state.model, state.pre_cfg, state.tokenizer
         start_step = int(state.meta.get("step", 0))
     elif init_from:
@@ -204,7 +215,12 @@ def train(
     else:
         spec = get_size(size)
         pre = spec.preprocess
-        tok = TextTokenizer.train(tokenizer_texts(cat), vocab_size=spec.model.text.vocab_size, context_length=pre.context_length, lowercase=pre.lowercase)
+        tok = TextTokenizer.train(
+            tokenizer_texts(cat),
+            vocab_size=spec.model.text.vocab_size,
+            context_length=pre.context_length,
+            lowercase=pre.lowercase,
+        )
         model = MIMModel(spec.model.with_vocab(tok.vocab_size))
     model.to(dev).train()
 
@@ -215,13 +231,28 @@ def train(
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
     if start_step:
         ckpt.load_train_state(out_dir, model, opt)
 
-    meta = {"objective": objective, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "catalog": str(cat.root), "catalog_seed": cat.seed, "init_from": init_from}
+    meta = {
+        "objective": objective,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "catalog": str(cat.root),
+        "catalog_seed": cat.seed,
+        "init_from": init_from,
+    }
     weights = LossWeights()
-    bar = tqdm(range(start_step, steps), desc=f"train {objective}", disable=not progress, initial=start_step, total=steps)
+    bar = tqdm(
+        range(start_step, steps), desc=f"train {objective}", disable=not progress, initial=start_step, total=steps
+    )
     t0, last = time.time(), {}
     for step in bar:
         for g in opt.param_groups:
@@ -241,7 +272,11 @@ def train(
     if start_step >= steps:
         print(f"{out_dir}: already trained for {start_step} steps; nothing to do", file=sys.stderr)
     else:
-        print(f"trained {objective} for {steps - start_step} steps in {time.time() - t0:.0f}s -> {out_dir} (last loss {last.get('loss', float('nan')):.3f})", file=sys.stderr)
+        print(
+            f"trained {objective} for {steps - start_step} steps in {time.time() - t0:.0f}s -> {out_dir} "
+            f"(last loss {last.get('loss', float('nan')):.3f})",
+            file=sys.stderr,
+        )
     return out_dir
 
 

@@ -3,8 +3,8 @@ path is compared with), a small catalog, and a ranking comparison that tolerates
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -14,8 +14,13 @@ from mim.data import Catalog, ensure_catalog
 from mim.evaluate import embed_images, embed_texts, fuse
 
 # 4 categories x 3 patterns x 3 colours = 36 products, 64 px: generated in a few seconds.
-SMALL_CATALOG = {"seed": 0, "image_size": 64, "categories": ["mug", "shirt", "shoe", "bag"],
-                 "patterns": ["solid", "stripes", "dots"], "colours": ["red", "blue", "green"]}
+SMALL_CATALOG = {
+    "seed": 0,
+    "image_size": 64,
+    "categories": ["mug", "shirt", "shoe", "bag"],
+    "patterns": ["solid", "stripes", "dots"],
+    "colours": ["red", "blue", "green"],
+}
 
 
 def small_catalog(root: Path) -> Catalog:
@@ -34,7 +39,9 @@ class TorchEmbeddings:
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return embed_texts(self.ck, list(texts))
 
-    def embed_multimodal(self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None) -> np.ndarray:
+    def embed_multimodal(
+        self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None
+    ) -> np.ndarray:
         w = contract.DEFAULT_IMAGE_WEIGHT if image_weight is None else image_weight
         return fuse(self.embed_images(images), self.embed_texts(texts), w)
 

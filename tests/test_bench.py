@@ -26,7 +26,7 @@ ENSEMBLE_STDOUT = """\
   Using synchronous calls for inference
 
 Request concurrency: 4
-  Client: 
+  Client:
     Request count: 406
     Throughput: 218.942 infer/sec
     Avg latency: 18099 usec (standard deviation 4855 usec)
@@ -35,13 +35,13 @@ Request concurrency: 4
     p95 latency: 27358 usec
     p99 latency: 31357 usec
     Avg gRPC time: 18024 usec ((un)marshal request/response 41 usec + response wait 17983 usec)
-  Server: 
+  Server:
     Inference count: 406
     Execution count: 406
     Successful request count: 406
     Avg request latency: 14899 usec (overhead 0 usec + queue 6329 usec + compute 16846 usec)
 
-  Composing models: 
+  Composing models:
   fuse, version: 1
       Inference count: 406
       Execution count: 288
@@ -66,7 +66,7 @@ Concurrency: 4, throughput: 218.942 infer/sec, latency 18099 usec
 
 TWO_LEVEL_STDOUT = """\
 Request concurrency: 1
-  Client: 
+  Client:
     Request count: 837
     Throughput: 278.409 infer/sec
     Avg latency: 3580 usec (standard deviation 2068 usec)
@@ -74,14 +74,14 @@ Request concurrency: 1
     p90 latency: 4014 usec
     p95 latency: 4363 usec
     p99 latency: 7663 usec
-  Server: 
+  Server:
     Inference count: 836
     Execution count: 836
     Successful request count: 836
     Avg request latency: 3098 usec (overhead 3 usec + queue 1156 usec + compute input 29 usec + compute infer 1737 usec + compute output 171 usec)
 
 Request concurrency: 2
-  Client: 
+  Client:
     Request count: 1298
     Throughput: 430.97 infer/sec
     Avg latency: 4622 usec (standard deviation 1307 usec)
@@ -89,7 +89,7 @@ Request concurrency: 2
     p90 latency: 5729 usec
     p95 latency: 7726 usec
     p99 latency: 10057 usec
-  Server: 
+  Server:
     Inference count: 1299
     Execution count: 666
     Successful request count: 1299
@@ -125,7 +125,10 @@ def test_bytes_tensor_round_trips_through_base64_like_triton_serializes_it():
     assert raw == serialize_byte_tensor(np.array(items, dtype=np.object_)).item()
     assert list(deserialize_bytes_tensor(raw)) == items
     assert perf.decode_entry(contract.IMAGE, json.loads(json.dumps(entry))) == items
-    assert perf.tensor_entry(contract.TEXT, ["in red"])["content"]["b64"] == base64.b64encode(b"\x06\x00\x00\x00in red").decode()
+    assert (
+        perf.tensor_entry(contract.TEXT, ["in red"])["content"]["b64"]
+        == base64.b64encode(b"\x06\x00\x00\x00in red").decode()
+    )
 
 
 def test_truncated_bytes_tensor_is_refused_with_the_sizes():
@@ -148,8 +151,10 @@ def test_numeric_tensors_are_little_endian_raw_bytes_with_their_shape():
 def test_input_files_hold_real_images_and_texts_for_every_model(tmp_path, served_repository):
     from mim.preprocess import preprocess_image_bytes
 
-    samples = [perf.Sample(_image("PNG"), "red zebra-striped ceramic mug", "shop"),
-               perf.Sample(_image("JPEG", "blue"), "zebra mug", "street")]  # fmt: skip
+    samples = [
+        perf.Sample(_image("PNG"), "red zebra-striped ceramic mug", "shop"),
+        perf.Sample(_image("JPEG", "blue"), "zebra mug", "street"),
+    ]
     towers = perf.TowerInputs(served_repository)
     for model in perf.ALL_MODELS:
         path = perf.write_input_data(tmp_path / f"{model}.json", model, samples, towers)
@@ -190,12 +195,24 @@ def test_stdout_parser_keeps_the_composing_models_of_an_ensemble():
     level = report[4]
     assert level["client"]["throughput"] == pytest.approx(218.942)
     assert level["client"]["p99_latency_us"] == 31357
-    assert level["server"] == {"inference_count": 406, "execution_count": 406, "successful_request_count": 406,
-                               "avg_latency_us": 14899, "overhead_us": 0, "queue_us": 6329, "compute_us": 16846}
+    assert level["server"] == {
+        "inference_count": 406,
+        "execution_count": 406,
+        "successful_request_count": 406,
+        "avg_latency_us": 14899,
+        "overhead_us": 0,
+        "queue_us": 6329,
+        "compute_us": 16846,
+    }
     assert set(level["composing"]) == {"fuse", "image_encoder", "preprocess_image"}
     enc = level["composing"]["image_encoder"]
     assert (enc["inference_count"], enc["execution_count"]) == (408, 268)
-    assert (enc["queue_us"], enc["compute_input_us"], enc["compute_infer_us"], enc["compute_output_us"]) == (2386, 41, 4693, 176)
+    assert (enc["queue_us"], enc["compute_input_us"], enc["compute_infer_us"], enc["compute_output_us"]) == (
+        2386,
+        41,
+        4693,
+        176,
+    )
 
 
 def test_stdout_parser_separates_concurrency_levels():
@@ -207,7 +224,9 @@ def test_stdout_parser_separates_concurrency_levels():
 
 def test_levels_combine_csv_and_report(tmp_path):
     csv_text = CSV_SAMPLE.replace("4,84.2,", "4,218.942,")
-    level = perf._level("embed_image", 4, perf.QUICK, csv_text, ENSEMBLE_STDOUT, ["perf_analyzer"], seconds=1.0, label="")
+    level = perf._level(
+        "embed_image", 4, perf.QUICK, csv_text, ENSEMBLE_STDOUT, ["perf_analyzer"], seconds=1.0, label=""
+    )
     assert level.row["throughput"] == pytest.approx(218.942)
     assert level.row["p50_ms"] == pytest.approx(47.045)
     assert level.row["server_queue_ms"] == pytest.approx(6.329)  # the report's, not the CSV's ensemble column
@@ -218,8 +237,10 @@ def test_levels_combine_csv_and_report(tmp_path):
 
 
 def test_missing_library_is_named_with_its_fix():
-    out = ("perf_analyzer: error while loading shared libraries: libb64.so.0d: cannot open shared object file: "
-           "No such file or directory")  # fmt: skip
+    out = (
+        "perf_analyzer: error while loading shared libraries: libb64.so.0d: cannot open shared object file: "
+        "No such file or directory"
+    )
     msg = perf.diagnose_start_failure(Path("/venv/bin/perf_analyzer"), 127, out)
     assert "libb64.so.0d not found" in msg and "apt-get install -y libb64-0d" in msg
     msg = perf.diagnose_start_failure(Path("pa"), 127, out.replace("libb64.so.0d", "libcudart.so.12"))
@@ -239,9 +260,14 @@ def test_settings_are_checked_and_bounded():
 # --- other pure helpers ------------------------------------------------------------------------------------
 def test_comparison_ratios_are_ours_over_the_other():
     row = serving_compare.comparison_row(
-        "embed_image", 4, {"throughput": 300.0, "p50_ms": 10.0, "p99_ms": 20.0, "stable": True},
-        {"throughput": 150.0, "p50_ms": 25.0, "p99_ms": 40.0, "stable": False}, 0.004, 0.01, 4,
-    )  # fmt: skip
+        "embed_image",
+        4,
+        {"throughput": 300.0, "p50_ms": 10.0, "p99_ms": 20.0, "stable": True},
+        {"throughput": 150.0, "p50_ms": 25.0, "p99_ms": 40.0, "stable": False},
+        0.004,
+        0.01,
+        4,
+    )
     assert row["throughput_ours_over_pytriton"] == pytest.approx(2.0)
     assert row["p50_ours_over_pytriton"] == pytest.approx(0.4)
     assert row["p50_ours_over_inprocess"] == pytest.approx(2.5)
@@ -279,7 +305,10 @@ def test_perf_analyzer_measures_an_ensemble_on_the_session_server(triton_server,
         pa = perf.locate()
     except perf.PerfAnalyzerError as e:
         pytest.fail(str(e))
-    samples = [perf.Sample(_image("PNG"), "red zebra mug", "shop"), perf.Sample(_image("JPEG", "blue"), "in blue", "street")]
+    samples = [
+        perf.Sample(_image("PNG"), "red zebra mug", "shop"),
+        perf.Sample(_image("JPEG", "blue"), "in blue", "street"),
+    ]
     inputs = perf.write_input_data(tmp_path / "embed_image.json", contract.EMBED_IMAGE, samples)
     settings = perf.PerfSettings(concurrencies=(1,), interval_ms=300, stability_pct=100.0, max_trials=3)
     perf.warm_up(pa, contract.EMBED_IMAGE, triton_server.grpc_url, inputs, requests=4)
@@ -301,19 +330,35 @@ def test_perf_analyzer_measures_an_ensemble_on_the_session_server(triton_server,
 def test_results_markdown_reports_every_section_and_the_problems(tmp_path):
     from benchmarks import run as bench_run
 
-    level = perf._level("embed_multimodal", 4, perf.QUICK, CSV_SAMPLE, ENSEMBLE_STDOUT, ["perf_analyzer", "-m", "x"],
-                        seconds=1.0, label="")  # fmt: skip
+    level = perf._level(
+        "embed_multimodal",
+        4,
+        perf.QUICK,
+        CSV_SAMPLE,
+        ENSEMBLE_STDOUT,
+        ["perf_analyzer", "-m", "x"],
+        seconds=1.0,
+        label="",
+    )
     r = bench_run.Run(bench_run.QUICK, ["--quick"], tmp_path, tmp_path)
     r.sweep = perf.SweepResult([level.row], level.breakdown, {"embed_multimodal": "perf_analyzer -m x"}, {})
-    row = serving_compare.comparison_row("embed_multimodal", 4, level.row, {"throughput": 100.0, "p50_ms": 30.0},
-                                         0.003, 0.008, 4)  # fmt: skip
+    row = serving_compare.comparison_row(
+        "embed_multimodal", 4, level.row, {"throughput": 100.0, "p50_ms": 30.0}, 0.003, 0.008, 4
+    )
     r.comparison = serving_compare.Comparison([row], [], {"embed_multimodal": {"ours_vs_pytriton": 1.0}}, {}, {})
     r.gpu_reason = "no NVIDIA GPU on this machine"
     r.errors["quality"] = "served and in-process results differ"
     r.stages = {"perf": 1.0, "total": 2.0}
     md = bench_run.results_markdown(r)
-    for heading in ("## Commands", "## perf_analyzer: latency vs throughput", "## Ours vs PyTriton vs in-process",
-                    "## Retrieval quality", "## GPU", "## Run", "## Failed or skipped"):  # fmt: skip
+    for heading in (
+        "## Commands",
+        "## perf_analyzer: latency vs throughput",
+        "## Ours vs PyTriton vs in-process",
+        "## Retrieval quality",
+        "## GPU",
+        "## Run",
+        "## Failed or skipped",
+    ):
         assert heading in md
     assert "| image_encoder | 408 | 268 | 1.52 |" in md  # the composing-model breakdown, avg batch = 408/268
     assert "Skipped: no NVIDIA GPU on this machine" in md

@@ -8,15 +8,21 @@ import time
 
 import numpy as np
 import pytest
+from _client_helpers import TorchEmbeddings, cosines, small_catalog
 from tritonclient.utils import InferenceServerException
 
-from client.triton_client import (AsyncEmbeddingClient, Backoff, ClientError, EmbeddingClient, plan_images, plan_multimodal,
-                                  request_error)
+from client.triton_client import (
+    AsyncEmbeddingClient,
+    Backoff,
+    ClientError,
+    EmbeddingClient,
+    plan_images,
+    plan_multimodal,
+    request_error,
+)
 from mim import contract
 from mim.checkpoint import load_checkpoint
 from mim.serving.server import free_port
-
-from _client_helpers import TorchEmbeddings, cosines, small_catalog
 
 FAST = Backoff(base_s=0.01, cap_s=0.05)
 
@@ -71,7 +77,9 @@ def test_empty_lists_give_empty_arrays(client):
 def test_requests_are_split_at_max_batch():
     chunks = plan_multimodal([b"x"] * 10, ["t"] * 10, 0.3, max_batch=4)
     assert [(c.start, c.stop) for c in chunks] == [(0, 4), (4, 8), (8, 10)]
-    assert all(c.inputs["image"].shape == (c.stop - c.start, 1) and c.inputs["image"].dtype == np.object_ for c in chunks)
+    assert all(
+        c.inputs["image"].shape == (c.stop - c.start, 1) and c.inputs["image"].dtype == np.object_ for c in chunks
+    )
     assert chunks[0].inputs["text"][0, 0] == b"t"  # BYTES rows carry UTF-8 bytes
     assert chunks[0].parameters == {contract.FUSION_WEIGHT_PARAM: 0.3}
     assert len(plan_images([b"x"] * (contract.MAX_BATCH_SIZE + 1), contract.MAX_BATCH_SIZE)) == 2
@@ -86,7 +94,9 @@ def test_batch_splitting_equals_single_calls(triton_server, images, catalog):
         singles = np.concatenate([big.embed_images([b]) for b in images])
         np.testing.assert_allclose(split, singles, atol=1e-5)
         # N > MAX_BATCH_SIZE with the default client: split into 64 + 8 rows, equal to one call per text.
-        np.testing.assert_allclose(big.embed_texts(texts), np.concatenate([big.embed_texts([t]) for t in texts]), atol=1e-5)
+        np.testing.assert_allclose(
+            big.embed_texts(texts), np.concatenate([big.embed_texts([t]) for t in texts]), atol=1e-5
+        )
 
 
 @pytest.mark.server
@@ -96,8 +106,9 @@ def test_async_client_equals_sync(triton_server, client, images, catalog):
     async def embed():
         async with AsyncEmbeddingClient(triton_server.grpc_url, max_batch=3, max_concurrency=2) as c:
             await c.wait_ready(10)
-            return await asyncio.gather(c.embed_images(images), c.embed_texts(texts),
-                                        c.embed_multimodal(images[:9], texts, image_weight=0.7))
+            return await asyncio.gather(
+                c.embed_images(images), c.embed_texts(texts), c.embed_multimodal(images[:9], texts, image_weight=0.7)
+            )
 
     a_img, a_txt, a_mm = asyncio.run(embed())
     np.testing.assert_allclose(a_img, client.embed_images(images), atol=1e-5)
@@ -116,7 +127,9 @@ def test_unavailable_server_is_retried_then_fails_clearly():
     with EmbeddingClient(url, retries=2, timeout_s=5, backoff=FAST) as c:
         with pytest.raises(ClientError, match=rf"embed_image: server at {url} unavailable after 3 attempt\(s\)") as e:
             c.embed_images([b"\x89PNG..."])
-    assert e.value.status == "StatusCode.UNAVAILABLE" and e.value.attempts == 3 and e.value.model == contract.EMBED_IMAGE
+    assert (
+        e.value.status == "StatusCode.UNAVAILABLE" and e.value.attempts == 3 and e.value.model == contract.EMBED_IMAGE
+    )
     assert "is tritonserver running" in str(e.value)
     assert time.monotonic() - t0 < 10
 
@@ -174,8 +187,11 @@ def test_invalid_argument_is_not_retried_and_passes_the_server_message(client):
         return real(**kw)
 
     client._client.infer = counting
-    with pytest.raises(ClientError, match=r"embed_image: the server refused .*row 0 sent as 'image' BYTES shape \(1, 1\).*"
-                                          r"INVALID_ARGUMENT.*could not decode image") as e:
+    with pytest.raises(
+        ClientError,
+        match=r"embed_image: the server refused .*row 0 sent as 'image' BYTES shape \(1, 1\).*"
+        r"INVALID_ARGUMENT.*could not decode image",
+    ) as e:
         client.embed_images([b"not an image at all"])
     assert calls == [contract.EMBED_IMAGE]
     assert (e.value.model, e.value.tensor, e.value.status) == ("embed_image", "image", "StatusCode.INVALID_ARGUMENT")
@@ -190,19 +206,26 @@ def test_bad_input_error_names_model_tensor_and_rows(triton_server, images):
     # shutdown for the whole exit timeout. Which input a multimodal error names is checked offline below.
     with EmbeddingClient(triton_server.grpc_url, max_batch=2) as c:
         # Row 3 of the caller's list is not an image: the error names the request's rows 2..3 and the tensor.
-        with pytest.raises(ClientError, match=r"embed_image: .*rows 2\.\.3 sent as 'image' BYTES shape \(2, 1\).*"
-                                              r"image row 1 of 2.*could not decode") as e:
+        with pytest.raises(
+            ClientError,
+            match=r"embed_image: .*rows 2\.\.3 sent as 'image' BYTES shape \(2, 1\).*"
+            r"image row 1 of 2.*could not decode",
+        ) as e:
             c.embed_images(images[:3] + [b"GIF89a-truncated"])
         assert (e.value.model, e.value.tensor) == ("embed_image", "image")
-        with pytest.raises(ClientError, match=r"embed_text: .*row 0 sent as 'text' BYTES shape \(1, 1\).*over the limit") as e:
+        with pytest.raises(
+            ClientError, match=r"embed_text: .*row 0 sent as 'text' BYTES shape \(1, 1\).*over the limit"
+        ) as e:
             c.embed_texts(["x" * 70_000])
         assert (e.value.model, e.value.tensor) == ("embed_text", "text")
 
 
 def test_multimodal_error_names_the_input_the_server_blames():
     chunk = plan_multimodal([b"img", b"img"], ["a", "b"], None, max_batch=2)[0]
-    for blamed, msg in (("text", "in ensemble 'embed_multimodal', preprocess_text: text row 1 of 2: text is 70000 bytes"),
-                        ("image", "in ensemble 'embed_multimodal', preprocess_image: image row 0 of 2: could not decode")):
+    for blamed, msg in (
+        ("text", "in ensemble 'embed_multimodal', preprocess_text: text row 1 of 2: text is 70000 bytes"),
+        ("image", "in ensemble 'embed_multimodal', preprocess_image: image row 0 of 2: could not decode"),
+    ):
         err = request_error(chunk, InferenceServerException(msg=msg, status="StatusCode.INVALID_ARGUMENT"), "h:1", 1)
         assert (err.model, err.tensor, err.server_message) == ("embed_multimodal", blamed, msg)
         assert "rows 0..1 sent as 'image' BYTES shape (2, 1), 'text' BYTES shape (2, 1)" in str(err)
@@ -210,7 +233,9 @@ def test_multimodal_error_names_the_input_the_server_blames():
 
 def test_client_side_checks_name_model_tensor_and_row():
     c = EmbeddingClient(_closed_port())
-    with pytest.raises(ClientError, match=r"embed_image: input 'image' row 1 is str; expected the encoded image file as bytes"):
+    with pytest.raises(
+        ClientError, match=r"embed_image: input 'image' row 1 is str; expected the encoded image file as bytes"
+    ):
         c.embed_images([b"\x89PNG", "photo.jpg"])
     with pytest.raises(ClientError, match=r"embed_image: input 'image' row 0 is empty"):
         c.embed_images([b""])
@@ -227,5 +252,8 @@ def test_client_side_checks_name_model_tensor_and_row():
 
 
 def test_wait_ready_times_out_with_reason():
-    with EmbeddingClient(_closed_port()) as c, pytest.raises(ClientError, match=r"not ready within 0.5s \(last: StatusCode.UNAVAILABLE"):
+    with (
+        EmbeddingClient(_closed_port()) as c,
+        pytest.raises(ClientError, match=r"not ready within 0.5s \(last: StatusCode.UNAVAILABLE"),
+    ):
         c.wait_ready(0.5)

@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 
 from mim import data
-from mim.data import CATEGORIES, COLOURS, PATTERNS, PATTERN_WORDS
+from mim.data import CATEGORIES, COLOURS, PATTERN_WORDS, PATTERNS
 
-SMALL = dict(
-    image_size=64,
-    categories=["mug", "shirt", "hat"],
-    patterns=["solid", "zebra", "dots"],
-    colours=["red", "blue", "green"],
-    progress=False,
-)
+SMALL = {
+    "image_size": 64,
+    "categories": ["mug", "shirt", "hat"],
+    "patterns": ["solid", "zebra", "dots"],
+    "colours": ["red", "blue", "green"],
+    "progress": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,9 @@ def test_query_counts_per_split(cat):
     for q in cat.queries:
         per_product[q.product_id] = per_product.get(q.product_id, 0) + 1
     for p in cat.products:
-        assert per_product[p.product_id] == (cat.params["n_train_queries"] if p.split == "train" else cat.params["n_eval_queries"])
+        assert per_product[p.product_id] == (
+            cat.params["n_train_queries"] if p.split == "train" else cat.params["n_eval_queries"]
+        )
     assert cat.params["n_train_queries"] == 8 and cat.params["n_eval_queries"] == 2  # the defaults
 
 
@@ -234,8 +236,21 @@ def test_subset_order_does_not_change_ids():
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     sheet = tmp_path / "sheet.png"
-    argv = ["--out", str(out), "--image-size", "48", "--categories", "mug,bag", "--patterns", "stars,plaid",
-            "--colours", "pink,black", "--no-progress", "--sheet", str(sheet)]
+    argv = [
+        "--out",
+        str(out),
+        "--image-size",
+        "48",
+        "--categories",
+        "mug,bag",
+        "--patterns",
+        "stars,plaid",
+        "--colours",
+        "pink,black",
+        "--no-progress",
+        "--sheet",
+        str(sheet),
+    ]
     assert data.main(argv) == 0
     printed = capsys.readouterr().out
     assert "train:" in printed and "test :" in printed

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import make_tiny_checkpoint
+
 from export import engines
 from export.engines import InstallError, install
 from export.onnx_export import (
@@ -48,8 +48,9 @@ def make_engines(tiny_checkpoint, tmp_path_factory):
     export_dir, repo = root / "artifacts/export", root / "model_repository"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = engines.main(["--checkpoint", str(tiny_checkpoint), "--repository", str(repo),
-                           "--export-dir", str(export_dir)])  # fmt: skip
+        rc = engines.main(
+            ["--checkpoint", str(tiny_checkpoint), "--repository", str(repo), "--export-dir", str(export_dir)]
+        )
     return export_dir, repo, rc, stdout.getvalue()
 
 
@@ -73,9 +74,15 @@ def test_writes_every_artifact(exported, tiny_checkpoint):
     out, report = exported
     names = {p.name for p in out.iterdir()}
     assert names == {
-        "image_encoder.onnx", "text_encoder.onnx", "image_encoder.fp16.onnx", "text_encoder.fp16.onnx",
-        "preprocess.json", "model.json", "tokenizer.json", "export.json",
-    }  # fmt: skip
+        "image_encoder.onnx",
+        "text_encoder.onnx",
+        "image_encoder.fp16.onnx",
+        "text_encoder.fp16.onnx",
+        "preprocess.json",
+        "model.json",
+        "tokenizer.json",
+        "export.json",
+    }
     ckpt = load_checkpoint(tiny_checkpoint)
     assert PreprocessConfig.from_dict(json.loads((out / "preprocess.json").read_text())) == ckpt.pre_cfg
     assert ModelConfig.from_dict(json.loads((out / "model.json").read_text())) == ckpt.model_cfg
@@ -159,7 +166,9 @@ def test_onnx_runtime_matches_torch(exported, ckpt, tower, batch):
     out, _ = exported
     inputs = random_inputs(contract.MODELS[tower], ckpt.model_cfg, batch, seed=42)
     fp32 = check_parity(out / onnx_filename(tower), tower_module(ckpt, tower), inputs)
-    fp16 = check_parity(out / onnx_filename(tower, fp16=True), tower_module(ckpt, tower), inputs, min_cosine=FP16_MIN_COSINE)
+    fp16 = check_parity(
+        out / onnx_filename(tower, fp16=True), tower_module(ckpt, tower), inputs, min_cosine=FP16_MIN_COSINE
+    )
     assert fp32["batch"] == fp16["batch"] == batch
     assert fp32["min_cosine"] >= FP32_MIN_COSINE and fp16["min_cosine"] >= FP16_MIN_COSINE
     assert fp32["max_abs_err"] <= fp16["max_abs_err"]
@@ -270,7 +279,7 @@ def test_engines_cli_installs_the_onnx_path_and_says_why_no_engine(make_engines)
     assert lines == [
         f"TensorRT not available ({reason}): built ONNX artifacts for the CPU/ONNX path only; no engine was built"
     ]
-    assert expected_layout(repo) <= set(p for p in repo.rglob("*") if p.is_file())
+    assert expected_layout(repo) <= {p for p in repo.rglob("*") if p.is_file()}
     assert not list(repo.rglob("*.plan")) and not list(export_dir.rglob("*.plan"))
     assert "installed 9 files" in stdout
 
@@ -280,11 +289,14 @@ def test_engines_message_when_tensorrt_does_not_import(exported, tiny_checkpoint
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
     monkeypatch.setattr(engines, "export_checkpoint", lambda ckpt, out, **kw: exported[1])
     monkeypatch.setattr(engines, "build_engines", lambda *a, **k: pytest.fail("must not build"))
-    rc = engines.main(["--checkpoint", str(tiny_checkpoint), "--repository", str(tmp_path / "repo"),
-                       "--export-dir", str(exported[0])])  # fmt: skip
+    rc = engines.main(
+        ["--checkpoint", str(tiny_checkpoint), "--repository", str(tmp_path / "repo"), "--export-dir", str(exported[0])]
+    )
     assert rc == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "TensorRT" in ln]
-    assert len(lines) == 1 and re.fullmatch(r"TensorRT not available \(.*tensorrt.*\): .*; no engine was built", lines[0])
+    assert len(lines) == 1 and re.fullmatch(
+        r"TensorRT not available \(.*tensorrt.*\): .*; no engine was built", lines[0]
+    )
 
 
 def test_engines_main_no_tensorrt_flag(exported, tiny_checkpoint, tmp_path, capsys, monkeypatch):
@@ -292,16 +304,36 @@ def test_engines_main_no_tensorrt_flag(exported, tiny_checkpoint, tmp_path, caps
     calls = []
     monkeypatch.setattr(engines, "export_checkpoint", lambda ckpt, out, **kw: calls.append(kw) or exported[1])
     monkeypatch.setattr(engines, "build_engines", lambda *a, **k: pytest.fail("must not build"))
-    rc = engines.main(["--checkpoint", str(tiny_checkpoint), "--repository", str(tmp_path / "repo"),
-                       "--export-dir", str(exported[0]), "--no-tensorrt", "--no-check"])  # fmt: skip
+    rc = engines.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--repository",
+            str(tmp_path / "repo"),
+            "--export-dir",
+            str(exported[0]),
+            "--no-tensorrt",
+            "--no-check",
+        ]
+    )
     assert rc == 0 and calls == [{"check": False}]
     text = capsys.readouterr().out
     assert text.count("no engine was built") == 1 and "--no-tensorrt" in text
 
 
 def test_engines_main_rejects_a_bad_batch_range(tiny_checkpoint, tmp_path, capsys):
-    rc = engines.main(["--checkpoint", str(tiny_checkpoint), "--repository", str(tmp_path / "r"),
-                       "--min-batch", "8", "--opt-batch", "4"])  # fmt: skip
+    rc = engines.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--repository",
+            str(tmp_path / "r"),
+            "--min-batch",
+            "8",
+            "--opt-batch",
+            "4",
+        ]
+    )
     assert rc == 2
     assert "expected 1 <= min <= opt <= max" in capsys.readouterr().err
 

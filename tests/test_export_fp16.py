@@ -88,8 +88,14 @@ def test_normalisations_and_the_l2_tail_compute_in_fp32(converted):
             floats = [types[t] for t in node.input if t and types.get(t) in (FLOAT, HALF)]
             assert floats and all(t == FLOAT for t in floats), f"{node.op_type} {node.name} reads FP16"
     assert report["fp32_nodes"] == {
-        "Div": 1, "LayerNormalization": 1, "Max": 1, "Mul": 2, "ReduceSum": 1, "Softmax": 1, "Sqrt": 1,
-    }  # fmt: skip
+        "Div": 1,
+        "LayerNormalization": 1,
+        "Max": 1,
+        "Mul": 2,
+        "ReduceSum": 1,
+        "Softmax": 1,
+        "Sqrt": 1,
+    }
 
 
 def test_matmuls_run_in_fp16_with_fp16_weights(converted):

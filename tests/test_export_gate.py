@@ -12,8 +12,14 @@ from mim.data import CATEGORIES, COLOURS, PATTERNS, generate_catalog
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
     return generate_catalog(
-        tmp_path_factory.mktemp("gatecat"), seed=5, image_size=48, categories=CATEGORIES[:4], patterns=PATTERNS[:3],
-        colours=COLOURS[:3], split=(0.5, 0.1, 0.4), progress=False,
+        tmp_path_factory.mktemp("gatecat"),
+        seed=5,
+        image_size=48,
+        categories=CATEGORIES[:4],
+        patterns=PATTERNS[:3],
+        colours=COLOURS[:3],
+        split=(0.5, 0.1, 0.4),
+        progress=False,
     )
 
 
@@ -31,7 +37,9 @@ def test_gate_passes_on_the_exported_fp16_towers(tiny_checkpoint, catalog, tmp_p
 
 def test_gate_refuses_towers_that_drift(tiny_checkpoint, catalog, tmp_path, monkeypatch):
     export_dir = tmp_path / "export"
-    engines_main(["--checkpoint", str(tiny_checkpoint), "--repository", str(tmp_path / "r"), "--export-dir", str(export_dir)])
+    engines_main(
+        ["--checkpoint", str(tiny_checkpoint), "--repository", str(tmp_path / "r"), "--export-dir", str(export_dir)]
+    )
     real = G.onnx_embedder
 
     def drifting(*a, **kw):  # FP16 towers whose image embeddings are off by a rotation-like perturbation

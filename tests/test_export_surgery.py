@@ -127,7 +127,10 @@ def test_remove_redundant_casts_collapses_lossless_round_trips_only():
     ]
     model = make_model(
         nodes,
-        [helper.make_tensor_value_info("x", FLOAT, ["batch", 4]), helper.make_tensor_value_info("h", HALF, ["batch", 4])],
+        [
+            helper.make_tensor_value_info("x", FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("h", HALF, ["batch", 4]),
+        ],
         [helper.make_tensor_value_info("y", FLOAT, ["batch", 4])],
     )
     out = apply(model, remove_redundant_casts)
@@ -204,8 +207,11 @@ def test_fold_reshape_shapes_handles_the_flatten_slice():
         nodes,
         [helper.make_tensor_value_info("x", FLOAT, ["batch", 2, 3])],
         [helper.make_tensor_value_info("y", FLOAT, ["batch", 6])],
-        [const("s0", np.array([0], np.int64)), const("s1", np.array([1], np.int64)),
-         const("minus1", np.array([-1], np.int64))],  # fmt: skip
+        [
+            const("s0", np.array([0], np.int64)),
+            const("s1", np.array([1], np.int64)),
+            const("minus1", np.array([-1], np.int64)),
+        ],
     )
     out = apply(model, fold_reshape_shapes)
     assert ops(out) == ["Reshape"] and reshape_target(out) == [0, -1]
@@ -241,7 +247,10 @@ def test_remove_dead_nodes_keeps_unused_contract_inputs():
     ]
     model = make_model(
         nodes,
-        [helper.make_tensor_value_info("x", FLOAT, ["batch", 4]), helper.make_tensor_value_info("unused", FLOAT, ["batch", 4])],
+        [
+            helper.make_tensor_value_info("x", FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("unused", FLOAT, ["batch", 4]),
+        ],
         [helper.make_tensor_value_info("y", FLOAT, ["batch", 4])],
         [const("stale_weight", np.ones(4, np.float32))],
     )

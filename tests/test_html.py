@@ -71,8 +71,14 @@ class _Page(HTMLParser):
 def test_page_escapes_text_and_inlines_images(tmp_path):
     results = _results(tmp_path, 3, titles=[NASTY, "plain", "a < b"])
     results.append(SearchResult(4, 7, 0.1, None, None, str(tmp_path / "missing.png")))
-    page = render_page([QueryBlock(f"query {NASTY}", results, image=_image((1, 2, 3), "JPEG"), text=NASTY,
-                                   mode="fusion", expected_id=101)], title="t & t")
+    page = render_page(
+        [
+            QueryBlock(
+                f"query {NASTY}", results, image=_image((1, 2, 3), "JPEG"), text=NASTY, mode="fusion", expected_id=101
+            )
+        ],
+        title="t & t",
+    )
     assert "<script>" not in page and "&lt;script&gt;" in page and "&quot;quoted&quot;" in page
     parsed = _Page()
     parsed.feed(page)
@@ -96,15 +102,31 @@ def test_page_renders_in_headless_chromium(tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"chromium not found at {CHROMIUM}; `make system-deps` installs it (apt-get install chromium)")
     blocks = [
-        QueryBlock("photo + 'in blue'", _results(tmp_path, 5, [f"blue mug {i} {NASTY}" for i in range(5)]),
-                   image=_image((200, 40, 40), "JPEG"), text="in blue", mode="refine", expected_id=102),
+        QueryBlock(
+            "photo + 'in blue'",
+            _results(tmp_path, 5, [f"blue mug {i} {NASTY}" for i in range(5)]),
+            image=_image((200, 40, 40), "JPEG"),
+            text="in blue",
+            mode="refine",
+            expected_id=102,
+        ),
         QueryBlock("typed query", _results(tmp_path, 3), text="zebra mug", mode="text"),
     ]
     page = write_page(tmp_path / "results.html", render_page(blocks, subtitle="browser test"))
     profile = tmp_path / "profile"
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--hide-scrollbars"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--hide-scrollbars",
+    ]
     dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=90)
     assert dom.returncode == 0, dom.stderr[-2000:]
     parsed = _Page()
@@ -114,8 +136,12 @@ def test_page_renders_in_headless_chromium(tmp_path):
     assert len(parsed.srcs) == 1 + 5 + 3 and all(s.startswith("data:image/") for s in parsed.srcs)
 
     shot = tmp_path / "results.png"
-    run = subprocess.run(flags + ["--window-size=1100,900", f"--screenshot={shot}", page.as_uri()],
-                         capture_output=True, text=True, timeout=90)
+    run = subprocess.run(
+        flags + ["--window-size=1100,900", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert pixels.shape[:2] == (900, 1100) and pixels.std() > 10  # something was drawn, not a blank page

@@ -259,18 +259,23 @@ def _unit(n, d=16):
         (lambda ix: ix.add([10, 11], _unit(2, 8)), ValueError, r"have dim 8, expected 16"),
         (lambda ix: ix.add([10], _unit(1)[0]), ValueError, r"must be 2-D \(n, 16\); got shape \(16,\)"),
         (lambda ix: ix.add([10], _unit(1)[None]), ValueError, r"must be 2-D"),
-        (lambda ix: ix.add([10, 11], np.where(np.eye(2, 16) > 0, np.nan, _unit(2))), ValueError,
-         r"embeddings row 0 contains NaN or inf"),
-        (lambda ix: ix.add([10, 11], np.vstack([_unit(1), np.full((1, 16), np.inf)])), ValueError,
-         r"row 1 contains NaN or inf"),
+        (
+            lambda ix: ix.add([10, 11], np.where(np.eye(2, 16) > 0, np.nan, _unit(2))),
+            ValueError,
+            r"embeddings row 0 contains NaN or inf",
+        ),
+        (
+            lambda ix: ix.add([10, 11], np.vstack([_unit(1), np.full((1, 16), np.inf)])),
+            ValueError,
+            r"row 1 contains NaN or inf",
+        ),
         (lambda ix: ix.add([10, 10], _unit(2)), ValueError, r"duplicate id 10 in ids"),
         (lambda ix: ix.add([10, 2], _unit(2)), ValueError, r"id 2 is already in the index"),
         (lambda ix: ix.add([1.5, 2.5], _unit(2)), TypeError, r"ids must be integers .*got dtype float64"),
         (lambda ix: ix.add(["a"], _unit(1)), TypeError, r"ids must be integers"),
         (lambda ix: ix.add([-1], _unit(1)), ValueError, r"-1 marks padding"),
         (lambda ix: ix.add([10, 11], _unit(3)), ValueError, r"got 2 ids but 3 embedding rows"),
-        (lambda ix: ix.add([10, 11], _unit(2), [{"title": "x"}]), ValueError,
-         r"metadata has 1 entries but 2 ids"),
+        (lambda ix: ix.add([10, 11], _unit(2), [{"title": "x"}]), ValueError, r"metadata has 1 entries but 2 ids"),
         (lambda ix: ix.add([10], _unit(1), [{"x": object()}]), ValueError, r"metadata\[0\] is not JSON"),
         (lambda ix: ix.add([10], _unit(1), [{"category": 3}]), TypeError, r"\['category'\] must be a str"),
         (lambda ix: ix.add([10], 2 * _unit(1)), ValueError, r"row 0 has L2 norm 2; expected unit norm"),
@@ -279,8 +284,11 @@ def _unit(n, d=16):
         (lambda ix: ix.search(_unit(2, 8), 1), ValueError, r"queries have dim 8, expected 16"),
         (lambda ix: ix.search(_unit(1)[0], 1), ValueError, r"queries must be 2-D"),
         (lambda ix: ix.search(np.full((1, 16), np.nan), 1), ValueError, r"queries row 0 contains NaN"),
-        (lambda ix: ix.search(_unit(1), 4), ValueError,
-         r"k=4 is larger than the index \(3 items\); expected 1 <= k <= 3"),
+        (
+            lambda ix: ix.search(_unit(1), 4),
+            ValueError,
+            r"k=4 is larger than the index \(3 items\); expected 1 <= k <= 3",
+        ),
         (lambda ix: ix.search(_unit(1), 0), ValueError, r"k must be a positive int; got 0"),
         (lambda ix: ix.search(_unit(1), 1, categories={3}), TypeError, r"categories must be a str or a set"),
         (lambda ix: ix.get_metadata(99), KeyError, r"id 99 is not in the index"),
@@ -393,7 +401,7 @@ def test_crash_in_writer_keeps_last_good_file(tmp_path, monkeypatch):
 
     def half_write_then_die(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
-            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"trunc")
+            f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"trunc')
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(safetensors.numpy, "save_file", half_write_then_die)

@@ -13,8 +13,19 @@ from benchmarks import knn_bench  # noqa: E402
 
 
 def test_quick_bench_writes_results_that_match_faiss(tmp_path):
-    argv = ["--quick", "--out", str(tmp_path), "--sizes", "3000", "--batches", "1,16", "--ks", "10",
-            "--min-time", "0.01"]
+    argv = [
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--sizes",
+        "3000",
+        "--batches",
+        "1,16",
+        "--ks",
+        "10",
+        "--min-time",
+        "0.01",
+    ]
     assert knn_bench.main(argv) == 0
 
     with open(tmp_path / "knn.csv", newline="") as f:

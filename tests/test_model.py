@@ -10,16 +10,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TOY_TEXTS
 from PIL import Image
 
 from mim import checkpoint as ckpt
 from mim.config import PreprocessConfig, get_size
 from mim.losses import describes_matrix, info_nce, mim_loss, same_matrix
 from mim.model import ImageTower, MIMModel, TextTower
-from mim.preprocess import InputError, decode_image, decode_text, image_to_array, preprocess_image_bytes
+from mim.preprocess import InputError, decode_image, decode_text, image_to_array
 from mim.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, TextTokenizer
-
-from conftest import TOY_TEXTS
 
 TINY = get_size("tiny")
 
@@ -190,7 +189,7 @@ def test_bad_images_raise_clear_errors():
 
 def test_text_checks():
     cfg = PreprocessConfig(image_size=64, max_text_bytes=100)
-    assert decode_text("zebra mug".encode(), cfg) == "zebra mug"
+    assert decode_text(b"zebra mug", cfg) == "zebra mug"
     with pytest.raises(InputError, match="text is empty"):
         decode_text(b"   ", cfg)
     with pytest.raises(InputError, match="not valid UTF-8"):

@@ -93,8 +93,11 @@ def test_encoders_default_to_tensorrt_with_onnx_variants(configs):
 
 def test_ensembles_wire_existing_models_and_tensors(configs):
     defaults = {c.model: c.config for c in configs if c.relpath == R.DEFAULT_CONFIG}
-    steps = {c.model: [s.model_name for s in c.config.ensemble_scheduling.step] for c in configs
-             if c.config.platform == "ensemble"}  # fmt: skip
+    steps = {
+        c.model: [s.model_name for s in c.config.ensemble_scheduling.step]
+        for c in configs
+        if c.config.platform == "ensemble"
+    }
     assert steps == {
         "embed_image": ["preprocess_image", "image_encoder"],
         "embed_text": ["preprocess_text", "text_encoder"],

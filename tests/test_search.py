@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from _client_helpers import TorchEmbeddings, assert_same_ranking, small_catalog
 
 from client import cli
 from client.indexing import GalleryItem, build_index, catalog_items, manifest_items
@@ -14,7 +15,6 @@ from client.triton_client import EmbeddingClient
 from mim.checkpoint import load_checkpoint, weights_hash
 from mim.knn import KnnIndex
 
-from _client_helpers import TorchEmbeddings, assert_same_ranking, small_catalog
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
@@ -35,14 +35,21 @@ def client(triton_server):
 @pytest.fixture(scope="module")
 def served_index(client, catalog, model_id, tmp_path_factory) -> KnnIndex:
     path = tmp_path_factory.mktemp("index") / "gallery.safetensors"
-    return build_index(client.embed_images, catalog_items(catalog, "all"), path, model_id=model_id, progress=False).index
+    return build_index(
+        client.embed_images, catalog_items(catalog, "all"), path, model_id=model_id, progress=False
+    ).index
 
 
 @pytest.mark.server
 def test_search_through_server_equals_in_process(client, served_index, catalog, tiny_checkpoint, model_id, tmp_path):
     local = TorchEmbeddings(load_checkpoint(tiny_checkpoint))
-    local_index = build_index(local.embed_images, catalog_items(catalog, "all"), tmp_path / "local.safetensors",
-                              model_id=model_id, progress=False).index
+    local_index = build_index(
+        local.embed_images,
+        catalog_items(catalog, "all"),
+        tmp_path / "local.safetensors",
+        model_id=model_id,
+        progress=False,
+    ).index
     np.testing.assert_array_equal(served_index.ids, local_index.ids)
     served, reference = SearchService(client, served_index), SearchService(local, local_index)
     k = 10
@@ -52,13 +59,23 @@ def test_search_through_server_equals_in_process(client, served_index, catalog, 
         assert_same_ranking(served.by_text(q.short_text, k), reference.by_text(q.short_text, k))
     for r in catalog.reformulations[:2]:
         photo = catalog.read_bytes(catalog.queries[r.query_id].image)
-        for kw in ({"mode": "fusion"}, {"mode": "fusion", "image_weight": 0.8}, {"mode": "refine", "top_n": 12},
-                   {"mode": "refine", "text_weight": 0.5}):
-            assert_same_ranking(served.by_image_text(photo, r.text, k, **kw), reference.by_image_text(photo, r.text, k, **kw))
+        for kw in (
+            {"mode": "fusion"},
+            {"mode": "fusion", "image_weight": 0.8},
+            {"mode": "refine", "top_n": 12},
+            {"mode": "refine", "text_weight": 0.5},
+        ):
+            assert_same_ranking(
+                served.by_image_text(photo, r.text, k, **kw), reference.by_image_text(photo, r.text, k, **kw)
+            )
     hits = served.by_image(catalog.read_bytes(catalog.queries[0].image), 3)
     p = catalog.product(hits[0].id)
     assert [h.rank for h in hits] == [1, 2, 3]
-    assert (hits[0].title, hits[0].category, hits[0].image) == (p.title, p.category, str(catalog.path(p.image).resolve()))
+    assert (hits[0].title, hits[0].category, hits[0].image) == (
+        p.title,
+        p.category,
+        str(catalog.path(p.image).resolve()),
+    )
 
 
 @pytest.mark.server
@@ -90,8 +107,9 @@ class Crash(RuntimeError):
 @pytest.mark.server
 def test_index_build_resumes_after_a_crash(client, catalog, model_id, tmp_path):
     items = catalog_items(catalog, "all")  # 36 items -> 9 batches of 4
-    full = build_index(client.embed_images, items, tmp_path / "full.safetensors", model_id=model_id, batch_size=4,
-                       progress=False)
+    full = build_index(
+        client.embed_images, items, tmp_path / "full.safetensors", model_id=model_id, batch_size=4, progress=False
+    )
     path = tmp_path / "resumed.safetensors"
 
     def crash_after_5(done, index):
@@ -99,8 +117,16 @@ def test_index_build_resumes_after_a_crash(client, catalog, model_id, tmp_path):
             raise Crash("simulated crash after 5 batches")
 
     with pytest.raises(Crash):
-        build_index(client.embed_images, items, path, model_id=model_id, batch_size=4, save_every=2,
-                    on_batch=crash_after_5, progress=False)
+        build_index(
+            client.embed_images,
+            items,
+            path,
+            model_id=model_id,
+            batch_size=4,
+            save_every=2,
+            on_batch=crash_after_5,
+            progress=False,
+        )
     saved = KnnIndex.load(path, expected_model_id=model_id)
     assert len(saved) == 16  # batches 1-4 were saved (every 2 batches); batch 5 was lost with the crash
 
@@ -132,8 +158,24 @@ def test_resume_refuses_another_model_or_gallery(client, catalog, model_id, tmp_
 @pytest.mark.server
 def test_cli_index_max_batches_then_resume(triton_server, catalog, model_id, tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
-    argv = ["index", "--url", triton_server.grpc_url, "--catalog", str(catalog.root), "--split", "all", "--out", str(out),
-            "--model-id", model_id, "--batch-size", "8", "--save-every", "1", "--no-progress"]
+    argv = [
+        "index",
+        "--url",
+        triton_server.grpc_url,
+        "--catalog",
+        str(catalog.root),
+        "--split",
+        "all",
+        "--out",
+        str(out),
+        "--model-id",
+        model_id,
+        "--batch-size",
+        "8",
+        "--save-every",
+        "1",
+        "--no-progress",
+    ]
     assert cli.main(argv + ["--max-batches", "2"]) == 3
     assert "PARTIAL" in capsys.readouterr().out and len(KnnIndex.load(out)) == 16
     assert cli.main(argv) == 0
@@ -148,8 +190,25 @@ def test_cli_search_json_and_html(triton_server, served_index, catalog, model_id
     photo = catalog.path(catalog.queries[0].image)
     html_out = tmp_path / "page.html"
     base = ["search", "--url", triton_server.grpc_url, "--index", str(index_path), "--model-id", model_id]
-    assert cli.main(base + ["--image", str(photo), "--text", "in red", "--mode", "refine", "-k", "4", "--json",
-                            "--html", str(html_out)]) == 0
+    assert (
+        cli.main(
+            base
+            + [
+                "--image",
+                str(photo),
+                "--text",
+                "in red",
+                "--mode",
+                "refine",
+                "-k",
+                "4",
+                "--json",
+                "--html",
+                str(html_out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert doc["query"]["mode"] == "refine" and doc["query"]["model_id"] == model_id
     assert [r["rank"] for r in doc["results"]] == [1, 2, 3, 4]
@@ -172,16 +231,20 @@ def test_manifest_items_csv_and_jsonl(tmp_path):
     csv_path = tmp_path / "m.csv"
     csv_path.write_text('id,image,title,category\n7,a.png,"red, striped mug",mug\n3,b.png,,\n')
     items = manifest_items(tmp_path / "imgs", csv_path)
-    assert items == [GalleryItem(7, (tmp_path / "imgs/a.png").resolve(), "red, striped mug", "mug"),
-                     GalleryItem(3, (tmp_path / "imgs/b.png").resolve(), None, None)]
+    assert items == [
+        GalleryItem(7, (tmp_path / "imgs/a.png").resolve(), "red, striped mug", "mug"),
+        GalleryItem(3, (tmp_path / "imgs/b.png").resolve(), None, None),
+    ]
     jl = tmp_path / "m.jsonl"
     jl.write_text('{"id": 1, "image": "a.png", "title": "t"}\n\n{"id": 2, "image": "b.png"}\n')
     assert [i.id for i in manifest_items(tmp_path / "imgs", jl)] == [1, 2]
     bad = tmp_path / "bad.jsonl"
-    for text, msg in (('{"id": 1, "image": "../a.png"}\n', "must be a path relative"),
-                      ('{"id": 1, "image": "zz.png"}\n', "does not exist"),
-                      ('{"id": 1, "image": "a.png"}\n{"id": 1, "image": "b.png"}\n', "bad.jsonl:2: id 1 is a duplicate"),
-                      ('{"image": "a.png"}\n', r"missing field\(s\) \['id'\]")):
+    for text, msg in (
+        ('{"id": 1, "image": "../a.png"}\n', "must be a path relative"),
+        ('{"id": 1, "image": "zz.png"}\n', "does not exist"),
+        ('{"id": 1, "image": "a.png"}\n{"id": 1, "image": "b.png"}\n', "bad.jsonl:2: id 1 is a duplicate"),
+        ('{"image": "a.png"}\n', r"missing field\(s\) \['id'\]"),
+    ):
         bad.write_text(text)
         with pytest.raises(ValueError, match=msg):
             manifest_items(tmp_path / "imgs", bad)
@@ -189,12 +252,22 @@ def test_manifest_items_csv_and_jsonl(tmp_path):
 
 @pytest.mark.server
 def test_cli_index_folder_with_manifest(triton_server, catalog, tmp_path, capsys):
-    lines = ['{"id": %d, "image": "%s", "title": "%s"}' % (p.product_id, p.image, p.title) for p in catalog.products[:5]]
+    lines = [json.dumps({"id": p.product_id, "image": p.image, "title": p.title}) for p in catalog.products[:5]]
     manifest = tmp_path / "items.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     out = tmp_path / "folder.safetensors"
-    argv = ["index", "--url", triton_server.grpc_url, "--images", str(catalog.root), "--manifest", str(manifest),
-            "--out", str(out), "--no-progress"]
+    argv = [
+        "index",
+        "--url",
+        triton_server.grpc_url,
+        "--images",
+        str(catalog.root),
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 2  # no model identity anywhere: refused, with the ways to give one
     assert "identity is unknown: pass --model-id" in capsys.readouterr().err
     assert cli.main(argv + ["--model-id", "folder-model"]) == 0

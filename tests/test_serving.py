@@ -207,33 +207,77 @@ def _text(rows):
 BAD_INPUTS = {
     # id: (model, inputs, parameters, what the error message must say)
     "truncated": ("embed_image", lambda: _image([noise_png(0)[:200]]), None, r"could not decode image \(200 bytes"),
-    "not-an-image": ("embed_image", lambda: _image([b"%PDF-1.4 hello"]), None,
-                     r"could not decode image .*expected a JPEG, PNG or WebP"),
+    "not-an-image": (
+        "embed_image",
+        lambda: _image([b"%PDF-1.4 hello"]),
+        None,
+        r"could not decode image .*expected a JPEG, PNG or WebP",
+    ),
     "zero-bytes": ("embed_image", lambda: _image([b""]), None, r"image is empty \(0 bytes\)"),
-    "pixel-limit": ("embed_image", lambda: _image([png_declaring(8000, 8000)]), None,
-                    r"image is 8000x8000 = 64000000 pixels, over the limit of 40000000"),
-    "decompression-bomb": ("embed_image", lambda: _image([png_declaring(100_000, 100_000)]), None,
-                           r"decompression bomb|over the limit"),
-    "one-bad-row": ("embed_image", lambda: _image([photo(0), b"junk", photo(1)]), None,
-                    r"image row 1 of 3: could not decode image"),
+    "pixel-limit": (
+        "embed_image",
+        lambda: _image([png_declaring(8000, 8000)]),
+        None,
+        r"image is 8000x8000 = 64000000 pixels, over the limit of 40000000",
+    ),
+    "decompression-bomb": (
+        "embed_image",
+        lambda: _image([png_declaring(100_000, 100_000)]),
+        None,
+        r"decompression bomb|over the limit",
+    ),
+    "one-bad-row": (
+        "embed_image",
+        lambda: _image([photo(0), b"junk", photo(1)]),
+        None,
+        r"image row 1 of 3: could not decode image",
+    ),
     "empty-text": ("embed_text", lambda: _text([b""]), None, r"text is empty"),
     "blank-text": ("embed_text", lambda: _text([b" \t\n"]), None, r"text is empty"),
-    "non-utf8": ("embed_text", lambda: _text([b"caf\xe9 mug"]), None,
-                 r"text is not valid UTF-8 \(byte 0xe9 at offset 3\)"),
-    "text-over-byte-limit": ("embed_text", lambda: _text([b"a" * 70_000]), None,
-                             r"text is 70000 bytes, over the limit"),
-    "wrong-dtype": ("embed_image", lambda: [array_input("image", np.zeros((1, 1), np.float32), "FP32")], None,
-                    r"input 'image' data-type is 'FP32', but model 'embed_image' expects 'BYTES'"),
-    "wrong-shape": ("embed_image", lambda: [bytes_input(contract.IMAGE, [photo(0)] * 2).set_shape([1, 2])], None,
-                    r"unexpected shape for input 'image' for model 'embed_image'. Expected \[-1,1\], got \[1,2\]"),
-    "batch-over-max": ("embed_text", lambda: _text([b"mug"] * (contract.MAX_BATCH_SIZE + 1)), None,
-                       rf"batch-size must be <= {contract.MAX_BATCH_SIZE}"),
+    "non-utf8": (
+        "embed_text",
+        lambda: _text([b"caf\xe9 mug"]),
+        None,
+        r"text is not valid UTF-8 \(byte 0xe9 at offset 3\)",
+    ),
+    "text-over-byte-limit": (
+        "embed_text",
+        lambda: _text([b"a" * 70_000]),
+        None,
+        r"text is 70000 bytes, over the limit",
+    ),
+    "wrong-dtype": (
+        "embed_image",
+        lambda: [array_input("image", np.zeros((1, 1), np.float32), "FP32")],
+        None,
+        r"input 'image' data-type is 'FP32', but model 'embed_image' expects 'BYTES'",
+    ),
+    "wrong-shape": (
+        "embed_image",
+        lambda: [bytes_input(contract.IMAGE, [photo(0)] * 2).set_shape([1, 2])],
+        None,
+        r"unexpected shape for input 'image' for model 'embed_image'. Expected \[-1,1\], got \[1,2\]",
+    ),
+    "batch-over-max": (
+        "embed_text",
+        lambda: _text([b"mug"] * (contract.MAX_BATCH_SIZE + 1)),
+        None,
+        rf"batch-size must be <= {contract.MAX_BATCH_SIZE}",
+    ),
     "missing-input": ("embed_multimodal", lambda: _image([photo(0)]), None, r"missing required input\(s\) \['text'\]"),
-    "weight-out-of-range": ("embed_multimodal", lambda: _image([photo(0)]) + _text([b"mug"]),
-                            {contract.FUSION_WEIGHT_PARAM: 1.5}, r"'image_weight' = 1.5 is outside \[0, 1\]"),
-    "weight-not-a-number": ("embed_multimodal", lambda: _image([photo(0)]) + _text([b"mug"]),
-                            {contract.FUSION_WEIGHT_PARAM: "lots"}, r"'image_weight' = 'lots' is not a number"),
-}  # fmt: skip
+    "weight-out-of-range": (
+        "embed_multimodal",
+        lambda: _image([photo(0)]) + _text([b"mug"]),
+        {contract.FUSION_WEIGHT_PARAM: 1.5},
+        r"'image_weight' = 1.5 is outside \[0, 1\]",
+    ),
+    "weight-not-a-number": (
+        "embed_multimodal",
+        lambda: _image([photo(0)]) + _text([b"mug"]),
+        {contract.FUSION_WEIGHT_PARAM: "lots"},
+        r"'image_weight' = 'lots' is not a number",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -300,5 +344,7 @@ def test_a_repository_without_exported_models_fails_to_start_with_the_log_tail(t
     assert server.process is None  # stopped and reaped
     message = str(info.value)
     assert "models that failed to load:" in message and "last lines:" in message
-    assert f"image_encoder: Internal: FileNotFoundError: {repo}/image_encoder/1/model.onnx not found; install" in message
+    assert (
+        f"image_encoder: Internal: FileNotFoundError: {repo}/image_encoder/1/model.onnx not found; install" in message
+    )
     assert f"preprocess_image: Internal: FileNotFoundError: {repo}/preprocess_image/1/preprocess.json" in message

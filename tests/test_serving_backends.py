@@ -90,11 +90,13 @@ def test_preprocess_image_answers_bad_requests_alone():
 
 def test_shape_and_dtype_are_checked_when_called_directly():
     handler = B.PreprocessImageHandler(PRE)
-    wrong_shape, wrong_dtype, missing = handler([
-        B.Request({"image": np.array([[png(0), png(1)]], dtype=object)}),
-        B.Request({"image": np.zeros((1, 1), np.float32)}),
-        B.Request({}),
-    ])  # fmt: skip
+    wrong_shape, wrong_dtype, missing = handler(
+        [
+            B.Request({"image": np.array([[png(0), png(1)]], dtype=object)}),
+            B.Request({"image": np.zeros((1, 1), np.float32)}),
+            B.Request({}),
+        ]
+    )
     assert "has shape [1, 2]; expected [batch >= 1, 1]" in wrong_shape.error
     assert "has dtype float32; expected BYTES" in wrong_dtype.error
     assert "missing input 'image'" in missing.error
@@ -105,12 +107,14 @@ def test_text_rows_are_checked_one_by_one_and_tokenized_together(reference):
     pre = B.TextPreprocessor(PRE, reference.tokenizer)
     handler = B.PreprocessTextHandler(pre)
     long_text = ("zebra mug " * 500).encode()  # far over the context length: truncated, not refused
-    ok, bad, too_big, long = handler([
-        B.Request({"text": byte_tensor(b"red polka-dot shirt", "blue mug".encode())}),
-        B.Request({"text": byte_tensor(b"ok", b"   ", b"\xff\xfe")}),
-        B.Request({"text": byte_tensor(b"x" * (PRE.max_text_bytes + 1))}),
-        B.Request({"text": byte_tensor(long_text)}),
-    ])  # fmt: skip
+    ok, bad, too_big, long = handler(
+        [
+            B.Request({"text": byte_tensor(b"red polka-dot shirt", b"blue mug")}),
+            B.Request({"text": byte_tensor(b"ok", b"   ", b"\xff\xfe")}),
+            B.Request({"text": byte_tensor(b"x" * (PRE.max_text_bytes + 1))}),
+            B.Request({"text": byte_tensor(long_text)}),
+        ]
+    )
     ids, mask = reference.tokenizer.encode_batch(["red polka-dot shirt", "blue mug"])
     np.testing.assert_array_equal(ok.outputs["input_ids"], ids)
     np.testing.assert_array_equal(ok.outputs["attention_mask"], mask)
@@ -159,12 +163,14 @@ def test_encoder_refuses_rows_that_would_poison_the_batch(reference, image_handl
     assert text_handler.vocab_size == vocab  # read from the ONNX graph's embedding table
     big, neg, bad_mask = ids.copy(), ids.copy(), mask.copy()
     big[0, 1], neg[0, 1], bad_mask[0, 2] = vocab, -1, 7
-    responses = text_handler([
-        B.Request({"input_ids": big, "attention_mask": mask}),
-        B.Request({"input_ids": neg, "attention_mask": mask}),
-        B.Request({"input_ids": ids, "attention_mask": bad_mask}),
-        B.Request({"input_ids": ids, "attention_mask": mask}),
-    ])  # fmt: skip
+    responses = text_handler(
+        [
+            B.Request({"input_ids": big, "attention_mask": mask}),
+            B.Request({"input_ids": neg, "attention_mask": mask}),
+            B.Request({"input_ids": ids, "attention_mask": bad_mask}),
+            B.Request({"input_ids": ids, "attention_mask": mask}),
+        ]
+    )
     assert f"input_ids: has token id {vocab}; expected ids in [0, {vocab})" in responses[0].error
     assert "has token id -1" in responses[1].error
     assert "attention_mask: must hold only 0 and 1" in responses[2].error
@@ -207,9 +213,15 @@ def test_fuse_math():
 
 @pytest.mark.parametrize(
     "value, message",
-    [(1.5, r"= 1.5 is outside \[0, 1\]"), (-0.1, "= -0.1 is outside"), (float("nan"), "= nan is outside"),
-     ("abc", "= 'abc' is not a number"), (True, "= True is not a number"), (None, "= None is not a number")],
-)  # fmt: skip
+    [
+        (1.5, r"= 1.5 is outside \[0, 1\]"),
+        (-0.1, "= -0.1 is outside"),
+        (float("nan"), "= nan is outside"),
+        ("abc", "= 'abc' is not a number"),
+        (True, "= True is not a number"),
+        (None, "= None is not a number"),
+    ],
+)
 def test_bad_fusion_weights_are_refused(value, message):
     with pytest.raises(InputError, match=rf"request parameter 'image_weight' {message}"):
         B.parse_image_weight({contract.FUSION_WEIGHT_PARAM: value}, 0.5)
@@ -222,12 +234,14 @@ def test_fuse_handler_keeps_each_requests_weight_in_one_batch():
     calls = []
     run = handler.run
     handler.run = lambda batch: calls.append(len(batch["weight"])) or run(batch)  # count the joint runs
-    default, weighted, bad, as_text = handler([
-        B.Request({"image_embeds": img[:2], "text_embeds": txt[:2]}),
-        B.Request({"image_embeds": img[2:3], "text_embeds": txt[2:3]}, {"image_weight": 0.9}),
-        B.Request({"image_embeds": img[3:], "text_embeds": txt[3:]}, {"image_weight": 2}),
-        B.Request({"image_embeds": img[3:], "text_embeds": txt[3:]}, {"image_weight": "0.25"}),
-    ])  # fmt: skip
+    default, weighted, bad, as_text = handler(
+        [
+            B.Request({"image_embeds": img[:2], "text_embeds": txt[:2]}),
+            B.Request({"image_embeds": img[2:3], "text_embeds": txt[2:3]}, {"image_weight": 0.9}),
+            B.Request({"image_embeds": img[3:], "text_embeds": txt[3:]}, {"image_weight": 2}),
+            B.Request({"image_embeds": img[3:], "text_embeds": txt[3:]}, {"image_weight": "0.25"}),
+        ]
+    )
     assert calls == [4]  # the three good requests, one run
     np.testing.assert_allclose(default.outputs["embedding"], B.fuse(img[:2], txt[:2], 0.5), atol=1e-6)
     np.testing.assert_allclose(weighted.outputs["embedding"], B.fuse(img[2:3], txt[2:3], 0.9), atol=1e-6)
@@ -308,9 +322,11 @@ def fake_pb_utils():
         return types.SimpleNamespace(outputs={t.name: t.array for t in output_tensors or []}, error=error)
 
     return types.SimpleNamespace(
-        Tensor=FakeTensor, TritonError=FakeError, InferenceResponse=response,
+        Tensor=FakeTensor,
+        TritonError=FakeError,
+        InferenceResponse=response,
         get_input_tensor_by_name=get_input_tensor_by_name,
-    )  # fmt: skip
+    )
 
 
 def test_glue_builds_the_handler_from_initialize_args_and_answers_each_request(repo):
@@ -337,7 +353,6 @@ def test_glue_without_error_codes_still_reports_the_message():
 
     err = python_backend.triton_error(types.SimpleNamespace(TritonError=OldError), "bad", B.INVALID_ARG)
     assert err.message == "bad"
-
 
 
 def test_a_crashing_check_fails_only_its_own_request():

@@ -91,10 +91,11 @@ def test_cli_restores_signal_handlers(tmp_path):
 
 def test_load_failures_are_read_from_the_log():
     log = (
-        'E1125 model_lifecycle.cc:642] "failed to load \'fuse\' version 1: Internal: ValueError: bad weight\\n\\nAt:\\n  x"\n'
-        'I1125 model_lifecycle.cc:777] "failed to load \'fuse\'"\n'
-        'E1125 model_lifecycle.cc:642] "failed to load \'text_encoder\' version 1: Invalid argument: no file"\n'
-        'E1125 model_repository_manager.cc:724] "failed to load model \'embed_text\': at least one version must be"\n'
+        "E1125 model_lifecycle.cc:642] \"failed to load 'fuse' version 1: "
+        'Internal: ValueError: bad weight\\n\\nAt:\\n  x"\n'
+        "I1125 model_lifecycle.cc:777] \"failed to load 'fuse'\"\n"
+        "E1125 model_lifecycle.cc:642] \"failed to load 'text_encoder' version 1: Invalid argument: no file\"\n"
+        "E1125 model_repository_manager.cc:724] \"failed to load model 'embed_text': at least one version must be\"\n"
     )
     assert S.load_failures(log) == {
         "fuse": "Internal: ValueError: bad weight",

@@ -29,8 +29,10 @@ def test_profile_for_takes_dims_from_the_contract():
     s = TINY.vision.image_size
     assert profile_for(contract.PIXEL_VALUES, TINY) == ((1, 3, s, s), (16, 3, s, s), (64, 3, s, s))
     assert profile_for(contract.PIXEL_VALUES, BASE, BatchRange(2, 8, 32)) == (
-        (2, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224),
-    )  # fmt: skip
+        (2, 3, 224, 224),
+        (8, 3, 224, 224),
+        (32, 3, 224, 224),
+    )
     assert profile_for(contract.INPUT_IDS, BASE)[2] == (contract.MAX_BATCH_SIZE, 77)
 
 
@@ -174,10 +176,18 @@ def test_build_engine_and_parity(tiny_export, tower):
     model_cfg = ModelConfig.from_dict(json.loads((out / "model.json").read_text()))
     prof = tower_profile(contract.MODELS[tower], model_cfg, BatchRange(1, 4, 8))
     plan = out / tb.plan_filename(tower)
-    meta = tb.build_engine(out / f"{tower}.onnx", plan, fp16=True, profile=prof,
-                           timing_cache_path=out / "timing.cache", checkpoint_hash=report["checkpoint_hash"])  # fmt: skip
+    meta = tb.build_engine(
+        out / f"{tower}.onnx",
+        plan,
+        fp16=True,
+        profile=prof,
+        timing_cache_path=out / "timing.cache",
+        checkpoint_hash=report["checkpoint_hash"],
+    )
     assert plan.is_file() and (out / f"{tower}.plan.json").is_file() and (out / "timing.cache").is_file()
-    assert [r["name"] for r in meta["io"]] == [s.name for s in (*contract.MODELS[tower].inputs, *contract.MODELS[tower].outputs)]
+    assert [r["name"] for r in meta["io"]] == [
+        s.name for s in (*contract.MODELS[tower].inputs, *contract.MODELS[tower].outputs)
+    ]
     assert meta["fp32_layers"] > 0
     assert engine_is_current(plan, report["checkpoint_hash"], profile=prof)
     assert not engine_is_current(plan, "another-checkpoint", profile=prof)

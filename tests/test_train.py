@@ -16,8 +16,13 @@ from mim.train import batch_loss, load_split, main, train
 @pytest.fixture(scope="module")
 def small_catalog(tmp_path_factory):
     return generate_catalog(
-        tmp_path_factory.mktemp("cat"), seed=3, image_size=48, categories=CATEGORIES[:4], patterns=PATTERNS[:3],
-        colours=COLOURS[:3], progress=False,
+        tmp_path_factory.mktemp("cat"),
+        seed=3,
+        image_size=48,
+        categories=CATEGORIES[:4],
+        patterns=PATTERNS[:3],
+        colours=COLOURS[:3],
+        progress=False,
     )
 
 
@@ -30,10 +35,19 @@ def _fixed_batch_loss(ck_dir, catalog, objective):
 
 @pytest.mark.parametrize("objective", ["dml", "4tower"])
 def test_short_training_lowers_the_loss(small_catalog, tmp_path, objective):
-    kw = dict(catalog=str(small_catalog.root), objective=objective, batch_size=8, lr=2e-3, warmup=2, no_progress=True)
+    kw = {
+        "catalog": str(small_catalog.root),
+        "objective": objective,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "warmup": 2,
+        "no_progress": True,
+    }
     start = train(out=str(tmp_path / "a"), steps=1, **kw)
     trained = train(out=str(tmp_path / "b"), steps=40, **kw)
-    assert _fixed_batch_loss(trained, small_catalog, objective) < 0.8 * _fixed_batch_loss(start, small_catalog, objective)
+    assert _fixed_batch_loss(trained, small_catalog, objective) < 0.8 * _fixed_batch_loss(
+        start, small_catalog, objective
+    )
 
 
 class _Crash(Exception):
@@ -41,7 +55,17 @@ class _Crash(Exception):
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(small_catalog, tmp_path, monkeypatch):
-    args = ["--catalog", str(small_catalog.root), "--batch-size", "6", "--no-progress", "--save-every", "3", "--steps", "6"]
+    args = [
+        "--catalog",
+        str(small_catalog.root),
+        "--batch-size",
+        "6",
+        "--no-progress",
+        "--save-every",
+        "3",
+        "--steps",
+        "6",
+    ]
     main([*args, "--out", str(tmp_path / "straight")])
 
     real_save = ckpt.save_checkpoint
@@ -64,7 +88,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(small_catalog, tmp_pat
 
 
 def test_four_tower_starts_from_three_tower_weights(small_catalog, tmp_path):
-    kw = dict(catalog=str(small_catalog.root), batch_size=6, no_progress=True)
+    kw = {"catalog": str(small_catalog.root), "batch_size": 6, "no_progress": True}
     three = train(out=str(tmp_path / "3"), objective="3tower", steps=2, **kw)
     # lr 0: the one 4-tower step leaves the weights where the 3-tower run ended.
     four = train(out=str(tmp_path / "4"), objective="4tower", steps=1, lr=0.0, init_from=str(three), **kw)

@@ -19,9 +19,10 @@ import json
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -234,7 +235,7 @@ class TextPreprocessor:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_dir(cls, version_dir: Path) -> "TextPreprocessor":
+    def from_dir(cls, version_dir: Path) -> TextPreprocessor:
         cfg = read_preprocess(version_dir)
         return cls(cfg, TextTokenizer.from_file(Path(version_dir) / cfg.tokenizer_file, cfg.context_length))
 
@@ -272,8 +273,12 @@ class PreprocessTextHandler(Handler):
 
 
 # --- encoders ----------------------------------------------------------------------------------------------
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32}  # fmt: skip
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
 
 
 class OnnxEncoder:
@@ -307,8 +312,13 @@ class OnnxEncoder:
         available = set(ort.get_available_providers())
         chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
         if chosen != list(providers):
-            log.warning("%s: providers %s requested, %s available; using %s",
-                        io.name, list(providers), sorted(available), chosen)  # fmt: skip
+            log.warning(
+                "%s: providers %s requested, %s available; using %s",
+                io.name,
+                list(providers),
+                sorted(available),
+                chosen,
+            )
         self.session = ort.InferenceSession(str(path), opts, providers=chosen)
         self.io = io
         self.path = path
@@ -366,8 +376,13 @@ class EncoderHandler(Handler):
     batch or silently poison a row: non-finite pixels, token ids outside the vocabulary (ONNX Gather would
     also wrap negative ids around), masks other than 0/1."""
 
-    def __init__(self, encoder: Callable[[Arrays], np.ndarray], io: contract.ModelIO,
-                 dims: Mapping[str, Sequence[int]], vocab_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        encoder: Callable[[Arrays], np.ndarray],
+        io: contract.ModelIO,
+        dims: Mapping[str, Sequence[int]],
+        vocab_size: int | None = None,
+    ):
         self.io = io
         super().__init__(dims)
         self.encoder = encoder

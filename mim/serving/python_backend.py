@@ -9,8 +9,9 @@ imported, so this file imports anywhere and is tested with a stand-in.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from mim import contract
 from mim.serving import backends

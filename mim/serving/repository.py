@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
@@ -166,9 +166,7 @@ def preprocess_image_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) 
 def preprocess_text_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[GeneratedConfig]:
     name = contract.PREPROCESS_TEXT
     cfg = _python_model(name, model_cfg, pre_cfg, instances=PREPROCESS_TEXT_INSTANCES)
-    notes = (
-        f"UTF-8 text -> token ids + mask; reads {VERSION}/{PREPROCESS_JSON} and the tokenizer file it names.",
-    )
+    notes = (f"UTF-8 text -> token ids + mask; reads {VERSION}/{PREPROCESS_JSON} and the tokenizer file it names.",)
     return [GeneratedConfig(name, DEFAULT_CONFIG, cfg, notes)]
 
 
@@ -181,44 +179,70 @@ def encoder_configs(name: str, model_cfg: ModelConfig, pre_cfg: PreprocessConfig
     trt.dynamic_batching.preferred_batch_size.extend(TRT_PREFERRED_BATCH_SIZES)
     trt.dynamic_batching.max_queue_delay_microseconds = TRT_QUEUE_DELAY_US
     cpu = _python_model(
-        name, model_cfg, pre_cfg,
+        name,
+        model_cfg,
+        pre_cfg,
         instances=CPU_ENCODER_INSTANCES,
         queue_delay_us=CPU_QUEUE_DELAY_US,
-        params={"onnx_file": ONNX_FP32, "execution_providers": "CPUExecutionProvider",
-                "intra_op_threads": str(CPU_ENCODER_THREADS)},
-    )  # fmt: skip
+        params={
+            "onnx_file": ONNX_FP32,
+            "execution_providers": "CPUExecutionProvider",
+            "intra_op_threads": str(CPU_ENCODER_THREADS),
+        },
+    )
     gpu = _python_model(
-        name, model_cfg, pre_cfg,
+        name,
+        model_cfg,
+        pre_cfg,
         instances=TRT_INSTANCES,
         kind=pb.ModelInstanceGroup.KIND_GPU,
         queue_delay_us=TRT_QUEUE_DELAY_US,
         params={"onnx_file": ONNX_FP16, "execution_providers": GPU_ONNX_PROVIDERS, "intra_op_threads": "1"},
-    )  # fmt: skip
+    )
     return [
-        GeneratedConfig(name, DEFAULT_CONFIG, trt, (
-            f"Production: TensorRT FP16 engine {VERSION}/{TRT_PLAN} built by `make engines` (NGC Triton container).",
-            f"Preferred batches {list(TRT_PREFERRED_BATCH_SIZES)} within the engine's profile, "
-            f"{TRT_QUEUE_DELAY_US} us queue delay.",
-            f"Other machines: --model-config-name={CPU} (ONNX Runtime, CPU) or {GPU_ONNX} (ONNX Runtime, CUDA).",
-        )),
-        GeneratedConfig(name, f"configs/{CPU}.pbtxt", cpu, (
-            f"Selected by --model-config-name={CPU}: python backend running {VERSION}/{ONNX_FP32} on ONNX Runtime.",
-            f"{CPU_ENCODER_INSTANCES} instance x {CPU_ENCODER_THREADS} intra-op threads = the 2 CI cores; "
-            f"{CPU_QUEUE_DELAY_US} us queue delay.",
-        )),
-        GeneratedConfig(name, f"configs/{GPU_ONNX}.pbtxt", gpu, (
-            f"Selected by --model-config-name={GPU_ONNX}: GPU without TensorRT, {VERSION}/{ONNX_FP16} "
-            "(FP32 I/O) on ONNX Runtime's CUDA provider (needs onnxruntime-gpu; falls back to the CPU provider).",
-        )),
-    ]  # fmt: skip
+        GeneratedConfig(
+            name,
+            DEFAULT_CONFIG,
+            trt,
+            (
+                f"Production: TensorRT FP16 engine {VERSION}/{TRT_PLAN} built by `make engines` "
+                "(NGC Triton container).",
+                f"Preferred batches {list(TRT_PREFERRED_BATCH_SIZES)} within the engine's profile, "
+                f"{TRT_QUEUE_DELAY_US} us queue delay.",
+                f"Other machines: --model-config-name={CPU} (ONNX Runtime, CPU) or {GPU_ONNX} (ONNX Runtime, CUDA).",
+            ),
+        ),
+        GeneratedConfig(
+            name,
+            f"configs/{CPU}.pbtxt",
+            cpu,
+            (
+                f"Selected by --model-config-name={CPU}: python backend running {VERSION}/{ONNX_FP32} on ONNX Runtime.",
+                f"{CPU_ENCODER_INSTANCES} instance x {CPU_ENCODER_THREADS} intra-op threads = the 2 CI cores; "
+                f"{CPU_QUEUE_DELAY_US} us queue delay.",
+            ),
+        ),
+        GeneratedConfig(
+            name,
+            f"configs/{GPU_ONNX}.pbtxt",
+            gpu,
+            (
+                f"Selected by --model-config-name={GPU_ONNX}: GPU without TensorRT, {VERSION}/{ONNX_FP16} "
+                "(FP32 I/O) on ONNX Runtime's CUDA provider (needs onnxruntime-gpu; falls back to the CPU provider).",
+            ),
+        ),
+    ]
 
 
 def fuse_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[GeneratedConfig]:
     name = contract.FUSE
     cfg = _python_model(
-        name, model_cfg, pre_cfg, instances=FUSE_INSTANCES,
+        name,
+        model_cfg,
+        pre_cfg,
+        instances=FUSE_INSTANCES,
         params={"default_image_weight": repr(float(contract.DEFAULT_IMAGE_WEIGHT))},
-    )  # fmt: skip
+    )
     notes = (
         f"embedding = normalize(w * image_embeds + (1 - w) * text_embeds); w from the request parameter "
         f"{contract.FUSION_WEIGHT_PARAM!r}",

@@ -28,10 +28,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
 
 HOST = "127.0.0.1"
 CONFIGS = ("cpu", "gpu_onnx", "default")
@@ -101,9 +101,12 @@ def triton_paths() -> TritonPaths:
         stub=root / "python_backend_stubs" / py / "triton_python_backend_stub",
         version=metadata.version("nvidia-pytriton"),
     )
-    for what, path in (("tritonserver binary", paths.binary), ("library folder", paths.lib_dir),
-                       ("python backend", paths.python_backend / "libtriton_python.so"),
-                       (f"python backend stub for Python {py}", paths.stub)):  # fmt: skip
+    for what, path in (
+        ("tritonserver binary", paths.binary),
+        ("library folder", paths.lib_dir),
+        ("python backend", paths.python_backend / "libtriton_python.so"),
+        (f"python backend stub for Python {py}", paths.stub),
+    ):
         if not path.exists():
             raise TritonServerError(f"{what} not found at {path}; reinstall nvidia-pytriton: pip install -e '.[serve]'")
     return paths
@@ -223,18 +226,21 @@ class TritonServer:
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir(paths, self.cache_dir)}",
             *self._config_args,
-            f"--grpc-address={HOST}", f"--grpc-port={self.grpc_port}",
-            f"--http-address={HOST}", f"--http-port={self.http_port}",
-            f"--metrics-address={HOST}", f"--metrics-port={self.metrics_port}",
+            f"--grpc-address={HOST}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={HOST}",
+            f"--http-port={self.http_port}",
+            f"--metrics-address={HOST}",
+            f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",  # no DCGM on CPU machines; CPU metrics stay on
             "--strict-readiness=true",  # ready only when every model is
             "--exit-on-error=true",  # a model that fails to load stops the server (and start() reports why)
             f"--exit-timeout-secs={max(1, int(self.stop_timeout) - 2)}",
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
-        ]  # fmt: skip
+        ]
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         if self.process is not None:
             raise TritonServerError("server already started")
         if not self.repository.is_dir():
@@ -248,9 +254,13 @@ class TritonServer:
             # Own session: Ctrl-C in a terminal reaches only us, and stop() can signal the whole group
             # (the server and its python-backend stubs).
             self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=paths.env(),
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=paths.env(),
                 start_new_session=True,
-            )  # fmt: skip
+            )
         try:
             self.wait_ready()
         except BaseException:
@@ -313,7 +323,7 @@ class TritonServer:
         text = self.log_text()
         return "\n".join(text.splitlines()[-lines:]) if text else "(no log)"
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -354,9 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mim.serving.server", description=__doc__.split("\n\n")[0])
     p.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository folder")
     p.add_argument(
-        "--config", choices=CONFIGS, default=DEFAULT_CONFIG,
+        "--config",
+        choices=CONFIGS,
+        default=DEFAULT_CONFIG,
         help="config variant: cpu (ONNX Runtime, CPU), gpu_onnx (ONNX Runtime, CUDA), default (TensorRT engines)",
-    )  # fmt: skip
+    )
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -390,10 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Start the server, wait until it exits or we are told to stop; 0 on a requested stop."""
     server = TritonServer(
-        args.repository, config=args.config, grpc_port=args.grpc_port, http_port=args.http_port,
-        metrics_port=args.metrics_port, log_path=args.log, log_verbose=args.log_verbose,
+        args.repository,
+        config=args.config,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        log_path=args.log,
+        log_verbose=args.log_verbose,
         startup_timeout=args.startup_timeout,
-    )  # fmt: skip
+    )
     try:
         server.start()
     except TritonServerError as e:
@@ -401,8 +418,11 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     except _Stop:
         return 0  # start() has stopped the server already
-    print(f"tritonserver ready ({args.config}): grpc {server.grpc_url}  http {server.http_url}  "
-          f"metrics {server.metrics_url}\nlog: {server.log_path}   (Ctrl-C to stop)", flush=True)  # fmt: skip
+    print(
+        f"tritonserver ready ({args.config}): grpc {server.grpc_url}  http {server.http_url}  "
+        f"metrics {server.metrics_url}\nlog: {server.log_path}   (Ctrl-C to stop)",
+        flush=True,
+    )
     try:
         while server.is_running():
             time.sleep(0.5)
