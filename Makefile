@@ -50,7 +50,7 @@ test-all: setup ## every test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 catalog: setup ## generate the synthetic street-to-shop catalog
-	$(PY) -m mim.data --out $(CATALOG)
+	$(PY) -m mim.synth --out $(CATALOG)
 
 train: setup ## train the tiny 3-tower model (STEPS=..., CKPT=...)
 	$(PY) -m mim.train --catalog $(CATALOG) --objective 3tower --steps $(STEPS) --out $(CKPT) --resume

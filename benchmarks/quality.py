@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
-    from mim.data import load_catalog
+    from mim.catalog import load_catalog
 
     report = served_quality(args.url, args.checkpoint, load_catalog(args.catalog), args.split)
     report["date"] = now_utc()

@@ -179,7 +179,8 @@ def install_repository(run: Run, ckpt: Path) -> Path:
 
 
 def resolve_catalog(run: Run, path: Path):
-    from mim.data import ensure_catalog, load_catalog, summary
+    from mim.catalog import load_catalog, summary
+    from mim.synth import ensure_catalog
 
     try:
         catalog, how = load_catalog(path), "existing"

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mim import contract
+from mim.catalog import load_catalog
 from mim.checkpoint import weights_hash
-from mim.data import load_catalog
 from mim.evaluate import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
 from mim.knn import KnnIndex
 
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ix = sub.add_parser("index", help="embed a gallery through the server and save a KnnIndex (resumable)")
     _common(ix)
-    ix.add_argument("--catalog", help="synthetic catalog folder (python -m mim.data)")
+    ix.add_argument("--catalog", help="synthetic catalog folder (python -m mim.synth)")
     ix.add_argument(
         "--split", default="test", choices=["train", "val", "test", "all"], help="catalog products to index"
     )

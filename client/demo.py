@@ -26,11 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mim.catalog import Catalog
 from mim.checkpoint import Checkpoint, load_checkpoint, weights_hash
-from mim.data import Catalog, ensure_catalog
 from mim.evaluate import Embedder, evaluate, torch_embedder
 from mim.knn import KnnIndex
 from mim.serving.server import TritonServer
+from mim.synth import ensure_catalog
 from mim.train import train
 
 from .html import QueryBlock, render_page, write_page

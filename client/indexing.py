@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mim import contract
-from mim.data import Catalog
+from mim.catalog import Catalog
 from mim.knn import KnnIndex
 
 EmbedImages = Callable[[Sequence[bytes]], np.ndarray]

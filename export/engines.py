@@ -32,16 +32,15 @@ from pathlib import Path
 
 from mim import contract
 from mim.atomic import atomic_write
+from mim.catalog import load_catalog
 from mim.checkpoint import TOKENIZER, weights_hash
 from mim.config import ModelConfig, PreprocessConfig
-from mim.data import load_catalog
 
 from .fp16_gate import fp16_gate
 from .onnx_export import (
     EXPORT_JSON,
     MODEL_JSON,
     PREPROCESS_JSON,
-    PUBLIC_MODE,
     export_checkpoint,
     onnx_filename,
     summary_lines,
@@ -144,11 +143,7 @@ def _plan_hash(meta_path: Path) -> str | None:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    def write(tmp: Path) -> None:
-        shutil.copyfile(src, tmp)
-        tmp.chmod(PUBLIC_MODE)
-
-    atomic_write(dst, write)
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _remove(path: Path, why: str) -> None:

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from mim import contract
+from mim.catalog import Catalog, load_catalog
 from mim.checkpoint import Checkpoint, load_checkpoint
-from mim.data import Catalog, load_catalog
 from mim.evaluate import Embedder, embed_images, embed_texts, evaluate, torch_embedder
 from mim.preprocess import preprocess_image_bytes
 from mim.serving.backends import OnnxEncoder

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from mim import contract
-from mim.atomic import atomic_write
+from mim.atomic import atomic_write_bytes
 from mim.checkpoint import TOKENIZER, load_checkpoint, weights_hash
 from mim.config import ModelConfig, dumps
 
@@ -58,7 +58,6 @@ PARITY_BATCHES = (1, 7)
 TRACE_BATCH = 2
 
 MODEL_JSON, PREPROCESS_JSON, EXPORT_JSON = "model.json", "preprocess.json", "export.json"
-PUBLIC_MODE = 0o644
 _ONNX_DTYPES = {
     "FP32": onnx.TensorProto.FLOAT,
     "FP16": onnx.TensorProto.FLOAT16,
@@ -224,20 +223,9 @@ def _parity_all(path: Path, tower: Tower, model_cfg: ModelConfig, min_cosine: fl
     }
 
 
-def write_file(path: str | Path, data: bytes) -> None:
-    """Atomic write of a file every user may read: a tritonserver in a container often runs as another user
-    than the one exporting (the temp file behind an atomic write is created 0600)."""
-
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-        tmp.chmod(PUBLIC_MODE)
-
-    atomic_write(path, write)
-
-
 def _write_onnx(path: Path, model: onnx.ModelProto) -> None:
     onnx.checker.check_model(model)  # full check (with shape inference) before anything touches the disk
-    write_file(path, model.SerializeToString())
+    atomic_write_bytes(path, model.SerializeToString())
 
 
 def export_checkpoint(
@@ -267,12 +255,12 @@ def export_checkpoint(
     for tower in towers_of(ckpt.model):
         report["towers"][tower.name] = _export_one(tower, model_cfg, out_dir, opset=opset, fp16=fp16, check=check)
 
-    write_file(out_dir / PREPROCESS_JSON, dumps(pre_cfg.to_dict()).encode())
-    write_file(out_dir / MODEL_JSON, dumps(model_cfg.to_dict()).encode())
-    write_file(out_dir / TOKENIZER, (ckpt_dir / TOKENIZER).read_bytes())
+    atomic_write_bytes(out_dir / PREPROCESS_JSON, dumps(pre_cfg.to_dict()).encode())
+    atomic_write_bytes(out_dir / MODEL_JSON, dumps(model_cfg.to_dict()).encode())
+    atomic_write_bytes(out_dir / TOKENIZER, (ckpt_dir / TOKENIZER).read_bytes())
     report["seconds"] = round(time.perf_counter() - t0, 2)
     # Written last: a folder with export.json is complete.
-    write_file(out_dir / EXPORT_JSON, dumps(report).encode())
+    atomic_write_bytes(out_dir / EXPORT_JSON, dumps(report).encode())
     return report
 
 

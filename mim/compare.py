@@ -16,9 +16,10 @@ import time
 from datetime import date
 from pathlib import Path
 
+from .catalog import load_catalog
 from .checkpoint import load_checkpoint
-from .data import ensure_catalog, load_catalog
 from .evaluate import evaluate, torch_embedder, write_results
+from .synth import ensure_catalog
 from .train import train
 
 # (name, objective, initialised from, training steps as a multiple of --steps)

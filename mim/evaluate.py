@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write_text
+from .catalog import Catalog, load_catalog
 from .checkpoint import Checkpoint, load_checkpoint
-from .data import Catalog, load_catalog
 from .preprocess import preprocess_image_bytes
 
 KS = (1, 5, 10)

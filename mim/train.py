@@ -22,11 +22,12 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .catalog import Catalog, load_catalog
 from .config import PreprocessConfig, get_size
-from .data import Catalog, ensure_catalog, load_catalog
 from .losses import OBJECTIVES, LossWeights, mim_loss
 from .model import MIMModel
 from .preprocess import preprocess_image_bytes
+from .synth import ensure_catalog
 from .tokenizer import TextTokenizer
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from mim import contract
+from mim.catalog import Catalog
 from mim.checkpoint import Checkpoint
-from mim.data import Catalog, ensure_catalog
 from mim.evaluate import embed_images, embed_texts, fuse
+from mim.synth import ensure_catalog
 
 # 4 categories x 3 patterns x 3 colours = 36 products, 64 px: generated in a few seconds.
 SMALL_CATALOG = {

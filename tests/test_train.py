@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from mim import checkpoint as ckpt
-from mim.data import CATEGORIES, COLOURS, PATTERNS, generate_catalog
 from mim.evaluate import evaluate, torch_embedder
+from mim.synth import CATEGORIES, COLOURS, PATTERNS, generate_catalog
 from mim.train import batch_loss, load_split, main, train
 
 

@@ -37,7 +37,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from mim import contract
-from mim.atomic import atomic_write
+from mim.atomic import atomic_write_text
 from mim.config import ModelConfig, PreprocessConfig, get_size
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
@@ -56,7 +56,6 @@ VERSION = "1"
 # Ensembles have no files of their own, but Triton refuses one without a version folder ("at least one version
 # must be available"); git keeps the folder with this file.
 KEEP_FILE = ".gitkeep"
-PUBLIC_MODE = 0o644
 
 # --- serving knobs, each with its reason ------------------------------------------------------------------
 # Image decoding + resizing is CPU-bound Python: one instance per core on the 2-core CI machine. On a GPU
@@ -471,23 +470,10 @@ def write_repository(
     written = []
     for rel, text in render_repository(model_cfg, pre_cfg).items():
         path = repo / rel
-        if path.is_file() and path.read_text() == text:
-            path.chmod(PUBLIC_MODE)  # unchanged content: keep the file (and its mtime)
-        else:
-            _write_public(path, text)
+        if not (path.is_file() and path.read_text() == text):  # unchanged content: keep the file (and its mtime)
+            atomic_write_text(path, text)
         written.append(path)
     return written
-
-
-def _write_public(path: Path, text: str) -> None:
-    """Atomic write, readable by everyone: a containerised tritonserver often runs as another user (the temp
-    file behind an atomic write is created 0600)."""
-
-    def write(tmp: Path) -> None:
-        tmp.write_text(text)
-        tmp.chmod(PUBLIC_MODE)
-
-    atomic_write(path, write)
 
 
 def _stray_entries(repo: Path) -> list[str]:

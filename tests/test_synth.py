@@ -1,4 +1,4 @@
-"""Tests for the synthetic street-to-shop catalog (mim.data), on a 3 x 3 x 3 subset at 64 px."""
+"""Tests for generating the synthetic street-to-shop catalog (mim.synth), on a 3 x 3 x 3 subset at 64 px."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mim import data
-from mim.data import CATEGORIES, COLOURS, PATTERN_WORDS, PATTERNS
+from mim import catalog, synth
+from mim.synth import CATEGORIES, COLOURS, PATTERN_WORDS, PATTERNS
 
 SMALL = {
     "image_size": 64,
@@ -22,18 +22,18 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def cat(tmp_path_factory) -> data.Catalog:
-    return data.generate_catalog(tmp_path_factory.mktemp("cat_a"), seed=0, **SMALL)
+def cat(tmp_path_factory) -> catalog.Catalog:
+    return synth.generate_catalog(tmp_path_factory.mktemp("cat_a"), seed=0, **SMALL)
 
 
 @pytest.fixture(scope="module")
-def cat_again(tmp_path_factory) -> data.Catalog:
-    return data.generate_catalog(tmp_path_factory.mktemp("cat_b"), seed=0, **SMALL)
+def cat_again(tmp_path_factory) -> catalog.Catalog:
+    return synth.generate_catalog(tmp_path_factory.mktemp("cat_b"), seed=0, **SMALL)
 
 
 @pytest.fixture(scope="module")
-def cat_seed1(tmp_path_factory) -> data.Catalog:
-    return data.generate_catalog(tmp_path_factory.mktemp("cat_c"), seed=1, **SMALL)
+def cat_seed1(tmp_path_factory) -> catalog.Catalog:
+    return synth.generate_catalog(tmp_path_factory.mktemp("cat_c"), seed=1, **SMALL)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -62,18 +62,6 @@ def test_one_product_per_combination(cat):
     assert [q.query_id for q in cat.queries] == list(range(len(cat.queries)))
 
 
-def test_split_by_product_is_disjoint_and_complete(cat):
-    ids = {s: {p.product_id for p in cat.products_in(s)} for s in data.SPLITS}
-    assert all(ids.values()), f"every split should be non-empty: {ids}"
-    assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
-    assert set().union(*ids.values()) == {p.product_id for p in cat.products}
-    for s in data.SPLITS:
-        # Stratified per category: every split holds every category.
-        assert {p.category for p in cat.products_in(s)} == set(SMALL["categories"])
-        for q in cat.queries_in(s):
-            assert q.product_id in ids[s]
-
-
 def test_query_counts_per_split(cat):
     per_product: dict[int, int] = {}
     for q in cat.queries:
@@ -86,10 +74,10 @@ def test_query_counts_per_split(cat):
 
 
 def test_default_split_proportions():
-    params = data._normalize_params()
-    products, queries, reforms = data._plan(params)
+    params = synth._normalize_params()
+    products, queries, reforms = synth._plan(params)
     assert len(products) == len(CATEGORIES) * len(PATTERNS) * len(COLOURS) == 640
-    counts = {s: sum(p.split == s for p in products) for s in data.SPLITS}
+    counts = {s: sum(p.split == s for p in products) for s in catalog.SPLITS}
     assert counts == {"train": 450, "val": 60, "test": 130}
     test_reforms = [r for r in reforms if r.split == "test"]
     assert {r.kind for r in test_reforms} == {"colour", "pattern"}
@@ -110,7 +98,117 @@ def test_reformulations_change_one_attribute_within_split(cat):
         else:
             assert r.kind == "pattern"
             assert src.colour == tgt.colour and src.pattern != tgt.pattern
-            assert r.text in data.PATTERN_PHRASES[tgt.pattern]
+            assert r.text in synth.PATTERN_PHRASES[tgt.pattern]
+
+
+def test_ensure_reuses_matching_catalog(cat):
+    manifest = cat.root / catalog.MANIFEST
+    before = manifest.stat().st_mtime_ns
+    again = synth.ensure_catalog(cat.root, seed=0, **SMALL)
+    assert again == cat
+    assert manifest.stat().st_mtime_ns == before
+
+
+def test_ensure_regenerates_on_changed_params(tmp_path):
+    first = synth.generate_catalog(tmp_path, seed=0, **SMALL)
+    second = synth.ensure_catalog(tmp_path, seed=0, **{**SMALL, "n_train_queries": 1, "n_eval_queries": 1})
+    assert second.params["n_train_queries"] == 1
+    assert len(second.queries) == len(second.products) < len(first.queries)
+    on_disk = {f"street/{p.name}" for p in (tmp_path / "street").iterdir()}
+    assert on_disk == {q.image for q in second.queries}, "stale query photos of the old catalog must be removed"
+    assert catalog.load_catalog(tmp_path) == second
+
+
+def test_ensure_regenerates_when_an_image_is_missing(tmp_path):
+    first = synth.generate_catalog(tmp_path, seed=0, **SMALL)
+    first.path(first.queries[0].image).unlink()
+    again = synth.ensure_catalog(tmp_path, seed=0, **SMALL)
+    assert again.path(first.queries[0].image).is_file()
+
+
+def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
+    synth.generate_catalog(tmp_path, seed=0, **SMALL)
+    calls = {"n": 0}
+    real = synth.render_query_photo
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "render_query_photo", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        synth.generate_catalog(tmp_path, seed=3, **SMALL)
+    assert not (tmp_path / catalog.MANIFEST).exists()
+    with pytest.raises(FileNotFoundError, match="python -m mim.synth"):
+        catalog.load_catalog(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"categories": ["mug", "spaceship"]}, r"unknown categories \['spaceship'\]; expected names from"),
+        ({"categories": ["mug"]}, "need at least 2"),
+        ({"patterns": ["zebra", "zebra"]}, "duplicate patterns"),
+        ({"colours": ["white"]}, r"unknown colours \['white'\]"),
+        ({"image_size": 16}, r"image_size=16; expected an int in \[32, 1024\]"),
+        ({"n_train_queries": 0}, r"n_train_queries=0"),
+        ({"seed": -1}, "non-negative"),
+        ({"split": (0.5, 0.5, 0.5)}, "summing to 1"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        synth.generate_catalog(tmp_path, progress=False, **kwargs)
+    assert not any(tmp_path.iterdir()), "validation must happen before anything is written"
+
+
+def test_subset_order_does_not_change_ids():
+    a = synth._normalize_params(categories=["hat", "mug"])
+    b = synth._normalize_params(categories=["mug", "hat"])
+    assert a == b
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    sheet = tmp_path / "sheet.png"
+    argv = [
+        "--out",
+        str(out),
+        "--image-size",
+        "48",
+        "--categories",
+        "mug,bag",
+        "--patterns",
+        "stars,plaid",
+        "--colours",
+        "pink,black",
+        "--no-progress",
+        "--sheet",
+        str(sheet),
+    ]
+    assert synth.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "train:" in printed and "test :" in printed
+    cat = catalog.load_catalog(out)
+    assert len(cat.products) == 8 and cat.image_size == 48
+    with Image.open(sheet) as im:
+        assert im.format == "PNG"
+    assert synth.main(["--out", str(out), "--categories", "rocket", "--no-progress"]) == 2
+    assert "unknown categories" in capsys.readouterr().err
+
+
+def test_split_by_product_is_disjoint_and_complete(cat):
+    ids = {s: {p.product_id for p in cat.products_in(s)} for s in catalog.SPLITS}
+    assert all(ids.values()), f"every split should be non-empty: {ids}"
+    assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
+    assert set().union(*ids.values()) == {p.product_id for p in cat.products}
+    for s in catalog.SPLITS:
+        # Stratified per category: every split holds every category.
+        assert {p.category for p in cat.products_in(s)} == set(SMALL["categories"])
+        for q in cat.queries_in(s):
+            assert q.product_id in ids[s]
 
 
 def test_images_decode_with_expected_format(cat):
@@ -138,125 +236,12 @@ def test_titles_and_short_texts(cat):
 
 
 def test_load_round_trip(cat):
-    loaded = data.load_catalog(cat.root)
+    loaded = catalog.load_catalog(cat.root)
     assert loaded == cat
     assert loaded.params == cat.params and loaded.image_size == 64
 
 
-def test_ensure_reuses_matching_catalog(cat):
-    manifest = cat.root / data.MANIFEST
-    before = manifest.stat().st_mtime_ns
-    again = data.ensure_catalog(cat.root, seed=0, **SMALL)
-    assert again == cat
-    assert manifest.stat().st_mtime_ns == before
-
-
-def test_ensure_regenerates_on_changed_params(tmp_path):
-    first = data.generate_catalog(tmp_path, seed=0, **SMALL)
-    second = data.ensure_catalog(tmp_path, seed=0, **{**SMALL, "n_train_queries": 1, "n_eval_queries": 1})
-    assert second.params["n_train_queries"] == 1
-    assert len(second.queries) == len(second.products) < len(first.queries)
-    on_disk = {f"street/{p.name}" for p in (tmp_path / "street").iterdir()}
-    assert on_disk == {q.image for q in second.queries}, "stale query photos of the old catalog must be removed"
-    assert data.load_catalog(tmp_path) == second
-
-
-def test_ensure_regenerates_when_an_image_is_missing(tmp_path):
-    first = data.generate_catalog(tmp_path, seed=0, **SMALL)
-    first.path(first.queries[0].image).unlink()
-    again = data.ensure_catalog(tmp_path, seed=0, **SMALL)
-    assert again.path(first.queries[0].image).is_file()
-
-
-def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
-    data.generate_catalog(tmp_path, seed=0, **SMALL)
-    calls = {"n": 0}
-    real = data.render_query_photo
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(data, "render_query_photo", flaky)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        data.generate_catalog(tmp_path, seed=3, **SMALL)
-    assert not (tmp_path / data.MANIFEST).exists()
-    with pytest.raises(FileNotFoundError, match="python -m mim.data"):
-        data.load_catalog(tmp_path)
-
-
 def test_manifest_is_valid_json_with_version(cat):
-    doc = json.loads((cat.root / data.MANIFEST).read_text())
-    assert doc["format_version"] == data.FORMAT_VERSION
+    doc = json.loads((cat.root / catalog.MANIFEST).read_text())
+    assert doc["format_version"] == catalog.FORMAT_VERSION
     assert doc["params"]["seed"] == 0 and doc["params"]["categories"] == ["mug", "shirt", "hat"]
-
-
-def test_unknown_product_id(cat):
-    with pytest.raises(KeyError, match=r"unknown product id 9999 .* valid ids are 0\.\.26"):
-        cat.product(9999)
-
-
-def test_unknown_split(cat):
-    with pytest.raises(ValueError, match="unknown split 'dev'"):
-        cat.products_in("dev")
-
-
-def test_path_must_stay_inside_root(cat):
-    with pytest.raises(ValueError, match="stay inside"):
-        cat.path("../etc/passwd")
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"categories": ["mug", "spaceship"]}, r"unknown categories \['spaceship'\]; expected names from"),
-        ({"categories": ["mug"]}, "need at least 2"),
-        ({"patterns": ["zebra", "zebra"]}, "duplicate patterns"),
-        ({"colours": ["white"]}, r"unknown colours \['white'\]"),
-        ({"image_size": 16}, r"image_size=16; expected an int in \[32, 1024\]"),
-        ({"n_train_queries": 0}, r"n_train_queries=0"),
-        ({"seed": -1}, "non-negative"),
-        ({"split": (0.5, 0.5, 0.5)}, "summing to 1"),
-    ],
-)
-def test_bad_arguments(tmp_path, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        data.generate_catalog(tmp_path, progress=False, **kwargs)
-    assert not any(tmp_path.iterdir()), "validation must happen before anything is written"
-
-
-def test_subset_order_does_not_change_ids():
-    a = data._normalize_params(categories=["hat", "mug"])
-    b = data._normalize_params(categories=["mug", "hat"])
-    assert a == b
-
-
-def test_cli(tmp_path, capsys):
-    out = tmp_path / "cli"
-    sheet = tmp_path / "sheet.png"
-    argv = [
-        "--out",
-        str(out),
-        "--image-size",
-        "48",
-        "--categories",
-        "mug,bag",
-        "--patterns",
-        "stars,plaid",
-        "--colours",
-        "pink,black",
-        "--no-progress",
-        "--sheet",
-        str(sheet),
-    ]
-    assert data.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "train:" in printed and "test :" in printed
-    cat = data.load_catalog(out)
-    assert len(cat.products) == 8 and cat.image_size == 48
-    with Image.open(sheet) as im:
-        assert im.format == "PNG"
-    assert data.main(["--out", str(out), "--categories", "rocket", "--no-progress"]) == 2
-    assert "unknown categories" in capsys.readouterr().err
