@@ -5,8 +5,9 @@ memory).
 
 Where there is no GPU (or no CUDA build of ONNX Runtime, or no gpu_onnx config / FP16 export in the
 repository) the run is skipped and `unavailable_reason()` says why; benchmarks.run prints it and writes it into
-RESULTS.md. Where TensorRT engines exist the `default` config would be the production path; TensorRT cannot be
-installed in this workplace (DESIGN.md §6), so that variant is not coded here.
+RESULTS.md. Where TensorRT engines exist the `default` config would be the production path; that variant is
+not coded here: it needs TensorRT (the `tensorrt` extra, from NVIDIA's package index), which the project could
+not test against.
 
 Known gap to check on a GPU machine: mim.serving.python_backend reads inputs with `Tensor.as_numpy()`, which
 only works for CPU tensors; with FORCE_CPU_ONLY_INPUT_TENSORS=no an input that lands on the GPU needs

@@ -293,8 +293,8 @@ def results_markdown(run: Run) -> str:
     elif run.gpu_reason:
         lines += [
             f"Skipped: {run.gpu_reason}. The code path (`benchmarks/gpu.py`: the `gpu_onnx` config with "
-            "FORCE_CPU_ONLY_INPUT_TENSORS=no, then the same perf_analyzer sweep) runs where a GPU is lent; "
-            "GPU.md lists what to measure there.",
+            "FORCE_CPU_ONLY_INPUT_TENSORS=no, then the same perf_analyzer sweep) runs on a machine with an "
+            "NVIDIA GPU.",
             "",
         ]
     else:

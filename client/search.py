@@ -6,7 +6,7 @@
     service.by_image_text(photo_bytes, "in blue", k=10, mode="fusion", image_weight=0.5)
     service.by_image_text(photo_bytes, "in blue", k=10, mode="refine", text_weight=1.0, top_n=50)
 
-The two multimodal modes are METHOD.md's "Multimodal search":
+The two multimodal modes (docs/METHOD.md, "Multimodal search"):
 - fusion: one kNN on normalize(a * image + (1 - a) * text), the embedding the server's `embed_multimodal`
   ensemble computes (its `fuse` model);
 - refine: image kNN for the top N, re-ranked by cos(q, p) + b * cos(s, p) with `mim.evaluate.refine`, the same

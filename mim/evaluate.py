@@ -1,4 +1,4 @@
-"""Offline evaluation (METHOD.md "Evaluation we use").
+"""Offline evaluation (docs/METHOD.md, "Metrics").
 
 - Image matching: Recall@1/5/10 of the exact product for each test query photo over the whole test gallery.
 - False positives: category precision@10, the share of the top 10 that are the same kind of product.

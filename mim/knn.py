@@ -104,7 +104,7 @@ def _to_host(xp, a) -> np.ndarray:
 
 def select_argpartition(xp, scores, k: int):
     """(a) ``xp.argpartition``. NumPy's introselect is O(c) per row. CuPy's argpartition falls back to a full
-    sort for k >= 1024 (DESIGN.md §5), so on the GPU it is only a candidate for small k."""
+    sort for k >= 1024, so on the GPU it is only a candidate for small k."""
     c = scores.shape[1]
     if k == c:
         return xp.broadcast_to(xp.arange(c), scores.shape).copy()

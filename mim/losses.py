@@ -1,4 +1,4 @@
-"""Training objectives (METHOD.md): symmetric in-batch InfoNCE with false-negative masking.
+"""Training objectives (docs/METHOD.md, "Objectives"): symmetric in-batch InfoNCE with false-negative masking.
 
 DML baseline: InfoNCE(q, p)
 3-tower:     InfoNCE(q, p) + w_qt InfoNCE(q, t) + w_pt InfoNCE(p, t)

@@ -11,7 +11,7 @@ with a surface pattern (stripes, zebra, polka dots, ...) in a colour. Each produ
 
 The distractors are the point: an image-only metric learner can match the query photo on its pattern alone and
 retrieve a zebra-striped shirt for a zebra-striped mug. The title names the category, so image-text alignment
-has a signal that pattern matching lacks (the paper's false-positive argument).
+has a signal that pattern matching lacks (the paper's false-positive argument, docs/METHOD.md "Setting").
 
 Multimodal search gets reformulation pairs: a query photo of product X plus a text naming a change ("in red",
 "with polka dots") whose answer is X with that attribute changed.
