@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from mim import contract
 from mim.catalog import Catalog
 from mim.knn import KnnIndex
+from mim.progress import progress_bar
 
 EmbedImages = Callable[[Sequence[bytes]], np.ndarray]
 DEFAULT_SAVE_EVERY = 4  # batches between checkpoints of the partial index: 4 x 64 images
@@ -171,7 +171,7 @@ def build_index(
     have = set(index.ids.tolist()) if index is not None else set()
     todo = [it for it in items if it.id not in have]
     resumed = len(have)
-    bar = tqdm(total=len(items), initial=resumed, desc="index", unit="img", disable=not progress)
+    bar = progress_bar(total=len(items), initial=resumed, desc="index", unit="img", enabled=progress)
     batches = added = 0
     try:
         for start in range(0, len(todo), batch_size):

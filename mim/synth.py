@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from .catalog import (
     MANIFEST,
@@ -51,6 +50,7 @@ from .catalog import (
     summary,
     write_manifest,
 )
+from .progress import progress_bar
 from .render import COLOUR_RGB, render_catalog_image, render_street_photo
 
 # Category -> the material word its titles use. mim.render draws a silhouette for each.
@@ -315,7 +315,7 @@ def generate_catalog(
     for q in queries:
         by_product.setdefault(q.product_id, []).append(q)
     s = params["image_size"]
-    for p in tqdm(products, desc="catalog", unit="product", disable=not progress):
+    for p in progress_bar(products, desc="catalog", unit="product", enabled=progress):
         phase = _product_phase(params["seed"], p.product_id)
         render_catalog_image(p.category, p.pattern, p.colour, s, phase).save(root / p.image, format="PNG")
         for k, q in enumerate(by_product.get(p.product_id, [])):

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .catalog import Catalog, load_catalog
@@ -27,6 +26,7 @@ from .config import PreprocessConfig, get_size
 from .losses import OBJECTIVES, LossWeights, mim_loss
 from .model import MIMModel
 from .preprocess import preprocess_image_bytes
+from .progress import progress_bar
 from .synth import ensure_catalog
 from .tokenizer import TextTokenizer
 
@@ -47,7 +47,7 @@ def load_split(catalog: Catalog, split: str, pre: PreprocessConfig, progress: bo
     products = catalog.products_in(split)
     row = {p.product_id: i for i, p in enumerate(products)}
     queries = [q for q in catalog.queries_in(split) if q.product_id in row]
-    it = tqdm(products + queries, desc=f"preprocess {split}", disable=not progress, leave=False)
+    it = progress_bar(products + queries, desc=f"preprocess {split}", enabled=progress, leave=False)
     arrays = [preprocess_image_bytes(catalog.read_bytes(x.image), pre) for x in it]
     qof: list[list[int]] = [[] for _ in products]
     for j, q in enumerate(queries):
@@ -251,8 +251,8 @@ def train(
         "init_from": init_from,
     }
     weights = LossWeights()
-    bar = tqdm(
-        range(start_step, steps), desc=f"train {objective}", disable=not progress, initial=start_step, total=steps
+    bar = progress_bar(
+        range(start_step, steps), desc=f"train {objective}", enabled=progress, initial=start_step, total=steps
     )
     t0, last = time.time(), {}
     for step in bar:
