@@ -3,6 +3,7 @@
 
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
+MIMSEARCH := $(VENV)/bin/mimsearch
 ART       ?= artifacts
 SIZE      ?= tiny
 CATALOG   ?= $(ART)/catalog
@@ -50,28 +51,28 @@ test-all: setup ## every test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 catalog: setup ## generate the synthetic street-to-shop catalog
-	$(PY) -m mim.synth --out $(CATALOG)
+	$(MIMSEARCH) catalog --out $(CATALOG)
 
 train: setup ## train the tiny 3-tower model (STEPS=..., CKPT=...)
-	$(PY) -m mim.train --catalog $(CATALOG) --objective 3tower --steps $(STEPS) --out $(CKPT) --resume
+	$(MIMSEARCH) train --catalog $(CATALOG) --objective 3tower --steps $(STEPS) --out $(CKPT) --resume
 
 quality: setup ## train DML / 3-tower / 4-tower on the same data and seed; write the comparison table
-	$(PY) -m mim.compare --catalog $(CATALOG) --steps $(STEPS) --out benchmarks/results/quality
+	$(MIMSEARCH) compare --catalog $(CATALOG) --steps $(STEPS) --out benchmarks/results/quality
 
 engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where TensorRT and a GPU exist) into $(REPO)
-	$(PY) -m export.engines --checkpoint $(CKPT) --repository $(REPO) $(if $(wildcard $(CATALOG)/catalog.json),--catalog $(CATALOG))
+	$(MIMSEARCH) engines --checkpoint $(CKPT) --repository $(REPO) $(if $(wildcard $(CATALOG)/catalog.json),--catalog $(CATALOG))
 
 serve: setup ## run the bundled tritonserver on 127.0.0.1 with $(REPO) (CONFIG=cpu|default)
-	$(PY) -m mim.serving.server --repository $(REPO) --config $(CONFIG)
+	$(MIMSEARCH) serve --repository $(REPO) --config $(CONFIG)
 
 demo: setup ## the main job end to end on CPU: data, training, export, Triton, indexing, searches, HTML page
-	$(PY) -m client.demo --artifacts $(ART) --steps $(STEPS)
+	$(MIMSEARCH) demo --artifacts $(ART) --steps $(STEPS)
 
 bench: setup ## quick CPU benchmarks (bounded time) into benchmarks/results/quick
-	$(PY) -m benchmarks.run --quick
+	$(MIMSEARCH) bench --quick
 
 bench-full: setup ## the full CPU benchmark set into benchmarks/results
-	$(PY) -m benchmarks.run
+	$(MIMSEARCH) bench
 
 clean: ## remove generated artifacts (keeps the virtualenv)
 	rm -rf $(ART) .pytest_cache

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from mim import contract
+from mim import contract, layout
 
 from . import perf
 
@@ -53,8 +53,9 @@ def unavailable_reason(repository: Path | None = None) -> str | None:
                     f"{cfg} missing: the repository has no {GPU_CONFIG} variant "
                     "(python -m mim.serving.repository --write)"
                 )
-            if not (repository / model / "1" / "model.fp16.onnx").is_file():
-                return f"{model}/1/model.fp16.onnx missing: export with FP16 (make engines)"
+            fp16 = layout.version_dir(repository, model) / layout.ONNX_FP16
+            if not fp16.is_file():
+                return f"{fp16.relative_to(repository)} missing: export with FP16 (make engines)"
     return None
 
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from mim import contract
+from mim import contract, layout
 
 from .common import hardware, now_utc, versions, write_json, write_rows_csv
 
@@ -243,8 +243,8 @@ class TowerInputs:
     def __init__(self, repository: Path):
         from mim.serving.backends import TextPreprocessor, read_preprocess
 
-        self.image_cfg = read_preprocess(repository / contract.PREPROCESS_IMAGE / "1")
-        self.text = TextPreprocessor.from_dir(repository / contract.PREPROCESS_TEXT / "1")
+        self.image_cfg = read_preprocess(layout.version_dir(repository, contract.PREPROCESS_IMAGE))
+        self.text = TextPreprocessor.from_dir(layout.version_dir(repository, contract.PREPROCESS_TEXT))
 
     def pixels(self, image: bytes) -> np.ndarray:  # (3, S, S) float32
         from mim.preprocess import preprocess_image_bytes

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from mim.atomic import atomic_write_text
-from mim.checkpoint import load_checkpoint, weights_hash
+from mim.checkpoint import load_checkpoint
 from mim.evaluate import Embedder, evaluate, markdown_table, torch_embedder
+from mim.layout import MODEL_ID, model_id_of_checkpoint
 
 from .common import now_utc, write_json
 
@@ -104,7 +105,7 @@ def served_quality(url: str, checkpoint: Path, catalog, split: str = "test") -> 
     meta = json.loads((Path(checkpoint) / "config.json").read_text()).get("meta", {})
     return {
         "checkpoint": str(checkpoint),
-        "checkpoint_hash": weights_hash(checkpoint),
+        MODEL_ID: model_id_of_checkpoint(checkpoint),
         "checkpoint_meta": meta,
         "split": split,
         "rows": {"in-process (torch)": local_metrics, "served (Triton, ONNX Runtime)": served_metrics},
@@ -130,7 +131,7 @@ def served_markdown(report: dict) -> str:
     )
     return "\n".join(
         [
-            f"Checkpoint `{report['checkpoint']}` ({report['checkpoint_hash']}), {kind}; split `{report['split']}`.",
+            f"Checkpoint `{report['checkpoint']}` ({report[MODEL_ID]}), {kind}; split `{report['split']}`.",
             "",
             markdown_table(report["rows"]),
             "",

@@ -51,8 +51,6 @@ QUICK_CATALOG = {
     "patterns": "solid,stripes,zebra,dots",
     "colours": "red,blue,green,black",
 }
-# Repository files that belong to an export, not to the committed tree (tests/conftest.py skips the same).
-REPO_ARTIFACTS = ("*.onnx", "*.plan", "*.plan.json", "preprocess.json", "tokenizer.json", "__pycache__")
 # The tiny checkpoint made when none is given: a tokenizer trained on these few titles (as tests/conftest.py).
 TOY_TITLES = [
     "blue zebra-striped ceramic mug",
@@ -143,7 +141,8 @@ def make_random_checkpoint(out: Path, seed: int = 0) -> Path:
 
 
 def resolve_checkpoint(run: Run, path: Path) -> Path:
-    from mim.checkpoint import read_config, weights_hash
+    from mim.checkpoint import read_config
+    from mim.layout import model_id_of_checkpoint
 
     if (path / "config.json").is_file():
         ckpt, note = path, "trained checkpoint"
@@ -157,24 +156,21 @@ def resolve_checkpoint(run: Run, path: Path) -> Path:
         )
     print(f"checkpoint: {ckpt} ({note})")
     meta = read_config(ckpt).get("meta", {})
-    run.checkpoint = {"path": str(ckpt), "hash": weights_hash(ckpt), "note": note, "meta": meta}
+    run.checkpoint = {"path": str(ckpt), "hash": model_id_of_checkpoint(ckpt), "note": note, "meta": meta}
     return ckpt
 
 
 def install_repository(run: Run, ckpt: Path) -> Path:
     """A fresh copy of the committed model_repository/ with `ckpt` exported and installed (export.engines)."""
-    from export import engines
-    from mim.serving.repository import DEFAULT_REPOSITORY
+    from export.engines import build_and_install
+    from mim.serving.repository import prepare_repository
 
-    repo = run.work / "model_repository"
-    if repo.exists():
-        shutil.rmtree(repo)
-    shutil.copytree(DEFAULT_REPOSITORY, repo, ignore=shutil.ignore_patterns(*REPO_ARTIFACTS))
-    argv = ["--checkpoint", str(ckpt), "--repository", str(repo), "--export-dir", str(run.work / "export")]
-    run.commands["export"] = "python -m export.engines " + shlex.join(argv)
-    rc = engines.main(argv)
-    if rc != 0:
-        raise RuntimeError(f"export.engines exited with {rc}: {run.commands['export']}")
+    repo = prepare_repository(run.work / "model_repository", fresh=True)
+    export_dir = run.work / "export"
+    argv = ["--checkpoint", str(ckpt), "--repository", str(repo), "--export-dir", str(export_dir)]
+    run.commands["export"] = "mimsearch engines " + shlex.join(argv)
+    for line in build_and_install(ckpt, repo, export_dir=export_dir).lines():
+        print(line)
     return repo
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mim import contract
+from mim import contract, layout
 
 from . import perf
 from .common import markdown_table, ratio, write_json, write_rows_csv
@@ -41,22 +41,22 @@ class InProcess:
 
     def __init__(self, repository: Path, threads: int | None = None):
         from mim.serving.backends import ImagePreprocessor, OnnxEncoder, TextPreprocessor, read_preprocess
-        from mim.serving.repository import CPU_ENCODER_THREADS, ONNX_FP32
+        from mim.serving.repository import CPU_ENCODER_THREADS
 
         threads = threads or CPU_ENCODER_THREADS
         c = contract
-        image_cfg = read_preprocess(repository / c.PREPROCESS_IMAGE / "1")
+        image_cfg = read_preprocess(layout.version_dir(repository, c.PREPROCESS_IMAGE))
         self.images = ImagePreprocessor(image_cfg)
-        self.texts = TextPreprocessor.from_dir(repository / c.PREPROCESS_TEXT / "1")
+        self.texts = TextPreprocessor.from_dir(layout.version_dir(repository, c.PREPROCESS_TEXT))
         s, t = image_cfg.image_size, self.texts.cfg.context_length
         self.image_encoder = OnnxEncoder(
-            repository / c.IMAGE_ENCODER / "1" / ONNX_FP32,
+            layout.version_dir(repository, c.IMAGE_ENCODER) / layout.ONNX_FP32,
             c.MODELS[c.IMAGE_ENCODER],
             {c.PIXEL_VALUES.name: (3, s, s)},
             intra_op_threads=threads,
         )
         self.text_encoder = OnnxEncoder(
-            repository / c.TEXT_ENCODER / "1" / ONNX_FP32,
+            layout.version_dir(repository, c.TEXT_ENCODER) / layout.ONNX_FP32,
             c.MODELS[c.TEXT_ENCODER],
             {c.INPUT_IDS.name: (t,), c.ATTENTION_MASK.name: (t,)},
             intra_op_threads=threads,

@@ -1,11 +1,10 @@
-"""Index a gallery through the served model, and search it.
+"""Index a gallery through the served model, and search it (`mimsearch index`, `mimsearch search`).
 
-    python -m client.cli index  --url 127.0.0.1:8001 --catalog artifacts/catalog --split test --out gallery.safetensors
-    python -m client.cli index  --url ... --images photos/ --manifest photos/items.csv --out gallery.safetensors \\
-        --model-id v1
-    python -m client.cli search --url ... --index gallery.safetensors --image photo.jpg -k 10
-    python -m client.cli search --url ... --index gallery.safetensors --text "zebra mug" --json
-    python -m client.cli search --url ... --index gallery.safetensors --image photo.jpg --text "in blue" \\
+    mimsearch index  --url 127.0.0.1:8001 --catalog artifacts/catalog --split test --out gallery.safetensors
+    mimsearch index  --url ... --images photos/ --manifest photos/items.csv --out gallery.safetensors
+    mimsearch search --url ... --index gallery.safetensors --image photo.jpg -k 10
+    mimsearch search --url ... --index gallery.safetensors --text "zebra mug" --json
+    mimsearch search --url ... --index gallery.safetensors --image photo.jpg --text "in blue" \\
         --mode refine --html out.html
 
 `index` embeds every gallery image with the `embed_image` ensemble and saves a KnnIndex (safetensors) holding
@@ -14,10 +13,10 @@ resumable: the partial index is saved every few batches, and rerunning the same 
 stopped. A manifest for `--images` is a CSV with a header or a JSONL file with fields id, image (relative to
 --images), and optionally title and category.
 
-The model identity is the hash of the checkpoint the served model was exported from. It is taken from, in this
-order: --model-id, the served `image_encoder` config (parameter `checkpoint_hash`, when the repository carries
-it), the export metadata installed in --repository, or the weights of --checkpoint. `search` refuses an index
-built with another model whenever the served model's identity is known.
+The model identity (`mim.layout`: a hash of the checkpoint's weights) comes from the server itself: the
+installer writes it as the `model_id` parameter of the served encoders, read here through the model-config
+API. `--model-id` overrides it. `index` records it in the gallery, and `search` refuses a gallery built with
+another model.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mim import contract
+from mim import contract, layout
 from mim.catalog import load_catalog
-from mim.checkpoint import weights_hash
 from mim.evaluate import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
 from mim.knn import KnnIndex
 
@@ -44,49 +42,20 @@ class UsageError(ValueError):
     """Flags that do not make a command; reported as `error: ...` with exit code 2."""
 
 
-MODEL_ID_PARAM = "checkpoint_hash"  # config parameter / export-metadata key naming the source checkpoint
-EXPORT_META_FILES = ("export.json", "model.plan.json")  # looked for in <repo>/image_encoder/1/
-
-
 # --- model identity ---------------------------------------------------------------------------------------------
 def served_model_id(client: EmbeddingClient) -> str | None:
-    """The `checkpoint_hash` parameter of the served image encoder's config, if the repository sets one."""
-    try:
-        cfg = client.model_config(contract.IMAGE_ENCODER)
-    except ClientError:
-        return None
-    if MODEL_ID_PARAM not in cfg.parameters:
-        return None
-    return cfg.parameters[MODEL_ID_PARAM].string_value or None
+    """The identity of the model the server runs: the `model_id` parameter of its image encoder's config."""
+    return layout.served_model_id(client.model_config(contract.IMAGE_ENCODER))
 
 
-def repository_model_id(repo: str | Path) -> str | None:
-    """The source checkpoint hash recorded next to the installed image encoder, if any."""
-    vdir = Path(repo) / contract.IMAGE_ENCODER / "1"
-    for name in EXPORT_META_FILES:
-        try:
-            value = json.loads((vdir / name).read_text()).get(MODEL_ID_PARAM)
-        except (OSError, ValueError, AttributeError):
-            continue
-        if value:
-            return str(value)
-    return None
-
-
-def resolve_model_id(args: argparse.Namespace, client: EmbeddingClient) -> tuple[str | None, str]:
-    """(model id, where it came from)."""
-    if getattr(args, "model_id", None):
+def resolve_model_id(args: argparse.Namespace, client: EmbeddingClient) -> tuple[str, str]:
+    """(model id, where it came from): --model-id, else the server's. Unknown is an error that says what to do."""
+    if args.model_id:
         return args.model_id, "--model-id"
     found = served_model_id(client)
-    if found:
-        return found, f"served {contract.IMAGE_ENCODER} config"
-    if getattr(args, "repository", None):
-        found = repository_model_id(args.repository)
-        if found:
-            return found, f"repository {args.repository}"
-    if getattr(args, "checkpoint", None):
-        return weights_hash(args.checkpoint), f"checkpoint {args.checkpoint}"
-    return None, "unknown"
+    if found is None:
+        raise UsageError(f"{args.command}: {layout.UNKNOWN_MODEL_ID_HELP}")
+    return found, f"the server's {contract.IMAGE_ENCODER} config"
 
 
 # --- output -----------------------------------------------------------------------------------------------------
@@ -115,11 +84,6 @@ def cmd_index(args: argparse.Namespace) -> int:
     with EmbeddingClient(args.url, timeout_s=args.timeout, retries=args.retries, max_batch=args.batch_size) as client:
         client.wait_ready(args.wait)
         model_id, source = resolve_model_id(args, client)
-        if model_id is None:
-            raise UsageError(
-                "index: the embedding model's identity is unknown: pass --model-id ID, or --repository "
-                "REPO / --checkpoint CKPT that the server was built from"
-            )
         print(
             f"indexing {len(items)} images from {args.catalog or args.images} into {args.out} "
             f"(model_id {model_id} from {source})",
@@ -190,14 +154,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=3, help="extra attempts when the server is UNAVAILABLE")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the server to be ready")
-    p.add_argument("--model-id", help="identity of the embedding model (default: found from the server/repository)")
-    p.add_argument("--repository", type=Path, help="model repository the server runs (to read the model identity)")
-    p.add_argument("--checkpoint", type=Path, help="checkpoint the served model was exported from (identity)")
+    p.add_argument("--model-id", help="identity of the embedding model (default: the served model's, from the server)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m client.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="mimsearch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = ap.add_subparsers(dest="command", required=True)
 

@@ -1,23 +1,14 @@
-"""`make engines`: export a checkpoint's towers, build TensorRT FP16 engines where TensorRT and a GPU exist,
-and install everything into the Triton model repository.
+"""`make engines` (`mimsearch engines`): export a checkpoint's towers, build TensorRT FP16 engines where
+TensorRT and a GPU exist, and install everything into the Triton model repository.
 
-    python -m export.engines --checkpoint CKPT --repository model_repository [--export-dir artifacts/export]
-                             [--no-tensorrt] [--min-batch 1 --opt-batch 16 --max-batch 64]
+    mimsearch engines --checkpoint CKPT --repository model_repository [--export-dir artifacts/export]
+                      [--no-tensorrt] [--min-batch 1 --opt-batch 16 --max-batch 64] [--catalog DIR]
 
-Repository layout written here (the serving code reads exactly these paths):
-
-    <repo>/image_encoder/1/model.onnx          FP32 ONNX (CPU / ONNX Runtime path)
-    <repo>/image_encoder/1/model.fp16.onnx     FP16 ONNX (GPU without TensorRT)
-    <repo>/image_encoder/1/model.plan          TensorRT FP16 engine, only when one was really built
-    <repo>/image_encoder/1/model.plan.json     what the engine was built for (TensorRT, GPU, profile, weights)
-    <repo>/text_encoder/1/...                  the same
-    <repo>/preprocess_image/1/preprocess.json
-    <repo>/preprocess_text/1/preprocess.json
-    <repo>/preprocess_text/1/tokenizer.json
-
-On a machine without TensorRT or without a GPU this prints one line saying so and installs the ONNX
-artifacts only; it never writes a plan it did not build (and removes a plan in the repository that belongs to
-another checkpoint, so the repository never serves stale weights).
+The library call is `build_and_install(checkpoint, repository, ...) -> InstallReport`; `main` only parses flags
+and prints the report. The files installed, and the model identity written into the configs, are
+`mim.layout`'s. On a machine without TensorRT or without a GPU the report says so and only the ONNX artifacts
+are installed; a plan is never written unless it was built, and a plan in the repository that belongs to
+another checkpoint is removed, so the repository never serves stale weights.
 """
 
 from __future__ import annotations
@@ -28,25 +19,18 @@ import logging
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mim import contract
+from mim import contract, layout
 from mim.atomic import atomic_write
-from mim.catalog import load_catalog
-from mim.checkpoint import TOKENIZER, weights_hash
 from mim.config import ModelConfig, PreprocessConfig
+from mim.layout import PLAN_META_SUFFIX
+from mim.serving.repository import write_repository
 
-from .fp16_gate import fp16_gate
-from .onnx_export import (
-    EXPORT_JSON,
-    MODEL_JSON,
-    PREPROCESS_JSON,
-    export_checkpoint,
-    onnx_filename,
-    summary_lines,
-)
+from .onnx_export import export_checkpoint, onnx_filename, summary_lines
 from .tensorrt_build import (
-    PLAN_META_SUFFIX,
     BatchRange,
     build_engine,
     engine_is_current,
@@ -58,34 +42,115 @@ from .tensorrt_build import (
 
 log = logging.getLogger(__name__)
 
-ENCODERS = (contract.IMAGE_ENCODER, contract.TEXT_ENCODER)
-VERSION_DIR = "1"
-REPO_ONNX, REPO_ONNX_FP16, REPO_PLAN = "model.onnx", "model.fp16.onnx", "model.plan"
-REPO_PLAN_META = REPO_PLAN + PLAN_META_SUFFIX
 TIMING_CACHE = "timing.cache"
+DEFAULT_EXPORT_DIR = Path("artifacts/export")
 
 
 class InstallError(RuntimeError):
     pass
 
 
-# --- install -----------------------------------------------------------------------------------------------
+@dataclass
+class InstallReport:
+    """What `build_and_install` did."""
+
+    model_id: str
+    repository: Path
+    export_dir: Path
+    export: dict[str, Any]  # the content of export.json
+    reused_export: bool = False  # the export folder already held this checkpoint's export
+    gate: dict[str, Any] | None = None  # export.fp16_gate's figures, when a catalog was given
+    engines: list[Path] = field(default_factory=list)  # TensorRT plans built (or reused) in export_dir
+    tensorrt_skipped: str | None = None  # why no engine was built; None when engines were built
+    batches: BatchRange = field(default_factory=BatchRange)
+    files: list[Path] = field(default_factory=list)  # written into the repository
+
+    @property
+    def plans_installed(self) -> int:
+        return sum(1 for f in self.files if f.name == layout.TRT_PLAN)
+
+    def lines(self) -> list[str]:
+        """The report in words, as `mimsearch engines` prints it."""
+        out = [] if self.reused_export else summary_lines(self.export)
+        if self.reused_export:
+            out.append(f"export of model {self.model_id} already in {self.export_dir}; not exported again")
+        if self.gate is not None:
+            g = self.gate
+            out.append(
+                f"FP16 gate on {g['split']} split: min cosine images {g['min_cosine_images']:.6f}, titles "
+                f"{g['min_cosine_titles']:.6f}; Recall@10 FP16 {g['recall10_fp16']:.4f} "
+                f"vs FP32 {g['recall10_fp32']:.4f}"
+            )
+        if self.tensorrt_skipped is not None:
+            out.append(f"{self.tensorrt_skipped}: built ONNX artifacts for the CPU/ONNX path only; no engine was built")
+        else:
+            b = self.batches
+            out.append(f"built TensorRT FP16 engines (batch {b.min}/{b.opt}/{b.max}) in {self.export_dir}")
+        out.append(
+            f"installed {len(self.files)} files into {self.repository} ({self.plans_installed} engine plans), "
+            f"model_id {self.model_id}"
+        )
+        return out
+
+
+# --- the pipeline --------------------------------------------------------------------------------------------
+def build_and_install(
+    checkpoint: str | Path,
+    repository: str | Path,
+    *,
+    export_dir: str | Path = DEFAULT_EXPORT_DIR,
+    tensorrt: bool = True,
+    batches: BatchRange | None = None,
+    check: bool = True,
+    catalog: str | Path | None = None,
+    reuse_export: bool = False,
+) -> InstallReport:
+    """Export `checkpoint` to ONNX (FP32 + FP16) in `export_dir`, gate FP16 on `catalog`'s test split when one is
+    given, build TensorRT engines when `tensorrt` and TensorRT and a GPU are available, and install it all into
+    `repository` (configs regenerated with the checkpoint's dims and model id). `check=False` skips the parity
+    checks and the gate. With `reuse_export`, an export folder already holding this checkpoint's export is
+    installed as it is."""
+    checkpoint, repository, export_dir = Path(checkpoint), Path(repository), Path(export_dir)
+    batches = batches or BatchRange()
+    model_id = layout.model_id_of_checkpoint(checkpoint)
+    previous = _read_json(export_dir / layout.EXPORT_JSON)
+    reused = reuse_export and previous is not None and previous.get(layout.MODEL_ID) == model_id
+    report = export_checkpoint(checkpoint, export_dir, check=check) if not reused else previous
+    result = InstallReport(model_id, repository, export_dir, report, reused_export=reused, batches=batches)
+    if catalog is not None and check:
+        from mim.catalog import load_catalog
+
+        from .fp16_gate import fp16_gate
+
+        result.gate = fp16_gate(checkpoint, export_dir, load_catalog(catalog))
+    reason = "TensorRT build skipped (not requested: --no-tensorrt)" if not tensorrt else None
+    if reason is None:
+        unavailable = tensorrt_unavailable_reason()
+        reason = f"TensorRT not available ({unavailable})" if unavailable is not None else None
+    if reason is None:
+        result.engines = build_engines(export_dir, batches, check=check)
+    result.tensorrt_skipped = reason
+    result.files = install(export_dir, repository)
+    return result
+
+
+# --- install -------------------------------------------------------------------------------------------------
 def install(export_dir: str | Path, repo_dir: str | Path) -> list[Path]:
     """Copy the artifacts of `export_dir` (written by `export_checkpoint`, plus any engines) into the Triton
-    repository `repo_dir` with the layout in the module docstring. Returns the files written.
+    repository `repo_dir` (files: `mim.layout.installed_files`), and regenerate its configs with the
+    checkpoint's dims and model id. Returns the files written.
 
     A plan is installed only when `<tower>.plan` and its `.plan.json` exist in the export folder and were
     built from the exported checkpoint; a repository plan from another checkpoint is removed.
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
-    meta_path = export_dir / EXPORT_JSON
+    meta_path = export_dir / layout.EXPORT_JSON
     if not meta_path.is_file():
         raise InstallError(
             f"{meta_path} not found: {export_dir} is not a finished export; run "
             "`python -m export.onnx_export --checkpoint CKPT --out DIR` (or `make engines`) first"
         )
-    export_meta = json.loads(meta_path.read_text())
-    ckpt_hash = export_meta["checkpoint_hash"]
+    model_id = json.loads(meta_path.read_text())[layout.MODEL_ID]
     written: list[Path] = []
 
     def put(src: Path, dst: Path) -> None:
@@ -94,52 +159,47 @@ def install(export_dir: str | Path, repo_dir: str | Path) -> list[Path]:
         _copy(src, dst)
         written.append(dst)
 
-    for tower in ENCODERS:
-        vdir = repo_dir / tower / VERSION_DIR
-        put(export_dir / onnx_filename(tower), vdir / REPO_ONNX)
-        # The export record (source checkpoint hash, parity figures) travels with each tower, so whoever holds
-        # the repository can tell which model it serves (the index/search CLI refuses a gallery of another).
-        put(meta_path, vdir / EXPORT_JSON)
+    for tower in layout.ENCODERS:
+        vdir = layout.version_dir(repo_dir, tower)
+        put(export_dir / onnx_filename(tower), vdir / layout.ONNX_FP32)
+        # The encoder reads its vocabulary size and dims from model.json; the export record travels with it.
+        put(export_dir / layout.MODEL_JSON, vdir / layout.MODEL_JSON)
+        put(meta_path, vdir / layout.EXPORT_JSON)
         fp16_src = export_dir / onnx_filename(tower, fp16=True)
         if fp16_src.is_file():
-            put(fp16_src, vdir / REPO_ONNX_FP16)
+            put(fp16_src, vdir / layout.ONNX_FP16)
         else:
-            _remove(vdir / REPO_ONNX_FP16, "no FP16 ONNX in this export")
+            _remove(vdir / layout.ONNX_FP16, "no FP16 ONNX in this export")
         plan, plan_meta = export_dir / plan_filename(tower), export_dir / (plan_filename(tower) + PLAN_META_SUFFIX)
-        if _plan_hash(plan_meta) == ckpt_hash and plan.is_file():
-            put(plan, vdir / REPO_PLAN)
-            put(plan_meta, vdir / REPO_PLAN_META)
-        elif _plan_hash(vdir / REPO_PLAN_META) != ckpt_hash:
-            _remove(vdir / REPO_PLAN, f"it was not built from checkpoint {ckpt_hash}")
-            _remove(vdir / REPO_PLAN_META, "its engine was removed")
+        if _plan_model_id(plan_meta) == model_id and plan.is_file():
+            put(plan, vdir / layout.TRT_PLAN)
+            put(plan_meta, vdir / layout.PLAN_META)
+        elif _plan_model_id(vdir / layout.PLAN_META) != model_id:
+            _remove(vdir / layout.TRT_PLAN, f"it was not built from model {model_id}")
+            _remove(vdir / layout.PLAN_META, "its engine was removed")
 
-    put(export_dir / PREPROCESS_JSON, repo_dir / contract.PREPROCESS_IMAGE / VERSION_DIR / PREPROCESS_JSON)
-    put(export_dir / PREPROCESS_JSON, repo_dir / contract.PREPROCESS_TEXT / VERSION_DIR / PREPROCESS_JSON)
-    put(export_dir / TOKENIZER, repo_dir / contract.PREPROCESS_TEXT / VERSION_DIR / TOKENIZER)
+    for model in (contract.PREPROCESS_IMAGE, contract.PREPROCESS_TEXT):
+        put(export_dir / layout.PREPROCESS_JSON, layout.version_dir(repo_dir, model) / layout.PREPROCESS_JSON)
+    text_dir = layout.version_dir(repo_dir, contract.PREPROCESS_TEXT)
+    put(export_dir / layout.TOKENIZER_JSON, text_dir / layout.TOKENIZER_JSON)
 
-    model_cfg = ModelConfig.from_dict(json.loads((export_dir / MODEL_JSON).read_text()))
-    pre_cfg = PreprocessConfig.from_dict(json.loads((export_dir / PREPROCESS_JSON).read_text()))
-    _write_configs(repo_dir, model_cfg, pre_cfg)
+    # Regenerated with this model's concrete dims, and its identity as the encoders' `model_id` parameter.
+    model_cfg = ModelConfig.from_dict(json.loads((export_dir / layout.MODEL_JSON).read_text()))
+    pre_cfg = PreprocessConfig.from_dict(json.loads((export_dir / layout.PREPROCESS_JSON).read_text()))
+    write_repository(repo_dir, model_cfg, pre_cfg, model_id=model_id)
     return written
 
 
-def _write_configs(repo_dir: Path, model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> None:
-    """Regenerate the config.pbtxt files with this model's concrete dims (mim.serving.repository)."""
+def _read_json(path: Path) -> dict | None:
     try:
-        from mim.serving.repository import write_repository
-    except ImportError as e:
-        # TODO(serving): mim.serving.repository.write_repository is being written; once it lands this branch
-        # is dead and should become an error, since a repository without regenerated configs is inconsistent.
-        log.warning("config.pbtxt files not regenerated: mim.serving.repository.write_repository unavailable (%s)", e)
-        return
-    write_repository(repo_dir, model_cfg, pre_cfg)
-
-
-def _plan_hash(meta_path: Path) -> str | None:
-    try:
-        return json.loads(meta_path.read_text()).get("checkpoint_hash")
-    except (OSError, ValueError, AttributeError):
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+def _plan_model_id(meta_path: Path) -> str | None:
+    return (_read_json(meta_path) or {}).get(layout.MODEL_ID)
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -157,13 +217,13 @@ def build_engines(export_dir: str | Path, batches: BatchRange, *, check: bool = 
     """Build (or reuse, when still current) one TensorRT FP16 engine per tower from the FP32 ONNX in
     `export_dir`; check each against ONNX Runtime. Needs TensorRT and a GPU."""
     export_dir = Path(export_dir)
-    meta = json.loads((export_dir / EXPORT_JSON).read_text())
-    model_cfg = ModelConfig.from_dict(json.loads((export_dir / MODEL_JSON).read_text()))
+    meta = json.loads((export_dir / layout.EXPORT_JSON).read_text())
+    model_cfg = ModelConfig.from_dict(json.loads((export_dir / layout.MODEL_JSON).read_text()))
     plans = []
-    for tower in ENCODERS:
+    for tower in layout.ENCODERS:
         onnx_path, plan = export_dir / onnx_filename(tower), export_dir / plan_filename(tower)
         profile = tower_profile(contract.MODELS[tower], model_cfg, batches)
-        if engine_is_current(plan, meta["checkpoint_hash"], profile=profile):
+        if engine_is_current(plan, meta[layout.MODEL_ID], profile=profile):
             log.info("%s: engine %s is current, not rebuilding", tower, plan)
         else:
             build_engine(
@@ -172,7 +232,7 @@ def build_engines(export_dir: str | Path, batches: BatchRange, *, check: bool = 
                 fp16=True,
                 profile=profile,
                 timing_cache_path=export_dir / TIMING_CACHE,
-                checkpoint_hash=meta["checkpoint_hash"],
+                model_id=meta[layout.MODEL_ID],
             )
         if check:
             result = engine_parity(plan, onnx_path, model_cfg=model_cfg)
@@ -183,10 +243,10 @@ def build_engines(export_dir: str | Path, batches: BatchRange, *, check: bool = 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export.engines", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (python -m mim.train)")
+    p = argparse.ArgumentParser(prog="mimsearch engines", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (mimsearch train)")
     p.add_argument("--repository", required=True, type=Path, help="Triton model repository to install into")
-    p.add_argument("--export-dir", type=Path, default=Path("artifacts/export"), help="where ONNX/engines are built")
+    p.add_argument("--export-dir", type=Path, default=DEFAULT_EXPORT_DIR, help="where ONNX/engines are built")
     p.add_argument("--no-tensorrt", action="store_true", help="install the ONNX artifacts only")
     p.add_argument("--min-batch", type=int, default=1, help="smallest batch the engine accepts")
     p.add_argument("--opt-batch", type=int, default=16, help="batch the engine's kernels are tuned for")
@@ -207,42 +267,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if batches.max != contract.MAX_BATCH_SIZE:
+        # The generated configs keep max_batch_size = contract.MAX_BATCH_SIZE (clients batch up to it).
         log.warning(
             "--max-batch %d differs from the generated config.pbtxt's max_batch_size %d (mim.contract."
             "MAX_BATCH_SIZE): Triton refuses an engine whose profile is smaller",
             batches.max,
             contract.MAX_BATCH_SIZE,
         )
-    report = export_checkpoint(args.checkpoint, args.export_dir, check=not args.no_check)
-    for line in summary_lines(report):
-        print(line)
-    if args.catalog is not None and not args.no_check:
-        gate = fp16_gate(args.checkpoint, args.export_dir, load_catalog(args.catalog))
-        print(
-            f"FP16 gate on {gate['split']} split: min cosine images {gate['min_cosine_images']:.6f}, titles "
-            f"{gate['min_cosine_titles']:.6f}; Recall@10 FP16 {gate['recall10_fp16']:.4f} "
-            f"vs FP32 {gate['recall10_fp32']:.4f}"
-        )
-
-    reason = None if args.no_tensorrt else tensorrt_unavailable_reason()
-    if args.no_tensorrt:
-        print(
-            "TensorRT build skipped (--no-tensorrt): built ONNX artifacts for the CPU/ONNX path only; "
-            "no engine was built"
-        )
-    elif reason is not None:
-        print(
-            f"TensorRT not available ({reason}): built ONNX artifacts for the CPU/ONNX path only; no engine was built"
-        )
-    else:
-        build_engines(args.export_dir, batches, check=not args.no_check)
-        print(f"built TensorRT FP16 engines (batch {batches.min}/{batches.opt}/{batches.max}) in {args.export_dir}")
-    files = install(args.export_dir, args.repository)
-    plans = sum(1 for f in files if f.name == REPO_PLAN)
-    print(
-        f"installed {len(files)} files into {args.repository} ({plans} engine plans), "
-        f"checkpoint {weights_hash(args.checkpoint)}"
+    report = build_and_install(
+        args.checkpoint,
+        args.repository,
+        export_dir=args.export_dir,
+        tensorrt=not args.no_tensorrt,
+        batches=batches,
+        check=not args.no_check,
+        catalog=args.catalog,
     )
+    for line in report.lines():
+        print(line)
     return 0
 
 

@@ -11,7 +11,7 @@ writes into the output folder:
     preprocess.json           PreprocessConfig: read by the Triton preprocessing models at initialize
     model.json                ModelConfig: the concrete dims of the contract's symbolic ones
     tokenizer.json            the checkpoint's tokenizer, unchanged
-    export.json               source weights hash, opset, surgery report, parity figures (written last)
+    export.json               source model_id (mim.layout), opset, surgery report, parity figures (written last)
 
 Graph inputs/outputs are named and typed from `mim.contract`, with a symbolic `batch` first dim; the exporter
 refuses a graph whose I/O differs from the contract. With `check=True` every artifact is compared with the
@@ -36,9 +36,9 @@ import onnx
 import torch
 from torch import nn
 
-from mim import contract
+from mim import contract, layout
 from mim.atomic import atomic_write_bytes
-from mim.checkpoint import TOKENIZER, load_checkpoint, weights_hash
+from mim.checkpoint import TOKENIZER, load_checkpoint
 from mim.config import ModelConfig, dumps
 
 from .fp16 import convert_to_fp16
@@ -57,7 +57,6 @@ PARITY_BATCHES = (1, 7)
 # The batch used to trace; different from every parity batch, so a batch size baked into the graph shows.
 TRACE_BATCH = 2
 
-MODEL_JSON, PREPROCESS_JSON, EXPORT_JSON = "model.json", "preprocess.json", "export.json"
 _ONNX_DTYPES = {
     "FP32": onnx.TensorProto.FLOAT,
     "FP16": onnx.TensorProto.FLOAT16,
@@ -245,7 +244,7 @@ def export_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "checkpoint": str(ckpt_dir),
-        "checkpoint_hash": weights_hash(ckpt_dir),
+        layout.MODEL_ID: layout.model_id_of_checkpoint(ckpt_dir),
         "model_name": model_cfg.name,
         "opset": opset,
         "torch": torch.__version__,
@@ -255,12 +254,12 @@ def export_checkpoint(
     for tower in towers_of(ckpt.model):
         report["towers"][tower.name] = _export_one(tower, model_cfg, out_dir, opset=opset, fp16=fp16, check=check)
 
-    atomic_write_bytes(out_dir / PREPROCESS_JSON, dumps(pre_cfg.to_dict()).encode())
-    atomic_write_bytes(out_dir / MODEL_JSON, dumps(model_cfg.to_dict()).encode())
+    atomic_write_bytes(out_dir / layout.PREPROCESS_JSON, dumps(pre_cfg.to_dict()).encode())
+    atomic_write_bytes(out_dir / layout.MODEL_JSON, dumps(model_cfg.to_dict()).encode())
     atomic_write_bytes(out_dir / TOKENIZER, (ckpt_dir / TOKENIZER).read_bytes())
     report["seconds"] = round(time.perf_counter() - t0, 2)
     # Written last: a folder with export.json is complete.
-    atomic_write_bytes(out_dir / EXPORT_JSON, dumps(report).encode())
+    atomic_write_bytes(out_dir / layout.EXPORT_JSON, dumps(report).encode())
     return report
 
 
@@ -332,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for line in summary_lines(report):
         print(line)
-    print(f"wrote {args.out} (checkpoint {report['checkpoint_hash']}, {report['seconds']} s)")
+    print(f"wrote {args.out} (model_id {report[layout.MODEL_ID]}, {report['seconds']} s)")
     return 0
 
 

@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from mim import contract
+from mim import contract, layout
 from mim.config import ModelConfig, dumps
+from mim.layout import PLAN_META_SUFFIX
 
 log = logging.getLogger(__name__)
 
-PLAN_META_SUFFIX = ".json"  # model.plan -> model.plan.json
 ENGINE_MIN_COSINE = 0.999  # FP16 engine vs FP32 ONNX Runtime, same gate as the FP16 ONNX variant
 WORKSPACE_BYTES = 4 << 30  # scratch memory tactics may use; 4 GiB leaves most of the GPU for the other engines
 
@@ -138,12 +138,13 @@ def current_environment() -> dict[str, Any]:
 
 def engine_staleness(
     plan_path: str | Path,
-    checkpoint_hash: str,
+    model_id: str,
     *,
     environment: Mapping[str, Any] | None = None,
     profile: Profile | None = None,
 ) -> str | None:
-    """None if the plan at `plan_path` can be loaded here for this checkpoint; otherwise the reason to rebuild.
+    """None if the plan at `plan_path` can be loaded here for the model `model_id` (mim.layout); otherwise the
+    reason to rebuild.
 
     `environment` defaults to `current_environment()` (needs TensorRT and a GPU); tests pass their own.
     """
@@ -157,8 +158,8 @@ def engine_staleness(
         return f"{meta_path} missing: cannot tell what the engine was built for"
     except ValueError as e:
         return f"{meta_path} is not valid JSON ({e})"
-    if meta.get("checkpoint_hash") != checkpoint_hash:
-        return f"engine built from checkpoint {meta.get('checkpoint_hash')!r}, exporting {checkpoint_hash!r}"
+    if meta.get(layout.MODEL_ID) != model_id:
+        return f"engine built from model {meta.get(layout.MODEL_ID)!r}, exporting {model_id!r}"
     env = dict(current_environment() if environment is None else environment)
     for key in ("tensorrt_version", "gpu_name", "compute_capability"):
         if str(meta.get(key)) != str(env.get(key)):
@@ -172,14 +173,14 @@ def engine_staleness(
 
 def engine_is_current(
     plan_path: str | Path,
-    checkpoint_hash: str,
+    model_id: str,
     *,
     environment: Mapping[str, Any] | None = None,
     profile: Profile | None = None,
 ) -> bool:
     """Whether the plan may be reused. A stale one (other GPU, TensorRT version, checkpoint, profile) is
     reported and must be rebuilt rather than loaded: TensorRT refuses or misbehaves on foreign plans."""
-    reason = engine_staleness(plan_path, checkpoint_hash, environment=environment, profile=profile)
+    reason = engine_staleness(plan_path, model_id, environment=environment, profile=profile)
     if reason is not None:
         log.info("rebuilding %s: %s", plan_path, reason)
     return reason is None
@@ -312,10 +313,10 @@ def build_engine(
     fp16: bool = True,
     profile: Profile,
     timing_cache_path: str | Path | None = None,
-    checkpoint_hash: str = "",
+    model_id: str = "",
 ) -> dict[str, Any]:
     """Build a TensorRT engine from an ONNX tower and write `plan_path` and `plan_path.json` (what it was
-    built for: TensorRT version, GPU, profile, source checkpoint). Returns that metadata."""
+    built for: TensorRT version, GPU, profile, source model_id). Returns that metadata."""
     import onnx
 
     from mim.atomic import atomic_write_bytes
@@ -344,7 +345,7 @@ def build_engine(
         log.info("  %s %-16s %-6s %s %s", row["mode"], row["name"], row["dtype"], row["shape"], row.get("profile", ""))
     meta = {
         **current_environment(),
-        "checkpoint_hash": checkpoint_hash,
+        layout.MODEL_ID: model_id,
         "source_onnx": onnx_path.name,
         "fp16": fp16,
         "profile": _jsonable_profile(profile),
@@ -389,12 +390,12 @@ def engine_parity(
     import onnxruntime as ort
     import torch
 
-    from .onnx_export import MODEL_JSON, ParityError, random_inputs
+    from .onnx_export import ParityError, random_inputs
 
     trt = _trt()
     onnx_path = Path(onnx_path)
     if model_cfg is None:
-        model_cfg = ModelConfig.from_dict(json.loads((onnx_path.parent / MODEL_JSON).read_text()))
+        model_cfg = ModelConfig.from_dict(json.loads((onnx_path.parent / layout.MODEL_JSON).read_text()))
     io = io_for_onnx(onnx.load(str(onnx_path), load_external_data=False))
     engine = trt.Runtime(_logger()).deserialize_cuda_engine(Path(plan_path).read_bytes())
     if engine is None:

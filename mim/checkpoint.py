@@ -6,7 +6,6 @@ Every file is written atomically and `config.json` last, so a folder with a conf
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +16,14 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, atomic_write_text
 from .config import ModelConfig, PreprocessConfig, dumps
+from .layout import CHECKPOINT_WEIGHTS, model_id_of_checkpoint
 from .model import MIMModel
 from .tokenizer import TextTokenizer
 
 FORMAT = "mim-checkpoint"
 VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER, TRAIN_STATE = (
-    "model.safetensors",
+    CHECKPOINT_WEIGHTS,
     "config.json",
     "tokenizer.json",
     "train_state.safetensors",
@@ -48,15 +48,7 @@ class Checkpoint:
         """Identity of the embedding model: a hash of its weights file (stable across copies of it)."""
         if self.path is None:
             raise CheckpointError("model_id needs a saved checkpoint")
-        return weights_hash(self.path)
-
-
-def weights_hash(ckpt_dir: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(Path(ckpt_dir) / WEIGHTS, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+        return model_id_of_checkpoint(self.path)
 
 
 def save_checkpoint(

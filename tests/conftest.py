@@ -43,7 +43,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 # checkpoint installed), `triton_server` (a running CPU tritonserver on free 127.0.0.1 ports: .grpc_url,
 # .http_url, .metrics_url, .log_path) and `triton_client` (tritonclient.grpc client to it). Tests using the
 # server must be marked `@pytest.mark.server`.
-_REPO_ARTIFACTS = ("*.onnx", "*.plan", "*.plan.json", "preprocess.json", "tokenizer.json", "__pycache__")
 
 
 @pytest.fixture(scope="session")
@@ -59,14 +58,11 @@ def tiny_export(tmp_path_factory, tiny_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def served_repository(tmp_path_factory, tiny_export) -> Path:
     """A tmp COPY of the committed model_repository/ with the tiny export installed by export.engines.install
-    (which also regenerates the configs for the checkpoint's dims)."""
-    import shutil
-
+    (which also regenerates the configs for the checkpoint's dims and model id)."""
     from export.engines import install
-    from mim.serving.repository import DEFAULT_REPOSITORY
+    from mim.serving.repository import prepare_repository
 
-    repo = tmp_path_factory.mktemp("serving") / "model_repository"
-    shutil.copytree(DEFAULT_REPOSITORY, repo, ignore=shutil.ignore_patterns(*_REPO_ARTIFACTS))
+    repo = prepare_repository(tmp_path_factory.mktemp("serving") / "model_repository")
     install(tiny_export, repo)
     return repo
 

@@ -33,8 +33,9 @@ from export.onnx_export import (
 from export.surgery import DEFAULT_PASSES
 from export.tensorrt_build import tensorrt_unavailable_reason
 from mim import contract
-from mim.checkpoint import load_checkpoint, weights_hash
+from mim.checkpoint import load_checkpoint
 from mim.config import ModelConfig, PreprocessConfig
+from mim.layout import model_id_of_checkpoint
 
 ENCODERS = (contract.IMAGE_ENCODER, contract.TEXT_ENCODER)
 ONNX_TYPES = {"FP32": onnx.TensorProto.FLOAT, "INT64": onnx.TensorProto.INT64}
@@ -88,7 +89,7 @@ def test_writes_every_artifact(exported, tiny_checkpoint):
     assert ModelConfig.from_dict(json.loads((out / "model.json").read_text())) == ckpt.model_cfg
     assert (out / "tokenizer.json").read_bytes() == (tiny_checkpoint / "tokenizer.json").read_bytes()
     assert json.loads((out / "export.json").read_text()) == report
-    assert report["checkpoint_hash"] == weights_hash(tiny_checkpoint)
+    assert report["model_id"] == model_id_of_checkpoint(tiny_checkpoint)
     assert report["opset"] == 17
 
 
@@ -217,6 +218,7 @@ def expected_layout(repo: Path, plans: bool = False) -> set[Path]:
     }
     for tower in ENCODERS:
         files |= {repo / tower / "1/model.onnx", repo / tower / "1/model.fp16.onnx", repo / tower / "1/export.json"}
+        files |= {repo / tower / "1/model.json"}  # the encoder reads its vocabulary size from it
         if plans:
             files |= {repo / tower / "1/model.plan", repo / tower / "1/model.plan.json"}
     return files
@@ -235,9 +237,9 @@ def test_install_layout(exported, tmp_path):
     assert (repo / "preprocess_text/1/tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
 
 
-def fake_plan(export_dir: Path, tower: str, checkpoint_hash: str) -> None:
+def fake_plan(export_dir: Path, tower: str, model_id: str) -> None:
     (export_dir / f"{tower}.plan").write_bytes(b"not really an engine")
-    (export_dir / f"{tower}.plan.json").write_text(json.dumps({"checkpoint_hash": checkpoint_hash}))
+    (export_dir / f"{tower}.plan.json").write_text(json.dumps({"model_id": model_id}))
 
 
 def test_install_copies_only_plans_built_from_this_checkpoint(exported, tmp_path):
@@ -245,7 +247,7 @@ def test_install_copies_only_plans_built_from_this_checkpoint(exported, tmp_path
     out = tmp_path / "export"
     shutil.copytree(src, out)
     repo = tmp_path / "repo"
-    fake_plan(out, contract.IMAGE_ENCODER, report["checkpoint_hash"])
+    fake_plan(out, contract.IMAGE_ENCODER, report["model_id"])
     fake_plan(out, contract.TEXT_ENCODER, "0123456789abcdef")  # an old build
     written = install(out, repo)
     assert repo / "image_encoder/1/model.plan" in written and repo / "image_encoder/1/model.plan.json" in written
@@ -256,7 +258,7 @@ def test_install_copies_only_plans_built_from_this_checkpoint(exported, tmp_path
         (out / f"{tower}.plan").unlink()
         (out / f"{tower}.plan.json").unlink()
     meta = json.loads((out / "export.json").read_text())
-    meta["checkpoint_hash"] = "fedcba9876543210"
+    meta["model_id"] = "fedcba9876543210"
     (out / "export.json").write_text(json.dumps(meta))
     assert set(install(out, repo)) == expected_layout(repo)
     assert not list(repo.rglob("model.plan*"))
@@ -281,7 +283,7 @@ def test_engines_cli_installs_the_onnx_path_and_says_why_no_engine(make_engines)
     ]
     assert expected_layout(repo) <= {p for p in repo.rglob("*") if p.is_file()}
     assert not list(repo.rglob("*.plan")) and not list(export_dir.rglob("*.plan"))
-    assert "installed 9 files" in stdout
+    assert "installed 11 files" in stdout
 
 
 def test_engines_message_when_tensorrt_does_not_import(exported, tiny_checkpoint, tmp_path, capsys, monkeypatch):

@@ -12,8 +12,9 @@ from client import cli
 from client.indexing import GalleryItem, build_index, catalog_items, manifest_items
 from client.search import SearchService
 from client.triton_client import EmbeddingClient
-from mim.checkpoint import load_checkpoint, weights_hash
+from mim.checkpoint import load_checkpoint
 from mim.knn import KnnIndex
+from mim.layout import model_id_of_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def catalog(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_id(tiny_checkpoint) -> str:
-    return weights_hash(tiny_checkpoint)
+    return model_id_of_checkpoint(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

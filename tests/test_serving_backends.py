@@ -160,7 +160,7 @@ def test_encoder_refuses_rows_that_would_poison_the_batch(reference, image_handl
 
     ids, mask = reference.tokenizer.encode_batch(["zebra mug"])
     vocab = reference.tokenizer.vocab_size
-    assert text_handler.vocab_size == vocab  # read from the ONNX graph's embedding table
+    assert text_handler.vocab_size == vocab  # read from the installed model.json
     big, neg, bad_mask = ids.copy(), ids.copy(), mask.copy()
     big[0, 1], neg[0, 1], bad_mask[0, 2] = vocab, -1, 7
     responses = text_handler(

@@ -68,7 +68,7 @@ def write_plan(tmp_path: Path, **overrides) -> Path:
     s = TINY.vision.image_size
     meta = {
         **ENV,
-        "checkpoint_hash": HASH,
+        "model_id": HASH,
         "profile": {"pixel_values": [[1, 3, s, s], [16, 3, s, s], [64, 3, s, s]]},
         "plan_sha256": hashlib.sha256(b"engine bytes").hexdigest(),
         **overrides,
@@ -90,7 +90,7 @@ def test_a_plan_built_here_for_this_checkpoint_is_current(tmp_path):
         ({"gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}, r"gpu_name='NVIDIA A100-SXM4-80GB'"),
         ({"compute_capability": "8.9"}, r"compute_capability='8.9', this machine has '9.0'"),
         ({"tensorrt_version": "10.0.1"}, r"tensorrt_version='10.0.1', this machine has '10.3.0'"),
-        ({"checkpoint_hash": "0000000000000000"}, r"checkpoint '0000000000000000', exporting 'a109f3e64dc3459c'"),
+        ({"model_id": "0000000000000000"}, r"model '0000000000000000', exporting 'a109f3e64dc3459c'"),
         ({"plan_sha256": "0" * 64}, r"was replaced after it was built"),
     ],
 )
@@ -182,14 +182,14 @@ def test_build_engine_and_parity(tiny_export, tower):
         fp16=True,
         profile=prof,
         timing_cache_path=out / "timing.cache",
-        checkpoint_hash=report["checkpoint_hash"],
+        model_id=report["model_id"],
     )
     assert plan.is_file() and (out / f"{tower}.plan.json").is_file() and (out / "timing.cache").is_file()
     assert [r["name"] for r in meta["io"]] == [
         s.name for s in (*contract.MODELS[tower].inputs, *contract.MODELS[tower].outputs)
     ]
     assert meta["fp32_layers"] > 0
-    assert engine_is_current(plan, report["checkpoint_hash"], profile=prof)
+    assert engine_is_current(plan, report["model_id"], profile=prof)
     assert not engine_is_current(plan, "another-checkpoint", profile=prof)
     result = tb.engine_parity(plan, out / f"{tower}.onnx", batches=(1, 7))
     assert result["min_cosine"] >= 0.999

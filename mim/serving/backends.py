@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 
 from mim import contract
-from mim.config import PreprocessConfig
+from mim.config import ModelConfig, PreprocessConfig
+from mim.layout import MODEL_JSON, ONNX_FP32, PREPROCESS_JSON
 from mim.preprocess import InputError, decode_text, preprocess_image_bytes
 from mim.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
 INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-PREPROCESS_JSON = "preprocess.json"
 # Same floor as mim.model.l2_normalize, so served and in-process embeddings agree on near-zero vectors.
 NORM_EPS = 1e-12
 
@@ -352,23 +352,16 @@ class OnnxEncoder:
         return np.asarray(out, dtype=np.float32)
 
 
-def embedding_rows(onnx_path: str | Path, input_name: str) -> int | None:
-    """Number of rows of the embedding table that `input_name` indexes (the vocabulary size), read from the
-    graph: the first Gather whose indices are `input_name` (possibly through Casts). None if not found."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    aliases = {input_name}
-    for node in g.node:  # graph nodes are topologically sorted
-        if node.op_type == "Cast" and node.input[0] in aliases:
-            aliases.add(node.output[0])
-        elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in aliases:
-            table = inits.get(node.input[0])
-            if table is not None and table.dims:
-                return int(table.dims[0])
-    return None
+def read_model_config(version_dir: str | Path) -> ModelConfig:
+    """The checkpoint's ModelConfig installed next to an encoder (`mim.layout.MODEL_JSON`): the vocabulary size
+    the text encoder checks token ids against."""
+    path = Path(version_dir) / MODEL_JSON
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; the exporter installs it next to the encoder: run `mimsearch engines --checkpoint "
+            "CKPT --repository REPO`"
+        )
+    return ModelConfig.from_dict(json.loads(path.read_text()))
 
 
 class EncoderHandler(Handler):
@@ -531,11 +524,11 @@ def _encoder(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -
     """Parameters (configs/<variant>.pbtxt): onnx_file, execution_providers (comma-separated, in order of
     preference), intra_op_threads."""
     io = contract.MODELS[name]
-    path = version_dir / params.get("onnx_file", "model.onnx")
+    path = version_dir / params.get("onnx_file", ONNX_FP32)
     providers = [p.strip() for p in params.get("execution_providers", "CPUExecutionProvider").split(",")]
     threads = int(params.get("intra_op_threads", "1"))
     encoder = OnnxEncoder(path, io, dims, providers=[p for p in providers if p], intra_op_threads=threads)
-    vocab = embedding_rows(path, contract.INPUT_IDS.name) if name == contract.TEXT_ENCODER else None
+    vocab = read_model_config(version_dir).text.vocab_size if name == contract.TEXT_ENCODER else None
     return EncoderHandler(encoder, io, dims, vocab)
 
 

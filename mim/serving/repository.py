@@ -28,6 +28,7 @@ parameter `default_image_weight` as the default. No extra input tensor is needed
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,22 +41,29 @@ from mim import contract
 from mim.atomic import atomic_write_text
 from mim.config import ModelConfig, PreprocessConfig, get_size
 
+# File and folder names of the repository are mim.layout's. Ensembles have no files of their own, but Triton
+# refuses one without a version folder ("at least one version must be available"): git keeps it by KEEP_FILE.
+from mim.layout import (
+    ARTIFACT_GLOBS,
+    DEFAULT_CONFIG,
+    KEEP_FILE,
+    MODEL_ID,
+    MODEL_PY,
+    ONNX_FP16,
+    ONNX_FP32,
+    PREPROCESS_JSON,
+    TRT_PLAN,
+    VERSION,
+)
+
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 DEFAULT_SIZE = "tiny"
 WRITE_COMMAND = "python -m mim.serving.repository --write"
 
-# Config variants: file name inside the model folder, and the `--model-config-name` that selects it.
-DEFAULT_CONFIG = "config.pbtxt"
+# Config variants: the `--model-config-name` that selects `configs/<variant>.pbtxt` (the default is
+# layout.DEFAULT_CONFIG).
 CPU, GPU_ONNX = "cpu", "gpu_onnx"
 
-# Files the exporter installs into the version folders (`export.engines.install`); read at `initialize`.
-PREPROCESS_JSON = "preprocess.json"
-ONNX_FP32, ONNX_FP16, TRT_PLAN = "model.onnx", "model.fp16.onnx", "model.plan"
-MODEL_PY = "model.py"
-VERSION = "1"
-# Ensembles have no files of their own, but Triton refuses one without a version folder ("at least one version
-# must be available"); git keeps the folder with this file.
-KEEP_FILE = ".gitkeep"
 
 # --- serving knobs, each with its reason ------------------------------------------------------------------
 # Image decoding + resizing is CPU-bound Python: one instance per core on the 2-core CI machine. On a GPU
@@ -169,14 +177,21 @@ def preprocess_text_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -
     return [GeneratedConfig(name, DEFAULT_CONFIG, cfg, notes)]
 
 
-def encoder_configs(name: str, model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[GeneratedConfig]:
-    """TensorRT default plus the ONNX Runtime variants of one encoder."""
+def encoder_configs(
+    name: str, model_cfg: ModelConfig, pre_cfg: PreprocessConfig, model_id: str | None = None
+) -> list[GeneratedConfig]:
+    """TensorRT default plus the ONNX Runtime variants of one encoder. With `model_id` (an installed checkpoint),
+    every variant carries it as the parameter `mim.layout.MODEL_ID`, which clients read through the model-config
+    API to learn which model the server runs."""
+    identity = {MODEL_ID: model_id} if model_id else {}
     trt = _base(name, model_cfg, pre_cfg)
     trt.platform = "tensorrt_plan"
     trt.default_model_filename = TRT_PLAN
     trt.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU, count=TRT_INSTANCES)
     trt.dynamic_batching.preferred_batch_size.extend(TRT_PREFERRED_BATCH_SIZES)
     trt.dynamic_batching.max_queue_delay_microseconds = TRT_QUEUE_DELAY_US
+    for key, value in identity.items():
+        trt.parameters[key].string_value = value
     cpu = _python_model(
         name,
         model_cfg,
@@ -187,6 +202,7 @@ def encoder_configs(name: str, model_cfg: ModelConfig, pre_cfg: PreprocessConfig
             "onnx_file": ONNX_FP32,
             "execution_providers": "CPUExecutionProvider",
             "intra_op_threads": str(CPU_ENCODER_THREADS),
+            **identity,
         },
     )
     gpu = _python_model(
@@ -196,7 +212,12 @@ def encoder_configs(name: str, model_cfg: ModelConfig, pre_cfg: PreprocessConfig
         instances=TRT_INSTANCES,
         kind=pb.ModelInstanceGroup.KIND_GPU,
         queue_delay_us=TRT_QUEUE_DELAY_US,
-        params={"onnx_file": ONNX_FP16, "execution_providers": GPU_ONNX_PROVIDERS, "intra_op_threads": "1"},
+        params={
+            "onnx_file": ONNX_FP16,
+            "execution_providers": GPU_ONNX_PROVIDERS,
+            "intra_op_threads": "1",
+            **identity,
+        },
     )
     return [
         GeneratedConfig(
@@ -306,15 +327,15 @@ def ensemble_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[
 
 
 def build_configs(
-    model_cfg: ModelConfig | None = None, pre_cfg: PreprocessConfig | None = None
+    model_cfg: ModelConfig | None = None, pre_cfg: PreprocessConfig | None = None, model_id: str | None = None
 ) -> list[GeneratedConfig]:
-    """Every config file of the repository, validated against the contract."""
+    """Every config file of the repository, validated against the contract. `model_id`: see encoder_configs."""
     model_cfg, pre_cfg = resolve_configs(model_cfg, pre_cfg)
     configs = (
         preprocess_image_configs(model_cfg, pre_cfg)
         + preprocess_text_configs(model_cfg, pre_cfg)
-        + encoder_configs(contract.IMAGE_ENCODER, model_cfg, pre_cfg)
-        + encoder_configs(contract.TEXT_ENCODER, model_cfg, pre_cfg)
+        + encoder_configs(contract.IMAGE_ENCODER, model_cfg, pre_cfg, model_id)
+        + encoder_configs(contract.TEXT_ENCODER, model_cfg, pre_cfg, model_id)
         + fuse_configs(model_cfg, pre_cfg)
         + ensemble_configs(model_cfg, pre_cfg)
     )
@@ -439,11 +460,13 @@ def python_models() -> list[str]:
     return names + [contract.FUSE]
 
 
-def render_repository(model_cfg: ModelConfig | None = None, pre_cfg: PreprocessConfig | None = None) -> dict[str, str]:
+def render_repository(
+    model_cfg: ModelConfig | None = None, pre_cfg: PreprocessConfig | None = None, model_id: str | None = None
+) -> dict[str, str]:
     """Relative path -> file content of every generated file."""
     model_cfg, pre_cfg = resolve_configs(model_cfg, pre_cfg)
     files: dict[str, str] = {}
-    for cfg in build_configs(model_cfg, pre_cfg):
+    for cfg in build_configs(model_cfg, pre_cfg, model_id):
         text = _with_header(cfg, model_cfg, pre_cfg)
         if parse_config(text, cfg.path) != cfg.config:  # round trip through Triton's schema
             raise RepositoryError(f"{cfg.path}: text form does not parse back into the same ModelConfig")
@@ -456,10 +479,14 @@ def render_repository(model_cfg: ModelConfig | None = None, pre_cfg: PreprocessC
 
 
 def write_repository(
-    repo_dir: str | Path, model_cfg: ModelConfig | None = None, pre_cfg: PreprocessConfig | None = None
+    repo_dir: str | Path,
+    model_cfg: ModelConfig | None = None,
+    pre_cfg: PreprocessConfig | None = None,
+    *,
+    model_id: str | None = None,
 ) -> list[Path]:
     """Write every config.pbtxt, configs/*.pbtxt and 1/model.py into `repo_dir` (artifacts already there are
-    kept). Defaults to the `tiny` size. Returns the written paths."""
+    kept). Defaults to the `tiny` size and no model id (the committed repository). Returns the written paths."""
     repo = Path(repo_dir)
     stray = _stray_entries(repo)
     if stray:
@@ -468,12 +495,23 @@ def write_repository(
             "so remove them (a model repository holds model folders only)"
         )
     written = []
-    for rel, text in render_repository(model_cfg, pre_cfg).items():
+    for rel, text in render_repository(model_cfg, pre_cfg, model_id).items():
         path = repo / rel
         if not (path.is_file() and path.read_text() == text):  # unchanged content: keep the file (and its mtime)
             atomic_write_text(path, text)
         written.append(path)
     return written
+
+
+def prepare_repository(dst: str | Path, *, fresh: bool = False, source: str | Path = DEFAULT_REPOSITORY) -> Path:
+    """Copy the committed repository tree (configs, model.py files) to `dst`, leaving out any export artifacts
+    it holds (`mim.layout.ARTIFACT_GLOBS`), so `export.engines.install` can install a checkpoint into the copy.
+    `fresh` removes `dst` first; otherwise artifacts already in `dst` stay (install replaces what it installs)."""
+    dst = Path(dst)
+    if fresh and dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(source, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*ARTIFACT_GLOBS))
+    return dst
 
 
 def _stray_entries(repo: Path) -> list[str]:
@@ -483,7 +521,11 @@ def _stray_entries(repo: Path) -> list[str]:
 
 
 def check_repository(
-    repo_dir: str | Path, model_cfg: ModelConfig | None = None, pre_cfg: PreprocessConfig | None = None
+    repo_dir: str | Path,
+    model_cfg: ModelConfig | None = None,
+    pre_cfg: PreprocessConfig | None = None,
+    *,
+    model_id: str | None = None,
 ) -> list[str]:
     """Differences between `repo_dir` and what `write_repository` would write (empty list: up to date):
     missing or edited files, configs that do not parse or disagree with the contract, and top-level entries
@@ -494,7 +536,7 @@ def check_repository(
     model_cfg, pre_cfg = resolve_configs(model_cfg, pre_cfg)
     problems = [f"{name}: not a model of the contract (Triton would load it as one)" for name in _stray_entries(repo)]
     parsed: dict[str, pb.ModelConfig] = {}
-    rendered = render_repository(model_cfg, pre_cfg)
+    rendered = render_repository(model_cfg, pre_cfg, model_id)
     for rel, want in rendered.items():
         path = repo / rel
         if not path.is_file():
@@ -546,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         model_cfg, pre_cfg = configs_from_args(args)
+        # Dims only: the model identity is written by `export.engines.install`, with the artifacts it names.
         if args.write:
             paths = write_repository(args.repository, model_cfg, pre_cfg)
             print(f"wrote {len(paths)} files under {args.repository}")

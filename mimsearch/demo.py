@@ -1,6 +1,6 @@
 """The whole stack end to end on the CPU (`make demo`):
 
-    python -m client.demo --artifacts artifacts [--steps 600] [--quick]
+    mimsearch demo --artifacts artifacts [--steps 600] [--quick]      (or python -m mimsearch.demo)
 
  1. catalog   generate (or reuse) the synthetic street-to-shop catalog
  2. train     train the tiny 3-tower model (resumes / reuses a checkpoint already trained that far)
@@ -18,29 +18,25 @@ they are current. `--quick` uses a small catalog and a short training run (tests
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.html import QueryBlock, render_page, write_page
+from client.indexing import build_index, catalog_items
+from client.search import SearchResult, SearchService
+from client.triton_client import EmbeddingClient
 from mim.catalog import Catalog
-from mim.checkpoint import Checkpoint, load_checkpoint, weights_hash
+from mim.checkpoint import Checkpoint, load_checkpoint
 from mim.evaluate import Embedder, evaluate, torch_embedder
 from mim.knn import KnnIndex
+from mim.serving.repository import prepare_repository
 from mim.serving.server import TritonServer
 from mim.synth import ensure_catalog
 from mim.train import train
 
-from .html import QueryBlock, render_page, write_page
-from .indexing import build_index, catalog_items
-from .search import SearchResult, SearchService
-from .triton_client import EmbeddingClient
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-COMMITTED_REPOSITORY = REPO_ROOT / "model_repository"
 SHOW_K = 5  # results printed per demo search (the page shows SHOW_K * 2)
 METRICS = (
     "image R@1",
@@ -104,25 +100,16 @@ class Steps:
 
 
 # --- the steps ----------------------------------------------------------------------------------------------------
-def prepare_repository(art: Path, ckpt: Path, check: bool = True) -> Path:
+def export_and_install(art: Path, ckpt: Path, check: bool = True) -> Path:
     """Copy the committed repository (configs, model.py files) to art/model_repository and install the export
-    of `ckpt` into it; the export is redone only when its checkpoint hash is not the current checkpoint's.
+    of `ckpt` into it; the export is redone only when art/export holds another checkpoint's.
     `check=False` skips the exporter's torch-vs-ONNX parity checks (--quick; the tests run them)."""
-    from export import engines
-    from export.onnx_export import EXPORT_JSON
+    from export.engines import build_and_install
 
-    repo, export_dir = art / "model_repository", art / "export"
-    shutil.copytree(COMMITTED_REPOSITORY, repo, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-    meta = export_dir / EXPORT_JSON
-    current = meta.is_file() and json.loads(meta.read_text()).get("checkpoint_hash") == weights_hash(ckpt)
-    if current:
-        files = engines.install(export_dir, repo)
-        print(f"    export of this checkpoint already in {export_dir}; installed {len(files)} files into {repo}")
-    else:
-        argv = ["--checkpoint", str(ckpt), "--repository", str(repo), "--export-dir", str(export_dir)]
-        rc = engines.main(argv + ([] if check else ["--no-check"]))
-        if rc != 0:
-            raise RuntimeError(f"export.engines failed with exit code {rc}")
+    repo = prepare_repository(art / "model_repository")
+    report = build_and_install(ckpt, repo, export_dir=art / "export", check=check, reuse_export=True)
+    for line in report.lines():
+        print(f"    {line}")
     return repo
 
 
@@ -237,7 +224,7 @@ def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_tim
     print(f"    checkpoint {ckpt_dir} (step {ck.meta.get('step')}, model_id {model_id})")
 
     step("export: ONNX towers into a copy of model_repository/")
-    repo = prepare_repository(art, ckpt_dir, check=settings.check_export)
+    repo = export_and_install(art, ckpt_dir, check=settings.check_export)
 
     step("serve: bundled tritonserver on 127.0.0.1, CPU configs")
     log = art / "tritonserver.log"
@@ -290,7 +277,7 @@ def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_tim
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m client.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="mimsearch demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where everything is written")
     ap.add_argument("--steps", type=int, help="training steps (default 600; 20 with --quick)")

@@ -1,0 +1,7 @@
+"""`python -m mimsearch ...` is the `mimsearch` command."""
+
+import sys
+
+from mimsearch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""`mimsearch`: one command for the whole stack; each subcommand hands its arguments to a module's `main(argv)`.
+
+    mimsearch catalog --out artifacts/catalog
+    mimsearch train --catalog artifacts/catalog --objective 3tower --steps 600 --out artifacts/checkpoints/3tower
+    mimsearch engines --checkpoint artifacts/checkpoints/3tower --repository model_repository
+    mimsearch serve --repository model_repository --config cpu
+    mimsearch index --catalog artifacts/catalog --out gallery.safetensors
+    mimsearch search --index gallery.safetensors --text "zebra mug"
+    mimsearch demo --artifacts artifacts
+
+`mimsearch SUBCOMMAND --help` shows the subcommand's own flags. `python -m MODULE ...` runs the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    module: str  # imported only when the subcommand runs, so `mimsearch --help` stays light (no torch)
+    help: str
+    prefix: tuple[str, ...] = ()  # arguments put before the user's (a module with subcommands of its own)
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "catalog": Subcommand("mim.synth", "generate the synthetic street-to-shop catalog"),
+    "train": Subcommand("mim.train", "train a DML / 3-tower / 4-tower model into a checkpoint"),
+    "evaluate": Subcommand("mim.evaluate", "offline retrieval metrics of a checkpoint on a catalog split"),
+    "compare": Subcommand("mim.compare", "train and compare DML vs 3-tower vs 4-tower on the same data"),
+    "export": Subcommand("export.onnx_export", "export a checkpoint's towers to ONNX (no install)"),
+    "engines": Subcommand("export.engines", "export, gate, build TensorRT engines where possible, and install"),
+    "repository": Subcommand("mim.serving.repository", "write or check the generated Triton repository configs"),
+    "serve": Subcommand("mim.serving.server", "run the bundled tritonserver on a model repository"),
+    "index": Subcommand("client.cli", "embed a gallery through the server into a kNN index", ("index",)),
+    "search": Subcommand("client.cli", "search an index by image, text, or image + text", ("search",)),
+    "demo": Subcommand("mimsearch.demo", "the whole pipeline end to end on the CPU (make demo)"),
+    "bench": Subcommand("benchmarks.run", "every benchmark in one run (make bench / bench-full)"),
+    "perf": Subcommand("benchmarks.perf", "perf_analyzer sweeps of the served models"),
+    "quality": Subcommand("benchmarks.quality", "retrieval quality through the served path vs in-process"),
+    "knn-bench": Subcommand("benchmarks.knn_bench", "exact kNN against faiss"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="mimsearch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    for name, cmd in SUBCOMMANDS.items():
+        # add_help=False: `mimsearch NAME --help` reaches the module's own parser with every flag it takes.
+        sub.add_parser(name, help=cmd.help, add_help=False)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser.parse_args(argv)  # prints help or the "invalid choice" error and exits
+        return 2
+    cmd = SUBCOMMANDS[argv[0]]
+    module = importlib.import_module(cmd.module)
+    rc = module.main([*cmd.prefix, *argv[1:]])
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

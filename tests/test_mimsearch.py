@@ -1,0 +1,86 @@
+"""The application package: `make demo` end to end in its --quick form (a small catalog, a few training steps,
+a real tritonserver), and the `mimsearch` command."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mimsearch import cli, demo
+
+
+@pytest.mark.server
+def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+    art = tmp_path / "artifacts"
+    assert demo.main(["--artifacts", str(art), "--quick", "--steps", "4", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    headers = re.findall(r"^==> \[(\d)/8\] (\w+):", out, flags=re.M)
+    assert [h[1] for h in headers] == ["catalog", "train", "export", "serve", "index", "search", "quality", "page"]
+    # The served-vs-in-process line, with numbers in [0, 1].
+    m = re.search(r"served image Recall@1 ([\d.]+) / Recall@10 ([\d.]+) vs in-process torch ([\d.]+) / ([\d.]+)", out)
+    assert m, out[-3000:]
+    served_r1, served_r10, local_r1, local_r10 = map(float, m.groups())
+    assert 0 <= served_r1 <= served_r10 <= 1 and 0 <= local_r1 <= local_r10 <= 1
+    # The served ONNX path and torch compute the same embeddings, so the recalls agree.
+    assert abs(served_r10 - local_r10) <= 0.05
+    assert re.search(r"^\s+mm-refine R@10\s+[\d.]+\s+[\d.]+$", out, flags=re.M)
+    page = (art / "results.html").read_text()
+    assert page.count('<li class="result') >= 6 and "data:image/png;base64," in page
+    assert (art / "index" / "test.safetensors").is_file() and "server stopped" in out
+
+
+# --- the `mimsearch` command ---------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_console_script_is_declared_in_pyproject():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"] == {"mimsearch": "mimsearch.cli:main"}
+
+
+def test_every_subcommand_delegates_to_a_module_main():
+    for name, cmd in cli.SUBCOMMANDS.items():
+        assert importlib.util.find_spec(cmd.module) is not None, name
+        source = Path(importlib.util.find_spec(cmd.module).origin).read_text()
+        assert "def main(argv" in source, cmd.module
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("catalog", "train", "evaluate", "compare", "engines", "serve", "repository", "index", "search"):
+        assert re.search(rf"^\s+{name}\s+\S", out, flags=re.M), name
+    with pytest.raises(SystemExit):
+        cli.main(["no-such-command"])
+    assert "invalid choice: 'no-such-command'" in capsys.readouterr().err
+
+
+def test_a_subcommand_runs_the_module_main(capsys):
+    # `mimsearch repository --check` is `python -m mim.serving.repository --check` on the committed tree.
+    assert cli.main(["repository", "--check"]) == 0
+    assert "is up to date" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["engines", "--help"])
+    assert "--checkpoint" in capsys.readouterr().out  # the subcommand's own flags
+
+
+@pytest.mark.parametrize("how", ["console script", "python -m mimsearch"])
+def test_the_real_command_runs(how):
+    script = Path(sys.executable).parent / "mimsearch"
+    if how == "console script" and not script.is_file():
+        pytest.skip(f"no console script at {script}: the virtualenv predates [project.scripts]; pip install -e .")
+    head = [str(script)] if how == "console script" else [sys.executable, "-m", "mimsearch"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*head, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0 and "engines" in done.stdout, done.stderr
+    done = subprocess.run([*head, "repository", "--check"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "is up to date" in done.stdout, done.stderr
