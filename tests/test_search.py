@@ -252,7 +252,7 @@ def test_manifest_items_csv_and_jsonl(tmp_path):
 
 
 @pytest.mark.server
-def test_cli_index_folder_with_manifest(triton_server, catalog, tmp_path, capsys):
+def test_cli_index_folder_with_manifest(triton_server, catalog, model_id, tmp_path, capsys):
     lines = [json.dumps({"id": p.product_id, "image": p.image, "title": p.title}) for p in catalog.products[:5]]
     manifest = tmp_path / "items.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
@@ -269,8 +269,10 @@ def test_cli_index_folder_with_manifest(triton_server, catalog, tmp_path, capsys
         str(out),
         "--no-progress",
     ]
-    assert cli.main(argv) == 2  # no model identity anywhere: refused, with the ways to give one
-    assert "identity is unknown: pass --model-id" in capsys.readouterr().err
+    assert cli.main(argv) == 0  # the identity is the served model's (an unknown one: tests/test_layout.py)
+    assert KnnIndex.load(out, expected_model_id=model_id).model_id == model_id
+    override = tmp_path / "override.safetensors"
+    argv[argv.index(str(out))] = str(override)
     assert cli.main(argv + ["--model-id", "folder-model"]) == 0
-    index = KnnIndex.load(out, expected_model_id="folder-model")
+    index = KnnIndex.load(override, expected_model_id="folder-model")
     assert index.ids.tolist() == [0, 1, 2, 3, 4] and index.get_metadata(0)["title"] == catalog.products[0].title
