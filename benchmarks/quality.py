@@ -4,10 +4,10 @@
         --catalog artifacts/catalog --out benchmarks/results
 
 `mim.evaluate.evaluate` runs twice on the same catalog split: with the in-process torch model
-(`torch_embedder`) and with an Embedder whose images and texts go through the Triton ensembles
-(client/triton_client.EmbeddingClient -> preprocessing models -> ONNX Runtime towers). Both embedders record
-what they returned, so besides the metric differences the report gives the embeddings' worst cosine and
-largest absolute difference, row for row.
+(`mim.embedding.TorchEmbedder`) and with the served one (client/triton_client.EmbeddingClient -> preprocessing
+models -> ONNX Runtime towers). Both are wrapped in a `Recording` embedder that keeps what they returned, so
+besides the metric differences the report gives the embeddings' worst cosine and largest absolute difference,
+row for row (`mim.ranking.parity`).
 
 The DML / 3-tower / 4-tower table is trained and written by `python -m mim.compare` (`make quality`) into
 benchmarks/results/quality.{md,json}; this module only reads it for RESULTS.md and never retrains.
@@ -30,8 +30,10 @@ import numpy as np
 
 from mim.atomic import atomic_write_text
 from mim.checkpoint import load_checkpoint
-from mim.evaluate import Embedder, evaluate, markdown_table, torch_embedder
+from mim.embedding import Embedder, TorchEmbedder
+from mim.evaluate import evaluate, markdown_table
 from mim.layout import MODEL_ID, model_id_of_checkpoint
+from mim.ranking import parity
 
 from .common import now_utc, write_json
 
@@ -61,33 +63,33 @@ class Recorder:
         return np.concatenate(self.calls) if self.calls else np.zeros((0, 0), np.float32)
 
 
-def served_embedder(client) -> Embedder:
-    """Embeddings through the Triton ensembles (client/triton_client.EmbeddingClient or anything alike)."""
-    return Embedder(images=client.embed_images, texts=client.embed_texts)
+class Recording:
+    """An Embedder that passes every call to `inner` and records the image and text embeddings it returned."""
 
+    def __init__(self, inner: Embedder) -> None:
+        self.inner = inner
+        self.images, self.texts = Recorder(inner.embed_images), Recorder(inner.embed_texts)
 
-def embedding_diff(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    if a.shape != b.shape:
-        raise ValueError(f"served and in-process embeddings differ in shape: {a.shape} vs {b.shape}")
-    na = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    nb = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return {
-        "rows": int(a.shape[0]),
-        "min_cosine": float(np.min(np.sum(na * nb, axis=1))),
-        "max_abs_diff": float(np.max(np.abs(a - b))),
-    }
+    def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
+        return self.images(images)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.texts(texts)
+
+    def embed_multimodal(
+        self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None
+    ) -> np.ndarray:
+        return self.inner.embed_multimodal(images, texts, image_weight)
 
 
 def served_quality(url: str, checkpoint: Path, catalog, split: str = "test") -> dict:
     """Both evaluations, their metric differences and the embedding differences."""
     from client.triton_client import EmbeddingClient  # lazily: a client import error fails this step only
 
-    local = torch_embedder(load_checkpoint(checkpoint))
-    local_rec = Embedder(Recorder(local.images), Recorder(local.texts))
+    local_rec = Recording(TorchEmbedder(load_checkpoint(checkpoint)))
     with EmbeddingClient(url, timeout_s=120.0) as client:
         client.wait_ready(60)
-        served = served_embedder(client)
-        served_rec = Embedder(Recorder(served.images), Recorder(served.texts))
+        served_rec = Recording(client)
         served_metrics = evaluate(served_rec, catalog, split)
     local_metrics = evaluate(local_rec, catalog, split)
     diffs = {
@@ -96,8 +98,8 @@ def served_quality(url: str, checkpoint: Path, catalog, split: str = "test") -> 
         if isinstance(local_metrics[k], float) and k in served_metrics
     }
     embeddings = {
-        "images": embedding_diff(served_rec.images.all(), local_rec.images.all()),
-        "texts": embedding_diff(served_rec.texts.all(), local_rec.texts.all()),
+        "images": parity(served_rec.images.all(), local_rec.images.all()).as_dict(),
+        "texts": parity(served_rec.texts.all(), local_rec.texts.all()).as_dict(),
     }
     ok = max(diffs.values(), default=0.0) <= METRIC_TOLERANCE and all(
         e["min_cosine"] >= MIN_COSINE for e in embeddings.values()

@@ -586,7 +586,7 @@ def _served_steps(run: Run, pa, repo: Path, ckpt: Path, catalog, skip: set[str],
 
 
 def _compare(run: Run, pa, server, baseline, repo: Path, inputs: dict, samples) -> serving_compare.Comparison:
-    inproc = serving_compare.InProcess(repo)
+    inproc = serving_compare.in_process(repo)
     models = list(run.mode.compare_models)
     return serving_compare.compare(
         pa,

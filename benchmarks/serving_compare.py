@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mim import contract, layout
+from mim import contract
+from mim.embedding import Embedder, OnnxEmbedder
+from mim.ranking import parity
 
 from . import perf
 from .common import markdown_table, ratio, write_json, write_rows_csv
@@ -35,88 +37,46 @@ from .knn_bench import time_side_by_side
 PARITY_MIN_COSINE = 0.999  # torch eager vs ONNX Runtime, both FP32 (text-embeddings-inference's FP16 gate)
 
 
-class InProcess:
-    """Our serving code without Triton: mim.serving.backends' preprocessing and ONNX Runtime encoders, built
-    from the served repository's files with the served thread count."""
+def in_process(repository: Path, threads: int | None = None) -> OnnxEmbedder:
+    """Our serving code without Triton: the served repository's preprocessing files and FP32 ONNX towers in
+    mim.serving.backends' runner, with the served thread count. One call is one forward pass (no batch split),
+    so a call at batch = concurrency measures what a server batching every request in flight could reach."""
+    return OnnxEmbedder.from_repository(repository, threads=threads, batch_size=None)
 
-    def __init__(self, repository: Path, threads: int | None = None):
-        from mim.serving.backends import ImagePreprocessor, OnnxEncoder, TextPreprocessor, read_preprocess
-        from mim.serving.repository import CPU_ENCODER_THREADS
 
-        threads = threads or CPU_ENCODER_THREADS
-        c = contract
-        image_cfg = read_preprocess(layout.version_dir(repository, c.PREPROCESS_IMAGE))
-        self.images = ImagePreprocessor(image_cfg)
-        self.texts = TextPreprocessor.from_dir(layout.version_dir(repository, c.PREPROCESS_TEXT))
-        s, t = image_cfg.image_size, self.texts.cfg.context_length
-        self.image_encoder = OnnxEncoder(
-            layout.version_dir(repository, c.IMAGE_ENCODER) / layout.ONNX_FP32,
-            c.MODELS[c.IMAGE_ENCODER],
-            {c.PIXEL_VALUES.name: (3, s, s)},
-            intra_op_threads=threads,
-        )
-        self.text_encoder = OnnxEncoder(
-            layout.version_dir(repository, c.TEXT_ENCODER) / layout.ONNX_FP32,
-            c.MODELS[c.TEXT_ENCODER],
-            {c.INPUT_IDS.name: (t,), c.ATTENTION_MASK.name: (t,)},
-            intra_op_threads=threads,
-        )
-
-    def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
-        pixels, errors = self.images.decode_batch(list(images))  # (N, 3, S, S)
-        bad = [e for e in errors if e]
-        if bad:
-            raise ValueError(f"in-process image preprocessing failed: {bad[0]}")
-        return self.image_encoder({contract.PIXEL_VALUES.name: pixels})  # (N, D)
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        ids, mask = self.texts.encode(list(texts))  # (N, T) each
-        return self.text_encoder({contract.INPUT_IDS.name: ids, contract.ATTENTION_MASK.name: mask})
-
-    def embed_multimodal(self, images: Sequence[bytes], texts: Sequence[str]) -> np.ndarray:
-        from mim.serving.backends import fuse
-
-        return fuse(self.embed_images(images), self.embed_texts(texts), contract.DEFAULT_IMAGE_WEIGHT)
-
-    def call(self, model: str, samples: Sequence[perf.Sample]) -> np.ndarray:
-        images, texts = [s.image for s in samples], [s.text for s in samples]
-        if model == contract.EMBED_IMAGE:
-            return self.embed_images(images)
-        if model == contract.EMBED_TEXT:
-            return self.embed_texts(texts)
-        if model == contract.EMBED_MULTIMODAL:
-            return self.embed_multimodal(images, texts)
-        raise ValueError(f"in-process path for {model!r} not defined; expected one of {list(perf.ENSEMBLES)}")
+def embed_samples(embedder: Embedder, model: str, samples: Sequence[perf.Sample]) -> np.ndarray:
+    """What ensemble `model` returns for `samples`, computed by any embedder (in-process or served)."""
+    images, texts = [s.image for s in samples], [s.text for s in samples]
+    if model == contract.EMBED_IMAGE:
+        return embedder.embed_images(images)
+    if model == contract.EMBED_TEXT:
+        return embedder.embed_texts(texts)
+    if model == contract.EMBED_MULTIMODAL:
+        return embedder.embed_multimodal(images, texts)
+    raise ValueError(f"no embedding call for {model!r}; expected one of {list(perf.ENSEMBLES)}")
 
 
 def served_embeddings(url: str, model: str, samples: Sequence[perf.Sample]) -> np.ndarray:
     from client.triton_client import EmbeddingClient
 
-    images, texts = [s.image for s in samples], [s.text for s in samples]
     with EmbeddingClient(url, timeout_s=60.0) as client:
-        if model == contract.EMBED_IMAGE:
-            return client.embed_images(images)
-        if model == contract.EMBED_TEXT:
-            return client.embed_texts(texts)
-        return client.embed_multimodal(images, texts)
+        return embed_samples(client, model, samples)
 
 
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return float(np.min(np.sum(a * b, axis=1)))
-
-
-def parity(
-    ours_url: str, baseline_url: str | None, inproc: InProcess, models: Sequence[str], samples: Sequence[perf.Sample]
+def parity_checks(
+    ours_url: str,
+    baseline_url: str | None,
+    inproc: Embedder,
+    models: Sequence[str],
+    samples: Sequence[perf.Sample],
 ) -> dict[str, dict[str, float]]:
     """Per model: min cosine of ours vs in-process and ours vs the PyTriton baseline on the same samples."""
     out = {}
     for model in models:
         ours = served_embeddings(ours_url, model, samples)
-        row = {"ours_vs_inprocess": min_cosine(ours, inproc.call(model, samples))}
+        row = {"ours_vs_inprocess": parity(ours, embed_samples(inproc, model, samples)).min_cosine}
         if baseline_url:
-            row["ours_vs_pytriton"] = min_cosine(ours, served_embeddings(baseline_url, model, samples))
+            row["ours_vs_pytriton"] = parity(ours, served_embeddings(baseline_url, model, samples)).min_cosine
         out[model] = row
     return out
 
@@ -131,7 +91,7 @@ class Comparison:
 
 
 def inprocess_timing(
-    inproc: InProcess,
+    inproc: Embedder,
     model: str,
     samples: Sequence[perf.Sample],
     batches: Sequence[int],
@@ -142,7 +102,7 @@ def inprocess_timing(
     fns: dict[str, Callable[[], object]] = {}
     for b in dict.fromkeys(batches):
         batch = [samples[i % len(samples)] for i in range(b)]
-        fns[str(b)] = lambda batch=batch: inproc.call(model, batch)
+        fns[str(b)] = lambda batch=batch: embed_samples(inproc, model, batch)
     secs = time_side_by_side(fns, min_time, min_reps)
     return {int(k): v for k, v in secs.items()}
 
@@ -151,7 +111,7 @@ def compare(
     pa: perf.PerfAnalyzer,
     ours_url: str,
     baseline_url: str | None,
-    inproc: InProcess,
+    inproc: Embedder,
     models: Sequence[str],
     input_files: dict[str, Path],
     samples: Sequence[perf.Sample],
@@ -165,7 +125,7 @@ def compare(
     """`rounds` > 1 repeats each (model, concurrency) pair in ABBA order (ours, pytriton, pytriton, ours, ...)
     so a load drift on the machine hits both sides alike; the table gives the mean and each round's ratio."""
     result = Comparison([], [], {}, {}, {})
-    result.parity = parity(ours_url, baseline_url, inproc, models, samples[:8])
+    result.parity = parity_checks(ours_url, baseline_url, inproc, models, samples[:8])
     for model, checks in result.parity.items():
         log(f"  parity {model}: " + ", ".join(f"{k} min cosine {v:.6f}" for k, v in checks.items()))
     for model in models:

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from mim import contract, layout
 from mim.catalog import load_catalog
-from mim.evaluate import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
 from mim.knn import KnnIndex
+from mim.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
 
 from .html import QueryBlock, render_page, write_page
 from .indexing import DEFAULT_SAVE_EVERY, build_index, catalog_items, manifest_items

@@ -9,37 +9,28 @@
 The two multimodal modes (docs/METHOD.md, "Multimodal search"):
 - fusion: one kNN on normalize(a * image + (1 - a) * text), the embedding the server's `embed_multimodal`
   ensemble computes (its `fuse` model);
-- refine: image kNN for the top N, re-ranked by cos(q, p) + b * cos(s, p) with `mim.evaluate.refine`, the same
+- refine: image kNN for the top N, re-ranked by cos(q, p) + b * cos(s, p) with `mim.ranking.refine`, the same
   function the offline evaluation uses.
 
-`client` is anything with `embed_images`, `embed_texts` and `embed_multimodal` (`EmbeddingClient`, or an
-in-process embedder for tests and offline use). Results carry the metadata the index was built with (title,
-category, image path).
+`client` is any `mim.embedding.Embedder`: `EmbeddingClient`, or an in-process embedder for tests and offline
+use. Results carry the metadata the index was built with (title, category, image path). Nothing here imports
+torch: the search path runs where only NumPy, the gRPC client and the index are installed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from mim import contract
-from mim.evaluate import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine
+from mim.embedding import Embedder
 from mim.knn import KnnIndex
+from mim.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine, refine_scores
 
 MODES = ("fusion", "refine")
-
-
-class Embeds(Protocol):
-    def embed_images(self, images: Sequence[bytes]) -> np.ndarray: ...
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
-
-    def embed_multimodal(
-        self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None
-    ) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -72,7 +63,7 @@ def results_from(index: KnnIndex, scores: np.ndarray, ids: np.ndarray) -> list[S
 
 
 class SearchService:
-    def __init__(self, client: Embeds, index: KnnIndex) -> None:
+    def __init__(self, client: Embedder, index: KnnIndex) -> None:
         self.client, self.index = client, index
         self._gallery: tuple[np.ndarray, np.ndarray] | None = None  # (ids, embeddings fp32) host copy for refine
 
@@ -123,7 +114,7 @@ class SearchService:
         text_weight: float = DEFAULT_REFINE_WEIGHT,
         top_n: int = REFINE_TOP_N,
     ) -> list[SearchResult]:
-        """Image kNN for `top_n` candidates from the index, re-ranked by `mim.evaluate.refine`."""
+        """Image kNN for `top_n` candidates from the index, re-ranked by `mim.ranking.refine`."""
         if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
             raise ValueError(f"top_n={top_n!r}; expected a positive int (candidates re-ranked by refine)")
         k = self._k(k)
@@ -133,13 +124,8 @@ class SearchService:
         cand_ids = np.sort(cand[0])
         sub = self._embeddings_of(cand_ids)  # (n, D)
         rows = refine(q_img, q_txt, sub, k, top_n=n, text_weight=text_weight)[0]  # (k,) rows of sub
-        # The score refine ranked by, reported with each result.
-        score = sub[rows] @ q_img[0] + text_weight * (sub[rows] @ q_txt[0])
+        score = refine_scores(q_img[:1], q_txt[:1], sub[rows][None], text_weight)[0]  # the score refine ranked by
         return results_from(self.index, score, cand_ids[rows])
-
-    def refresh(self) -> None:
-        """Drop the host copy of the gallery used by refine (done automatically when the index size changes)."""
-        self._gallery = None
 
     # --- internals ------------------------------------------------------------------------------------------------
     def _k(self, k: int) -> int:

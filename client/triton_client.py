@@ -12,8 +12,9 @@ retried, because every other failure (a bad image, a wrong tensor, a timeout) wo
 repeated blindly. Failures raise `ClientError`, whose message names the model, the tensor, what was sent and
 what was expected, and carries the server's own message verbatim.
 
-`AsyncEmbeddingClient` has the same methods as coroutines (tritonclient.grpc.aio) and runs the chunks of one
-call concurrently, at most `max_concurrency` in flight.
+`EmbeddingClient` is a `mim.embedding.Embedder`, like the in-process torch and ONNX embedders, so evaluation
+and search take it unchanged. `AsyncEmbeddingClient` has the same methods as coroutines (tritonclient.grpc.aio)
+and runs the chunks of one call concurrently, at most `max_concurrency` in flight.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
-from mim import contract
+from mim import contract, embedding
 
 DEFAULT_URL = "127.0.0.1:8001"
 ENSEMBLES = (contract.EMBED_IMAGE, contract.EMBED_TEXT, contract.EMBED_MULTIMODAL)
@@ -150,14 +151,14 @@ def _as_list(x: Sequence[Any] | bytes | str, what: str) -> list[Any]:
 
 
 def check_image_weight(image_weight: float | None) -> float:
-    w = contract.DEFAULT_IMAGE_WEIGHT if image_weight is None else image_weight
-    if isinstance(w, bool) or not isinstance(w, (int, float, np.floating)) or not 0.0 <= float(w) <= 1.0:
+    """The weight sent as the request parameter: the same check the in-process embedders make."""
+    try:
+        return embedding.check_image_weight(image_weight)
+    except ValueError as e:
         raise ClientError(
-            f"{contract.EMBED_MULTIMODAL}: image_weight={image_weight!r}; expected a number in [0, 1] "
-            f"(request parameter {contract.FUSION_WEIGHT_PARAM!r})",
+            f"{contract.EMBED_MULTIMODAL}: {e} (request parameter {contract.FUSION_WEIGHT_PARAM!r})",
             model=contract.EMBED_MULTIMODAL,
-        )
-    return float(w)
+        ) from None
 
 
 def plan_images(images: Sequence[bytes], max_batch: int) -> list[Chunk]:
@@ -292,7 +293,8 @@ def _validate_settings(timeout_s: float, retries: int, max_batch: int) -> None:
 
 # --- the synchronous client ------------------------------------------------------------------------------------
 class EmbeddingClient:
-    """Blocking client. `retries` is the number of extra attempts on UNAVAILABLE (0 = try once)."""
+    """Blocking client, the served implementation of `mim.embedding.Embedder`. `retries` is the number of extra
+    attempts on UNAVAILABLE (0 = try once)."""
 
     def __init__(
         self,

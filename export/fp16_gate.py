@@ -20,56 +20,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mim import contract
 from mim.catalog import Catalog, load_catalog
-from mim.checkpoint import Checkpoint, load_checkpoint
-from mim.evaluate import Embedder, embed_images, embed_texts, evaluate, torch_embedder
-from mim.preprocess import preprocess_image_bytes
-from mim.serving.backends import OnnxEncoder
+from mim.checkpoint import load_checkpoint
+from mim.embedding import OnnxEmbedder, TorchEmbedder
+from mim.evaluate import evaluate
+from mim.ranking import parity
 
 from .onnx_export import onnx_filename
 
 MIN_COSINE = 0.999
 MAX_RECALL_DROP = 0.005  # 0.5 points of Recall@10
-BATCH = contract.MAX_BATCH_SIZE
 
 
 class GateError(RuntimeError):
     pass
-
-
-def onnx_embedder(ck: Checkpoint, image_onnx: str | Path, text_onnx: str | Path) -> Embedder:
-    """An Embedder running the exported towers with the serving code's ONNX Runtime runner (CPU here; the FP16
-    graphs keep FP32 I/O), so the gate exercises what Triton's CPU models run."""
-
-    def encoder(path, name):
-        io = contract.MODELS[name]
-        return OnnxEncoder(path, io, {t.name: t.resolve_dims(ck.model_cfg) for t in io.inputs}, intra_op_threads=2)
-
-    img, txt = encoder(image_onnx, contract.IMAGE_ENCODER), encoder(text_onnx, contract.TEXT_ENCODER)
-
-    def images(data: Sequence[bytes]) -> np.ndarray:
-        out = [np.zeros((0, ck.model_cfg.embed_dim), np.float32)]
-        for i in range(0, len(data), BATCH):
-            px = np.stack([preprocess_image_bytes(b, ck.pre_cfg) for b in data[i : i + BATCH]])
-            out.append(img({contract.PIXEL_VALUES.name: px}))
-        return np.concatenate(out)
-
-    def texts(data: Sequence[str]) -> np.ndarray:
-        out = [np.zeros((0, ck.model_cfg.embed_dim), np.float32)]
-        for i in range(0, len(data), BATCH):
-            ids, mask = ck.tokenizer.encode_batch(list(data[i : i + BATCH]))
-            out.append(txt({contract.INPUT_IDS.name: ids, contract.ATTENTION_MASK.name: mask}))
-        return np.concatenate(out)
-
-    return Embedder(images, texts)
-
-
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return float(cos.min()) if len(cos) else 1.0
 
 
 def fp16_gate(ckpt_dir: str | Path, export_dir: str | Path, catalog: Catalog, split: str = "test") -> dict[str, Any]:
@@ -83,13 +48,15 @@ def fp16_gate(ckpt_dir: str | Path, export_dir: str | Path, catalog: Catalog, sp
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise GateError(f"FP16 ONNX missing: {missing}; export with FP16 on (python -m export.onnx_export)")
-    fp16 = onnx_embedder(ck, *paths)
+    # The serving code's ONNX Runtime runner (CPU here; the FP16 graphs keep FP32 I/O): what Triton's CPU models run.
+    fp16 = OnnxEmbedder.from_files(*paths, ck.model_cfg, ck.pre_cfg, ck.tokenizer)
+    fp32 = TorchEmbedder(ck)
     images = [catalog.read_bytes(p.image) for p in catalog.products_in(split)]
     images += [catalog.read_bytes(q.image) for q in catalog.queries_in(split)]
     texts = [p.title for p in catalog.products_in(split)]
-    cos_img = _min_cosine(fp16.images(images), embed_images(ck, images))
-    cos_txt = _min_cosine(fp16.texts(texts), embed_texts(ck, texts))
-    r32 = evaluate(torch_embedder(ck), catalog, split)["image R@10"]
+    cos_img = parity(fp16.embed_images(images), fp32.embed_images(images)).min_cosine
+    cos_txt = parity(fp16.embed_texts(texts), fp32.embed_texts(texts)).min_cosine
+    r32 = evaluate(fp32, catalog, split)["image R@10"]
     r16 = evaluate(fp16, catalog, split)["image R@10"]
     report = {
         "split": split,

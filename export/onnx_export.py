@@ -40,6 +40,7 @@ from mim import contract, layout
 from mim.atomic import atomic_write_bytes
 from mim.checkpoint import TOKENIZER, load_checkpoint
 from mim.config import ModelConfig, dumps
+from mim.ranking import parity
 
 from .fp16 import convert_to_fp16
 from .surgery import DEFAULT_PASSES, count_nodes, run_passes
@@ -177,33 +178,31 @@ def check_parity(
     """Run the ONNX model (ONNX Runtime, CPU) and the FP32 torch module on the same inputs; compare each output
     row by cosine similarity. Raises `ParityError` if any row is below `min_cosine`.
 
-    Returns `{"batch", "min_cosine", "max_abs_err", "min_cosine_gate"}`.
+    Returns `{"batch", "min_cosine", "max_abs_diff", "min_cosine_gate"}` (`mim.ranking.parity`).
     """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    got = sess.run(None, dict(inputs))[0].astype(np.float64)
+    got = sess.run(None, dict(inputs))[0]
     with torch.no_grad():
-        ref = torch_module.float()(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
-    ref = ref.double().numpy()
+        ref = torch_module.float()(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}).numpy()
     if got.shape != ref.shape:
         raise ParityError(f"{onnx_path}: output shape {got.shape}; torch gives {ref.shape}")
     if not np.all(np.isfinite(got)):
         raise ParityError(f"{onnx_path}: output has non-finite values (NaN/inf); FP16 overflow in a normalisation?")
-    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-30)  # (B,)
+    p = parity(got, ref)
     result = {
-        "batch": int(got.shape[0]),
-        "min_cosine": float(cos.min()),
-        "max_abs_err": float(np.abs(got - ref).max()),
+        "batch": p.rows,
+        "min_cosine": p.min_cosine,
+        "max_abs_diff": p.max_abs_diff,
         "min_cosine_gate": min_cosine,
     }
-    if result["min_cosine"] < min_cosine:
-        worst = int(cos.argmin())
+    if p.min_cosine < min_cosine:
         raise ParityError(
-            f"{Path(onnx_path).name}: row {worst} of batch {result['batch']} has cosine {result['min_cosine']:.6f} to "
-            f"the FP32 torch output; expected >= {min_cosine} (max abs err {result['max_abs_err']:.3g}). The "
+            f"{Path(onnx_path).name}: row {p.worst_row} of batch {p.rows} has cosine {p.min_cosine:.6f} to "
+            f"the FP32 torch output; expected >= {min_cosine} (max abs diff {p.max_abs_diff:.3g}). The "
             "exported graph is not the torch function: check the surgery passes / FP16 exclusions"
         )
     return result
@@ -216,7 +215,7 @@ def _parity_all(path: Path, tower: Tower, model_cfg: ModelConfig, min_cosine: fl
     ]
     return {
         "min_cosine": min(r["min_cosine"] for r in rows),
-        "max_abs_err": max(r["max_abs_err"] for r in rows),
+        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
         "min_cosine_gate": min_cosine,
         "batches": rows,
     }
@@ -315,10 +314,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         line = f"{name}: {t['file']} ({t['nodes_exported']} -> {t['nodes']} nodes)"
         if "parity_fp32" in t:
             p = t["parity_fp32"]
-            line += f", FP32 cosine {p['min_cosine']:.7f} max|err| {p['max_abs_err']:.2e}"
+            line += f", FP32 cosine {p['min_cosine']:.7f} max|diff| {p['max_abs_diff']:.2e}"
         if "parity_fp16" in t:
             p = t["parity_fp16"]
-            line += f", FP16 cosine {p['min_cosine']:.5f} max|err| {p['max_abs_err']:.2e}"
+            line += f", FP16 cosine {p['min_cosine']:.5f} max|diff| {p['max_abs_diff']:.2e}"
         lines.append(line)
     return lines
 

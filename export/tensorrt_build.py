@@ -24,11 +24,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mim import contract, layout
 from mim.config import ModelConfig, dumps
 from mim.layout import PLAN_META_SUFFIX
+from mim.ranking import parity
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +405,7 @@ def engine_parity(
     rows = []
     for b in batches:
         feeds = random_inputs(io, model_cfg, b, seed=100 + b)
-        ref = sess.run([out_name], feeds)[0].astype(np.float64)
+        ref = sess.run([out_name], feeds)[0]
         keep = []  # device tensors must outlive the launch
         for name, arr in feeds.items():
             t = torch.from_numpy(arr).cuda().contiguous()
@@ -421,9 +420,8 @@ def engine_parity(
         if not context.execute_async_v3(stream.cuda_stream):
             raise TensorRTError(f"{plan_path}: execute_async_v3 failed at batch {b}")
         stream.synchronize()
-        got = out.double().cpu().numpy()
-        cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-30)
-        rows.append({"batch": b, "min_cosine": float(cos.min()), "max_abs_err": float(np.abs(got - ref).max())})
+        p = parity(out.float().cpu().numpy(), ref)
+        rows.append({"batch": b, "min_cosine": p.min_cosine, "max_abs_diff": p.max_abs_diff})
     result = {"min_cosine": min(r["min_cosine"] for r in rows), "batches": rows, "min_cosine_gate": min_cosine}
     if result["min_cosine"] < min_cosine:
         raise ParityError(

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .catalog import load_catalog
 from .checkpoint import load_checkpoint
-from .evaluate import evaluate, torch_embedder, write_results
+from .embedding import TorchEmbedder
+from .evaluate import evaluate, write_results
 from .synth import ensure_catalog
 from .train import train
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             init_from=str(Path(args.checkpoints) / init) if init else None,
         )
         timings[name] = time.time() - t0
-        rows[name] = evaluate(torch_embedder(load_checkpoint(out)), catalog, "test")
+        rows[name] = evaluate(TorchEmbedder(load_checkpoint(out)), catalog, "test")
         print(
             f"{name}: image R@1 {rows[name]['image R@1']:.3f}, catP@10 {rows[name]['image catP@10']:.3f}, "
             f"mm-fusion R@1 {rows[name].get('mm-fusion R@1', float('nan')):.3f}",

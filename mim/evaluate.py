@@ -14,25 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .atomic import atomic_write_text
 from .catalog import Catalog, load_catalog
-from .checkpoint import Checkpoint, load_checkpoint
-from .preprocess import preprocess_image_bytes
+from .embedding import Embedder
+from .ranking import fuse, refine, top_k
 
 KS = (1, 5, 10)
-DEFAULT_FUSION_WEIGHT = 0.5  # a: weight of the image embedding in fusion
-DEFAULT_REFINE_WEIGHT = 1.0  # b: weight of the text similarity in refine
-REFINE_TOP_N = 50
 
 
-# --- metrics (pure NumPy, unit-tested on hand-made rankings) --------------------------------------------------
+# --- metrics (pure NumPy, unit-tested on hand-made rankings; the ranking itself is mim.ranking's) ------------
 def recall_at_k(ranked: np.ndarray, target: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
     """Share of queries whose target is in the top k.
 
@@ -54,77 +49,15 @@ def category_precision_at_k(ranked_categories: np.ndarray, query_categories: np.
     return float((rc[:, :k] == qc[:, None]).mean())
 
 
-def top_k(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
-    """Exact inner-product top-k row indices (Q, k), ties broken by lower index."""
-    scores = queries @ gallery.T
-    order = np.lexsort((np.broadcast_to(np.arange(gallery.shape[0]), scores.shape), -scores), axis=-1)
-    return order[:, :k]
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def fuse(image: np.ndarray, text: np.ndarray, image_weight: float = DEFAULT_FUSION_WEIGHT) -> np.ndarray:
-    return normalize(image_weight * image + (1.0 - image_weight) * text)
-
-
-def refine(
-    q_img: np.ndarray,
-    q_txt: np.ndarray,
-    gallery: np.ndarray,
-    k: int,
-    top_n: int = REFINE_TOP_N,
-    text_weight: float = DEFAULT_REFINE_WEIGHT,
-) -> np.ndarray:
-    """Image kNN for top_n candidates, re-ranked by cos(q, p) + b * cos(s, p); returns (Q, k) gallery rows."""
-    cand = top_k(q_img, gallery, min(top_n, len(gallery)))  # (Q, N)
-    g = gallery[cand]  # (Q, N, D)
-    score = np.einsum("qd,qnd->qn", q_img, g) + text_weight * np.einsum("qd,qnd->qn", q_txt, g)
-    order = np.lexsort((cand, -score), axis=-1)[:, :k]
-    return np.take_along_axis(cand, order, axis=1)
-
-
-# --- embedding with the in-process torch model ----------------------------------------------------------------
-@torch.inference_mode()
-def embed_images(ck: Checkpoint, images: Sequence[bytes], batch: int = 256) -> np.ndarray:
-    out = []
-    for i in range(0, len(images), batch):
-        px = np.stack([preprocess_image_bytes(b, ck.pre_cfg) for b in images[i : i + batch]])
-        out.append(ck.model.encode_image(torch.from_numpy(px)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, ck.model_cfg.embed_dim), np.float32)
-
-
-@torch.inference_mode()
-def embed_texts(ck: Checkpoint, texts: Sequence[str], batch: int = 512) -> np.ndarray:
-    out = []
-    for i in range(0, len(texts), batch):
-        ids, mask = ck.tokenizer.encode_batch(list(texts[i : i + batch]))
-        out.append(ck.model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, ck.model_cfg.embed_dim), np.float32)
-
-
-@dataclass
-class Embedder:
-    """Anything that turns image bytes and texts into embeddings: the in-process model or the served one."""
-
-    images: Callable[[Sequence[bytes]], np.ndarray]
-    texts: Callable[[Sequence[str]], np.ndarray]
-
-
-def torch_embedder(ck: Checkpoint) -> Embedder:
-    return Embedder(lambda b: embed_images(ck, b), lambda t: embed_texts(ck, t))
-
-
 def evaluate(embedder: Embedder, catalog: Catalog, split: str = "test") -> dict[str, float]:
+    """Every metric of the module docstring for one embedder (in-process, ONNX or served) on a catalog split."""
     products = catalog.products_in(split)
     queries = catalog.queries_in(split)
     refs = catalog.reformulations_in(split)
     pid = np.array([p.product_id for p in products])
-    {p: i for i, p in enumerate(pid)}
     pcat = np.array([p.category for p in products])
-    gallery = embedder.images([catalog.read_bytes(p.image) for p in products])
-    qimg = embedder.images([catalog.read_bytes(q.image) for q in queries])
+    gallery = embedder.embed_images([catalog.read_bytes(p.image) for p in products])
+    qimg = embedder.embed_images([catalog.read_bytes(q.image) for q in queries])
     kmax = min(max(KS), len(products))  # a gallery smaller than 10 caps every k at its size
     ranked = top_k(qimg, gallery, kmax)
     q_target = np.array([q.product_id for q in queries])
@@ -132,12 +65,12 @@ def evaluate(embedder: Embedder, catalog: Catalog, split: str = "test") -> dict[
     qcat = np.array([catalog.product(q.product_id).category for q in queries])
     metrics["image catP@10"] = category_precision_at_k(pcat[ranked], qcat, kmax)
     # Text-to-product retrieval with the titles' own words: a sanity check of the alignment.
-    title_emb = embedder.texts([p.title for p in products])
+    title_emb = embedder.embed_texts([p.title for p in products])
     metrics.update({f"title {k}": v for k, v in recall_at_k(pid[top_k(title_emb, gallery, kmax)], pid).items()})
     if refs:
         qi = {q.query_id: i for i, q in enumerate(queries)}
         ref_img = np.stack([qimg[qi[r.query_id]] for r in refs])
-        ref_txt = embedder.texts([r.text for r in refs])
+        ref_txt = embedder.embed_texts([r.text for r in refs])
         target = np.array([r.target_product_id for r in refs])
         fused = fuse(ref_img, ref_txt)
         metrics.update({f"mm-fusion {k}": v for k, v in recall_at_k(pid[top_k(fused, gallery, kmax)], target).items()})
@@ -190,12 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="test", choices=["train", "val", "test"])
     ap.add_argument("--out", help="write OUT.md and OUT.json")
     args = ap.parse_args(argv)
+    from .checkpoint import load_checkpoint  # torch: only the CLI needs it, the metrics above do not
+    from .embedding import TorchEmbedder
+
     catalog = load_catalog(args.catalog)
     rows = {}
     for spec in args.checkpoint:
         name, _, path = spec.rpartition("=")
         ck = load_checkpoint(path)
-        rows[name or Path(path).name] = evaluate(torch_embedder(ck), catalog, args.split)
+        rows[name or Path(path).name] = evaluate(TorchEmbedder(ck), catalog, args.split)
     table = markdown_table(rows)
     print(table)
     if args.out:

@@ -30,7 +30,8 @@ from client.search import SearchResult, SearchService
 from client.triton_client import EmbeddingClient
 from mim.catalog import Catalog
 from mim.checkpoint import Checkpoint, load_checkpoint
-from mim.evaluate import Embedder, evaluate, torch_embedder
+from mim.embedding import TorchEmbedder
+from mim.evaluate import evaluate
 from mim.knn import KnnIndex
 from mim.serving.repository import prepare_repository
 from mim.serving.server import TritonServer
@@ -247,8 +248,8 @@ def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_tim
                 )
 
             step("quality: served path vs in-process torch on the test queries")
-            served = evaluate(Embedder(client.embed_images, client.embed_texts), catalog, "test")
-        local = evaluate(torch_embedder(ck), catalog, "test")
+            served = evaluate(client, catalog, "test")
+        local = evaluate(TorchEmbedder(ck), catalog, "test")
     print(quality_table(served, local))
     print(
         f"    served image Recall@1 {served['image R@1']:.3f} / Recall@10 {served['image R@10']:.3f} vs in-process "

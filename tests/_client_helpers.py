@@ -1,17 +1,13 @@
-"""Helpers for the client/search tests: an in-process twin of the embedding client (the reference the served
-path is compared with), a small catalog, and a ranking comparison that tolerates float-level ties."""
+"""Helpers for the client/search tests: a small catalog and a ranking comparison that tolerates float-level
+ties. The in-process reference the served path is compared with is `mim.embedding.TorchEmbedder`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mim import contract
 from mim.catalog import Catalog
-from mim.checkpoint import Checkpoint
-from mim.evaluate import embed_images, embed_texts, fuse
 from mim.synth import ensure_catalog
 
 # 4 categories x 3 patterns x 3 colours = 36 products, 64 px: generated in a few seconds.
@@ -26,29 +22,6 @@ SMALL_CATALOG = {
 
 def small_catalog(root: Path) -> Catalog:
     return ensure_catalog(root, progress=False, **SMALL_CATALOG)
-
-
-class TorchEmbeddings:
-    """The in-process model behind the same methods as `EmbeddingClient` (fusion by mim.evaluate.fuse)."""
-
-    def __init__(self, ck: Checkpoint) -> None:
-        self.ck = ck
-
-    def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
-        return embed_images(self.ck, list(images))
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return embed_texts(self.ck, list(texts))
-
-    def embed_multimodal(
-        self, images: Sequence[bytes], texts: Sequence[str], image_weight: float | None = None
-    ) -> np.ndarray:
-        w = contract.DEFAULT_IMAGE_WEIGHT if image_weight is None else image_weight
-        return fuse(self.embed_images(images), self.embed_texts(texts), w)
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def assert_same_ranking(got, want, tol: float = 1e-4) -> None:

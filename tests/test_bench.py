@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from benchmarks import perf, serving_compare
-from benchmarks.quality import Recorder, embedding_diff
+from benchmarks.quality import Recorder
 from mim import contract
+from mim.ranking import parity
 
 # --- captured perf_analyzer 2.50 output (bundled tritonserver 2.51, cpu config, 2 cores) ---------------------
 ENSEMBLE_STDOUT = """\
@@ -277,15 +278,15 @@ def test_comparison_ratios_are_ours_over_the_other():
     assert missing["throughput_ours_over_pytriton"] is None
 
 
-def test_recorder_and_embedding_diff():
+def test_recorder_and_parity():
     rec = Recorder(lambda xs: np.ones((len(xs), 2)))
     rec([1, 2]), rec([3])
     assert rec.all().shape == (3, 2)
     a = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
-    d = embedding_diff(a, a + np.array([[0.0, 1e-3], [0.0, 0.0]], np.float32))
+    d = parity(a, a + np.array([[0.0, 1e-3], [0.0, 0.0]], np.float32)).as_dict()
     assert d["rows"] == 2 and d["min_cosine"] < 1.0 and d["max_abs_diff"] == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="differ in shape"):
-        embedding_diff(a, a[:1])
+        parity(a, a[:1])
 
 
 # --- the real tool -----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from _client_helpers import TorchEmbeddings, cosines, small_catalog
+from _client_helpers import small_catalog
 from tritonclient.utils import InferenceServerException
 
 from client.triton_client import (
@@ -22,6 +22,8 @@ from client.triton_client import (
 )
 from mim import contract
 from mim.checkpoint import load_checkpoint
+from mim.embedding import Embedder, OnnxEmbedder, TorchEmbedder
+from mim.ranking import parity
 from mim.serving.server import free_port
 
 FAST = Backoff(base_s=0.01, cap_s=0.05)
@@ -41,8 +43,8 @@ def images(catalog) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def torch_ref(tiny_checkpoint) -> TorchEmbeddings:
-    return TorchEmbeddings(load_checkpoint(tiny_checkpoint))
+def torch_ref(tiny_checkpoint) -> TorchEmbedder:
+    return TorchEmbedder(load_checkpoint(tiny_checkpoint))
 
 
 @pytest.fixture()
@@ -57,14 +59,38 @@ def test_embeddings_match_torch(client, torch_ref, images, catalog):
     texts = [p.title for p in catalog.products[:6]] + ["zebra mug", "in red", "ünïcödé ✓"]
     got_i, want_i = client.embed_images(images), torch_ref.embed_images(images)
     assert got_i.dtype == np.float32 and got_i.shape == want_i.shape == (len(images), client.embed_dim())
-    assert cosines(got_i, want_i).min() >= 0.999
+    assert parity(got_i, want_i).min_cosine >= 0.999
     np.testing.assert_allclose(np.linalg.norm(got_i, axis=1), 1.0, atol=1e-5)
-    assert cosines(client.embed_texts(texts), torch_ref.embed_texts(texts)).min() >= 0.999
+    assert parity(client.embed_texts(texts), torch_ref.embed_texts(texts)).min_cosine >= 0.999
     for w in (None, 0.2):  # the server's fuse with the default and with a request parameter
         got = client.embed_multimodal(images[:4], texts[:4], image_weight=w)
-        assert cosines(got, torch_ref.embed_multimodal(images[:4], texts[:4], image_weight=w)).min() >= 0.999
+        assert parity(got, torch_ref.embed_multimodal(images[:4], texts[:4], image_weight=w)).min_cosine >= 0.999
     # Weight 1 and 0 reduce fusion to one modality: proves the parameter reaches the server's fuse model.
     np.testing.assert_allclose(client.embed_multimodal(images[:2], texts[:2], image_weight=1.0), got_i[:2], atol=1e-5)
+
+
+@pytest.mark.server
+def test_every_embedder_implements_the_interface_and_agrees(client, torch_ref, served_repository, images, catalog):
+    """Served (gRPC), in-process ONNX (the served repository's files in the serving code's runner) and in-process
+    torch: one interface, the same embeddings, the same answer to a bad fusion weight."""
+    onnx = OnnxEmbedder.from_repository(served_repository)
+    texts = [p.title for p in catalog.products[:6]] + ["zebra mug", "in red", "ünïcödé ✓"]
+    embedders = {"served": client, "onnx": onnx, "torch": torch_ref}
+    assert all(isinstance(e, Embedder) for e in embedders.values())
+    out = {
+        name: (e.embed_images(images), e.embed_texts(texts), e.embed_multimodal(images[:4], texts[:4], 0.3))
+        for name, e in embedders.items()
+    }
+    for name in ("onnx", "torch"):
+        for got, want in zip(out["served"], out[name]):
+            assert got.dtype == want.dtype == np.float32
+            p = parity(got, want)
+            # The served path and the in-process ONNX path run the same graph in the same runtime.
+            assert p.min_cosine >= (0.99999 if name == "onnx" else 0.999), (name, p)
+    for name, e in embedders.items():
+        assert e.embed_images([]).shape == (0, client.embed_dim()), name
+        with pytest.raises((ValueError, ClientError), match=r"image_weight=1.5; expected a number in \[0, 1\]"):
+            e.embed_multimodal(images[:1], texts[:1], image_weight=1.5)
 
 
 @pytest.mark.server

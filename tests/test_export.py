@@ -157,7 +157,7 @@ def test_export_reports_parity_at_batch_1_and_7(exported):
         t = report["towers"][tower]
         assert [b["batch"] for b in t["parity_fp32"]["batches"]] == [1, 7]
         assert t["parity_fp32"]["min_cosine"] >= FP32_MIN_COSINE
-        assert t["parity_fp32"]["max_abs_err"] < 1e-5
+        assert t["parity_fp32"]["max_abs_diff"] < 1e-5
         assert t["parity_fp16"]["min_cosine"] >= FP16_MIN_COSINE
 
 
@@ -172,7 +172,7 @@ def test_onnx_runtime_matches_torch(exported, ckpt, tower, batch):
     )
     assert fp32["batch"] == fp16["batch"] == batch
     assert fp32["min_cosine"] >= FP32_MIN_COSINE and fp16["min_cosine"] >= FP16_MIN_COSINE
-    assert fp32["max_abs_err"] <= fp16["max_abs_err"]
+    assert fp32["max_abs_diff"] <= fp16["max_abs_diff"]
 
 
 def test_random_inputs_are_never_degenerate(ckpt):

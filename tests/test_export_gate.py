@@ -40,13 +40,12 @@ def test_gate_refuses_towers_that_drift(tiny_checkpoint, catalog, tmp_path, monk
     engines_main(
         ["--checkpoint", str(tiny_checkpoint), "--repository", str(tmp_path / "r"), "--export-dir", str(export_dir)]
     )
-    real = G.onnx_embedder
+    real = G.OnnxEmbedder.embed_images
 
-    def drifting(*a, **kw):  # FP16 towers whose image embeddings are off by a rotation-like perturbation
-        e = real(*a, **kw)
-        return G.Embedder(lambda b: e.images(b)[:, ::-1].copy(), e.texts)
+    def drifting(self, images):  # FP16 towers whose image embeddings are off by a rotation-like perturbation
+        return real(self, images)[:, ::-1].copy()
 
-    monkeypatch.setattr(G, "onnx_embedder", drifting)
+    monkeypatch.setattr(G.OnnxEmbedder, "embed_images", drifting)
     with pytest.raises(G.GateError, match=r"fail the cosine gate on the test split: images"):
         G.fp16_gate(tiny_checkpoint, export_dir, catalog)
 

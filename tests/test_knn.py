@@ -1,4 +1,4 @@
-"""mim.knn against a float64 NumPy full sort with a stable id tie-break.
+"""mim.knn against the reference top-k (mim.ranking.exact_top_k: a float64 full sort, ties by ascending id).
 
 Two kinds of data:
 * "quantised": rows with four entries of +-0.5 and zeros elsewhere. They are exactly unit norm, every inner
@@ -21,6 +21,7 @@ import pytest
 
 from mim import knn
 from mim.knn import TOPK_METHODS, KnnIndex, cuda_unavailable_reason
+from mim.ranking import exact_top_k
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -58,19 +59,19 @@ def gaussian_unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 
 def reference_topk(gallery, ids, queries, k, allowed=None):
-    """float64 full sort; equal scores by ascending id; fewer than k allowed items -> pad with -1 / -inf."""
+    """mim.ranking.exact_top_k (the project's one reference top-k) in float64 over the rows sorted by id, so
+    equal scores come in ascending id; fewer than k allowed items -> pad with -1 / -inf, as KnnIndex does."""
     ids = np.asarray(ids)
     by_id = np.argsort(ids, kind="stable")
     if allowed is not None:
         by_id = by_id[np.asarray(allowed)[by_id]]
     g, gid = np.asarray(gallery, np.float64)[by_id], ids[by_id]
-    s = np.asarray(queries, np.float64) @ g.T  # (Q, M), columns in ascending id order
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]  # stable: ties keep ascending id
-    m = order.shape[1]
     scores = np.full((len(queries), k), -np.inf)
     out_ids = np.full((len(queries), k), -1, dtype=np.int64)
-    scores[:, :m] = np.take_along_axis(s, order, axis=1)
-    out_ids[:, :m] = gid[order]
+    if len(gid):
+        s, rows = exact_top_k(np.asarray(queries, np.float64), g, k)  # (Q, min(k, M))
+        scores[:, : rows.shape[1]] = s
+        out_ids[:, : rows.shape[1]] = gid[rows]
     return scores, out_ids
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mim.evaluate import category_precision_at_k, fuse, markdown_table, recall_at_k, refine, top_k
+from mim.evaluate import category_precision_at_k, markdown_table, recall_at_k
+from mim.ranking import fuse, refine, top_k
 
 
 def test_recall_at_k_on_a_hand_made_ranking():

@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from _client_helpers import TorchEmbeddings, assert_same_ranking, small_catalog
+from _client_helpers import assert_same_ranking, small_catalog
 
 from client import cli
 from client.indexing import GalleryItem, build_index, catalog_items, manifest_items
 from client.search import SearchService
 from client.triton_client import EmbeddingClient
 from mim.checkpoint import load_checkpoint
+from mim.embedding import TorchEmbedder
 from mim.knn import KnnIndex
 from mim.layout import model_id_of_checkpoint
 
@@ -43,7 +44,7 @@ def served_index(client, catalog, model_id, tmp_path_factory) -> KnnIndex:
 
 @pytest.mark.server
 def test_search_through_server_equals_in_process(client, served_index, catalog, tiny_checkpoint, model_id, tmp_path):
-    local = TorchEmbeddings(load_checkpoint(tiny_checkpoint))
+    local = TorchEmbedder(load_checkpoint(tiny_checkpoint))
     local_index = build_index(
         local.embed_images,
         catalog_items(catalog, "all"),

@@ -14,15 +14,14 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
 from mim.checkpoint import load_checkpoint
-from mim.model import l2_normalize
-from mim.preprocess import decode_text, preprocess_image_bytes
+from mim.embedding import TorchEmbedder
+from mim.ranking import parity
 from mim.serving.repository import DEFAULT_REPOSITORY
 from mim.serving.server import TritonServer, TritonServerError
 
@@ -81,35 +80,16 @@ def embed(client, model: str, *, images=None, texts=None, params=None) -> np.nda
     return result.as_numpy(contract.EMBEDDING.name)
 
 
-# --- the in-process reference ------------------------------------------------------------------------------
-class Reference:
-    def __init__(self, ckpt):
-        self.ckpt = ckpt
-
-    @torch.no_grad()
-    def image(self, images) -> torch.Tensor:
-        pixels = np.stack([preprocess_image_bytes(b, self.ckpt.pre_cfg) for b in images])
-        return self.ckpt.model.encode_image(torch.from_numpy(pixels))
-
-    @torch.no_grad()
-    def text(self, texts) -> torch.Tensor:
-        ids, mask = self.ckpt.tokenizer.encode_batch([decode_text(t, self.ckpt.pre_cfg) for t in texts])
-        return self.ckpt.model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
-
-    def multimodal(self, images, texts, w: float = contract.DEFAULT_IMAGE_WEIGHT) -> torch.Tensor:
-        return l2_normalize(w * self.image(images) + (1 - w) * self.text(texts))
-
-
+# --- the in-process reference: the torch model behind the same embedder interface ----------------------------
 @pytest.fixture(scope="module")
-def ref(tiny_checkpoint) -> Reference:
-    return Reference(load_checkpoint(tiny_checkpoint))
+def ref(tiny_checkpoint) -> TorchEmbedder:
+    return TorchEmbedder(load_checkpoint(tiny_checkpoint))
 
 
 def assert_close(got: np.ndarray, want, min_cosine: float = MIN_COSINE) -> None:
-    want = np.asarray(want, dtype=np.float32)
     assert got.shape == want.shape
-    cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
-    assert cos.min() >= min_cosine, cos
+    p = parity(got, want)
+    assert p.min_cosine >= min_cosine, p
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
 
 
@@ -155,9 +135,11 @@ def _v6(raw: bytes) -> str:
 # --- parity with the torch towers --------------------------------------------------------------------------
 def test_every_ensemble_matches_the_torch_model(triton_client, ref):
     images = [photo(0), photo(1, (50, 120), "PNG"), photo(2, (300, 200), "WEBP"), photo(3)]
-    assert_close(embed(triton_client, "embed_image", images=images), ref.image(images))
-    assert_close(embed(triton_client, "embed_text", texts=TEXTS), ref.text(TEXTS))
-    assert_close(embed(triton_client, "embed_multimodal", images=images, texts=TEXTS), ref.multimodal(images, TEXTS))
+    assert_close(embed(triton_client, "embed_image", images=images), ref.embed_images(images))
+    assert_close(embed(triton_client, "embed_text", texts=TEXTS), ref.embed_texts(TEXTS))
+    assert_close(
+        embed(triton_client, "embed_multimodal", images=images, texts=TEXTS), ref.embed_multimodal(images, TEXTS)
+    )
 
 
 def test_a_batch_equals_single_calls(triton_client):
@@ -185,14 +167,14 @@ def test_multimodal_equals_fusing_the_single_modality_embeddings(triton_client, 
     txt = embed(triton_client, "embed_text", texts=texts)
     fused = (w * img + (1 - w) * txt) / np.linalg.norm(w * img + (1 - w) * txt, axis=1, keepdims=True)
     np.testing.assert_allclose(got, fused, atol=1e-5)
-    assert_close(got, ref.multimodal(images, texts, w))
+    assert_close(got, ref.embed_multimodal(images, texts, image_weight=w))
 
 
 def test_text_over_the_context_length_is_truncated_not_refused(triton_client, ref):
     long = "red polka-dot cotton shirt " * 300  # ~8 KB, hundreds of tokens for a 16-token context
     got = embed(triton_client, "embed_text", texts=[long])
-    assert_close(got, ref.text([long]))
-    assert_close(got, ref.text(["red polka-dot cotton shirt " * 4]))  # the same first 14 tokens
+    assert_close(got, ref.embed_texts([long]))
+    assert_close(got, ref.embed_texts(["red polka-dot cotton shirt " * 4]))  # the same first 14 tokens
 
 
 # --- bad inputs --------------------------------------------------------------------------------------------
@@ -288,14 +270,14 @@ def test_bad_input_gets_an_error_that_says_what_was_wrong(triton_server, triton_
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     # ... and the server keeps answering correctly.
     assert triton_server.is_running()
-    assert_close(embed(triton_client, "embed_image", images=[photo(7)]), ref.image([photo(7)]))
+    assert_close(embed(triton_client, "embed_image", images=[photo(7)]), ref.embed_images([photo(7)]))
 
 
 def test_bad_requests_batched_with_good_ones_fail_alone(triton_client, ref):
     n = 24
     images = [b"junk %d" % i if i % 4 == 1 else photo(100 + i) for i in range(n)]
     good = [i for i in range(n) if i % 4 != 1]
-    want = ref.image([images[i] for i in good])
+    want = ref.embed_images([images[i] for i in good])
     # Whether Triton folds the burst into shared executions depends on timing; a burst that ran one request per
     # execution proves nothing about mixed batches, so send it again (at most 3 bursts).
     for _attempt in range(3):

@@ -18,6 +18,7 @@ from mim import contract
 from mim.checkpoint import load_checkpoint
 from mim.config import get_size
 from mim.preprocess import InputError, preprocess_image_bytes
+from mim.ranking import fuse, l2_normalize, parity
 from mim.serving import backends as B
 from mim.serving import python_backend
 from mim.serving.repository import build_configs
@@ -51,10 +52,6 @@ def reference(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def repo(served_repository) -> Path:
     return served_repository
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 # --- images ------------------------------------------------------------------------------------------------
@@ -141,7 +138,7 @@ def test_onnx_encoders_match_torch_and_batch_equals_single(reference, image_hand
         want = reference.model.encode_image(torch.from_numpy(pixels)).numpy()
     responses = image_handler([B.Request({"pixel_values": pixels[:3]}), B.Request({"pixel_values": pixels[3:]})])
     batched = np.concatenate([r.outputs["image_embeds"] for r in responses])
-    assert cosine(batched, want).min() >= 0.9999
+    assert parity(batched, want).min_cosine >= 0.9999
     singles = [image_handler([B.Request({"pixel_values": p[None]})])[0].outputs["image_embeds"] for p in pixels]
     np.testing.assert_allclose(batched, np.concatenate(singles), atol=1e-5)
 
@@ -149,7 +146,7 @@ def test_onnx_encoders_match_torch_and_batch_equals_single(reference, image_hand
     with torch.no_grad():
         want_t = reference.model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     (got,) = text_handler([B.Request({"input_ids": ids, "attention_mask": mask})])
-    assert cosine(got.outputs["text_embeds"], want_t).min() >= 0.9999
+    assert parity(got.outputs["text_embeds"], want_t).min_cosine >= 0.9999
 
 
 def test_encoder_refuses_rows_that_would_poison_the_batch(reference, image_handler, text_handler):
@@ -197,18 +194,9 @@ def test_preprocess_load_errors_say_what_to_do(repo, tmp_path):
         B.make_handler(contract.PREPROCESS_TEXT, repo / "preprocess_text" / "1", cfg)
 
 
-# --- fusion ------------------------------------------------------------------------------------------------
+# --- fusion (the arithmetic itself: tests/test_ranking.py) ----------------------------------------------------
 def unit_rows(n: int, seed: int) -> np.ndarray:
-    return B.l2_normalize(np.random.default_rng(seed).standard_normal((n, 128)).astype(np.float32))
-
-
-def test_fuse_math():
-    img, txt = unit_rows(3, 0), unit_rows(3, 1)
-    np.testing.assert_allclose(B.fuse(img, txt, 1.0), img, atol=1e-6)
-    np.testing.assert_allclose(B.fuse(img, txt, 0.0), txt, atol=1e-6)
-    mixed = 0.3 * img + 0.7 * txt
-    np.testing.assert_allclose(B.fuse(img, txt, 0.3), mixed / np.linalg.norm(mixed, axis=1, keepdims=True), atol=1e-6)
-    assert np.isfinite(B.fuse(img, -img, 0.5)).all()  # opposite vectors: a zero row stays finite
+    return l2_normalize(np.random.default_rng(seed).standard_normal((n, 128)).astype(np.float32))
 
 
 @pytest.mark.parametrize(
@@ -243,9 +231,9 @@ def test_fuse_handler_keeps_each_requests_weight_in_one_batch():
         ]
     )
     assert calls == [4]  # the three good requests, one run
-    np.testing.assert_allclose(default.outputs["embedding"], B.fuse(img[:2], txt[:2], 0.5), atol=1e-6)
-    np.testing.assert_allclose(weighted.outputs["embedding"], B.fuse(img[2:3], txt[2:3], 0.9), atol=1e-6)
-    np.testing.assert_allclose(as_text.outputs["embedding"], B.fuse(img[3:], txt[3:], 0.25), atol=1e-6)
+    np.testing.assert_allclose(default.outputs["embedding"], fuse(img[:2], txt[:2], 0.5), atol=1e-6)
+    np.testing.assert_allclose(weighted.outputs["embedding"], fuse(img[2:3], txt[2:3], 0.9), atol=1e-6)
+    np.testing.assert_allclose(as_text.outputs["embedding"], fuse(img[3:], txt[3:], 0.25), atol=1e-6)
     assert "outside [0, 1]" in bad.error and bad.code == B.INVALID_ARG
 
 

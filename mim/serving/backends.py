@@ -30,13 +30,12 @@ from mim import contract
 from mim.config import ModelConfig, PreprocessConfig
 from mim.layout import MODEL_JSON, ONNX_FP32, PREPROCESS_JSON
 from mim.preprocess import InputError, decode_text, preprocess_image_bytes
+from mim.ranking import fuse
 from mim.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
 INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-# Same floor as mim.model.l2_normalize, so served and in-process embeddings agree on near-zero vectors.
-NORM_EPS = 1e-12
 
 Arrays = dict[str, np.ndarray]
 
@@ -420,19 +419,7 @@ class EncoderHandler(Handler):
         raise_row_errors(contract.ATTENTION_MASK.name, ["must hold only 0 and 1" if b else None for b in bad])
 
 
-# --- fusion ------------------------------------------------------------------------------------------------
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows to unit length, as mim.model.l2_normalize: x / sqrt(max(|x|^2, eps))."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.sqrt(np.maximum((x * x).sum(axis=-1, keepdims=True), NORM_EPS))
-
-
-def fuse(image_embeds: np.ndarray, text_embeds: np.ndarray, image_weight: float | np.ndarray) -> np.ndarray:
-    """normalize(w * image + (1 - w) * text); `image_weight` is a scalar or one weight per row, shape (N, 1)."""
-    w = np.asarray(image_weight, dtype=np.float32)
-    return l2_normalize(w * image_embeds + (1.0 - w) * text_embeds)
-
-
+# --- fusion (the arithmetic is mim.ranking.fuse, shared with evaluation and the client) ---------------------
 def parse_image_weight(params: Mapping[str, Any], default: float) -> float:
     """The fusion weight from a request's parameters, `default` if absent; refuses non-numbers and values
     outside [0, 1] with a message naming the parameter."""
