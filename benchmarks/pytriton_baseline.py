@@ -4,8 +4,8 @@
 
 Binds `embed_image`, `embed_text` and `embed_multimodal` with the same tensor names, dtypes and batch limit as
 our ensembles (mim.contract), so perf_analyzer sends both servers the same input-data files. Each is one
-`@batch` inference callable that preprocesses in Python (mim.preprocess, the checkpoint's tokenizer) and runs
-the torch model (`MIMModel.encode_image/encode_text`) in eager mode, under PyTriton's default dynamic batcher.
+`@batch` inference callable that runs the in-process torch embedder (`mim.embedding.TorchEmbedder`: Python
+preprocessing, the checkpoint's tokenizer, the torch model in eager mode) under PyTriton's default dynamic batcher.
 PyTriton launches the same bundled tritonserver binary (nvidia-pytriton) and proxies requests to this process;
 every listener is bound to 127.0.0.1.
 
@@ -52,38 +52,25 @@ def make_infer_functions(checkpoint: Path, threads: int | None = None) -> dict:
     from pytriton.model_config import Tensor
 
     from mim.checkpoint import load_checkpoint
-    from mim.model import l2_normalize
-    from mim.preprocess import decode_text, preprocess_image_bytes
+    from mim.embedding import TorchEmbedder
 
     if threads:
         torch.set_num_threads(threads)
     ck = load_checkpoint(checkpoint)
-    model, pre = ck.model.eval(), ck.pre_cfg
-
-    def images(rows: list[bytes]) -> torch.Tensor:
-        px = np.stack([preprocess_image_bytes(b, pre) for b in rows])  # (N, 3, S, S) float32
-        return model.encode_image(torch.from_numpy(px))  # (N, D), L2-normalised
-
-    def texts(rows: list[bytes]) -> torch.Tensor:
-        ids, mask = ck.tokenizer.encode_batch([decode_text(b, pre) for b in rows])  # (N, T) int64 each
-        return model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))  # (N, D)
+    # The torch model run eagerly per request batch: Python preprocessing, torch forward, fusion in NumPy.
+    embedder, pre = TorchEmbedder(ck), ck.pre_cfg
 
     @batch
     def embed_image(image: np.ndarray) -> dict:
-        with torch.inference_mode():
-            return {contract.EMBEDDING.name: images(_rows(image)).numpy()}
+        return {contract.EMBEDDING.name: embedder.embed_images(_rows(image))}
 
     @batch
     def embed_text(text: np.ndarray) -> dict:
-        with torch.inference_mode():
-            return {contract.EMBEDDING.name: texts(_rows(text)).numpy()}
+        return {contract.EMBEDDING.name: embedder.embed_texts(_rows(text))}
 
     @batch
     def embed_multimodal(image: np.ndarray, text: np.ndarray) -> dict:
-        w = contract.DEFAULT_IMAGE_WEIGHT
-        with torch.inference_mode():
-            fused = l2_normalize(w * images(_rows(image)) + (1.0 - w) * texts(_rows(text)))
-            return {contract.EMBEDDING.name: fused.numpy()}
+        return {contract.EMBEDDING.name: embedder.embed_multimodal(_rows(image), _rows(text))}
 
     def tensor(spec: contract.TensorSpec) -> Tensor:
         dims = spec.resolve_dims(ck.model_cfg, pre)
