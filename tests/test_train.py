@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from mim import checkpoint as ckpt
-from mim.evaluate import evaluate, torch_embedder
+from mim.embedding import TorchEmbedder
+from mim.evaluate import evaluate
 from mim.synth import CATEGORIES, COLOURS, PATTERNS, generate_catalog
 from mim.train import batch_loss, load_split, main, train
 
@@ -107,7 +108,7 @@ def test_bad_arguments(small_catalog, tmp_path):
 
 def test_evaluate_reports_every_metric(small_catalog, tmp_path):
     out = train(catalog=str(small_catalog.root), out=str(tmp_path / "e"), steps=2, batch_size=6, no_progress=True)
-    m = evaluate(torch_embedder(ckpt.load_checkpoint(out)), small_catalog, "test")
+    m = evaluate(TorchEmbedder(ckpt.load_checkpoint(out)), small_catalog, "test")
     for key in ("image R@1", "image R@10", "image catP@10", "title R@1", "n_gallery"):
         assert key in m
     assert 0.0 <= m["image R@1"] <= m["image R@5"] <= m["image R@10"] <= 1.0
