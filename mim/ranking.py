@@ -5,7 +5,7 @@ the benchmarks all rank with these functions, so offline metrics, served results
 disagree on how a score is computed. The module needs NumPy only (no torch), so the search path loads on a
 machine without torch.
 
-Multimodal search has two modes:
+Multimodal search has two modes (docs/METHOD.md, "Multimodal search"):
 - fusion: one kNN on normalize(a * image + (1 - a) * text); `a` is `contract.DEFAULT_IMAGE_WEIGHT` unless a
   request sets it;
 - refine: image kNN for the top N products, re-ranked by cos(q, p) + b * cos(s, p).
