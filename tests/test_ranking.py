@@ -135,7 +135,9 @@ def test_the_blocker_really_blocks_torch():
     assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("module", ["client.search", "client.cli", "mim.ranking", "mim.embedding", "mim.evaluate"])
+@pytest.mark.parametrize(
+    "module", ["client.search", "client.cli", "mimsearch.cli", "mim.ranking", "mim.embedding", "mim.evaluate"]
+)
 def test_search_path_imports_without_torch(module):
     r = _run_without_torch(f"import {module}")
     assert r.returncode == 0, r.stderr
@@ -144,14 +146,15 @@ def test_search_path_imports_without_torch(module):
 def test_search_cli_and_a_search_run_without_torch():
     code = """
         import numpy as np
-        from client import cli
         from client.search import SearchService
         from mim.knn import KnnIndex
+        from mimsearch import cli
 
-        try:
-            cli.main(["search", "--help"])
-        except SystemExit as e:
-            assert e.code == 0, e.code
+        for command in (["search", "--help"], ["index", "--help"]):  # `mimsearch search --help`: parses every flag
+            try:
+                cli.main(command)
+            except SystemExit as e:
+                assert e.code == 0, e.code
 
         class Fixed:  # an Embedder answering from fixed vectors: exercises the search code, not a model
             def embed_images(self, images):
