@@ -4,6 +4,7 @@ model_repository/ being exactly what the generator writes."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 
 import pytest
@@ -156,7 +157,10 @@ def test_write_keeps_artifacts_and_refuses_stray_top_level_entries(tmp_path):
     paths = R.write_repository(repo)
     assert artifact.read_bytes() == b"onnx"
     assert (repo / "embed_image" / "1").is_dir()  # Triton needs an ensemble's version folder
-    assert all(oct(p.stat().st_mode & 0o777) == "0o644" for p in paths)  # readable by a container's user
+    # Same mode a plain open() gives (0644 under the usual umask), not mkstemp's 0600: a container's user reads them.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in paths)
     (repo / "__init__.py").write_text("")
     with pytest.raises(R.RepositoryError, match=r"\['__init__.py'\] at its top level"):
         R.write_repository(repo)
