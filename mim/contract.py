@@ -64,7 +64,12 @@ INPUT_IDS = TensorSpec("input_ids", "INT64", ("context_length",))
 ATTENTION_MASK = TensorSpec("attention_mask", "INT64", ("context_length",))  # 1 = real token, 0 = padding
 IMAGE_EMBEDS = TensorSpec("image_embeds", "FP32", ("embed_dim",))  # L2-normalised
 TEXT_EMBEDS = TensorSpec("text_embeds", "FP32", ("embed_dim",))  # L2-normalised
-EMBEDDING = TensorSpec("embedding", "FP32", ("embed_dim",))  # L2-normalised output of every ensemble
+EMBEDDING = TensorSpec("embedding", "FP32", ("embed_dim",))  # L2-normalised output of every embed_* ensemble
+# Search results, k columns per query row, best first (k varies per request, hence -1). Padding as KnnIndex
+# pads when a category filter matches fewer than k items: id -1, score -inf, metadata "{}".
+IDS = TensorSpec("ids", "INT64", (-1,))  # gallery ids
+SCORES = TensorSpec("scores", "FP32", (-1,))  # inner products (cosine) with the query embedding
+ITEM_METADATA = TensorSpec("item_metadata", "BYTES", (-1,))  # UTF-8 JSON object per result (title, category, ...)
 
 # --- model names -------------------------------------------------------------------------------------------
 PREPROCESS_IMAGE = "preprocess_image"
@@ -75,6 +80,10 @@ FUSE = "fuse"
 EMBED_IMAGE = "embed_image"
 EMBED_TEXT = "embed_text"
 EMBED_MULTIMODAL = "embed_multimodal"
+KNN = "knn"
+SEARCH_IMAGE = "search_image"
+SEARCH_TEXT = "search_text"
+SEARCH_MULTIMODAL = "search_multimodal"
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,10 @@ MODELS: dict[str, ModelIO] = {
         ModelIO(EMBED_IMAGE, (IMAGE,), (EMBEDDING,)),
         ModelIO(EMBED_TEXT, (TEXT,), (EMBEDDING,)),
         ModelIO(EMBED_MULTIMODAL, (IMAGE, TEXT), (EMBEDDING,)),
+        ModelIO(KNN, (EMBEDDING,), (IDS, SCORES, ITEM_METADATA)),
+        ModelIO(SEARCH_IMAGE, (IMAGE,), (IDS, SCORES, ITEM_METADATA)),
+        ModelIO(SEARCH_TEXT, (TEXT,), (IDS, SCORES, ITEM_METADATA)),
+        ModelIO(SEARCH_MULTIMODAL, (IMAGE, TEXT), (IDS, SCORES, ITEM_METADATA)),
     )
 }
 
@@ -106,3 +119,10 @@ MAX_BATCH_SIZE = 64
 # a request may override it with the request parameter named FUSION_WEIGHT_PARAM.
 DEFAULT_IMAGE_WEIGHT = 0.5
 FUSION_WEIGHT_PARAM = "image_weight"
+
+# Server-side search (`knn` and the search_* ensembles): request parameters, like the fusion weight. K_PARAM is
+# the number of results (1..gallery size, default DEFAULT_K); CATEGORIES_PARAM, when present, is a JSON list of
+# category names and keeps only gallery items of those categories.
+K_PARAM = "k"
+DEFAULT_K = 10
+CATEGORIES_PARAM = "categories"

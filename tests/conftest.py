@@ -64,7 +64,30 @@ def served_repository(tmp_path_factory, tiny_export) -> Path:
 
     repo = prepare_repository(tmp_path_factory.mktemp("serving") / "model_repository")
     install(tiny_export, repo)
+    install_start_gallery(repo, tiny_checkpoint, tmp_path_factory.mktemp("gallery"))
     return repo
+
+
+START_GALLERY_SIZE = 40
+
+
+def install_start_gallery(repo: Path, checkpoint: Path, work: Path) -> Path:
+    """A small gallery (random unit vectors, tagged with the checkpoint's model id, two categories) installed
+    before the server starts, so that every model of the repository loads; the search tests install galleries
+    of real embeddings over it."""
+    import numpy as np
+
+    from mim.checkpoint import weights_hash
+    from mim.knn import KnnIndex
+    from mim.serving.gallery import install_gallery
+
+    dim = get_size("tiny").model.embed_dim
+    index = KnnIndex(dim, device="cpu", model_id=weights_hash(checkpoint))
+    rng = np.random.default_rng(0)
+    metas = [{"title": f"item {i}", "category": ("even", "odd")[i % 2]} for i in range(START_GALLERY_SIZE)]
+    index.add(np.arange(START_GALLERY_SIZE), rng.normal(size=(START_GALLERY_SIZE, dim)), metas, normalize=True)
+    index.save(work / "start.safetensors")
+    return install_gallery(work / "start.safetensors", repo)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ everything here is unit-tested without a server.
     image_encoder     pixel_values              -> image_embeds (N, D) float32   (ONNX Runtime)
     text_encoder      input_ids, attention_mask -> text_embeds (N, D) float32    (ONNX Runtime)
     fuse              image_embeds, text_embeds -> embedding = normalize(w * img + (1 - w) * txt)
+    knn               embedding (N, D)          -> ids, scores, item_metadata (N, k)   (KnnIndex)
 """
 
 from __future__ import annotations
@@ -470,6 +471,112 @@ class FuseHandler(Handler):
         return {contract.EMBEDDING.name: fused}
 
 
+# --- server-side search ------------------------------------------------------------------------------------
+def parse_k(params: Mapping[str, Any], default: int, n_items: int) -> int:
+    """The number of results from a request's parameters (`default` if absent), in [1, n_items]."""
+    name = contract.K_PARAM
+    value = params.get(name, default)
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TypeError
+        k = int(value)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"request parameter {name!r} = {value!r} is not an integer; send an int in [1, {n_items}]"
+        ) from None
+    if not 1 <= k <= n_items:
+        raise InputError(
+            f"request parameter {name!r} = {value!r} is outside [1, {n_items}] (the gallery holds {n_items} items)"
+        )
+    return k
+
+
+def parse_categories(params: Mapping[str, Any], known: frozenset[str]) -> frozenset[str] | None:
+    """The category filter from a request's parameters: None when absent, else the set of names, each of which
+    the gallery must know (a typo would otherwise silently return nothing)."""
+    name = contract.CATEGORIES_PARAM
+    if name not in params:
+        return None
+    raw = params[name]
+    try:
+        cats = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        cats = None
+    if not isinstance(cats, list) or not cats or not all(isinstance(c, str) for c in cats):
+        raise InputError(
+            f"request parameter {name!r} = {raw!r} is not a JSON list of category names; send e.g. '[\"mug\"]'"
+        )
+    unknown = sorted(set(cats) - known)
+    if unknown:
+        raise InputError(f"request parameter {name!r}: unknown categories {unknown}; the gallery has {sorted(known)}")
+    return frozenset(cats)
+
+
+class KnnHandler(Handler):
+    """Exact top-k over the gallery (`mim.knn.KnnIndex`, the client's search code) for a batch of queries.
+
+    Requests of one batch may ask for different k and filters: requests with the same filter are searched
+    together at their largest k, and each gets the first k columns (KnnIndex orders ties by id, so that prefix
+    is exactly a search at k)."""
+
+    io = contract.MODELS[contract.KNN]
+
+    def __init__(self, index: Any, dims: Mapping[str, Sequence[int]], default_k: int = contract.DEFAULT_K):
+        super().__init__(dims)
+        self.index = index
+        ids = index.ids
+        metas = [index.get_metadata(i) for i in ids.tolist()]
+        self.categories = frozenset(m["category"] for m in metas if isinstance(m.get("category"), str))
+        # Result metadata as sent: one JSON object per gallery row (ids ascending), "{}" for padding.
+        self._ids = ids
+        self._meta = np.array([json.dumps(m).encode("utf-8") for m in metas] + [b"{}"], dtype=object)
+        self.default_k = parse_k({}, default_k, len(ids))
+
+    def check(self, request: Request) -> Arrays:  # per request; __call__ does the grouping
+        q = self.input(request, contract.EMBEDDING)
+        EncoderHandler._check_finite(contract.EMBEDDING.name, q)
+        return {contract.EMBEDDING.name: q}
+
+    def run(self, batch: Arrays) -> Arrays:
+        raise NotImplementedError("KnnHandler searches per filter group in __call__")
+
+    def __call__(self, requests: Sequence[Request]) -> list[Response]:
+        responses: list[Response | None] = [None] * len(requests)
+        groups: dict[frozenset[str] | None, list[tuple[int, np.ndarray, int]]] = {}
+        for i, req in enumerate(requests):
+            try:
+                q = self.check(req)[contract.EMBEDDING.name]
+                k = parse_k(req.params, self.default_k, len(self._ids))
+                cats = parse_categories(req.params, self.categories)
+            except Exception as e:
+                responses[i] = _error(self.io.name, e)
+                continue
+            groups.setdefault(cats, []).append((i, q, k))
+        for cats, members in groups.items():
+            k_max = max(k for _, _, k in members)
+            try:
+                scores, ids = self.index.search(np.concatenate([q for _, q, _ in members]), k_max, categories=cats)
+            except Exception as e:
+                for i, _, _ in members:
+                    responses[i] = _error(self.io.name, e)
+                continue
+            start = 0
+            for i, q, k in members:
+                rows = slice(start, start + len(q))
+                start += len(q)
+                responses[i] = Response(outputs=self._outputs(scores[rows, :k], ids[rows, :k]))
+        return [r if r is not None else Response(error=f"{self.io.name}: no response", code=INTERNAL) for r in responses]
+
+    def _outputs(self, scores: np.ndarray, ids: np.ndarray) -> Arrays:
+        # Gallery row of each id (ids are sorted); padding (-1) points at the trailing "{}".
+        rows = np.where(ids >= 0, np.searchsorted(self._ids, ids), len(self._ids))
+        return {
+            contract.IDS.name: ids.astype(np.int64, copy=False),
+            contract.SCORES.name: scores.astype(np.float32, copy=False),
+            contract.ITEM_METADATA.name: self._meta[rows],
+        }
+
+
 # --- construction from a Triton model config ---------------------------------------------------------------
 def config_params(model_config: Mapping[str, Any]) -> dict[str, str]:
     """`parameters { key: .. value { string_value: .. } }` of a Triton model config (JSON form) -> dict."""
@@ -523,12 +630,22 @@ def _fuse(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -> H
     return FuseHandler(dims, float(params.get("default_image_weight", contract.DEFAULT_IMAGE_WEIGHT)))
 
 
+def _knn(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -> Handler:
+    """Parameters (config.pbtxt): default_k, device (auto | cpu | cuda, as KnnIndex)."""
+    from mim.serving.gallery import load_gallery  # only this model needs the gallery code
+
+    (dim,) = dims[contract.EMBEDDING.name]
+    index = load_gallery(version_dir, dim=dim, device=params.get("device", "auto"))
+    return KnnHandler(index, dims, int(params.get("default_k", contract.DEFAULT_K)))
+
+
 BUILDERS: dict[str, Callable[[str, Path, dict[str, str], Dims], Handler]] = {
     contract.PREPROCESS_IMAGE: _preprocess_image,
     contract.PREPROCESS_TEXT: _preprocess_text,
     contract.IMAGE_ENCODER: _encoder,
     contract.TEXT_ENCODER: _encoder,
     contract.FUSE: _fuse,
+    contract.KNN: _knn,
 }
 
 

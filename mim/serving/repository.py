@@ -73,6 +73,10 @@ PREPROCESS_IMAGE_INSTANCES = 2
 PREPROCESS_TEXT_INSTANCES = 1
 # Fusion is a few vector ops per row.
 FUSE_INSTANCES = 1
+# kNN: one instance holds the gallery once; the dynamic batcher hands it every query waiting, which turns an
+# exact scan from one pass over the gallery per query into one matrix product per batch.
+KNN_INSTANCES = 1
+KNN_DEVICE = "auto"  # KnnIndex: CuPy on a GPU where CuPy runs, NumPy otherwise
 # Python models: no queue delay. Under load, requests queue while an instance is busy and are batched anyway;
 # a delay would only add latency to an idle server.
 PYTHON_QUEUE_DELAY_US = 0
@@ -309,12 +313,33 @@ def ensemble_steps() -> dict[str, list[Step]]:
         return chain[:-1] + [Step(last.model, last.input_map, {out.name: c.EMBEDDING.name})]
 
     fuse = Step(c.FUSE, _identity(c.IMAGE_EMBEDS, c.TEXT_EMBEDS), _identity(c.EMBEDDING))
-    return {
+    embed = {
         c.EMBED_IMAGE: ending_in_embedding(image_chain, c.IMAGE_EMBEDS),
         c.EMBED_TEXT: ending_in_embedding(text_chain, c.TEXT_EMBEDS),
         # Triton runs each step as soon as its inputs exist, so the two chains run concurrently.
         c.EMBED_MULTIMODAL: image_chain + text_chain + [fuse],
     }
+    # Search in one request: the embedding ensemble's steps, then the kNN over the served gallery.
+    knn = Step(c.KNN, _identity(c.EMBEDDING), _identity(c.IDS, c.SCORES, c.ITEM_METADATA))
+    search = {
+        c.SEARCH_IMAGE: embed[c.EMBED_IMAGE] + [knn],
+        c.SEARCH_TEXT: embed[c.EMBED_TEXT] + [knn],
+        c.SEARCH_MULTIMODAL: embed[c.EMBED_MULTIMODAL] + [knn],
+    }
+    return {**embed, **search}
+
+
+def knn_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[GeneratedConfig]:
+    name = contract.KNN
+    params = {"default_k": str(contract.DEFAULT_K), "device": KNN_DEVICE}
+    cfg = _python_model(name, model_cfg, pre_cfg, instances=KNN_INSTANCES, params=params)
+    notes = (
+        "Exact top-k (mim.knn.KnnIndex) over the gallery of the latest version folder, installed by "
+        "`python -m client.cli index ... --install REPO`.",
+        f"Request parameters {contract.K_PARAM!r} (default {contract.DEFAULT_K}) and {contract.CATEGORIES_PARAM!r} "
+        "(JSON list); one instance, batched queries are one matrix product.",
+    )
+    return [GeneratedConfig(name, DEFAULT_CONFIG, cfg, notes)]
 
 
 def ensemble_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[GeneratedConfig]:
@@ -337,6 +362,7 @@ def build_configs(
         + encoder_configs(contract.IMAGE_ENCODER, model_cfg, pre_cfg, model_id)
         + encoder_configs(contract.TEXT_ENCODER, model_cfg, pre_cfg, model_id)
         + fuse_configs(model_cfg, pre_cfg)
+        + knn_configs(model_cfg, pre_cfg)
         + ensemble_configs(model_cfg, pre_cfg)
     )
     missing = set(contract.MODELS) - {c.model for c in configs}
@@ -457,7 +483,7 @@ class TritonPythonModel:
 def python_models() -> list[str]:
     """Models with a python-backend variant, i.e. those that need `1/model.py`."""
     names = [contract.PREPROCESS_IMAGE, contract.PREPROCESS_TEXT, contract.IMAGE_ENCODER, contract.TEXT_ENCODER]
-    return names + [contract.FUSE]
+    return names + [contract.FUSE, contract.KNN]
 
 
 def render_repository(

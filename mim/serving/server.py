@@ -11,6 +11,11 @@ packages (so they `import mim`). Every listener binds to 127.0.0.1 only.
 
 Config variants (see mim.serving.repository): `cpu` and `gpu_onnx` select `configs/<name>.pbtxt` with
 `--model-config-name`; `default` uses each model's `config.pbtxt` (TensorRT engines, NGC container).
+
+Model control: `explicit` (the default) loads the repository's servable models at start-up
+(`mim.serving.gallery.servable_models`: everything, except the `knn` model and the search ensembles until a
+gallery is installed) and lets clients load and reload models through Triton's model-control API, which is how
+a new gallery goes into service without a restart. `none` loads every model folder and allows no reloads.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ CONFIGS = ("cpu", "gpu_onnx", "default")
 DEFAULT_CONFIG = "cpu"
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
+MODEL_CONTROL = ("explicit", "none")
 LOG_TAIL_LINES = 25
 
 
@@ -190,7 +196,11 @@ class TritonServer:
         stop_timeout: float = STOP_TIMEOUT_S,
         cache_dir: str | Path | None = None,
         extra_args: Sequence[str] = (),
+        model_control: str = "explicit",
+        models: Sequence[str] | None = None,
     ):
+        if model_control not in MODEL_CONTROL:
+            raise ValueError(f"model_control={model_control!r}; expected one of {MODEL_CONTROL}")
         self.repository = Path(repository).resolve()
         self.config = config
         self._config_args = config_name_args(config)
@@ -203,6 +213,8 @@ class TritonServer:
         self.stop_timeout = stop_timeout
         self.cache_dir = cache_dir
         self.extra_args = list(extra_args)
+        self.model_control = model_control
+        self.models = None if models is None else list(models)  # explicit mode; None: servable_models()
         self.process: subprocess.Popen | None = None
 
     # --- addresses ---
@@ -237,8 +249,17 @@ class TritonServer:
             "--exit-on-error=true",  # a model that fails to load stops the server (and start() reports why)
             f"--exit-timeout-secs={max(1, int(self.stop_timeout) - 2)}",
             f"--log-verbose={self.log_verbose}",
+            *self._model_control_args(),
             *self.extra_args,
         ]
+
+    def _model_control_args(self) -> list[str]:
+        if self.model_control == "none":
+            return []
+        from mim.serving.gallery import servable_models
+
+        models = servable_models(self.repository) if self.models is None else self.models
+        return ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
 
     def start(self) -> TritonServer:
         if self.process is not None:
@@ -375,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", type=Path, default=None, help="log file (default: a temporary file)")
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)
+    p.add_argument(
+        "--model-control",
+        choices=MODEL_CONTROL,
+        default="explicit",
+        help="explicit: models (re)load through the model-control API, e.g. a new gallery; none: load all, fixed",
+    )
     return p
 
 
@@ -410,6 +437,7 @@ def serve(args: argparse.Namespace) -> int:
         log_path=args.log,
         log_verbose=args.log_verbose,
         startup_timeout=args.startup_timeout,
+        model_control=args.model_control,
     )
     try:
         server.start()
