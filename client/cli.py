@@ -6,6 +6,8 @@
     mimsearch search --url ... --index gallery.safetensors --text "zebra mug" --json
     mimsearch search --url ... --index gallery.safetensors --image photo.jpg --text "in blue" \\
         --mode refine --html out.html
+    mimsearch index  --url ... --catalog artifacts/catalog --out gallery.safetensors --install REPO
+    mimsearch search --url ... --server-side --image photo.jpg --text "in blue" -k 10
 
 `index` embeds every gallery image with the `embed_image` ensemble and saves a KnnIndex (safetensors) holding
 the ids, the embeddings, each item's title/category/image path, and the identity of the embedding model. It is
@@ -17,6 +19,10 @@ The model identity (`mim.layout`: a hash of the checkpoint's weights) comes from
 installer writes it as the `model_id` parameter of the served encoders, read here through the model-config
 API. `--model-id` overrides it. `index` records it in the gallery, and `search` refuses a gallery built with
 another model.
+
+`index --install REPO` also installs the finished index as the gallery of REPO's `knn` model (a new version
+folder) and asks the server at --url to load it; requests in flight finish on the old gallery. `search
+--server-side` then searches in one request through the `search_*` ensembles, with no local index.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from mim.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
 from .html import QueryBlock, render_page, write_page
 from .indexing import DEFAULT_SAVE_EVERY, build_index, catalog_items, manifest_items
 from .search import MODES, SearchResult, SearchService
+from .search_client import SearchClient
 from .triton_client import DEFAULT_URL, ClientError, EmbeddingClient
 
 
@@ -100,12 +107,68 @@ def cmd_index(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     print(report.summary())
-    return 0 if report.complete else 3
+    if not report.complete:
+        return 3
+    if args.install:
+        install_and_reload(args.out, args.install, args.url, args.timeout)
+    return 0
+
+
+def install_and_reload(index_path: Path, repo: Path, url: str, timeout: float) -> None:
+    """Install the index as the repository's next gallery, then have the server at `url` load it."""
+    from mim.serving.gallery import install_gallery
+
+    version = install_gallery(index_path, repo)
+    print(f"installed {index_path} as {version}")
+    with SearchClient(url, timeout_s=timeout) as client:
+        try:
+            client.reload_gallery()
+        except ClientError as e:
+            print(
+                f"warning: the server at {url} did not load it ({e.server_message or e}); a server with explicit "
+                "model control (python -m mim.serving.server) loads it now, others at their next start",
+                file=sys.stderr,
+            )
+            return
+    print(f"the server at {url} now serves it")
+
+
+def cmd_search_server_side(args: argparse.Namespace) -> int:
+    """Search in one request per query through the search_* ensembles; the gallery is the server's."""
+    if args.index is not None:
+        raise UsageError("search: --server-side searches the server's gallery; drop --index")
+    if args.image is not None and args.text is not None and args.mode != "fusion":
+        raise UsageError("search: --server-side does fusion only; use --index with --mode refine")
+    image = Path(args.image).read_bytes() if args.image else None
+    with SearchClient(args.url, timeout_s=args.timeout, retries=args.retries) as client:
+        client.wait_ready(args.wait)
+        if image is not None and args.text is not None:
+            results, mode = client.by_image_text(image, args.text, args.k, image_weight=args.image_weight), "fusion"
+        elif image is not None:
+            results, mode = client.by_image(image, args.k, categories=args.category), "image"
+        else:
+            results, mode = client.by_text(args.text, args.k, categories=args.category), "text"
+    query = {"image": args.image, "text": args.text, "mode": mode, "k": args.k, "server_side": True}
+    if args.html:
+        label = " + ".join(x for x in (args.image and Path(args.image).name, args.text and repr(args.text)) if x)
+        page = render_page(
+            [QueryBlock(label, results, image=image, text=args.text, mode=mode)],
+            subtitle=f"served gallery at {args.url} (search in one request)",
+        )
+        write_page(args.html, page)
+    print(results_json(query, results) if args.json else format_results(results))
+    if args.html and not args.json:
+        print(f"HTML page: {args.html}")
+    return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     if args.image is None and args.text is None:
         raise UsageError("search: give --image FILE, --text TEXT, or both")
+    if args.server_side:
+        return cmd_search_server_side(args)
+    if args.index is None:
+        raise UsageError("search: give --index FILE (a local gallery), or --server-side")
     image = Path(args.image).read_bytes() if args.image else None
     with EmbeddingClient(args.url, timeout_s=args.timeout, retries=args.retries) as client:
         client.wait_ready(args.wait)
@@ -178,11 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ix.add_argument("--max-batches", type=int, help="stop (saved, exit 3) after this many batches; rerun to continue")
     ix.add_argument("--no-progress", action="store_true")
+    ix.add_argument(
+        "--install",
+        type=Path,
+        metavar="REPO",
+        help="also install the index as the gallery of REPO's knn model and load it on the server at --url",
+    )
     ix.set_defaults(func=cmd_index)
 
     se = sub.add_parser("search", help="search an index by image, text, or image + text")
     _common(se)
-    se.add_argument("--index", required=True, type=Path)
+    se.add_argument("--index", type=Path, help="local gallery index (KnnIndex file); not with --server-side")
+    se.add_argument(
+        "--server-side", action="store_true", help="search in one request through the server's search_* ensembles"
+    )
     se.add_argument("--image", help="query image file")
     se.add_argument("--text", help="query text; with --image, the reformulation ('in blue')")
     se.add_argument("--mode", choices=MODES, default="fusion", help="image + text: fusion or refine")

@@ -161,18 +161,18 @@ def check_image_weight(image_weight: float | None) -> float:
         ) from None
 
 
-def plan_images(images: Sequence[bytes], max_batch: int) -> list[Chunk]:
+def plan_images(images: Sequence[bytes], max_batch: int, model: str = contract.EMBED_IMAGE) -> list[Chunk]:
     images = _as_list(images, "images")
-    m = contract.EMBED_IMAGE
+    m = model
     return [
         Chunk(m, s, s + len(part), {contract.IMAGE.name: image_column(m, part, s)})
         for s, part in _chunks(images, max_batch)
     ]
 
 
-def plan_texts(texts: Sequence[str], max_batch: int) -> list[Chunk]:
+def plan_texts(texts: Sequence[str], max_batch: int, model: str = contract.EMBED_TEXT) -> list[Chunk]:
     texts = _as_list(texts, "texts")
-    m = contract.EMBED_TEXT
+    m = model
     return [
         Chunk(m, s, s + len(part), {contract.TEXT.name: text_column(m, part, s)})
         for s, part in _chunks(texts, max_batch)
@@ -180,10 +180,14 @@ def plan_texts(texts: Sequence[str], max_batch: int) -> list[Chunk]:
 
 
 def plan_multimodal(
-    images: Sequence[bytes], texts: Sequence[str], image_weight: float | None, max_batch: int
+    images: Sequence[bytes],
+    texts: Sequence[str],
+    image_weight: float | None,
+    max_batch: int,
+    model: str = contract.EMBED_MULTIMODAL,
 ) -> list[Chunk]:
     images, texts = _as_list(images, "images"), _as_list(texts, "texts")
-    m = contract.EMBED_MULTIMODAL
+    m = model
     if len(images) != len(texts):
         raise ClientError(
             f"{m}: got {len(images)} images and {len(texts)} texts; expected one text per image "
@@ -211,15 +215,15 @@ def _chunks(items: list[Any], size: int):
         yield s, items[s : s + size]
 
 
-def infer_args(chunk: Chunk) -> dict[str, Any]:
+def infer_args(chunk: Chunk, outputs: Sequence[contract.TensorSpec] = (contract.EMBEDDING,)) -> dict[str, Any]:
     """Keyword arguments of `infer` (the same InferInput/InferRequestedOutput types serve both clients)."""
     inputs = []
     for name, arr in chunk.inputs.items():
         x = grpcclient.InferInput(name, list(arr.shape), _spec(name).dtype)
         x.set_data_from_numpy(arr)
         inputs.append(x)
-    outputs = [grpcclient.InferRequestedOutput(contract.EMBEDDING.name)]
-    return {"model_name": chunk.model, "inputs": inputs, "outputs": outputs, "parameters": chunk.parameters}
+    requested = [grpcclient.InferRequestedOutput(spec.name) for spec in outputs]
+    return {"model_name": chunk.model, "inputs": inputs, "outputs": requested, "parameters": chunk.parameters}
 
 
 def parse_result(chunk: Chunk, result: Any) -> np.ndarray:
@@ -382,14 +386,19 @@ class EmbeddingClient:
         self._dim = out.shape[1]
         return out
 
-    def _infer(self, chunk: Chunk) -> np.ndarray:
-        args = infer_args(chunk)
+    def _infer(
+        self,
+        chunk: Chunk,
+        outputs: Sequence[contract.TensorSpec] = (contract.EMBEDDING,),
+        parse: Callable[[Chunk, Any], Any] = parse_result,
+    ) -> Any:
+        args = infer_args(chunk, outputs)
         attempts = 0
         while True:
             attempts += 1
             try:
                 result = self._client.infer(**args, client_timeout=self.timeout_s)
-                return parse_result(chunk, result)
+                return parse(chunk, result)
             except InferenceServerException as e:
                 if not is_retryable(e) or attempts > self.retries:
                     raise request_error(chunk, e, self.url, attempts) from None
@@ -525,14 +534,19 @@ class AsyncEmbeddingClient:
         self._dim = out.shape[1]
         return out
 
-    async def _infer(self, chunk: Chunk) -> np.ndarray:
-        args = infer_args(chunk)
+    async def _infer(
+        self,
+        chunk: Chunk,
+        outputs: Sequence[contract.TensorSpec] = (contract.EMBEDDING,),
+        parse: Callable[[Chunk, Any], Any] = parse_result,
+    ) -> Any:
+        args = infer_args(chunk, outputs)
         attempts = 0
         while True:
             attempts += 1
             try:
                 result = await self._client.infer(**args, client_timeout=self.timeout_s)
-                return parse_result(chunk, result)
+                return parse(chunk, result)
             except InferenceServerException as e:
                 if not is_retryable(e) or attempts > self.retries:
                     raise request_error(chunk, e, self.url, attempts) from None

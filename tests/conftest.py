@@ -56,7 +56,7 @@ def tiny_export(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
-def served_repository(tmp_path_factory, tiny_export) -> Path:
+def served_repository(tmp_path_factory, tiny_export, tiny_checkpoint) -> Path:
     """A tmp COPY of the committed model_repository/ with the tiny export installed by export.engines.install
     (which also regenerates the configs for the checkpoint's dims and model id)."""
     from export.engines import install

@@ -103,6 +103,9 @@ def test_ensembles_wire_existing_models_and_tensors(configs):
         "embed_image": ["preprocess_image", "image_encoder"],
         "embed_text": ["preprocess_text", "text_encoder"],
         "embed_multimodal": ["preprocess_image", "image_encoder", "preprocess_text", "text_encoder", "fuse"],
+        "search_image": ["preprocess_image", "image_encoder", "knn"],
+        "search_text": ["preprocess_text", "text_encoder", "knn"],
+        "search_multimodal": ["preprocess_image", "image_encoder", "preprocess_text", "text_encoder", "fuse", "knn"],
     }
     tiny = get_size("tiny")
     for name in steps:

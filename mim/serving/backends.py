@@ -565,7 +565,8 @@ class KnnHandler(Handler):
                 rows = slice(start, start + len(q))
                 start += len(q)
                 responses[i] = Response(outputs=self._outputs(scores[rows, :k], ids[rows, :k]))
-        return [r if r is not None else Response(error=f"{self.io.name}: no response", code=INTERNAL) for r in responses]
+        missing = Response(error=f"{self.io.name}: no response", code=INTERNAL)
+        return [r if r is not None else missing for r in responses]
 
     def _outputs(self, scores: np.ndarray, ids: np.ndarray) -> Arrays:
         # Gallery row of each id (ids are sorted); padding (-1) points at the trailing "{}".
