@@ -17,7 +17,6 @@ from test_serving import BAD_INPUTS, bytes_input, photo
 from tritonclient.utils import InferenceServerException
 
 from client import cli
-from client.indexing import catalog_items
 from client.search import SearchService
 from client.search_client import AsyncSearchClient, SearchClient
 from client.triton_client import ClientError, EmbeddingClient
@@ -142,15 +141,7 @@ def test_requests_with_different_k_and_filters_batched_together(search, triton_s
             before = _counts(client, contract.KNN)
             results: dict[int, tuple] = {}
             done = threading.Event()
-
-            def callback(i):
-                def cb(result, error):
-                    results[i] = (result, error)
-                    if len(results) == len(cases):
-                        done.set()
-
-                return cb
-
+            callback = _collector(results, len(cases), done)
             for i, (k, cats) in enumerate(cases):
                 params = {contract.K_PARAM: k}
                 if cats:
@@ -171,6 +162,20 @@ def test_requests_with_different_k_and_filters_batched_together(search, triton_s
         assert executions < inferences, "Triton never batched the burst: mixed k and filters were not exercised"
     finally:
         client.close()
+
+
+def _collector(results: dict, n: int, done: threading.Event):
+    """async_infer callbacks that store (result, error) under the request's number; `done` once n arrived."""
+
+    def for_request(i: int):
+        def cb(result, error):
+            results[i] = (result, error)
+            if len(results) == n:
+                done.set()
+
+        return cb
+
+    return for_request
 
 
 def _counts(client, model: str) -> tuple[int, int]:
