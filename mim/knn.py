@@ -651,6 +651,22 @@ class KnnIndex:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def read_model_id(path: str | os.PathLike) -> str | None:
+    """The model_id a saved index records, read from the file header alone (no tensor is loaded). Raises
+    ValueError for a file that is not a KnnIndex file; `load` checks the rest."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(path, framework="np") as f:
+            header = dict(f.metadata() or {})
+        if header.get("format") != FORMAT_NAME:
+            raise ValueError(f"header format={header.get('format')!r}, expected {FORMAT_NAME!r}")
+        return json.loads(header["model_id"])
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path} is not a readable KnnIndex file: {exc}") from None
+
+
 def _digest(emb: np.ndarray, ids: np.ndarray, meta_bytes: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in (emb, ids, meta_bytes):

@@ -6,8 +6,10 @@
  2. train     train the tiny 3-tower model (resumes / reuses a checkpoint already trained that far)
  3. export    export the towers to ONNX and install them into a COPY of model_repository/ under the artifacts
  4. serve     start the bundled tritonserver on 127.0.0.1 with the CPU configs
- 5. index     embed the test-split gallery through the `embed_image` ensemble into a KnnIndex
- 6. search    a few image, text and image + text (fusion and refine) searches
+ 5. index     embed the test-split gallery through the `embed_image` ensemble into a KnnIndex, and install it
+              as the gallery of the server's `knn` model
+ 6. search    a few image, text and image + text (fusion and refine) searches; one of each kind also in one
+              request through the search_* ensembles, printed next to the client-side result
  7. quality   Recall@1/10 of the served path on the test queries next to the in-process torch figures
  8. page      a self-contained HTML page of the searches
 
@@ -27,6 +29,7 @@ from pathlib import Path
 from client.html import QueryBlock, render_page, write_page
 from client.indexing import build_index, catalog_items
 from client.search import SearchResult, SearchService
+from client.search_client import SearchClient
 from client.triton_client import EmbeddingClient
 from mim.catalog import Catalog
 from mim.checkpoint import Checkpoint, load_checkpoint
@@ -189,6 +192,34 @@ def print_results(s: DemoSearch, results: Sequence[SearchResult]) -> None:
         print(f"    {r.rank:>2}. {r.score:7.4f}  [{r.id:>4}] {r.title}{mark}")
 
 
+def install_served_gallery(url: str, repo: Path, index_path: Path) -> None:
+    """The index becomes the gallery of the server's `knn` model (a new version, loaded without a restart)."""
+    from mim.serving.gallery import install_gallery
+
+    version = install_gallery(index_path, repo)
+    with SearchClient(url, timeout_s=120) as client:
+        client.reload_gallery()
+    print(f"    installed as {version} and loaded: the search_* ensembles now search it")
+
+
+def served_side_by_side(client: SearchClient, s: DemoSearch, local: Sequence[SearchResult]) -> bool:
+    """The same search in one request (search_* ensemble) printed next to the client-side result; True when
+    both return the same ids."""
+    k = len(local)
+    if s.mode == "image":
+        served, model = client.by_image(s.image, k), "search_image"
+    elif s.mode == "text":
+        served, model = client.by_text(s.text, k), "search_text"
+    else:
+        served, model = client.by_image_text(s.image, s.text, k), "search_multimodal"
+    same = [r.id for r in served] == [r.id for r in local]
+    print(f"  {s.label}: client-side (embed + local kNN) | server-side ({model}, one request)")
+    for a, b in list(zip(local, served))[:SHOW_K]:
+        print(f"    {a.rank:>2}. {a.score:7.4f} [{a.id:>4}] | {b.score:7.4f} [{b.id:>4}] {b.title}")
+    print(f"    {'same ids' if same else 'DIFFERENT ids'} over the top {k}")
+    return same
+
+
 def quality_table(served: dict[str, float], local: dict[str, float]) -> str:
     lines = [f"    {'metric':<16}{'served (Triton)':>17}{'in-process torch':>18}"]
     for m in METRICS:
@@ -237,15 +268,21 @@ def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_tim
             step("index: test-split gallery through the embed_image ensemble")
             index = index_gallery(client, catalog, art / "index" / "test.safetensors", model_id, progress)
             service = SearchService(client, index)
+            install_served_gallery(server.grpc_url, repo, art / "index" / "test.safetensors")
 
             step("search: image, text, image + text (fusion and refine)")
-            blocks = []
+            blocks, first_of_mode = [], {}
             for s in demo_searches(service, catalog, min(2 * SHOW_K, len(index))):
                 results = s.run()
                 print_results(s, results)
                 blocks.append(
                     QueryBlock(s.label, results, image=s.image, text=s.text, mode=s.mode, expected_id=s.expected_id)
                 )
+                if s.mode in ("image", "text", "fusion"):
+                    first_of_mode.setdefault(s.mode, (s, results))
+            print("  search in one request: the search_* ensembles against the same searches done client-side")
+            with SearchClient(server.grpc_url, timeout_s=60) as search_client:
+                same = [served_side_by_side(search_client, s, r) for s, r in first_of_mode.values()]
 
             step("quality: served path vs in-process torch on the test queries")
             served = evaluate(client, catalog, "test")
@@ -273,7 +310,7 @@ def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_tim
         f"  results page   {page}\n  gallery index  {art / 'index' / 'test.safetensors'}\n"
         f"  checkpoint     {ckpt_dir}\n  repository     {repo}\n  server log     {log}"
     )
-    return {"served": served, "local": local, "page": page, "seconds": total}
+    return {"served": served, "local": local, "page": page, "seconds": total, "server_side_same": same}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

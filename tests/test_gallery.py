@@ -113,6 +113,10 @@ def test_install_adds_versions_and_keeps_the_served_and_previous_one(repo, tmp_p
     assert not [p for p in (repo / contract.KNN).iterdir() if p.name.startswith(".")]  # no temp folder left
     index = G.load_gallery(repo / contract.KNN / "5", dim=DIM, device="cpu")
     assert len(index) == 30 and index.model_id == MODEL
+    # A new export (other encoders) leaves the old gallery out of the start-up until one of its model arrives.
+    for tower in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER):
+        (repo / tower / "1" / G.EXPORT_RECORD).write_text(json.dumps({G.MODEL_ID_KEY: "model-b"}))
+    assert contract.KNN not in G.servable_models(repo) and not G.gallery_fits(repo)
 
 
 def test_missing_corrupt_foreign_and_misfit_galleries_are_refused(repo, tmp_path):

@@ -25,6 +25,10 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     # The served-vs-in-process line, with numbers in [0, 1].
     m = re.search(r"served image Recall@1 ([\d.]+) / Recall@10 ([\d.]+) vs in-process torch ([\d.]+) / ([\d.]+)", out)
     assert m, out[-3000:]
+    # One search of each kind also ran in one request through the search_* ensembles, with the same ids.
+    for model in ("search_image", "search_text", "search_multimodal"):
+        assert f"server-side ({model}, one request)" in out
+    assert out.count("same ids over the top") == 3 and "DIFFERENT ids" not in out
     served_r1, served_r10, local_r1, local_r10 = map(float, m.groups())
     assert 0 <= served_r1 <= served_r10 <= 1 and 0 <= local_r1 <= local_r10 <= 1
     # The served ONNX path and torch compute the same embeddings, so the recalls agree.

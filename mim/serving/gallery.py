@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mim import contract
 from mim.atomic import atomic_write_dir
-from mim.knn import KnnIndex
+from mim.knn import KnnIndex, read_model_id
 from mim.serving.repository import MODEL_PY, MODEL_PY_TEMPLATE, PUBLIC_MODE, VERSION, WRITE_COMMAND
 
 GALLERY_FILE = "gallery.safetensors"
@@ -78,12 +78,24 @@ def latest_gallery(repo: str | Path) -> Path | None:
 
 def servable_models(repo: str | Path) -> list[str]:
     """Models of the contract present in `repo` that can load now: all of them, except `knn` and the search
-    ensembles while no gallery is installed (they are loaded once one is)."""
+    ensembles while no gallery of the encoders' model is installed (a gallery left from an earlier export
+    waits for its replacement instead of failing the start; loading it explicitly says what is wrong)."""
     repo = Path(repo)
     present = [name for name in contract.MODELS if (repo / name).is_dir()]
-    if latest_gallery(repo) is None:
+    if not gallery_fits(repo):
         present = [m for m in present if m not in (contract.KNN, *SEARCH_ENSEMBLES)]
     return present
+
+
+def gallery_fits(repo: str | Path) -> bool:
+    """Whether the latest gallery exists and records the encoders' model id (header only)."""
+    path = latest_gallery(repo)
+    if path is None:
+        return False
+    try:
+        return read_model_id(path) == encoders_model_id(repo)
+    except ValueError:  # GalleryError included
+        return False
 
 
 def load_gallery(version_dir: str | Path, *, dim: int | None = None, device: str = "auto") -> KnnIndex:
