@@ -23,7 +23,7 @@ from pathlib import Path
 from mim import contract
 from mim.atomic import atomic_write_dir
 from mim.knn import KnnIndex, read_model_id
-from mim.serving.repository import MODEL_PY, MODEL_PY_TEMPLATE, PUBLIC_MODE, VERSION, WRITE_COMMAND
+from mim.serving.repository import MODEL_PY, MODEL_PY_TEMPLATE, VERSION, WRITE_COMMAND
 
 GALLERY_FILE = "gallery.safetensors"
 # The export record installed beside each encoder, and its key naming the source checkpoint (the model id a
@@ -136,8 +136,6 @@ def install_gallery(index_path: str | Path, repo: str | Path, *, keep: int = 2) 
     def write(tmp: Path) -> None:
         shutil.copyfile(index_path, tmp / GALLERY_FILE)
         (tmp / MODEL_PY).write_text(MODEL_PY_TEMPLATE.format(command=WRITE_COMMAND, name=contract.KNN))
-        for f in tmp.iterdir():
-            f.chmod(PUBLIC_MODE)
 
     atomic_write_dir(target, write)
     for old in versions(repo)[:-keep] if keep > 0 else []:
