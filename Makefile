@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps lint format test test-slow test-all demo catalog train quality engines serve bench bench-full clean
+.PHONY: help setup system-deps lint format test test-slow test-all demo catalog train quality engines serve bench bench-full bench-search clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ bench: setup ## quick CPU benchmarks (bounded time) into benchmarks/results/quic
 
 bench-full: setup ## the full CPU benchmark set into benchmarks/results
 	$(MIMSEARCH) bench
+
+bench-search: setup ## search in one request vs embed + client-side kNN (needs `make demo` artifacts) into benchmarks/results/search
+	$(PY) -m benchmarks.search_bench --repository $(ART)/model_repository --catalog $(CATALOG) --out benchmarks/results/search
 
 clean: ## remove generated artifacts (keeps the virtualenv)
 	rm -rf $(ART) .pytest_cache

@@ -184,6 +184,27 @@ def _counts(client, model: str) -> tuple[int, int]:
     return latest.inference_count, latest.execution_count
 
 
+def test_cli_search_server_side(triton_server, search, catalog, tmp_path, capsys):
+    photo_path = catalog.path(catalog.queries[0].image)
+    base = ["search", "--url", triton_server.grpc_url, "--server-side"]
+    assert cli.main(base + ["--image", str(photo_path), "--text", "in red", "-k", "4", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    want = search.by_image_text(photo_path.read_bytes(), "in red", 4)
+    assert doc["query"]["server_side"] and doc["query"]["mode"] == "fusion"
+    assert [r["id"] for r in doc["results"]] == [r.id for r in want]
+    page = tmp_path / "p.html"
+    assert cli.main(base + ["--text", "zebra mug", "-k", "3", "--category", "mug", "--html", str(page)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["rank", "id", "score", "category", "title"] and all("mug" in t for t in table[1:4])
+    assert page.read_text().count('<li class="result') == 3
+    assert cli.main(base + ["--text", "mug", "--index", str(tmp_path / "x.safetensors")]) == 2
+    assert "--server-side searches the server's gallery; drop --index" in capsys.readouterr().err
+    assert cli.main(base + ["--image", str(photo_path), "--text", "in red", "--mode", "refine"]) == 2
+    assert "--server-side does fusion only" in capsys.readouterr().err
+    assert cli.main(["search", "--url", triton_server.grpc_url, "--text", "mug"]) == 2
+    assert "give --index FILE (a local gallery), or --server-side" in capsys.readouterr().err
+
+
 # --- bad input -----------------------------------------------------------------------------------------------
 SEARCH_OF = {
     contract.EMBED_IMAGE: contract.SEARCH_IMAGE,
