@@ -174,3 +174,27 @@ def test_server_loads_servable_models_explicitly(repo, tmp_path):
     assert TritonServer(repo, model_control="none")._model_control_args() == []
     with pytest.raises(ValueError, match=r"model_control='poll'; expected one of"):
         TritonServer(repo, model_control="poll")
+
+
+@pytest.mark.gpu
+def test_the_knn_model_loads_its_gallery_on_the_gpu_and_answers_as_on_the_cpu(repo, tmp_path):
+    from mim.knn import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the knn model's CuPy path needs a usable CUDA device: {reason}")
+    vdir = G.install_gallery(saved(make_index(n=5000), tmp_path / "g.safetensors"), repo)
+    dims = {contract.EMBEDDING.name: (DIM,)}
+    gpu = B.KnnHandler(G.load_gallery(vdir, dim=DIM, device="auto"), dims)
+    cpu = B.KnnHandler(G.load_gallery(vdir, dim=DIM, device="cpu"), dims)
+    assert gpu.index.device == "cuda"
+    q = np.random.default_rng(3).normal(size=(8, DIM))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    reqs = [request(q, k=50), request(q[:2], k=5, categories='["bag"]')]
+    for a, b in zip(gpu(reqs), cpu(reqs)):
+        assert a.ok and b.ok
+        # fp16 storage on the GPU: scores within fp16 rounding, and the ids a top-k up to near-ties
+        got_s, want_s = a.outputs[contract.SCORES.name], b.outputs[contract.SCORES.name]
+        np.testing.assert_allclose(got_s, want_s, atol=5e-3)
+        ids_a, ids_b = a.outputs[contract.IDS.name], b.outputs[contract.IDS.name]
+        assert np.mean(ids_a == ids_b) > 0.9
