@@ -365,3 +365,30 @@ def test_results_markdown_reports_every_section_and_the_problems(tmp_path):
     assert "Skipped: no NVIDIA GPU on this machine" in md
     assert "**quality** failed: served and in-process results differ" in md
     assert "| embed_multimodal | 4 | 84.20 | 100.00 | 0.84 |" in md  # ours/PyTriton throughput ratio
+
+
+# --- benchmarks.search_bench ---------------------------------------------------------------------------------
+def test_search_bench_closed_loop_counts_calls_and_errors():
+    from benchmarks.search_bench import closed_loop
+
+    def make():
+        def work(n: int) -> None:
+            if n % 3 == 2:
+                raise RuntimeError("refused")
+
+        return work
+
+    row = closed_loop(make, concurrency=3, seconds=0.3)
+    assert row["requests"] > 0 and 0 < row["errors"] < row["requests"]
+    assert row["throughput"] == row["requests"] / 0.3 and row["p50_ms"] <= row["p99_ms"]
+
+
+def test_search_bench_inputs_for_the_search_ensembles(tmp_path):
+    from benchmarks.search_bench import PERF_MODELS, _is_knn_version
+
+    sample = perf.Sample(image=b"\x89PNG fake", text="zebra mug", source="x.png")
+    files = perf.prepare_inputs(PERF_MODELS, [sample], None, tmp_path)
+    entry = json.loads(files[contract.SEARCH_MULTIMODAL].read_text())["data"][0]
+    assert set(entry) == {contract.IMAGE.name, contract.TEXT.name}
+    assert _is_knn_version("/r/knn", "3") and not _is_knn_version("/r/knn", "1")
+    assert not _is_knn_version("/r/image_encoder", "2")
