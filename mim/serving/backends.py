@@ -632,12 +632,28 @@ def _fuse(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -> H
 
 
 def _knn(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -> Handler:
-    """Parameters (config.pbtxt): default_k, device (auto | cpu | cuda, as KnnIndex)."""
+    """Parameters (config.pbtxt): default_k, device (auto | cpu | cuda, as KnnIndex), threads (BLAS / OpenMP
+    threads of the CPU search)."""
     from mim.serving.gallery import load_gallery  # only this model needs the gallery code
 
     (dim,) = dims[contract.EMBEDDING.name]
     index = load_gallery(version_dir, dim=dim, device=params.get("device", "auto"))
+    # One search before the limit: it loads the libraries the search uses (BLAS, torch's OpenMP for top-k),
+    # so that the limit reaches all of them.
+    index.search(np.zeros((1, dim), dtype=np.float32), 1)
+    limit_threads(int(params.get("threads", "1")))
     return KnnHandler(index, dims, int(params.get("default_k", contract.DEFAULT_K)))
+
+
+def limit_threads(n: int) -> None:
+    """Bound the BLAS and OpenMP thread pools of this process (the model's stub) to `n` threads."""
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=max(1, n))  # stays in effect: the returned object restores only when asked
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(max(1, n))
 
 
 BUILDERS: dict[str, Callable[[str, Path, dict[str, str], Dims], Handler]] = {
