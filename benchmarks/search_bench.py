@@ -15,7 +15,8 @@ Two measurements at every concurrency, back to back on the same server:
    server-side cost of running the kNN inside the pipeline, with the server's per-model breakdown.
 2. End to end from Python, closed loop with one client per thread: `SearchClient.by_image` (one request) vs
    `EmbeddingClient.embed_images` + `KnnIndex.search` in the client (two steps), and the same for photo + text
-   (fusion). This is what perf_analyzer cannot time: the client-side kNN.
+   (fusion). This is what perf_analyzer cannot time: the client-side kNN. The client's kNN runs with the
+   same thread bound as the served one (`threads` of the knn config), so both searches get the same means.
 
 Writes <out>/perf.csv, perf_breakdown.csv, perf.json, perf.png (perf_analyzer), <out>/end_to_end.csv,
 end_to_end.json and end_to_end.png. Bounded: each perf_analyzer level is capped by PerfSettings.time_bound_s,
@@ -198,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from client.search_client import SearchClient
     from mim.catalog import load_catalog
+    from mim.serving.backends import limit_threads
     from mim.serving.gallery import encoders_model_id, install_gallery
+    from mim.serving.repository import KNN_THREADS
     from mim.serving.server import TritonServer
 
     settings = dataclasses.replace(SETTINGS, concurrencies=args.concurrency, interval_ms=args.interval_ms)
@@ -223,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("perf_analyzer:")
         sweep = perf.run_sweeps(pa, server.grpc_url, PERF_MODELS, inputs, settings, args.work / "logs")
         print("end to end (Python clients, one per thread):")
+        index.search(index.embeddings()[:1].astype(np.float32), 1)  # loads the top-k libraries, then bound them
+        limit_threads(KNN_THREADS)
         rows = end_to_end(server.grpc_url, index, samples, settings.concurrencies, args.seconds)
         server_command = shlex.join(server.command())
     meta = {
