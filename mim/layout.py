@@ -16,6 +16,8 @@ An installed repository (generated configs from `mim.serving.repository`, artifa
     text_encoder/1/...                              the same
     preprocess_image/1/preprocess.json              PreprocessConfig of the checkpoint
     preprocess_text/1/preprocess.json, tokenizer.json
+    knn/<version>/gallery.safetensors               the served gallery (a KnnIndex file), one per version folder:
+                                                    each new gallery is installed as the next version
 
 The identity of a served model is `model_id`: the first 16 hex digits of the SHA-256 of the checkpoint's
 weights file, so it is the same for every copy of the weights and changes with any retraining. It is written
@@ -29,6 +31,7 @@ configs carry no `MODEL_ID` parameter.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,8 @@ PREPROCESS_JSON = "preprocess.json"
 MODEL_JSON = "model.json"
 EXPORT_JSON = "export.json"
 TOKENIZER_JSON = "tokenizer.json"  # the checkpoint's tokenizer file, copied unchanged
+
+GALLERY_FILE = "gallery.safetensors"  # in each version folder of the knn model (mim.serving.gallery)
 
 ENCODERS = (contract.IMAGE_ENCODER, contract.TEXT_ENCODER)
 
@@ -115,6 +120,28 @@ def served_model_id(model_config: Any) -> str | None:
     """The model id of a served encoder, from its config as Triton's model-config API returns it
     (`tritonclient.grpc` ModelConfig protobuf)."""
     return model_id_in_config(model_config.parameters)
+
+
+def installed_model_id(repository: str | Path) -> str:
+    """The model id of the checkpoint installed in `repository`, from both encoders' export records (which
+    must agree): what a gallery served from the same repository must have been embedded with. ValueError,
+    saying what to do, when a record is missing or the encoders disagree."""
+    ids = {}
+    for tower in ENCODERS:
+        path = version_dir(repository, tower) / EXPORT_JSON
+        try:
+            value = json.loads(path.read_text()).get(MODEL_ID)
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"{path} is missing or unreadable ({e}); install the exported model first "
+                "(`mimsearch engines --checkpoint CKPT --repository REPO`)"
+            ) from None
+        if not value:
+            raise ValueError(f"{path} has no {MODEL_ID!r}; reinstall the checkpoint (`mimsearch engines`)")
+        ids[tower] = str(value)
+    if len(set(ids.values())) != 1:
+        raise ValueError(f"the encoders come from different checkpoints {ids}; install one checkpoint for both")
+    return next(iter(ids.values()))
 
 
 UNKNOWN_MODEL_ID_HELP = (

@@ -77,12 +77,12 @@ def install_start_gallery(repo: Path, checkpoint: Path, work: Path) -> Path:
     of real embeddings over it."""
     import numpy as np
 
-    from mim.checkpoint import weights_hash
     from mim.knn import KnnIndex
+    from mim.layout import model_id_of_checkpoint
     from mim.serving.gallery import install_gallery
 
     dim = get_size("tiny").model.embed_dim
-    index = KnnIndex(dim, device="cpu", model_id=weights_hash(checkpoint))
+    index = KnnIndex(dim, device="cpu", model_id=model_id_of_checkpoint(checkpoint))
     rng = np.random.default_rng(0)
     metas = [{"title": f"item {i}", "category": ("even", "odd")[i % 2]} for i in range(START_GALLERY_SIZE)]
     index.add(np.arange(START_GALLERY_SIZE), rng.normal(size=(START_GALLERY_SIZE, dim)), metas, normalize=True)

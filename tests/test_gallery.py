@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from mim import contract
+from mim import contract, layout
 from mim.atomic import atomic_write_dir
 from mim.knn import KnnIndex
 from mim.serving import backends as B
@@ -34,7 +34,7 @@ def repo(tmp_path):
     repo = tmp_path / "model_repository"
     write_repository(repo)
     for tower in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER):
-        (repo / tower / "1" / G.EXPORT_RECORD).write_text(json.dumps({G.MODEL_ID_KEY: MODEL}))
+        (repo / tower / "1" / layout.EXPORT_JSON).write_text(json.dumps({layout.MODEL_ID: MODEL}))
     return repo
 
 
@@ -115,7 +115,7 @@ def test_install_adds_versions_and_keeps_the_served_and_previous_one(repo, tmp_p
     assert len(index) == 30 and index.model_id == MODEL
     # A new export (other encoders) leaves the old gallery out of the start-up until one of its model arrives.
     for tower in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER):
-        (repo / tower / "1" / G.EXPORT_RECORD).write_text(json.dumps({G.MODEL_ID_KEY: "model-b"}))
+        (repo / tower / "1" / layout.EXPORT_JSON).write_text(json.dumps({layout.MODEL_ID: "model-b"}))
     assert contract.KNN not in G.servable_models(repo) and not G.gallery_fits(repo)
 
 
@@ -142,10 +142,10 @@ def test_missing_corrupt_foreign_and_misfit_galleries_are_refused(repo, tmp_path
 
 
 def test_encoders_of_two_checkpoints_or_without_a_record_are_refused(repo, tmp_path):
-    (repo / contract.TEXT_ENCODER / "1" / G.EXPORT_RECORD).write_text(json.dumps({G.MODEL_ID_KEY: "model-b"}))
+    (repo / contract.TEXT_ENCODER / "1" / layout.EXPORT_JSON).write_text(json.dumps({layout.MODEL_ID: "model-b"}))
     with pytest.raises(G.GalleryError, match=r"the encoders come from different checkpoints"):
         G.encoders_model_id(repo)
-    (repo / contract.TEXT_ENCODER / "1" / G.EXPORT_RECORD).unlink()
+    (repo / contract.TEXT_ENCODER / "1" / layout.EXPORT_JSON).unlink()
     with pytest.raises(G.GalleryError, match=r"text_encoder/1/export.json is missing or unreadable"):
         G.install_gallery(saved(make_index(), tmp_path / "g.safetensors"), repo)
 

@@ -21,8 +21,8 @@ from client.search import SearchService
 from client.search_client import AsyncSearchClient, SearchClient
 from client.triton_client import ClientError, EmbeddingClient
 from mim import contract
-from mim.checkpoint import weights_hash
 from mim.knn import KnnIndex
+from mim.layout import model_id_of_checkpoint
 from mim.serving import gallery
 
 pytestmark = pytest.mark.server
@@ -36,7 +36,7 @@ def catalog(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_id(tiny_checkpoint) -> str:
-    return weights_hash(tiny_checkpoint)
+    return model_id_of_checkpoint(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

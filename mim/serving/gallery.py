@@ -11,27 +11,23 @@ loading the model again through the model-control API loads the new version next
 the old one once its requests in flight are answered. Versions older than the previous one are removed.
 
 The `knn` model refuses to load a gallery built with another model than the repository's encoders: the
-gallery records a `model_id` (KnnIndex), the encoders the checkpoint hash in their export record.
+gallery records a `model_id` (KnnIndex), the encoders theirs in their export records
+(`mim.layout.installed_model_id`). File names are mim.layout's.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from mim import contract
 from mim.atomic import atomic_write_dir
 from mim.knn import KnnIndex, read_model_id
-from mim.serving.repository import MODEL_PY, MODEL_PY_TEMPLATE, VERSION, WRITE_COMMAND
+from mim.layout import GALLERY_FILE, MODEL_PY, VERSION, installed_model_id
+from mim.serving.repository import MODEL_PY_TEMPLATE, WRITE_COMMAND
 
-GALLERY_FILE = "gallery.safetensors"
-# The export record installed beside each encoder, and its key naming the source checkpoint (the model id a
-# gallery must carry).
-EXPORT_RECORD = "export.json"
-MODEL_ID_KEY = "checkpoint_hash"
 SEARCH_ENSEMBLES = (contract.SEARCH_IMAGE, contract.SEARCH_TEXT, contract.SEARCH_MULTIMODAL)
-INSTALL_HINT = "build one with `python -m client.cli index ... --install REPO` (or mim.serving.gallery.install_gallery)"
+INSTALL_HINT = "build one with `mimsearch index ... --install REPO` (or mim.serving.gallery.install_gallery)"
 
 
 class GalleryError(ValueError):
@@ -39,24 +35,11 @@ class GalleryError(ValueError):
 
 
 def encoders_model_id(repo: str | Path) -> str:
-    """The model id the repository's encoders were exported from; both encoders must agree."""
-    repo = Path(repo)
-    ids = {}
-    for tower in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER):
-        path = repo / tower / VERSION / EXPORT_RECORD
-        try:
-            value = json.loads(path.read_text()).get(MODEL_ID_KEY)
-        except (OSError, ValueError, AttributeError) as e:
-            raise GalleryError(
-                f"{path} is missing or unreadable ({e}); the gallery cannot be checked against the encoders. "
-                "Install the exported model first (`make engines`, or export.engines.install)"
-            ) from None
-        if not value:
-            raise GalleryError(f"{path} has no {MODEL_ID_KEY!r}; re-install the export (export.engines.install)")
-        ids[tower] = str(value)
-    if len(set(ids.values())) != 1:
-        raise GalleryError(f"the encoders come from different checkpoints {ids}; install one export for both")
-    return next(iter(ids.values()))
+    """The model id of the repository's encoders (`mim.layout.installed_model_id`), as a GalleryError."""
+    try:
+        return installed_model_id(repo)
+    except ValueError as e:
+        raise GalleryError(f"the gallery cannot be checked against the encoders: {e}") from None
 
 
 def versions(repo: str | Path) -> list[int]:
