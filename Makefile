@@ -74,8 +74,8 @@ bench: setup ## quick CPU benchmarks (bounded time) into benchmarks/results/quic
 bench-full: setup ## the full CPU benchmark set into benchmarks/results
 	$(MIMSEARCH) bench
 
-bench-search: setup ## search in one request vs embed + client-side kNN (needs `make demo` artifacts) into benchmarks/results/search
-	$(PY) -m benchmarks.search_bench --repository $(ART)/model_repository --catalog $(CATALOG) --out benchmarks/results/search
+bench-search: setup ## search in one request vs embed + client-side kNN (after `make demo`) into benchmarks/results/search
+	$(MIMSEARCH) search-bench --repository $(ART)/model_repository --catalog $(CATALOG) --out benchmarks/results/search
 
 clean: ## remove generated artifacts (keeps the virtualenv)
 	rm -rf $(ART) .pytest_cache

@@ -43,6 +43,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "perf": Subcommand("benchmarks.perf", "perf_analyzer sweeps of the served models"),
     "quality": Subcommand("benchmarks.quality", "retrieval quality through the served path vs in-process"),
     "knn-bench": Subcommand("benchmarks.knn_bench", "exact kNN against faiss"),
+    "search-bench": Subcommand("benchmarks.search_bench", "search in one request vs embed + client-side kNN"),
 }
 
 
