@@ -18,7 +18,7 @@ from .atomic import atomic_write, atomic_write_text
 from .config import ModelConfig, PreprocessConfig, dumps
 from .layout import CHECKPOINT_WEIGHTS, model_id_of_checkpoint
 from .model import MIMModel
-from .tokenizer import TextTokenizer
+from .tokenizer import Tokenizers, load_tokenizer
 
 FORMAT = "mim-checkpoint"
 VERSION = 1
@@ -39,7 +39,7 @@ class Checkpoint:
     model: MIMModel
     model_cfg: ModelConfig
     pre_cfg: PreprocessConfig
-    tokenizer: TextTokenizer
+    tokenizer: Tokenizers
     meta: dict[str, Any] = field(default_factory=dict)  # objective, step, seed, ...
     path: Path | None = None
 
@@ -55,7 +55,7 @@ def save_checkpoint(
     out_dir: str | Path,
     model: MIMModel,
     pre_cfg: PreprocessConfig,
-    tokenizer: TextTokenizer,
+    tokenizer: Tokenizers,
     meta: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
@@ -107,7 +107,7 @@ def load_checkpoint(ckpt_dir: str | Path, expected: ModelConfig | None = None) -
             f"{pre_cfg.context_length}) disagrees with the model (image_size={model_cfg.vision.image_size}, "
             f"context_length={model_cfg.text.context_length})"
         )
-    tokenizer = TextTokenizer.from_file(ckpt_dir / TOKENIZER, pre_cfg.context_length)
+    tokenizer = load_tokenizer(ckpt_dir / TOKENIZER, pre_cfg.tokenizer, pre_cfg.context_length)
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise CheckpointError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the text tower embeds only {model_cfg.text.vocab_size}"

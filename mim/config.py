@@ -12,6 +12,21 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# Feed-forward activations the towers implement. "gelu" is the exact (erf) GELU our own models train with;
+# "quick_gelu" is x * sigmoid(1.702 x), which OpenAI's CLIP weights were trained with (a checkpoint run with the
+# other one drifts measurably, so the choice travels with the weights).
+ACTIVATIONS = ("gelu", "quick_gelu")
+# Where the text tower reads its sentence embedding: "cls" is position 0 ([CLS], our word-piece layout);
+# "eot" is the last attended position, which holds CLIP's end-of-text token.
+TEXT_POOLINGS = ("cls", "eot")
+# Which tokenizer a checkpoint's tokenizer.json holds: our word-piece one, or CLIP's byte-level BPE.
+TOKENIZERS = ("wordpiece", "clip_bpe")
+
+
+def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{field_name}={value!r}; expected one of {list(choices)}")
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -21,6 +36,7 @@ class VisionConfig:
     layers: int
     heads: int
     mlp_ratio: float = 4.0
+    activation: str = "gelu"
 
     @property
     def num_patches(self) -> int:
@@ -34,6 +50,7 @@ class VisionConfig:
             )
         if self.width % self.heads:
             raise ValueError(f"vision.width={self.width} is not divisible by heads={self.heads}")
+        _check_choice("vision.activation", self.activation, ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -44,12 +61,19 @@ class TextConfig:
     layers: int
     heads: int
     mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    # Causal self-attention (each token sees only those before it), as CLIP's text transformer was trained;
+    # our own text tower attends both ways, which suits [CLS] pooling.
+    causal: bool = False
+    pooling: str = "cls"
 
     def validate(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"text.width={self.width} is not divisible by heads={self.heads}")
         if self.context_length < 2:
             raise ValueError(f"text.context_length={self.context_length}; need at least 2 ([CLS] + one token)")
+        _check_choice("text.activation", self.activation, ACTIVATIONS)
+        _check_choice("text.pooling", self.pooling, TEXT_POOLINGS)
 
 
 @dataclass(frozen=True)
@@ -93,6 +117,7 @@ class PreprocessConfig:
     resize_mode: str = "shorter_side_center_crop"
     context_length: int = 16
     tokenizer_file: str = "tokenizer.json"
+    tokenizer: str = "wordpiece"  # one of TOKENIZERS
     lowercase: bool = True
     # Decompression-bomb guard: refuse images whose header declares more pixels than this (about 40 MP).
     max_image_pixels: int = 40_000_000
@@ -111,7 +136,9 @@ class PreprocessConfig:
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return cls(**d)
+        cfg = cls(**d)
+        _check_choice("preprocess.tokenizer", cfg.tokenizer, TOKENIZERS)
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -150,6 +177,39 @@ SIZES: dict[str, SizeSpec] = {
         why="GPU serving benchmarks at a production-like size",
     ),
 }
+
+
+def _clip_size(name: str, patch: int, vision: tuple[int, int, int], text: tuple[int, int, int], embed: int) -> SizeSpec:
+    """A CLIP shape as OpenAI published it: 224 px, 77-token causal text with end-of-text pooling, QuickGELU,
+    CLIP's BPE vocabulary (49,408 tokens). `vision` and `text` are (width, layers, heads)."""
+    (vw, vl, vh), (tw, tl, th) = vision, text
+    return SizeSpec(
+        model=ModelConfig(
+            name=name,
+            embed_dim=embed,
+            vision=VisionConfig(
+                image_size=224, patch_size=patch, width=vw, layers=vl, heads=vh, activation="quick_gelu"
+            ),
+            text=TextConfig(
+                vocab_size=49408,
+                context_length=77,
+                width=tw,
+                layers=tl,
+                heads=th,
+                activation="quick_gelu",
+                causal=True,
+                pooling="eot",
+            ),
+        ),
+        preprocess=PreprocessConfig(image_size=224, context_length=77, tokenizer="clip_bpe"),
+        why="the shape of a pretrained CLIP checkpoint (python -m mim.import_clip)",
+    )
+
+
+# Heads are width / 64 in every CLIP ViT, as in OpenAI's release.
+SIZES["clip-vit-b-32"] = _clip_size("clip-vit-b-32", 32, (768, 12, 12), (512, 12, 8), 512)
+SIZES["clip-vit-b-16"] = _clip_size("clip-vit-b-16", 16, (768, 12, 12), (512, 12, 8), 512)
+SIZES["clip-vit-l-14"] = _clip_size("clip-vit-l-14", 14, (1024, 24, 16), (768, 12, 12), 768)
 
 
 def get_size(name: str) -> SizeSpec:

@@ -41,22 +41,37 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, Dh)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, T)
         if bias is not None:
-            scores = scores + bias  # (B, 1, 1, T) broadcast over heads and query positions
+            scores = scores + bias  # (B, 1, 1, T) padding, or (B, 1, T, T) with a causal mask; broadcast over heads
         attn = scores.softmax(dim=-1)
         y = (attn @ v).transpose(1, 2).reshape(b, t, w)
         return self.out(y)
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r}; expected 'gelu' or 'quick_gelu'")
+
+
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str = "gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), activation(act), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), bias)
@@ -69,12 +84,15 @@ class ImageTower(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
+        # CLIP's patch convolution has no bias; an imported checkpoint sets this one to zeros, which is exact.
         self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         scale = cfg.width**-0.5
         self.cls_token = nn.Parameter(scale * torch.randn(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(scale * torch.randn(1, cfg.num_patches + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.activation) for _ in range(cfg.layers)
+        )
         self.ln_post = nn.LayerNorm(cfg.width)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
 
@@ -89,23 +107,42 @@ class ImageTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    """(input_ids, attention_mask) (B, T) int64 -> text_embeds (B, D), unit L2 norm. Pools the [CLS] position."""
+    """(input_ids, attention_mask) (B, T) int64 -> text_embeds (B, D), unit L2 norm.
+
+    Pools the [CLS] position (cfg.pooling "cls") or the last attended position, where CLIP's tokenizer puts
+    its end-of-text token ("eot"). The position comes from the mask, not from a token id, so it does not
+    depend on the vocabulary and exports as one Gather."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(0.01 * torch.randn(1, cfg.context_length, cfg.width))
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.activation) for _ in range(cfg.layers)
+        )
         self.ln_final = nn.LayerNorm(cfg.width)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        if cfg.causal:
+            # (1, 1, T, T): MASK_BIAS above the diagonal. Not persistent: derived from the config, so
+            # checkpoints hold weights only.
+            causal = torch.triu(torch.full((cfg.context_length, cfg.context_length), MASK_BIAS), diagonal=1)
+            self.register_buffer("causal_bias", causal[None, None], persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.token_embed(input_ids) + self.pos_embed[:, : input_ids.shape[1]]  # (B, T, W)
+        t = input_ids.shape[1]
+        x = self.token_embed(input_ids) + self.pos_embed[:, :t]  # (B, T, W)
         bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * MASK_BIAS  # (B, 1, 1, T)
+        if self.cfg.causal:
+            bias = bias + self.causal_bias[:, :, :t, :t]  # (B, 1, T, T)
         for blk in self.blocks:
             x = blk(x, bias)
-        return l2_normalize(self.proj(self.ln_final(x[:, 0])))
+        if self.cfg.pooling == "eot":
+            last = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,) index of the last attended token
+            pooled = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[2])).squeeze(1)  # (B, W)
+        else:
+            pooled = x[:, 0]
+        return l2_normalize(self.proj(self.ln_final(pooled)))
 
 
 class MIMModel(nn.Module):
