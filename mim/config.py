@@ -113,7 +113,8 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     # Resize the shorter side to image_size (bicubic), then centre-crop a square: keeps the aspect ratio of
-    # user photos instead of squashing them.
+    # user photos instead of squashing them. "clip" is the same with the longer side truncated instead of
+    # rounded, as CLIP's own preprocessing does (mim.preprocess).
     resize_mode: str = "shorter_side_center_crop"
     context_length: int = 16
     tokenizer_file: str = "tokenizer.json"
@@ -201,7 +202,7 @@ def _clip_size(name: str, patch: int, vision: tuple[int, int, int], text: tuple[
                 pooling="eot",
             ),
         ),
-        preprocess=PreprocessConfig(image_size=224, context_length=77, tokenizer="clip_bpe"),
+        preprocess=PreprocessConfig(image_size=224, context_length=77, tokenizer="clip_bpe", resize_mode="clip"),
         why="the shape of a pretrained CLIP checkpoint (python -m mim.import_clip)",
     )
 

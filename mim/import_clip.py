@@ -395,10 +395,17 @@ def hf_tokenizer(folder: Path, context_length: int) -> ClipTokenizer:
         raise ClipImportError(f"{folder}: the tokenizer files do not make a CLIP tokenizer: {e}") from None
 
 
+def clip_preprocess(image_size: int, context_length: int) -> PreprocessConfig:
+    """CLIP's preprocessing: bicubic shorter side, centre crop, OpenAI's mean/std, its BPE tokenizer."""
+    return PreprocessConfig(
+        image_size=image_size, context_length=context_length, tokenizer="clip_bpe", resize_mode="clip"
+    )
+
+
 def hf_preprocess(folder: Path, image_size: int, context_length: int) -> PreprocessConfig:
     """`preprocessor_config.json` -> PreprocessConfig; CLIP's defaults when the folder has none."""
     path = folder / "preprocessor_config.json"
-    base = PreprocessConfig(image_size=image_size, context_length=context_length, tokenizer="clip_bpe")
+    base = clip_preprocess(image_size, context_length)
     if not path.is_file():
         return base
     raw = json.loads(path.read_text())
@@ -411,12 +418,8 @@ def hf_preprocess(folder: Path, image_size: int, context_length: int) -> Preproc
             f"{path}: resize shortest_edge={short}, crop={crop}, resample={raw.get('resample')}; only CLIP's own "
             f"preprocessing is implemented (shortest edge = crop = {image_size}, bicubic = 3)"
         )
-    return PreprocessConfig(
-        image_size=image_size,
-        context_length=context_length,
-        tokenizer="clip_bpe",
-        mean=tuple(raw.get("image_mean", base.mean)),
-        std=tuple(raw.get("image_std", base.std)),
+    return dataclasses.replace(
+        base, mean=tuple(raw.get("image_mean", base.mean)), std=tuple(raw.get("image_std", base.std))
     )
 
 
@@ -440,9 +443,7 @@ def import_openclip(weights: str | Path, arch: str, out: str | Path) -> Path:
     cfg = openclip_model_config(arch)
     state = hf_to_ours(openclip_to_hf(load_state_dict(weights)), cfg)
     tok = ClipTokenizer.from_vocab(*clip_vocab_from_bpe_file(), cfg.text.context_length)
-    pre = PreprocessConfig(
-        image_size=cfg.vision.image_size, context_length=cfg.text.context_length, tokenizer="clip_bpe"
-    )
+    pre = clip_preprocess(cfg.vision.image_size, cfg.text.context_length)
     return _write(out, cfg, state, pre, tok, {"source": "openclip", "source_path": str(weights), "arch": arch})
 
 

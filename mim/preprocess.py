@@ -69,14 +69,20 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
     return img.convert("RGB")
 
 
+# How the longer side is sized when the shorter one becomes S: ours rounds; CLIP (torchvision's Resize, as
+# transformers' CLIPImageProcessor) truncates, and an imported CLIP model keeps that to see its own pixels.
+_LONG_SIDE = {"shorter_side_center_crop": round, "clip": int}
+
+
 def image_to_array(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB image -> normalised float32 (3, S, S): shorter side resized to S (bicubic), centre crop."""
-    if cfg.resize_mode != "shorter_side_center_crop":
-        raise ValueError(f"unknown resize_mode {cfg.resize_mode!r}; expected 'shorter_side_center_crop'")
+    if cfg.resize_mode not in _LONG_SIDE:
+        raise ValueError(f"unknown resize_mode {cfg.resize_mode!r}; expected one of {sorted(_LONG_SIDE)}")
+    long_side = _LONG_SIDE[cfg.resize_mode]
     s = cfg.image_size
     w, h = img.size
     scale = s / min(w, h)
-    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+    nw, nh = max(s, long_side(w * scale)), max(s, long_side(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - s) // 2, (nh - s) // 2
