@@ -139,7 +139,7 @@ class TextTower(nn.Module):
             x = blk(x, bias)
         if self.cfg.pooling == "eot":
             last = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,) index of the last attended token
-            pooled = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[2])).squeeze(1)  # (B, W)
+            pooled = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[2]))[:, 0]  # (B, W)
         else:
             pooled = x[:, 0]
         return l2_normalize(self.proj(self.ln_final(pooled)))

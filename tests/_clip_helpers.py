@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mim import contract
 from mim.tokenizer import clip_vocab_from_bpe_file
 
 transformers = pytest.importorskip("transformers", reason="transformers (the `dev` extra) builds the reference CLIP")
@@ -206,3 +207,38 @@ def hf_text_embeddings(model, tokenizer_dir: Path, texts: list[str]) -> np.ndarr
     enc = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     with torch.no_grad():
         return model.get_text_features(**enc).pooler_output.numpy()
+
+
+class HFEmbeddings:
+    """The transformers reference behind the client's interface (images, texts, multimodal): the embeddings a
+    served imported model must reproduce. Fusion is normalize(w * image + (1 - w) * text), as served."""
+
+    def __init__(self, model, tokenizer_dir: Path):
+        self.model, self.tokenizer_dir = model, tokenizer_dir
+
+    def embed_images(self, images: list[bytes]) -> np.ndarray:
+        return _unit(hf_image_embeddings(self.model, list(images)))
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return _unit(hf_text_embeddings(self.model, self.tokenizer_dir, list(texts)))
+
+    def embed_multimodal(self, images, texts, image_weight: float | None = None) -> np.ndarray:
+        w = contract.DEFAULT_IMAGE_WEIGHT if image_weight is None else image_weight
+        return _unit(w * self.embed_images(images) + (1 - w) * self.embed_texts(texts))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def more_photos() -> list[bytes]:
+    """real_photos() and mirrored, rotated and grey copies of them: a small gallery. PNG, so that both sides
+    decode the same pixels (a JPEG decoder may legitimately differ in the last bit)."""
+    out = list(real_photos())
+    for data in real_photos():
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        for edit in (lambda x: x.transpose(Image.FLIP_LEFT_RIGHT), lambda x: x.rotate(90, expand=True).convert("L")):
+            buf = io.BytesIO()
+            edit(im).convert("RGB").save(buf, "PNG")
+            out.append(buf.getvalue())
+    return out

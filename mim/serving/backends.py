@@ -32,7 +32,7 @@ from mim.config import ModelConfig, PreprocessConfig
 from mim.layout import MODEL_JSON, ONNX_FP32, PREPROCESS_JSON
 from mim.preprocess import InputError, decode_text, preprocess_image_bytes
 from mim.ranking import fuse
-from mim.tokenizer import TextTokenizer
+from mim.tokenizer import Tokenizers, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class PreprocessImageHandler(Handler):
 
 
 class TextPreprocessor:
-    def __init__(self, cfg: PreprocessConfig, tokenizer: TextTokenizer):
+    def __init__(self, cfg: PreprocessConfig, tokenizer: Tokenizers):
         if tokenizer.context_length != cfg.context_length:
             raise ValueError(
                 f"tokenizer context_length={tokenizer.context_length}, preprocess config {cfg.context_length}"
@@ -237,7 +237,7 @@ class TextPreprocessor:
     @classmethod
     def from_dir(cls, version_dir: Path) -> TextPreprocessor:
         cfg = read_preprocess(version_dir)
-        return cls(cfg, TextTokenizer.from_file(Path(version_dir) / cfg.tokenizer_file, cfg.context_length))
+        return cls(cfg, load_tokenizer(Path(version_dir) / cfg.tokenizer_file, cfg.tokenizer, cfg.context_length))
 
     def decode_batch(self, rows: Sequence[bytes]) -> tuple[list[str], list[str | None]]:
         texts, errors = [], []
