@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write_text
-from .catalog import Catalog, load_catalog
+from .catalog import Catalog
+from .dataset import open_catalog
 from .embedding import Embedder
 from .ranking import fuse, refine, top_k
 
@@ -119,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="checkpoint folder; repeat to compare (name=path also works)",
     )
-    ap.add_argument("--catalog", default="artifacts/catalog")
+    ap.add_argument("--catalog", default="artifacts/catalog", help="catalog folder or JSON Lines dataset manifest")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"])
     ap.add_argument("--out", help="write OUT.md and OUT.json")
     args = ap.parse_args(argv)
     from .checkpoint import load_checkpoint  # torch: only the CLI needs it, the metrics above do not
     from .embedding import TorchEmbedder
 
-    catalog = load_catalog(args.catalog)
+    catalog = open_catalog(args.catalog)
     rows = {}
     for spec in args.checkpoint:
         name, _, path = spec.rpartition("=")

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .catalog import Catalog, load_catalog
+from .catalog import Catalog
 from .config import PreprocessConfig, get_size
+from .dataset import is_dataset, open_catalog
 from .losses import OBJECTIVES, LossWeights, mim_loss
 from .model import MIMModel
 from .preprocess import preprocess_image_bytes
 from .progress import progress_bar
 from .synth import ensure_catalog
-from .tokenizer import TextTokenizer
+from .tokenizer import ClipTokenizer, TextTokenizer, Tokenizers
 
 
 @dataclass
@@ -96,7 +97,7 @@ def augment(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def batch_loss(
     model: MIMModel,
-    tok: TextTokenizer,
+    tok: Tokenizers,
     data: TrainData,
     objective: str,
     rng: np.random.Generator,
@@ -144,13 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m mim.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--catalog", default="artifacts/catalog", help="catalog folder (generated if missing)")
+    ap.add_argument(
+        "--catalog",
+        default="artifacts/catalog",
+        help="catalog folder (generated if missing), or a JSON Lines dataset manifest (mim/dataset.py)",
+    )
     ap.add_argument("--catalog-seed", type=int, default=0)
     ap.add_argument("--size", default="tiny", help="named model size (mim.config.SIZES)")
     ap.add_argument("--objective", choices=OBJECTIVES, default="3tower")
     ap.add_argument("--out", required=True, help="checkpoint folder to write")
     ap.add_argument(
-        "--init-from", help="start from this checkpoint's weights and tokenizer (e.g. 4-tower from 3-tower)"
+        "--init-from",
+        help="start from this checkpoint's weights, tokenizer and preprocessing (e.g. 4-tower from 3-tower, or an "
+        "imported CLIP: python -m mim.import_clip)",
     )
     ap.add_argument("--resume", action="store_true", help="continue from --out if it holds a checkpoint")
     ap.add_argument("--steps", type=int, default=600)
@@ -196,9 +203,10 @@ def train(
     dev = pick_device(device)
     torch.manual_seed(seed)
     cat_path = Path(catalog)
-    cat = (
-        load_catalog(cat_path) if (cat_path / "catalog.json").is_file() else ensure_catalog(cat_path, seed=catalog_seed)
-    )
+    if is_dataset(cat_path) or (cat_path / "catalog.json").is_file():
+        cat = open_catalog(cat_path)
+    else:
+        cat = ensure_catalog(cat_path, seed=catalog_seed)
     out_dir = Path(out)
 
     start_step = 0
@@ -216,12 +224,15 @@ def train(
     else:
         spec = get_size(size)
         pre = spec.preprocess
-        tok = TextTokenizer.train(
-            tokenizer_texts(cat),
-            vocab_size=spec.model.text.vocab_size,
-            context_length=pre.context_length,
-            lowercase=pre.lowercase,
-        )
+        if pre.tokenizer == "clip_bpe":  # a CLIP shape from scratch: CLIP's own vocabulary
+            tok = ClipTokenizer.bundled(pre.context_length)
+        else:
+            tok = TextTokenizer.train(
+                tokenizer_texts(cat),
+                vocab_size=spec.model.text.vocab_size,
+                context_length=pre.context_length,
+                lowercase=pre.lowercase,
+            )
         model = MIMModel(spec.model.with_vocab(tok.vocab_size))
     model.to(dev).train()
 

@@ -173,7 +173,7 @@ def test_refuses_pickled_objects(tmp_path, hf_clip):
     torch.save({"state_dict": state, "hook": _Payload()}, tmp_path / "evil.pt")
     with pytest.raises(ClipImportError, match=r"evil.pt: torch.load\(weights_only=True\) refused it .* never loaded"):
         import_openclip(tmp_path / "evil.pt", "ViT-B-32", tmp_path / "out")
-    (tmp_path / "raw.pt").write_bytes(pickle.dumps(_Payload()))
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps(_Payload(), protocol=2))
     with pytest.raises(ClipImportError, match=r"raw.pt: torch.load\(weights_only=True\) refused it"):
         import_openclip(tmp_path / "raw.pt", "ViT-B-32", tmp_path / "out")
     assert not (tmp_path / "out").exists()
