@@ -3,8 +3,10 @@ titles (Hugging Face and OpenCLIP layouts), and clear refusals that leave nothin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,9 @@ from _clip_helpers import (
 from safetensors.torch import save_file
 
 from mim.checkpoint import load_checkpoint, read_config
-from mim.config import get_size
+from mim.config import PreprocessConfig, get_size
 from mim.import_clip import ClipImportError, import_hf, import_openclip, main, openclip_model_config
+from mim.model import MIMModel
 from mim.preprocess import preprocess_image_bytes
 
 MIN_COSINE = 0.9999
@@ -232,3 +235,54 @@ def test_vit_b16_base_shape_import(tmp_path):
 def test_vocab_files_roundtrip(tmp_path):
     write_clip_vocab(tmp_path)
     assert len(json.loads((tmp_path / "vocab.json").read_text())) == 49408
+
+
+# --- the switches ----------------------------------------------------------------------------------------------
+def test_checkpoints_without_the_clip_fields_load_as_before(tiny_checkpoint, tmp_path):
+    """A checkpoint written before the switches existed has none of their keys: it loads with our defaults
+    (GELU, bidirectional text, [CLS] pooling, word-piece tokenizer) and computes the same embeddings."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, old)
+    raw = json.loads((old / "config.json").read_text())
+    for tower in ("vision", "text"):
+        for key in ("activation", "causal", "pooling"):
+            raw["model"][tower].pop(key, None)
+    raw["preprocess"].pop("tokenizer")
+    (old / "config.json").write_text(json.dumps(raw))
+    a, b = load_checkpoint(tiny_checkpoint), load_checkpoint(old)
+    assert b.model_cfg == a.model_cfg and b.pre_cfg == a.pre_cfg
+    assert (b.model_cfg.text.activation, b.model_cfg.text.causal, b.model_cfg.text.pooling) == ("gelu", False, "cls")
+    ids, mask = b.tokenizer.encode_batch(TITLES[:3])
+    with torch.no_grad():
+        ta = a.model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
+        tb = b.model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
+    assert torch.equal(ta, tb)
+
+
+def test_switch_values_are_checked():
+    tiny = get_size("tiny").model
+    with pytest.raises(ValueError, match=r"text.activation='relu'; expected one of \['gelu', 'quick_gelu'\]"):
+        dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, activation="relu")).validate()
+    with pytest.raises(ValueError, match=r"text.pooling='mean'; expected one of \['cls', 'eot'\]"):
+        dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, pooling="mean")).validate()
+    with pytest.raises(ValueError, match=r"preprocess.tokenizer='bert'; expected one of"):
+        PreprocessConfig.from_dict({**get_size("tiny").preprocess.to_dict(), "tokenizer": "bert"})
+
+
+def test_causal_eot_text_tower_ignores_padding_and_later_tokens():
+    """With causal attention and end-of-text pooling, the embedding depends only on the tokens up to the end
+    token: changing the padding ids or the tokens after it changes nothing."""
+    cfg = get_size("tiny").model
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, causal=True, pooling="eot"))
+    torch.manual_seed(0)
+    tower = MIMModel(cfg).eval()
+    ids = torch.randint(4, cfg.text.vocab_size, (2, cfg.text.context_length))
+    mask = torch.zeros_like(ids)
+    mask[:, :5] = 1
+    other = ids.clone()
+    other[:, 5:] = 0
+    with torch.no_grad():
+        a, b = tower.encode_text(ids, mask), tower.encode_text(other, mask)
+        c = tower.encode_text(ids, torch.ones_like(mask))  # pooled at the last position: a different embedding
+    torch.testing.assert_close(a, b)
+    assert (a - c).abs().max() > 1e-3
