@@ -118,11 +118,11 @@ def build_and_install(
     report = export_checkpoint(checkpoint, export_dir, check=check) if not reused else previous
     result = InstallReport(model_id, repository, export_dir, report, reused_export=reused, batches=batches)
     if catalog is not None and check:
-        from mim.catalog import load_catalog
+        from mim.dataset import open_catalog
 
         from .fp16_gate import fp16_gate
 
-        result.gate = fp16_gate(checkpoint, export_dir, load_catalog(catalog))
+        result.gate = fp16_gate(checkpoint, export_dir, open_catalog(catalog))  # a catalog folder or a dataset
     reason = "TensorRT build skipped (not requested: --no-tensorrt)" if not tensorrt else None
     if reason is None:
         unavailable = tensorrt_unavailable_reason()

@@ -1,6 +1,7 @@
 """`mimsearch`: one command for the whole stack; each subcommand hands its arguments to a module's `main(argv)`.
 
     mimsearch catalog --out artifacts/catalog
+    mimsearch import-clip --hf path/to/clip-vit-base-patch32 --out artifacts/checkpoints/clip
     mimsearch train --catalog artifacts/catalog --objective 3tower --steps 600 --out artifacts/checkpoints/3tower
     mimsearch engines --checkpoint artifacts/checkpoints/3tower --repository model_repository
     mimsearch serve --repository model_repository --config cpu
@@ -29,6 +30,8 @@ class Subcommand:
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "catalog": Subcommand("mim.synth", "generate the synthetic street-to-shop catalog"),
+    "dataset": Subcommand("mim.dataset", "write a catalog as a JSON Lines dataset (the format for your own data)"),
+    "import-clip": Subcommand("mim.import_clip", "convert a pretrained CLIP (Hugging Face / OpenCLIP) to a checkpoint"),
     "train": Subcommand("mim.train", "train a DML / 3-tower / 4-tower model into a checkpoint"),
     "evaluate": Subcommand("mim.evaluate", "offline retrieval metrics of a checkpoint on a catalog split"),
     "compare": Subcommand("mim.compare", "train and compare DML vs 3-tower vs 4-tower on the same data"),

@@ -3,8 +3,6 @@ bundled tritonserver (CPU configs), and compare every ensemble and a search with
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from _client_helpers import assert_same_ranking, cosines
@@ -22,23 +20,16 @@ MIN_COSINE = 0.999
 
 @pytest.fixture(scope="module")
 def clip_served(tmp_path_factory):
-    from export.engines import install
-    from export.onnx_export import export_checkpoint
-    from mim.serving.repository import DEFAULT_REPOSITORY
+    from export.engines import build_and_install
+    from mim.serving.repository import prepare_repository
     from mim.serving.server import TritonServer
 
     root = tmp_path_factory.mktemp("clip-e2e")
     model = random_clip(seed=3)
     folder = save_hf_folder(model, root / "hf")
     ckpt = import_hf(folder, root / "ckpt")
-    export_checkpoint(ckpt, root / "export", fp16=False, check=True)
-    repo = root / "model_repository"
-    shutil.copytree(
-        DEFAULT_REPOSITORY,
-        repo,
-        ignore=shutil.ignore_patterns("*.onnx", "*.plan", "*.plan.json", "preprocess.json", "tokenizer.json"),
-    )
-    install(root / "export", repo)
+    repo = prepare_repository(root / "model_repository")
+    build_and_install(ckpt, repo, export_dir=root / "export", tensorrt=False, check=True)  # `make engines`
     with TritonServer(repo, config="cpu", log_path=root / "tritonserver.log") as server:
         with EmbeddingClient(server.grpc_url, timeout_s=60) as client:
             yield client, HFEmbeddings(model, folder)
