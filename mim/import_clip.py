@@ -4,8 +4,9 @@
     python -m mim.import_clip --openclip ViT-B-32.safetensors --arch ViT-B-32-quickgelu --out artifacts/checkpoints/clip
 
 Two source layouts:
-- a Hugging Face `CLIPModel` folder: `config.json`, `model.safetensors`, the tokenizer (`tokenizer.json`, or
-  `vocab.json` + `merges.txt`) and optionally `preprocessor_config.json`;
+- a Hugging Face `CLIPModel` folder: `config.json`, `model.safetensors` (or `pytorch_model.bin`, read with
+  `weights_only=True`), the tokenizer (`tokenizer.json`, or `vocab.json` + `merges.txt`) and optionally
+  `preprocessor_config.json`;
 - an OpenCLIP state dict (`.safetensors`; `.pt`/`.bin` only through `torch.load(weights_only=True)`, which
   refuses pickled code) plus an architecture: a name (`ViT-B-32`, `ViT-B-16`, `ViT-L-14`, each also as
   `...-quickgelu`, which OpenAI's own weights need) or an OpenCLIP model-config JSON file. The tokenizer is
@@ -35,6 +36,7 @@ from safetensors.torch import load_file
 
 from . import checkpoint as ckpt
 from .config import ModelConfig, PreprocessConfig, TextConfig, VisionConfig, get_size
+from .layout import model_id_of_checkpoint
 from .model import MIMModel
 from .tokenizer import ClipTokenizer, clip_vocab_from_bpe_file
 
@@ -106,8 +108,9 @@ def hf_model_config(raw: dict[str, Any], name: str = "clip") -> ModelConfig:
         raise ClipImportError(
             f"config.json has model_type {raw.get('model_type')!r}; expected 'clip' (a transformers CLIPModel folder)"
         )
-    t = {**_HF_TEXT_DEFAULTS, **raw.get("text_config", {})}
-    v = {**_HF_VISION_DEFAULTS, **raw.get("vision_config", {})}
+    # Configs written by old transformers versions name the sub-configs "*_config_dict".
+    t = {**_HF_TEXT_DEFAULTS, **(raw.get("text_config") or raw.get("text_config_dict") or {})}
+    v = {**_HF_VISION_DEFAULTS, **(raw.get("vision_config") or raw.get("vision_config_dict") or {})}
     for where, sub in (("text_config", t), ("vision_config", v)):
         if float(sub["layer_norm_eps"]) != _LAYER_NORM_EPS:
             raise ClipImportError(
@@ -427,12 +430,16 @@ def hf_preprocess(folder: Path, image_size: int, context_length: int) -> Preproc
 def import_hf(folder: str | Path, out: str | Path) -> Path:
     """Convert a Hugging Face CLIPModel folder into a checkpoint at `out`."""
     folder = Path(folder)
-    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise ClipImportError(f"{p} not found; expected a folder written by CLIPModel.save_pretrained")
+    cfg_path = folder / "config.json"
+    # model.safetensors, or the older pytorch_model.bin (read with weights_only=True, like any .bin here).
+    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    if not cfg_path.is_file() or weights is None:
+        raise ClipImportError(
+            f"{folder} needs config.json and model.safetensors (or pytorch_model.bin); expected a folder written "
+            "by transformers' CLIPModel.save_pretrained"
+        )
     cfg = hf_model_config(json.loads(cfg_path.read_text()), name=folder.name)
-    state = hf_to_ours(load_file(str(weights)), cfg)
+    state = hf_to_ours(load_state_dict(weights), cfg)
     tok = hf_tokenizer(folder, cfg.text.context_length)
     pre = hf_preprocess(folder, cfg.vision.image_size, cfg.text.context_length)
     return _write(out, cfg, state, pre, tok, {"source": "huggingface", "source_path": str(folder)})
@@ -512,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"imported {m['name']}: ViT {m['vision']['image_size']} px / patch {m['vision']['patch_size']}, "
         f"{m['vision']['layers']}+{m['text']['layers']} layers, embedding {m['embed_dim']} -> {out} "
-        f"(weights {ckpt.weights_hash(out)})"
+        f"(model id {model_id_of_checkpoint(out)})"
     )
     return 0
 

@@ -108,6 +108,18 @@ def test_hf_import_reads_tokenizer_json(hf_clip, tmp_path):
     assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
 
 
+def test_hf_folder_with_pytorch_model_bin(hf_clip, tmp_path):
+    """Older Hugging Face folders hold pytorch_model.bin: read with weights_only=True, same weights."""
+    model, folder = hf_clip
+    old = tmp_path / "hf-bin"
+    shutil.copytree(folder, old)
+    (old / "model.safetensors").unlink()
+    torch.save(model.state_dict(), old / "pytorch_model.bin")
+    a = load_checkpoint(import_hf(folder, tmp_path / "a")).model.state_dict()
+    b = load_checkpoint(import_hf(old, tmp_path / "b")).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_openclip_import_matches_transformers(hf_clip, tmp_path, suffix):
     model, folder = hf_clip
