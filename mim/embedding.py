@@ -29,7 +29,7 @@ from . import contract, layout
 from .config import ModelConfig, PreprocessConfig
 from .preprocess import decode_text, preprocess_image_bytes
 from .ranking import fuse
-from .tokenizer import TextTokenizer
+from .tokenizer import Tokenizers
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -65,7 +65,7 @@ class LocalEmbedder(ABC):
         self,
         embed_dim: int,
         pre_cfg: PreprocessConfig,
-        tokenizer: TextTokenizer,
+        tokenizer: Tokenizers,
         image_batch: int | None,
         text_batch: int | None,
     ):
@@ -142,7 +142,7 @@ class OnnxEmbedder(LocalEmbedder):
         text_encoder,
         embed_dim: int,
         pre_cfg: PreprocessConfig,
-        tokenizer: TextTokenizer,
+        tokenizer: Tokenizers,
         batch_size: int | None = contract.MAX_BATCH_SIZE,
     ):
         super().__init__(embed_dim, pre_cfg, tokenizer, batch_size, batch_size)
@@ -155,7 +155,7 @@ class OnnxEmbedder(LocalEmbedder):
         text_onnx: str | Path,
         model_cfg: ModelConfig,
         pre_cfg: PreprocessConfig,
-        tokenizer: TextTokenizer,
+        tokenizer: Tokenizers,
         *,
         threads: int = 2,
         batch_size: int | None = contract.MAX_BATCH_SIZE,

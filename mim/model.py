@@ -168,7 +168,7 @@ class MIMModel(nn.Module):
         if input_ids.ndim != 2 or input_ids.shape[1] != t or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids {tuple(input_ids.shape)} / attention_mask {tuple(attention_mask.shape)}; expected both "
-                f"(batch, {t}); tokenize with the model's TextTokenizer"
+                f"(batch, {t}); tokenize with the checkpoint's tokenizer"
             )
         return self.text(input_ids, attention_mask)
 

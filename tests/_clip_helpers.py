@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mim import contract
+from mim import contract, ranking
 from mim.tokenizer import clip_vocab_from_bpe_file
 
 transformers = pytest.importorskip("transformers", reason="transformers (the `dev` extra) builds the reference CLIP")
@@ -187,12 +187,10 @@ def real_photos() -> list[bytes]:
 
 
 def parity(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """(min cosine per row, max abs diff) of two (N, D) embedding batches, the reference normalised here."""
-    ours = np.asarray(ours, np.float64)
-    ref = np.asarray(ref, np.float64)
-    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
-    ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)
-    return float((ours * ref).sum(axis=1).min()), float(np.abs(ours - ref).max())
+    """(min cosine per row, max abs diff) of our unit embeddings against transformers' projected features,
+    which are not normalised: normalised here first, as our towers end."""
+    p = ranking.parity(ours, ranking.l2_normalize(np.asarray(ref, np.float32)))
+    return p.min_cosine, p.max_abs_diff
 
 
 def hf_image_embeddings(model, photos: list[bytes]) -> np.ndarray:
@@ -217,18 +215,14 @@ class HFEmbeddings:
         self.model, self.tokenizer_dir = model, tokenizer_dir
 
     def embed_images(self, images: list[bytes]) -> np.ndarray:
-        return _unit(hf_image_embeddings(self.model, list(images)))
+        return ranking.l2_normalize(hf_image_embeddings(self.model, list(images)))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        return _unit(hf_text_embeddings(self.model, self.tokenizer_dir, list(texts)))
+        return ranking.l2_normalize(hf_text_embeddings(self.model, self.tokenizer_dir, list(texts)))
 
     def embed_multimodal(self, images, texts, image_weight: float | None = None) -> np.ndarray:
         w = contract.DEFAULT_IMAGE_WEIGHT if image_weight is None else image_weight
-        return _unit(w * self.embed_images(images) + (1 - w) * self.embed_texts(texts))
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        return ranking.fuse(self.embed_images(images), self.embed_texts(texts), w)
 
 
 def more_photos() -> list[bytes]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _client_helpers import assert_same_ranking, cosines
+from _client_helpers import assert_same_ranking
 from _clip_helpers import TITLES, HFEmbeddings, more_photos, random_clip, save_hf_folder
 
 from client.search import SearchService
 from client.triton_client import EmbeddingClient
 from mim.import_clip import import_hf
 from mim.knn import KnnIndex
+from mim.ranking import row_cosines as cosines
 
 pytestmark = pytest.mark.server
 
