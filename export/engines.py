@@ -29,7 +29,7 @@ from mim.config import ModelConfig, PreprocessConfig
 from mim.layout import PLAN_META_SUFFIX
 from mim.serving.repository import write_repository
 
-from .onnx_export import export_checkpoint, onnx_filename, summary_lines
+from .onnx_export import export_checkpoint, onnx_filename, summary_lines, weights_filename
 from .tensorrt_build import (
     BatchRange,
     build_engine,
@@ -165,6 +165,8 @@ def install(export_dir: str | Path, repo_dir: str | Path) -> list[Path]:
         # The encoder reads its vocabulary size and dims from model.json; the export record travels with it.
         put(export_dir / layout.MODEL_JSON, vdir / layout.MODEL_JSON)
         put(meta_path, vdir / layout.EXPORT_JSON)
+        # The torch variants (mim.serving.torch_backend) build the tower from these weights and model.json.
+        put(export_dir / weights_filename(tower), vdir / layout.TORCH_WEIGHTS)
         fp16_src = export_dir / onnx_filename(tower, fp16=True)
         if fp16_src.is_file():
             put(fp16_src, vdir / layout.ONNX_FP16)

@@ -8,6 +8,8 @@ writes into the output folder:
     text_encoder.onnx
     image_encoder.fp16.onnx   FP16 weights and compute, FP32 I/O and FP32 normalisations (GPU without TensorRT)
     text_encoder.fp16.onnx
+    image_encoder.safetensors the tower's torch weights (the `torch` / `gpu_torch` serving variants)
+    text_encoder.safetensors
     preprocess.json           PreprocessConfig: read by the Triton preprocessing models at initialize
     model.json                ModelConfig: the concrete dims of the contract's symbolic ones
     tokenizer.json            the checkpoint's tokenizer, unchanged
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from mim import contract, layout
@@ -41,6 +44,7 @@ from mim.atomic import atomic_write_bytes
 from mim.checkpoint import TOKENIZER, load_checkpoint
 from mim.config import ModelConfig, dumps
 from mim.ranking import parity
+from mim.serving.torch_backend import tower_state_dict
 
 from .fp16 import convert_to_fp16
 from .surgery import DEFAULT_PASSES, count_nodes, run_passes
@@ -97,6 +101,11 @@ def towers_of(model: nn.Module) -> list[Tower]:
 
 def onnx_filename(tower_name: str, fp16: bool = False) -> str:
     return f"{tower_name}.fp16.onnx" if fp16 else f"{tower_name}.onnx"
+
+
+def weights_filename(tower_name: str) -> str:
+    """The tower's torch weights (safetensors), for the `torch` / `gpu_torch` serving variants."""
+    return f"{tower_name}.safetensors"
 
 
 # --- random inputs -----------------------------------------------------------------------------------------
@@ -253,6 +262,9 @@ def export_checkpoint(
     for tower in towers_of(ckpt.model):
         report["towers"][tower.name] = _export_one(tower, model_cfg, out_dir, opset=opset, fp16=fp16, check=check)
 
+    for tower in towers_of(ckpt.model):  # the torch encoder's weights (mim.serving.torch_backend)
+        state = tower_state_dict(ckpt.model, tower.name)
+        atomic_write_bytes(out_dir / weights_filename(tower.name), save_safetensors(state))
     atomic_write_bytes(out_dir / layout.PREPROCESS_JSON, dumps(pre_cfg.to_dict()).encode())
     atomic_write_bytes(out_dir / layout.MODEL_JSON, dumps(model_cfg.to_dict()).encode())
     atomic_write_bytes(out_dir / TOKENIZER, (ckpt_dir / TOKENIZER).read_bytes())

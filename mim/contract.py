@@ -114,6 +114,9 @@ MODELS: dict[str, ModelIO] = {
 # Largest batch any model accepts (Triton max_batch_size, the TensorRT profile's max). Clients split larger
 # lists into requests of at most this many rows.
 MAX_BATCH_SIZE = 64
+# Batch sizes the GPU torch towers capture one CUDA graph for, and the dynamic batcher's preferred sizes in
+# that variant (a batch between two sizes runs padded to the next one: at most 2x the rows).
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, MAX_BATCH_SIZE)
 
 # Multimodal fusion: embedding = normalize(w * image + (1 - w) * text). 0.5 weighs both modalities equally;
 # a request may override it with the request parameter named FUSION_WEIGHT_PARAM.

@@ -12,6 +12,7 @@ An installed repository (generated configs from `mim.serving.repository`, artifa
     image_encoder/1/model.fp16.onnx                 FP16 ONNX (GPU without TensorRT)
     image_encoder/1/model.plan, model.plan.json     TensorRT FP16 engine and what it was built for
     image_encoder/1/model.json                      ModelConfig of the checkpoint (concrete dims, vocabulary)
+    image_encoder/1/model.safetensors               the tower's torch weights (`torch` / `gpu_torch` variants)
     image_encoder/1/export.json                     the export record: source model id, opset, parity figures
     text_encoder/1/...                              the same
     preprocess_image/1/preprocess.json              PreprocessConfig of the checkpoint
@@ -53,6 +54,7 @@ PREPROCESS_JSON = "preprocess.json"
 MODEL_JSON = "model.json"
 EXPORT_JSON = "export.json"
 TOKENIZER_JSON = "tokenizer.json"  # the checkpoint's tokenizer file, copied unchanged
+TORCH_WEIGHTS = "model.safetensors"  # an encoder's own tower weights, for the torch variants
 
 GALLERY_FILE = "gallery.safetensors"  # in each version folder of the knn model (mim.serving.gallery)
 
@@ -67,6 +69,7 @@ ARTIFACT_GLOBS = (
     MODEL_JSON,
     EXPORT_JSON,
     TOKENIZER_JSON,
+    "*.safetensors",
     "__pycache__",
 )
 
@@ -85,7 +88,7 @@ def installed_files(repository: str | Path, *, fp16: bool = True, plan: bool = F
     ]
     for tower in ENCODERS:
         vdir = version_dir(repo, tower)
-        files += [vdir / ONNX_FP32, vdir / MODEL_JSON, vdir / EXPORT_JSON]
+        files += [vdir / ONNX_FP32, vdir / MODEL_JSON, vdir / EXPORT_JSON, vdir / TORCH_WEIGHTS]
         files += [vdir / ONNX_FP16] if fp16 else []
         files += [vdir / TRT_PLAN, vdir / PLAN_META] if plan else []
     return files

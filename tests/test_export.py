@@ -79,6 +79,8 @@ def test_writes_every_artifact(exported, tiny_checkpoint):
         "text_encoder.onnx",
         "image_encoder.fp16.onnx",
         "text_encoder.fp16.onnx",
+        "image_encoder.safetensors",
+        "text_encoder.safetensors",
         "preprocess.json",
         "model.json",
         "tokenizer.json",
@@ -219,6 +221,7 @@ def expected_layout(repo: Path, plans: bool = False) -> set[Path]:
     for tower in ENCODERS:
         files |= {repo / tower / "1/model.onnx", repo / tower / "1/model.fp16.onnx", repo / tower / "1/export.json"}
         files |= {repo / tower / "1/model.json"}  # the encoder reads its vocabulary size from it
+        files |= {repo / tower / "1/model.safetensors"}  # the torch variants' weights
         if plans:
             files |= {repo / tower / "1/model.plan", repo / tower / "1/model.plan.json"}
     return files
@@ -283,7 +286,7 @@ def test_engines_cli_installs_the_onnx_path_and_says_why_no_engine(make_engines)
     ]
     assert expected_layout(repo) <= {p for p in repo.rglob("*") if p.is_file()}
     assert not list(repo.rglob("*.plan")) and not list(export_dir.rglob("*.plan"))
-    assert "installed 11 files" in stdout
+    assert "installed 13 files" in stdout
 
 
 def test_engines_message_when_tensorrt_does_not_import(exported, tiny_checkpoint, tmp_path, capsys, monkeypatch):

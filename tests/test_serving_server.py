@@ -67,7 +67,9 @@ def test_command_binds_localhost_and_selects_the_config_variant(tmp_path):
     assert server.metrics_url == f"http://127.0.0.1:{server.metrics_port}/metrics"
     default = S.TritonServer(tmp_path, config="default", cache_dir=tmp_path / "cache").command()
     assert not any(a.startswith("--model-config-name") for a in default)  # TensorRT config.pbtxt
-    with pytest.raises(ValueError, match=r"config 'tensorrt'; expected one of \['cpu', 'gpu_onnx', 'default'\]"):
+    with pytest.raises(
+        ValueError, match=r"config 'tensorrt'; expected one of \['cpu', 'gpu_onnx', 'torch', 'gpu_torch', 'default'\]"
+    ):
         S.TritonServer(tmp_path, config="tensorrt")
 
 

@@ -101,6 +101,7 @@ def run_together(
     check: Callable[[Request], Arrays],
     run: Callable[[Arrays], Arrays],
     model: str,
+    concat: Callable[[Sequence[Any]], Any] = np.concatenate,
 ) -> list[Response]:
     """Check each request alone, run the good ones as ONE batch, split the outputs back per request.
 
@@ -116,7 +117,7 @@ def run_together(
             responses[i] = _error(model, e)
     if good:
         try:
-            outputs = _run_split(run, [arrays for _, arrays in good])
+            outputs = _run_split(run, [arrays for _, arrays in good], concat)
         except Exception as e:
             if len(good) == 1:
                 responses[good[0][0]] = _error(model, e)
@@ -130,9 +131,11 @@ def run_together(
     return [r if r is not None else Response(error=f"{model}: no response", code=INTERNAL) for r in responses]
 
 
-def _run_split(run: Callable[[Arrays], Arrays], parts: list[Arrays]) -> list[Arrays]:
+def _run_split(
+    run: Callable[[Arrays], Arrays], parts: list[Arrays], concat: Callable[[Sequence[Any]], Any] = np.concatenate
+) -> list[Arrays]:
     counts = [len(next(iter(p.values()))) for p in parts]
-    batch = {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+    batch = {k: concat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
     out = run(batch)
     for k, v in out.items():
         if len(v) != sum(counts):
@@ -160,13 +163,18 @@ class Handler(ABC):
     """One served model: contract I/O + per-request `check` + batched `run`."""
 
     io: contract.ModelIO
+    # False: inputs arrive as NumPy arrays on the host, outputs leave as NumPy arrays. True (the torch encoder):
+    # both are torch tensors, exchanged with Triton through DLPack wherever they live (mim.serving.python_backend).
+    tensor_io = False
+    # Joins the checked inputs of several requests into one batch.
+    concat: Callable[[Sequence[Any]], Any] = staticmethod(np.concatenate)
 
     def __init__(self, dims: Mapping[str, Sequence[int]]):
         # Concrete per-row dims of every input, from the model's config.pbtxt.
         self.dims = {s.name: tuple(int(d) for d in dims[s.name]) for s in self.io.inputs}
 
     def __call__(self, requests: Sequence[Request]) -> list[Response]:
-        return run_together(requests, self.check, self.run, self.io.name)
+        return run_together(requests, self.check, self.run, self.io.name, self.concat)
 
     def input(self, request: Request, spec: contract.TensorSpec) -> np.ndarray:
         return get_input(request, spec, self.dims[spec.name])
@@ -592,15 +600,23 @@ def config_dims(model_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     }
 
 
-def make_handler(name: str, version_dir: str | Path, model_config: Mapping[str, Any]) -> Handler:
+def make_handler(name: str, version_dir: str | Path, model_config: Mapping[str, Any], device_id: int = 0) -> Handler:
     """Build the handler of model `name` from its version folder (artifacts) and its config (JSON form, as
-    Triton passes it to `initialize`): parameters and concrete dims come from the config."""
+    Triton passes it to `initialize`): parameters and concrete dims come from the config. `device_id` is the
+    GPU Triton gave a KIND_GPU instance."""
     if name not in BUILDERS:
         raise ValueError(f"no python-backend handler for model {name!r}; expected one of {sorted(BUILDERS)}")
-    return BUILDERS[name](name, Path(version_dir), config_params(model_config), config_dims(model_config))
+    params, dims = config_params(model_config), config_dims(model_config)
+    if name in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER) and params.get(ENCODER_BACKEND) == TORCH_BACKEND:
+        from mim.serving import torch_backend  # lazily: torch is needed only by this variant
+
+        return torch_backend.build_handler(name, Path(version_dir), params, dims, device_id)
+    return BUILDERS[name](name, Path(version_dir), params, dims)
 
 
 Dims = dict[str, tuple[int, ...]]
+# Config parameter choosing the encoders' runtime: absent or "onnx" (ONNX Runtime), "torch" (torch_backend).
+ENCODER_BACKEND, TORCH_BACKEND = "encoder_backend", "torch"
 
 
 def _preprocess_image(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -> Handler:

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mim import contract
 from mim.serving import backends
 
@@ -26,7 +28,8 @@ def version_dir(args: Mapping[str, str]) -> Path:
 def make_handler(name: str, args: Mapping[str, str]) -> backends.Handler:
     """`initialize`: build the handler from the version folder and the config Triton loaded (the variant
     chosen with --model-config-name, so its parameters are the ones used)."""
-    return backends.make_handler(name, version_dir(args), json.loads(args["model_config"]))
+    device_id = int(args.get("model_instance_device_id", 0) or 0)  # the GPU of a KIND_GPU instance
+    return backends.make_handler(name, version_dir(args), json.loads(args["model_config"]), device_id)
 
 
 def request_params(request: Any) -> dict[str, Any]:
@@ -39,13 +42,21 @@ def request_params(request: Any) -> dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
-def to_request(pb_utils: Any, io: contract.ModelIO, request: Any) -> backends.Request:
+def to_request(pb_utils: Any, io: contract.ModelIO, request: Any, tensor_io: bool = False) -> backends.Request:
+    """`tensor_io`: hand the inputs over as torch tensors where Triton put them (host or GPU), else as NumPy."""
     inputs = {}
     for spec in io.inputs:
         tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
         if tensor is not None:  # a missing input is reported by the handler's check
-            inputs[spec.name] = host_array(tensor)
+            inputs[spec.name] = torch_tensor(tensor) if tensor_io else host_array(tensor)
     return backends.Request(inputs, request_params(request))
+
+
+def torch_tensor(tensor: Any) -> Any:
+    """A Triton input tensor as a torch tensor on the same device, sharing its memory (DLPack, no copy)."""
+    from torch.utils.dlpack import from_dlpack
+
+    return from_dlpack(tensor.to_dlpack())
 
 
 def host_array(tensor: Any) -> Any:
@@ -61,9 +72,18 @@ def host_array(tensor: Any) -> Any:
 
 def to_response(pb_utils: Any, response: backends.Response) -> Any:
     if response.ok:
-        tensors = [pb_utils.Tensor(name, array) for name, array in response.outputs.items()]
+        tensors = [output_tensor(pb_utils, name, array) for name, array in response.outputs.items()]
         return pb_utils.InferenceResponse(output_tensors=tensors)
     return pb_utils.InferenceResponse(error=triton_error(pb_utils, response.error, response.code))
+
+
+def output_tensor(pb_utils: Any, name: str, value: Any) -> Any:
+    """A NumPy array is copied into a Triton tensor; a torch tensor (host or GPU) is shared through DLPack."""
+    if isinstance(value, np.ndarray):
+        return pb_utils.Tensor(name, value)
+    from torch.utils.dlpack import to_dlpack
+
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(value))
 
 
 def triton_error(pb_utils: Any, message: str, code: str) -> Any:
@@ -75,5 +95,5 @@ def triton_error(pb_utils: Any, message: str, code: str) -> Any:
 
 def execute(pb_utils: Any, handler: backends.Handler, requests: Sequence[Any]) -> list[Any]:
     """`execute`: one response per request, in order; the good requests run together as one batch."""
-    converted = [to_request(pb_utils, handler.io, r) for r in requests]
+    converted = [to_request(pb_utils, handler.io, r, handler.tensor_io) for r in requests]
     return [to_response(pb_utils, r) for r in handler(converted)]

@@ -14,6 +14,8 @@ One repository tree serves every machine:
     <model>/config.pbtxt            the production default (TensorRT engines for the two encoders)
     <model>/configs/cpu.pbtxt       encoders as python-backend models running model.onnx on ONNX Runtime (CPU)
     <model>/configs/gpu_onnx.pbtxt  encoders on a GPU without TensorRT: model.fp16.onnx, CUDA provider
+    <model>/configs/torch.pbtxt     encoders as python-backend models running the towers in torch (CPU, FP32)
+    <model>/configs/gpu_torch.pbtxt the towers in torch on a GPU: FP16, CUDA graphs, GPU tensors via DLPack
 
 and `tritonserver --model-config-name=cpu` picks `configs/cpu.pbtxt` where a model has one and falls back to
 `config.pbtxt` elsewhere (checked on tritonserver 2.51). Models without variants (preprocessing, fusion,
@@ -62,7 +64,7 @@ WRITE_COMMAND = "python -m mim.serving.repository --write"
 
 # Config variants: the `--model-config-name` that selects `configs/<variant>.pbtxt` (the default is
 # layout.DEFAULT_CONFIG).
-CPU, GPU_ONNX = "cpu", "gpu_onnx"
+CPU, GPU_ONNX, TORCH, GPU_TORCH = "cpu", "gpu_onnx", "torch", "gpu_torch"
 
 
 # --- serving knobs, each with its reason ------------------------------------------------------------------
@@ -97,6 +99,17 @@ CPU_ENCODER_THREADS = 2
 CPU_QUEUE_DELAY_US = 1000
 # ONNX Runtime FP16 on a GPU (no TensorRT): CUDA provider, CPU provider as the fallback for unsupported ops.
 GPU_ONNX_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
+# The towers in torch (mim.serving.torch_backend). CPU: like the ONNX Runtime variant, one instance using the
+# cores. GPU: FP16 with one CUDA graph per preferred batch size, and GPU tensors handed over through DLPack
+# (FORCE_CPU_ONLY_INPUT_TENSORS=no; the python backend's default copies every input to the host first).
+TORCH_PARAMS = {"encoder_backend": "torch", "device": "cpu", "precision": "fp32", "intra_op_threads": "2"}
+GPU_TORCH_PARAMS = {
+    "encoder_backend": "torch",
+    "device": "cuda",
+    "precision": "fp16",
+    "cuda_graph_batch_sizes": ",".join(map(str, contract.GRAPH_BATCH_SIZES)),
+    "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+}
 
 
 @dataclass(frozen=True)
@@ -227,6 +240,24 @@ def encoder_configs(
             **identity,
         },
     )
+    torch_cpu = _python_model(
+        name,
+        model_cfg,
+        pre_cfg,
+        instances=CPU_ENCODER_INSTANCES,
+        queue_delay_us=CPU_QUEUE_DELAY_US,
+        params={**TORCH_PARAMS, **identity},
+    )
+    gpu_torch = _python_model(
+        name,
+        model_cfg,
+        pre_cfg,
+        instances=TRT_INSTANCES,
+        kind=pb.ModelInstanceGroup.KIND_GPU,
+        queue_delay_us=TRT_QUEUE_DELAY_US,
+        params={**GPU_TORCH_PARAMS, **identity},
+    )
+    gpu_torch.dynamic_batching.preferred_batch_size.extend(contract.GRAPH_BATCH_SIZES)
     return [
         GeneratedConfig(
             name,
@@ -237,7 +268,8 @@ def encoder_configs(
                 "(NGC Triton container).",
                 f"Preferred batches {list(TRT_PREFERRED_BATCH_SIZES)} within the engine's profile, "
                 f"{TRT_QUEUE_DELAY_US} us queue delay.",
-                f"Other machines: --model-config-name={CPU} (ONNX Runtime, CPU) or {GPU_ONNX} (ONNX Runtime, CUDA).",
+                f"Other machines: --model-config-name={CPU} (ONNX Runtime, CPU), {GPU_ONNX} (ONNX Runtime, CUDA),",
+                f"{TORCH} (torch, CPU) or {GPU_TORCH} (torch, CUDA).",
             ),
         ),
         GeneratedConfig(
@@ -257,6 +289,27 @@ def encoder_configs(
             (
                 f"Selected by --model-config-name={GPU_ONNX}: GPU without TensorRT, {VERSION}/{ONNX_FP16} "
                 "(FP32 I/O) on ONNX Runtime's CUDA provider (needs onnxruntime-gpu; falls back to the CPU provider).",
+            ),
+        ),
+        GeneratedConfig(
+            name,
+            f"configs/{TORCH}.pbtxt",
+            torch_cpu,
+            (
+                f"Selected by --model-config-name={TORCH}: python backend running the tower in torch (FP32, CPU) "
+                f"from {VERSION}/model.safetensors + model.json.",
+            ),
+        ),
+        GeneratedConfig(
+            name,
+            f"configs/{GPU_TORCH}.pbtxt",
+            gpu_torch,
+            (
+                f"Selected by --model-config-name={GPU_TORCH}: the tower in torch on the GPU, FP16 with LayerNorm, "
+                "softmax and L2 norm in FP32,",
+                f"one CUDA graph per preferred batch size {list(contract.GRAPH_BATCH_SIZES)}; inputs and outputs "
+                "stay GPU tensors (DLPack).",
+                "The preprocessing models still produce host tensors: the encoder copies them to the GPU.",
             ),
         ),
     ]

@@ -9,8 +9,9 @@ expects the stub next to `libtriton_python.so`, so a backend folder with both is
 folder and passed with `--backend-directory`. The python models run in the stub with this virtualenv's
 packages (so they `import mim`). Every listener binds to 127.0.0.1 only.
 
-Config variants (see mim.serving.repository): `cpu` and `gpu_onnx` select `configs/<name>.pbtxt` with
-`--model-config-name`; `default` uses each model's `config.pbtxt` (TensorRT engines, NGC container).
+Config variants (see mim.serving.repository): `cpu`, `gpu_onnx`, `torch` and `gpu_torch` select
+`configs/<name>.pbtxt` with `--model-config-name`; `default` uses each model's `config.pbtxt` (TensorRT engines,
+NGC container).
 
 Model control: `explicit` (the default) loads the repository's servable models at start-up
 (`mim.serving.gallery.servable_models`: everything, except the `knn` model and the search ensembles until a
@@ -39,7 +40,7 @@ from importlib import metadata
 from pathlib import Path
 
 HOST = "127.0.0.1"
-CONFIGS = ("cpu", "gpu_onnx", "default")
+CONFIGS = ("cpu", "gpu_onnx", "torch", "gpu_torch", "default")
 DEFAULT_CONFIG = "cpu"
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
@@ -388,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         choices=CONFIGS,
         default=DEFAULT_CONFIG,
-        help="config variant: cpu (ONNX Runtime, CPU), gpu_onnx (ONNX Runtime, CUDA), default (TensorRT engines)",
+        help="config variant: cpu (ONNX Runtime, CPU), gpu_onnx (ONNX Runtime, CUDA), torch (torch, CPU), "
+        "gpu_torch (torch FP16 + CUDA graphs), default (TensorRT engines)",
     )
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
