@@ -1,82 +1,402 @@
-"""The ensembles on a GPU under perf_analyzer: the repository's `gpu_onnx` config (python-backend models,
-FP16 ONNX towers on ONNX Runtime's CUDA provider), with the python backend allowed to hand GPU tensors to the
-models (`FORCE_CPU_ONLY_INPUT_TENSORS: no`, so tensors between the GPU steps need not round-trip through host
-memory).
+"""One script that measures the GPU path against its floors, in one run:
 
-Where there is no GPU (or no CUDA build of ONNX Runtime, or no gpu_onnx config / FP16 export in the
-repository) the run is skipped and `unavailable_reason()` says why; benchmarks.run prints it and writes it into
-RESULTS.md. Where TensorRT engines exist the `default` config would be the production path; that variant is
-not coded here: it needs TensorRT (the `tensorrt` extra, from NVIDIA's package index), which the project could
-not test against.
+    python -m benchmarks.gpu --out benchmarks/results/gpu            # a CUDA machine, `base` size (README: GPU)
+    python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny              # any machine, tiny sizes (the tests run this)
 
-Known gap to check on a GPU machine: mim.serving.python_backend reads inputs with `Tensor.as_numpy()`, which
-only works for CPU tensors; with FORCE_CPU_ONLY_INPUT_TENSORS=no an input that lands on the GPU needs
-`Tensor.to_dlpack()`. `--force-cpu-inputs yes` measures the configuration that works with today's backend.
+1. towers: the `base` towers (ViT-B/16 at 224 px, a 77-token text transformer) through
+   `mim.serving.torch_backend.TorchEncoder` in FP16 (LayerNorm / softmax / L2 norm in FP32), eager against CUDA
+   graphs, timed side by side per batch; items/s and the fraction of the compute floor (the tower's matmul
+   FLOPs / --peak-tflops). Parity: FP16 against FP32 by cosine on real photos and titles. Also the cost of the
+   one host copy the serving path keeps (pixels from the preprocessing model to the GPU), pageable and pinned.
+2. knn: `mim.knn.KnnIndex` on CuPy over N x 512 FP16 galleries, each top-k selector, against
+   `torch.mm` + `torch.topk` on the same device memory and against the memory floor (one read of the gallery
+   at --hbm-tbps); ids checked against an FP32 reference. The fastest selector per cell is printed next to
+   `knn.default_topk_method`'s choice, so the default can follow the data.
+3. serving (when tritonserver and perf_analyzer are found, e.g. unpacked from `make gpu-bundle`): a random-init
+   checkpoint of the size exported and served with the `gpu_torch` config (`torch` on a CPU), the three
+   ensembles under perf_analyzer at each concurrency.
+
+Writes towers.csv, copy.csv, knn.csv, perf.* (step 3), gpu.json and gpu.png into --out, and prints a short
+table last. Without CUDA every step runs on the CPU in FP32 (CUDA graphs and FP16 rows say why they are
+missing), which is how the test suite keeps this script from rotting.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import copy
+import functools
 import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from google.protobuf import text_format
+import numpy as np
 
 from mim import contract, layout
 
 from . import perf
+from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
+from .knn_bench import time_side_by_side
 
-GPU_CONFIG = "gpu_onnx"
-FORCE_CPU_ONLY = "FORCE_CPU_ONLY_INPUT_TENSORS"
-# The python models that run on the GPU in the gpu_onnx config and so may receive GPU tensors.
-GPU_MODELS = (contract.IMAGE_ENCODER, contract.TEXT_ENCODER)
+GPU_CONFIG, CPU_CONFIG = "gpu_torch", "torch"
+# The H200's dense FP16 tensor-core rate and copy bandwidth as measured on it (matmul and device-to-device
+# copy microbenchmarks); the floors are these divided into the work.
+PEAK_TFLOPS = 790.0
+HBM_TBPS = 4.3
+# Product-like titles for the text tower and the served requests (the catalog's vocabulary, no catalog needed).
+TITLES = [
+    "blue zebra-striped ceramic mug",
+    "red polka-dot cotton shirt",
+    "green plaid leather shoe",
+    "yellow striped canvas bag",
+    "black checked wool scarf",
+    "white floral linen dress",
+    "orange dotted plastic bottle",
+    "purple solid silk tie",
+]
 
 
-def unavailable_reason(repository: Path | None = None) -> str | None:
-    """None when the GPU ensemble can run here, else the first missing piece."""
-    if shutil.which("nvidia-smi") is None and not Path("/dev/nvidia0").exists():
-        return "no NVIDIA GPU on this machine (no /dev/nvidia0, no nvidia-smi)"
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "onnxruntime is not installed"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return (
-            f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu for the "
-            f"{GPU_CONFIG} config)"
+@dataclass(frozen=True)
+class Plan:
+    size: str = "base"
+    tower_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    min_time: float = 0.3  # seconds of timing per side of each comparison
+    min_reps: int = 5
+    knn_n: tuple[int, ...] = (1_000_000, 10_000_000)
+    knn_batches: tuple[int, ...] = (1, 32, 256)
+    knn_k: tuple[int, ...] = (10, 100)
+    knn_dim: int = 512
+    concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    perf_interval_ms: int = 1000
+    photos: int = 8
+
+
+TINY = Plan(
+    size="tiny",
+    tower_batches=(1, 4),
+    min_time=0.01,
+    min_reps=2,
+    knn_n=(3000,),
+    knn_batches=(1, 8),
+    knn_k=(10,),
+    knn_dim=64,
+    concurrencies=(1,),
+    perf_interval_ms=300,
+    photos=2,
+)
+
+
+def cuda_reason() -> str | None:
+    from mim.serving.torch_backend import cuda_unavailable_reason
+
+    return cuda_unavailable_reason()
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+def photos(n: int, folder: Path | None = None) -> list[tuple[str, bytes]]:
+    """Real photos as encoded files: `folder`/*.jpg (what `make gpu-bundle` carries), else scikit-image's."""
+    if folder is not None:
+        files = sorted(folder.glob("*.jpg"))[:n]
+        if not files:
+            raise FileNotFoundError(f"no *.jpg photos in {folder}")
+        return [(f.name, f.read_bytes()) for f in files]
+    from .preprocess import skimage_photos
+
+    return [(p.name, p.data) for p in skimage_photos(megapixels=(1.0,))[:n]]
+
+
+def random_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
+    """A random-init checkpoint of a named size with a tokenizer trained on TITLES (no base weights exist)."""
+    import torch
+
+    from mim.checkpoint import save_checkpoint
+    from mim.config import get_size
+    from mim.model import MIMModel
+    from mim.tokenizer import TextTokenizer
+
+    spec = get_size(size)
+    tok = TextTokenizer.train(TITLES * 4, vocab_size=512, context_length=spec.preprocess.context_length)
+    torch.manual_seed(seed)
+    model = MIMModel(spec.model.with_vocab(tok.vocab_size)).eval()
+    return save_checkpoint(out, model, spec.preprocess, tok, {"objective": "3tower", "step": 0, "random_init": True})
+
+
+def real_inputs(ckpt, images: Sequence[bytes], texts: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Preprocessed photos and tokenized titles, as the serving path makes them."""
+    from mim.preprocess import preprocess_image_bytes
+
+    ids, mask = ckpt.tokenizer.encode_batch(list(texts))
+    return {
+        contract.IMAGE_ENCODER: {
+            contract.PIXEL_VALUES.name: np.stack([preprocess_image_bytes(b, ckpt.pre_cfg) for b in images])
+        },
+        contract.TEXT_ENCODER: {contract.INPUT_IDS.name: ids, contract.ATTENTION_MASK.name: mask},
+    }
+
+
+# --- 1. towers ---------------------------------------------------------------------------------------------
+def tower_flops(model_cfg, name: str) -> float:
+    """Matmul FLOPs per item (2 per multiply-add): patch embedding, attention projections, scores and mixing,
+    MLP, final projection. ViT-B/16 at 224 px: 35.1 GFLOP."""
+    if name == contract.IMAGE_ENCODER:
+        v = model_cfg.vision
+        patches = (v.image_size // v.patch_size) ** 2
+        t, w, layers, hidden = patches + 1, v.width, v.layers, int(v.width * v.mlp_ratio)
+        stem = 2 * patches * 3 * v.patch_size**2 * w
+    else:
+        x = model_cfg.text
+        t, w, layers, hidden = x.context_length, x.width, x.layers, int(x.width * x.mlp_ratio)
+        stem = 0
+    per_layer = 2 * t * (4 * w * w + 2 * w * hidden) + 2 * 2 * t * t * w
+    return float(stem + layers * per_layer + 2 * w * model_cfg.embed_dim)
+
+
+def _random_feeds(io: contract.ModelIO, model_cfg, batch: int, device) -> dict:
+    import torch
+
+    from export.onnx_export import random_inputs
+
+    return {k: torch.from_numpy(v).to(device) for k, v in random_inputs(io, model_cfg, batch, seed=batch).items()}
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def bench_towers(plan: Plan, ckpt, inputs: dict, peak_tflops: float, log: Callable[[str], None]) -> tuple[list, list]:
+    """Rows per (tower, batch): eager and graph items/s side by side, fraction of the floor, FP16 parity."""
+
+    from mim.serving.torch_backend import TorchEncoder
+
+    reason = cuda_reason()
+    device = "cuda" if reason is None else "cpu"
+    precision = "fp16" if reason is None else "fp32"
+    rows = []
+    towers = {contract.IMAGE_ENCODER: ckpt.model.image, contract.TEXT_ENCODER: ckpt.model.text}
+    for name, module in towers.items():
+        io = contract.MODELS[name]
+        fp32 = TorchEncoder(copy.deepcopy(module), ckpt.model_cfg, io, device=device)
+        eager = TorchEncoder(copy.deepcopy(module), ckpt.model_cfg, io, device=device, precision=precision)
+        graphs = None
+        if reason is None:
+            graphs = TorchEncoder(
+                copy.deepcopy(module),
+                ckpt.model_cfg,
+                io,
+                device=device,
+                precision=precision,
+                graph_batch_sizes=plan.tower_batches,
+            )
+        parity = float(_cosines((graphs or eager)(inputs[name]), fp32(inputs[name])).min())
+        flops = tower_flops(ckpt.model_cfg, name)
+        floor_ips = peak_tflops * 1e12 / flops
+        log(
+            f"  {name}: {flops / 1e9:.2f} GFLOP/item, floor {floor_ips:,.0f} items/s; "
+            f"{precision} vs fp32 cosine {parity:.6f}"
         )
-    if repository is not None:
-        for model in GPU_MODELS:
-            cfg = repository / model / "configs" / f"{GPU_CONFIG}.pbtxt"
-            if not cfg.is_file():
-                return (
-                    f"{cfg} missing: the repository has no {GPU_CONFIG} variant "
-                    "(python -m mim.serving.repository --write)"
+        for batch in plan.tower_batches:
+            feeds = _random_feeds(io, ckpt.model_cfg, batch, device)
+            encoders = {"eager": eager} | ({"graphs": graphs} if graphs is not None else {})
+            fns = {mode: functools.partial(_forward, enc, feeds) for mode, enc in encoders.items()}
+            secs = time_side_by_side(fns, plan.min_time, plan.min_reps)
+            row = {
+                "tower": name,
+                "device": device,
+                "precision": precision,
+                "batch": batch,
+                "eager_items_per_s": batch / secs["eager"],
+                "graphs_items_per_s": batch / secs["graphs"] if "graphs" in secs else None,
+                "graphs_note": "" if graphs is not None else f"no CUDA graphs: {reason}",
+                "floor_items_per_s": floor_ips,
+                "gflop_per_item": flops / 1e9,
+                "min_cosine_vs_fp32": parity,
+            }
+            best = max(v for v in (row["eager_items_per_s"], row["graphs_items_per_s"]) if v is not None)
+            row["fraction_of_floor"] = best / floor_ips
+            rows.append(row)
+        del fp32, eager, graphs
+    return rows, bench_copy(plan, ckpt.model_cfg, reason, log)
+
+
+def _forward(encoder, feeds: dict) -> Any:
+    import torch
+
+    out = encoder.forward(feeds)
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    return out
+
+
+def bench_copy(plan: Plan, model_cfg, reason: str | None, log) -> list[dict]:
+    """Host -> GPU copy of a pixel batch (what the encoder does with the preprocessing model's host tensor)."""
+    if reason is not None:
+        log(f"  host->GPU copy not measured: {reason}")
+        return []
+    import torch
+
+    s = model_cfg.vision.image_size
+    rows = []
+    for batch in plan.tower_batches:
+        host = torch.randn(batch, 3, s, s)
+        pinned = host.pin_memory()
+        dev = torch.empty_like(host, device="cuda")
+
+        fns = {"pageable": functools.partial(_copy, dev, host), "pinned": functools.partial(_copy, dev, pinned)}
+        secs = time_side_by_side(fns, plan.min_time, plan.min_reps)
+        nbytes = host.numel() * 4
+        rows.append(
+            {
+                "batch": batch,
+                "bytes": nbytes,
+                "pageable_us_per_image": secs["pageable"] / batch * 1e6,
+                "pinned_us_per_image": secs["pinned"] / batch * 1e6,
+                "pageable_gb_per_s": nbytes / secs["pageable"] / 1e9,
+                "pinned_gb_per_s": nbytes / secs["pinned"] / 1e9,
+            }
+        )
+    return rows
+
+
+def _copy(dst, src) -> None:
+    import torch
+
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+
+
+# --- 2. kNN ------------------------------------------------------------------------------------------------
+def _gallery(xp, n: int, dim: int, dtype, seed: int = 0, chunk: int = 1 << 20):
+    """(n, dim) unit rows in `dtype`, generated on the device chunk by chunk (no host copy of 10M rows)."""
+    rs = xp.random.RandomState(seed) if hasattr(xp.random, "RandomState") else np.random.RandomState(seed)
+    out = xp.empty((n, dim), dtype=dtype)
+    for a in range(0, n, chunk):
+        x = rs.standard_normal((min(chunk, n - a), dim)).astype(xp.float32)
+        out[a : a + len(x)] = (x / xp.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
+    return out
+
+
+def _reference_topk(tg, tq, k: int, chunk: int = 1 << 20):
+    """FP32 top-k over the stored gallery (torch, chunked): scores (B, k) and rows (B, k)."""
+    import torch
+
+    best_s = best_i = None
+    for a in range(0, tg.shape[0], chunk):
+        s = tq @ tg[a : a + chunk].float().T
+        v, i = torch.topk(s, min(k, s.shape[1]), dim=1)
+        i = i + a
+        if best_s is not None:
+            v, j = torch.topk(torch.cat([best_s, v], 1), k, dim=1)
+            i = torch.gather(torch.cat([best_i, i], 1), 1, j)
+        best_s, best_i = v, i
+    return best_s, best_i
+
+
+def _search(index, method: str, q: np.ndarray, k: int):
+    index.topk = method
+    return index.search(q, k)  # host arrays: synchronous
+
+
+def _torch_mm_topk(tg, tq, k: int):
+    import torch
+
+    _, i = torch.topk(tq.to(tg.dtype) @ tg.T, k, dim=1)  # scores in the gallery's dtype, like our storage
+    return i.cpu()
+
+
+def bench_knn(plan: Plan, hbm_tbps: float, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    import torch
+
+    from mim import knn
+
+    reason = knn.cuda_unavailable_reason()
+    device = "cuda" if reason is None else "cpu"
+    xp = knn._array_module(device)
+    dtype = np.float16 if device == "cuda" else np.float32
+    tdev = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        log(f"  kNN on the CPU (NumPy, fp32): {reason}")
+    methods = [m for m in knn.TOPK_METHODS if device == "cpu" or m != "torch" or tdev == "cuda"]
+    rows, choices = [], []
+    for n in plan.knn_n:
+        g = _gallery(xp, n, plan.knn_dim, dtype)
+        index = knn.KnnIndex(plan.knn_dim, device=device)
+        index.add(np.arange(n, dtype=np.int64), g)
+        tg = torch.from_dlpack(g) if device == "cuda" else torch.from_numpy(g)
+        tg = tg.to(tdev)
+        del g
+        floor_ms = n * plan.knn_dim * 2 / (hbm_tbps * 1e12) * 1e3  # one FP16 read of the gallery
+        for batch in plan.knn_batches:
+            rng = np.random.default_rng(batch)
+            q = rng.standard_normal((batch, plan.knn_dim)).astype(np.float32)
+            q /= np.linalg.norm(q, axis=1, keepdims=True)
+            tq = torch.from_numpy(q).to(tdev)
+            for k in plan.knn_k:
+                _, ref_i = _reference_topk(tg, tq, k)
+                ref_ids = ref_i.cpu().numpy()
+
+                fns = {m: functools.partial(_search, index, m, q, k) for m in methods}
+                fns["torch_mm_topk"] = functools.partial(_torch_mm_topk, tg, tq, k)
+                secs = time_side_by_side(fns, plan.min_time, plan.min_reps)
+                for name, sec in secs.items():
+                    got = fns[name]()
+                    ids = (got[1] if isinstance(got, tuple) else got.numpy()).astype(np.int64)
+                    same = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids.tolist(), ref_ids.tolist())]))
+                    rows.append(
+                        {
+                            "n": n,
+                            "batch": batch,
+                            "k": k,
+                            "method": name,
+                            "device": device,
+                            "ms": sec * 1e3,
+                            "queries_per_s": batch / sec,
+                            "floor_ms": floor_ms if device == "cuda" else None,
+                            "fraction_of_floor": floor_ms / (sec * 1e3) if device == "cuda" else None,
+                            "recall_vs_fp32": same,
+                        }
+                    )
+                ours = {m: secs[m] for m in methods}
+                fastest = min(ours, key=ours.get)
+                default = knn.default_topk_method(device, k)
+                choices.append({"n": n, "batch": batch, "k": k, "fastest": fastest, "default": default})
+                log(
+                    f"  n={n:,} batch={batch} k={k}: "
+                    + ", ".join(f"{m} {s * 1e3:.2f} ms" for m, s in secs.items())
+                    + f"; fastest selector {fastest}, default {default}"
                 )
-            fp16 = layout.version_dir(repository, model) / layout.ONNX_FP16
-            if not fp16.is_file():
-                return f"{fp16.relative_to(repository)} missing: export with FP16 (make engines)"
+    return rows, choices
+
+
+# --- 3. the served ensembles -------------------------------------------------------------------------------
+def serving_unavailable_reason() -> str | None:
+    """None when tritonserver and perf_analyzer can run here, else why not."""
+    from mim.serving.server import TritonServerError, triton_paths
+
+    try:
+        triton_paths()
+        perf.locate()
+    except (TritonServerError, perf.PerfAnalyzerError) as e:
+        return str(e).splitlines()[0]
     return None
 
 
-def allow_gpu_inputs(repository: Path, force_cpu_inputs: str = "no") -> list[Path]:
-    """Set FORCE_CPU_ONLY_INPUT_TENSORS in the gpu_onnx configs of the GPU models of a (benchmark copy of
-    the) repository; returns the files changed. Parsed and written as Triton's own protobuf."""
-    from tritonclient.grpc import model_config_pb2 as pb
-
-    if force_cpu_inputs not in ("yes", "no"):
-        raise ValueError(f"force_cpu_inputs={force_cpu_inputs!r}; expected 'yes' or 'no'")
-    changed = []
-    for model in GPU_MODELS:
-        path = repository / model / "configs" / f"{GPU_CONFIG}.pbtxt"
-        text = path.read_text()
-        header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
-        cfg = text_format.Parse(text, pb.ModelConfig())
-        cfg.parameters[FORCE_CPU_ONLY].string_value = force_cpu_inputs
-        note = f"# benchmarks.gpu: {FORCE_CPU_ONLY}={force_cpu_inputs} set in this benchmark copy\n"
-        path.write_text(header + note + text_format.MessageToString(cfg))
-        changed.append(path)
-    return changed
+def unavailable_reason(repository: Path | None = None) -> str | None:
+    """None when the `gpu_torch` ensembles can be served here (benchmarks.run asks before its GPU step)."""
+    reason = cuda_reason()
+    if reason is not None:
+        return reason
+    if repository is not None:
+        for model in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER):
+            if not (repository / model / "configs" / f"{GPU_CONFIG}.pbtxt").is_file():
+                return f"{model}/configs/{GPU_CONFIG}.pbtxt missing (python -m mim.serving.repository --write)"
+            weights = layout.version_dir(repository, model) / layout.TORCH_WEIGHTS
+            if not weights.is_file():
+                return f"{weights.relative_to(repository)} missing: install an export (make engines)"
+    return serving_unavailable_reason()
 
 
 def run(
@@ -86,17 +406,240 @@ def run(
     settings: perf.PerfSettings,
     out: Path,
     *,
-    force_cpu_inputs: str = "no",
+    config: str = GPU_CONFIG,
     log=print,
 ) -> perf.SweepResult:
-    """Serve `repository` (a copy this function may modify) with the gpu_onnx config and sweep every model in
-    `input_files`; writes <out>/perf.* like the CPU sweep."""
+    """Serve `repository` with `config` and sweep every model of `input_files`; writes <out>/perf.*."""
     from mim.serving.server import TritonServer
 
-    allow_gpu_inputs(repository, force_cpu_inputs)
     out.mkdir(parents=True, exist_ok=True)
-    with TritonServer(repository, config=GPU_CONFIG, log_path=out / "tritonserver.log") as server:
+    with TritonServer(repository, config=config, log_path=out / "tritonserver.log") as server:
         result = perf.run_sweeps(pa, server.grpc_url, list(input_files), input_files, settings, out / "logs", log=log)
-    meta = {"config": GPU_CONFIG, FORCE_CPU_ONLY: force_cpu_inputs, "device": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    perf.write_outputs(result, out, meta)
+    perf.write_outputs(result, out, {"config": config})
     return result
+
+
+def bench_serving(plan: Plan, ckpt_dir: Path, images, work: Path, out: Path, log) -> dict[str, Any]:
+    """Export `ckpt_dir`, install it into a freshly generated repository, sweep the ensembles."""
+    from export.engines import install
+    from export.onnx_export import export_checkpoint
+    from mim.checkpoint import load_checkpoint
+    from mim.serving.repository import write_repository
+
+    reason = serving_unavailable_reason()
+    if reason is not None:
+        log(f"  serving skipped: {reason}")
+        return {"skipped": reason}
+    config = GPU_CONFIG if cuda_reason() is None else CPU_CONFIG
+    repo = work / "model_repository"
+    if repo.exists():
+        shutil.rmtree(repo)
+    ck = load_checkpoint(ckpt_dir)
+    write_repository(repo, ck.model_cfg, ck.pre_cfg)  # configs only; the export brings the artifacts
+    export_checkpoint(ckpt_dir, work / "export", fp16=False, check=False)
+    install(work / "export", repo)
+    samples = [perf.Sample(data, TITLES[i % len(TITLES)], name) for i, (name, data) in enumerate(images)]
+    inputs = perf.prepare_inputs(list(perf.ENSEMBLES), samples, repo, work / "inputs")
+    settings = perf.PerfSettings(
+        concurrencies=plan.concurrencies, interval_ms=plan.perf_interval_ms, stability_pct=30.0, max_trials=4
+    )
+    result = run(perf.locate(), repo, inputs, settings, out, config=config, log=log)
+    return {"config": config, "rows": result.rows, "errors": result.errors, "commands": result.commands}
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+def plot(tower_rows: list[dict], knn_rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in sorted({r["tower"] for r in tower_rows}):
+        rs = [r for r in tower_rows if r["tower"] == name]
+        a.plot([r["batch"] for r in rs], [r["eager_items_per_s"] for r in rs], "o--", label=f"{name} eager")
+        if rs[0]["graphs_items_per_s"] is not None:
+            a.plot([r["batch"] for r in rs], [r["graphs_items_per_s"] for r in rs], "o-", label=f"{name} CUDA graphs")
+        a.axhline(rs[0]["floor_items_per_s"], ls=":", color="grey")
+    a.set(xscale="log", yscale="log", xlabel="batch", ylabel="items/s", title="towers (dotted: compute floor)")
+    a.legend(fontsize=7)
+    for method in sorted({r["method"] for r in knn_rows}):
+        rs = [r for r in knn_rows if r["method"] == method]
+        b.plot(range(len(rs)), [r["ms"] for r in rs], "o-", label=method)
+    b.set(yscale="log", xlabel="cell (n, batch, k)", ylabel="ms per search", title="kNN")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary(result: dict[str, Any]) -> str:
+    towers = markdown_table(
+        result["towers"],
+        [
+            ("tower", "tower"),
+            ("precision", "prec"),
+            ("batch", "batch"),
+            ("eager_items_per_s", "eager/s"),
+            ("graphs_items_per_s", "graphs/s"),
+            ("fraction_of_floor", "of floor"),
+            ("min_cosine_vs_fp32", "cos vs fp32"),
+        ],
+        digits=3,
+    )
+    knn = markdown_table(
+        result["knn"],
+        [
+            ("n", "N"),
+            ("batch", "batch"),
+            ("k", "k"),
+            ("method", "method"),
+            ("ms", "ms"),
+            ("fraction_of_floor", "of floor"),
+            ("recall_vs_fp32", "recall"),
+        ],
+        digits=3,
+    )
+    lines = [f"GPU run {result['date']} on {result['device']}", "", towers, "", knn]
+    serving = result.get("serving", {})
+    if serving.get("rows"):
+        lines += [
+            "",
+            markdown_table(
+                serving["rows"],
+                [
+                    ("model", "model"),
+                    ("concurrency", "c"),
+                    ("throughput", "infer/s"),
+                    ("p50_ms", "p50 ms"),
+                    ("p99_ms", "p99 ms"),
+                ],
+            ),
+        ]
+    elif "skipped" in serving:
+        lines += ["", f"serving: skipped ({serving['skipped']})"]
+    return "\n".join(lines)
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({cuda_reason()})"
+
+
+def run_all(
+    plan: Plan,
+    out: Path,
+    *,
+    checkpoint: Path | None = None,
+    photo_dir: Path | None = None,
+    peak_tflops: float = PEAK_TFLOPS,
+    hbm_tbps: float = HBM_TBPS,
+    steps: Sequence[str] = ("towers", "knn", "serving"),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    from mim.checkpoint import load_checkpoint
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    ckpt_dir = checkpoint or random_checkpoint(plan.size, work / f"random-{plan.size}")
+    ckpt = load_checkpoint(ckpt_dir)
+    images = photos(plan.photos, photo_dir)
+    result: dict[str, Any] = {
+        "date": now_utc(),
+        "command": "python -m benchmarks.gpu " + " ".join(sys.argv[1:]),
+        "device": device_name(),
+        "plan": asdict(plan),
+        "checkpoint": str(ckpt_dir),
+        "peak_tflops": peak_tflops,
+        "hbm_tbps": hbm_tbps,
+        "hardware": hardware(),
+        "versions": versions(),
+        "towers": [],
+        "copy": [],
+        "knn": [],
+        "topk_choice": [],
+        "seconds": {},
+    }
+    if "towers" in steps:
+        log("== towers")
+        t = time.perf_counter()
+        inputs = real_inputs(ckpt, [b for _, b in images], TITLES)
+        result["towers"], result["copy"] = bench_towers(plan, ckpt, inputs, peak_tflops, log)
+        result["seconds"]["towers"] = time.perf_counter() - t
+    del ckpt
+    if "knn" in steps:
+        log("== knn")
+        t = time.perf_counter()
+        result["knn"], result["topk_choice"] = bench_knn(plan, hbm_tbps, log)
+        result["seconds"]["knn"] = time.perf_counter() - t
+    if "serving" in steps:
+        log("== serving")
+        t = time.perf_counter()
+        result["serving"] = bench_serving(plan, ckpt_dir, images, work, out, log)
+        result["seconds"]["serving"] = time.perf_counter() - t
+    result["seconds"]["total"] = time.perf_counter() - t0
+    write_rows_csv(result["towers"], out / "towers.csv")
+    write_rows_csv(result["copy"], out / "copy.csv")
+    write_rows_csv(result["knn"], out / "knn.csv")
+    write_json(result, out / "gpu.json")
+    plot(result["towers"], result["knn"], out / "gpu.png")
+    return result
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"), help="output folder")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes: seconds on a CPU (what the tests run)")
+    p.add_argument("--checkpoint", type=Path, help="use this checkpoint's towers instead of a random-init one")
+    p.add_argument("--photos", type=Path, help="folder of *.jpg photos (default: scikit-image's)")
+    p.add_argument("--steps", default="towers,knn,serving", help="comma-separated subset of towers,knn,serving")
+    p.add_argument("--tower-batches", type=_ints, help="override the tower batch sizes")
+    p.add_argument("--knn-n", type=_ints, help="override the gallery sizes")
+    p.add_argument("--concurrency", type=_ints, help="override the perf_analyzer concurrencies")
+    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="dense FP16 matmul rate of the GPU")
+    p.add_argument("--hbm-tbps", type=float, default=HBM_TBPS, help="memory bandwidth of the GPU")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = TINY if args.tiny else Plan()
+    if args.tower_batches:
+        plan = replace(plan, tower_batches=args.tower_batches)
+    if args.knn_n:
+        plan = replace(plan, knn_n=args.knn_n)
+    if args.concurrency:
+        plan = replace(plan, concurrencies=args.concurrency)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = set(steps) - {"towers", "knn", "serving"}
+    if unknown:
+        print(f"error: --steps {sorted(unknown)}; expected some of towers,knn,serving", file=sys.stderr)
+        return 2
+    result = run_all(
+        plan,
+        args.out,
+        checkpoint=args.checkpoint,
+        photo_dir=args.photos,
+        peak_tflops=args.peak_tflops,
+        hbm_tbps=args.hbm_tbps,
+        steps=steps,
+    )
+    print(summary(result))
+    print(f"\n{result['seconds']['total']:.0f} s; files in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

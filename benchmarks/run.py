@@ -288,9 +288,9 @@ def results_markdown(run: Run) -> str:
         lines += [f"Skipped: {run.skipped['gpu']}.", ""]
     elif run.gpu_reason:
         lines += [
-            f"Skipped: {run.gpu_reason}. The code path (`benchmarks/gpu.py`: the `gpu_onnx` config with "
-            "FORCE_CPU_ONLY_INPUT_TENSORS=no, then the same perf_analyzer sweep) runs on a machine with an "
-            "NVIDIA GPU.",
+            f"Skipped: {run.gpu_reason}. The code path (`benchmarks/gpu.py`: the `gpu_torch` config, towers in "
+            "torch FP16 with CUDA graphs and GPU tensors through DLPack, then the same perf_analyzer sweep) runs "
+            "on a CUDA machine; `python -m benchmarks.gpu` measures the towers and the kNN there as well.",
             "",
         ]
     else:
@@ -480,12 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results[/quick])")
     p.add_argument("--concurrency", type=perf._ints, help="override the sweep, e.g. 1,2,4,8")
     p.add_argument("--skip", default="", help="comma-separated steps to leave out: perf,compare,quality,knn,gpu")
-    p.add_argument(
-        "--gpu-force-cpu-inputs",
-        choices=("yes", "no"),
-        default="no",
-        help="FORCE_CPU_ONLY_INPUT_TENSORS for the GPU run",
-    )
     return p
 
 
@@ -621,7 +615,7 @@ def _gpu_step(run: Run, pa, repo: Path | None, catalog, skip: set[str], args) ->
             shutil.rmtree(gpu_repo)
         shutil.copytree(repo, gpu_repo)
         inputs = perf.prepare_inputs(list(perf.ALL_MODELS), samples, gpu_repo, run.work / "inputs")
-        return gpu.run(pa, gpu_repo, inputs, run.mode.perf, run.out / "gpu", force_cpu_inputs=args.gpu_force_cpu_inputs)
+        return gpu.run(pa, gpu_repo, inputs, run.mode.perf, run.out / "gpu")
 
     result = run.stage("gpu", go)
     if result is not None:

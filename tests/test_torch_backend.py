@@ -43,7 +43,7 @@ def dims_of(name: str, model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def encoder(repo, name, model_cfg, **kw) -> TorchEncoder:
-    return TorchEncoder(repo / name / "1", contract.MODELS[name], dims_of(name, model_cfg), **kw)
+    return TorchEncoder.from_version_dir(repo / name / "1", contract.MODELS[name], dims_of(name, model_cfg), **kw)
 
 
 @pytest.mark.parametrize("name", ENCODERS)
@@ -93,7 +93,9 @@ def test_repository_dims_of_another_size_are_refused(served_repository, model_cf
     dims = dims_of(contract.IMAGE_ENCODER, model_cfg)
     dims[contract.PIXEL_VALUES.name] = (3, 224, 224)
     with pytest.raises(ValueError, match=r"pixel_values per-row shape \[3, 48, 48\] .* config says \[3, 224, 224\]"):
-        TorchEncoder(served_repository / contract.IMAGE_ENCODER / "1", contract.MODELS[contract.IMAGE_ENCODER], dims)
+        TorchEncoder.from_version_dir(
+            served_repository / contract.IMAGE_ENCODER / "1", contract.MODELS[contract.IMAGE_ENCODER], dims
+        )
 
 
 def test_cuda_graphs_without_cuda_are_refused_with_a_reason(served_repository, model_cfg):

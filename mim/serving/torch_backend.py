@@ -166,6 +166,17 @@ def _repeat_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.repeat(reps, *([1] * (t.ndim - 1)))[:n]
 
 
+def _check_dims(io: contract.ModelIO, model_cfg: ModelConfig, dims: Mapping[str, Sequence[int]], path: Path) -> None:
+    for spec in (*io.inputs, *io.outputs):
+        want = tuple(spec.resolve_dims(model_cfg))
+        got = tuple(int(d) for d in dims.get(spec.name, want))
+        if got != want:
+            raise ValueError(
+                f"{path.parent}: {spec.name} per-row shape {list(want)} from {MODEL_JSON}, the repository "
+                f"config says {list(got)}; write the repository with the checkpoint's configs"
+            )
+
+
 # --- the encoder -------------------------------------------------------------------------------------------
 def cuda_unavailable_reason() -> str | None:
     """None when torch can use a CUDA device, else why not (for skips and the benchmark's table)."""
@@ -181,15 +192,17 @@ class TorchEncoder:
 
     def __init__(
         self,
-        version_dir: str | Path,
+        tower: nn.Module,
+        model_cfg: ModelConfig,
         io: contract.ModelIO,
-        dims: Mapping[str, Sequence[int]],
         *,
         device: str = "cpu",
         precision: str = "fp32",
         graph_batch_sizes: Sequence[int] = (),
         threads: int | None = None,
+        path: Path | None = None,
     ):
+        """`tower`: the FP32 module (ImageTower / TextTower) with forward arguments named as the contract inputs."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
         self.device = torch.device(device)
@@ -201,11 +214,9 @@ class TorchEncoder:
             raise ValueError(f"CUDA graphs need a CUDA device; got device {device!r}")
         if threads is not None and self.device.type == "cpu":
             torch.set_num_threads(max(1, int(threads)))
-        self.io, self.precision = io, precision
-        self.path = Path(version_dir) / WEIGHTS_FILE
-        tower, self.model_cfg = load_tower(version_dir, io.name)
-        self._check_dims(dims)
-        tower = tower.to(self.device)
+        self.io, self.precision, self.model_cfg = io, precision, model_cfg
+        self.path = path
+        tower = tower.eval().requires_grad_(False).to(self.device)
         self.tower = to_fp16(tower) if precision == "fp16" else tower
         # The contract's float inputs are FP32; an FP16 tower takes them in FP16 (cast on the device).
         self.float_dtype = torch.float16 if precision == "fp16" else torch.float32
@@ -215,15 +226,15 @@ class TorchEncoder:
             with torch.no_grad():
                 self.graphs = GraphRunner(self._eager, example, graph_batch_sizes)
 
-    def _check_dims(self, dims: Mapping[str, Sequence[int]]) -> None:
-        for spec in (*self.io.inputs, *self.io.outputs):
-            want = tuple(spec.resolve_dims(self.model_cfg))
-            got = tuple(int(d) for d in dims.get(spec.name, want))
-            if got != want:
-                raise ValueError(
-                    f"{self.path.parent}: {spec.name} per-row shape {list(want)} from {MODEL_JSON}, the repository "
-                    f"config says {list(got)}; write the repository with the checkpoint's configs"
-                )
+    @classmethod
+    def from_version_dir(
+        cls, version_dir: str | Path, io: contract.ModelIO, dims: Mapping[str, Sequence[int]], **kw: Any
+    ) -> TorchEncoder:
+        """The tower installed in a repository version folder; its dims checked against the model config's."""
+        tower, model_cfg = load_tower(version_dir, io.name)
+        path = Path(version_dir) / WEIGHTS_FILE
+        _check_dims(io, model_cfg, dims, path)
+        return cls(tower, model_cfg, io, path=path, **kw)
 
     def _example(self) -> dict[str, torch.Tensor]:
         """One valid row per input: zeros for pixels and ids, a mask keeping position 0."""
@@ -340,7 +351,7 @@ def build_handler(
     device = params.get("device", "cpu")
     if device == "cuda":
         device = f"cuda:{device_id}"
-    encoder = TorchEncoder(
+    encoder = TorchEncoder.from_version_dir(
         version_dir,
         io,
         dims,
