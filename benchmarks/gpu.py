@@ -85,7 +85,7 @@ TINY = Plan(
     knn_k=(10,),
     knn_dim=64,
     concurrencies=(1,),
-    perf_interval_ms=300,
+    perf_interval_ms=500,
     photos=2,
 )
 

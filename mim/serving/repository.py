@@ -99,10 +99,12 @@ CPU_ENCODER_THREADS = 2
 CPU_QUEUE_DELAY_US = 1000
 # ONNX Runtime FP16 on a GPU (no TensorRT): CUDA provider, CPU provider as the fallback for unsupported ops.
 GPU_ONNX_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
-# The towers in torch (mim.serving.torch_backend). CPU: like the ONNX Runtime variant, one instance using the
-# cores. GPU: FP16 with one CUDA graph per preferred batch size, and GPU tensors handed over through DLPack
+# The towers in torch (mim.serving.torch_backend). CPU: one instance with ONE intra-op thread per tower: torch's
+# OpenMP threads spin while they wait, and with two towers on 2 threads each on 2 shared cores a descheduled
+# thread stalled requests by 300-700 ms (measured; 3-10 ms with one thread).
+# GPU: FP16 with one CUDA graph per preferred batch size, and GPU tensors handed over through DLPack
 # (FORCE_CPU_ONLY_INPUT_TENSORS=no; the python backend's default copies every input to the host first).
-TORCH_PARAMS = {"encoder_backend": "torch", "device": "cpu", "precision": "fp32", "intra_op_threads": "2"}
+TORCH_PARAMS = {"encoder_backend": "torch", "device": "cpu", "precision": "fp32", "intra_op_threads": "1"}
 GPU_TORCH_PARAMS = {
     "encoder_backend": "torch",
     "device": "cuda",

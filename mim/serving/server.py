@@ -88,25 +88,40 @@ def python_library_dir() -> str | None:
     return None
 
 
+# A folder unpacked from `make gpu-bundle` (benchmarks/gpu_bundle.py) holding the same server without the
+# nvidia-pytriton package: tritonserver/ as in the package, libs/ for its libraries, VERSION.
+TRITON_HOME_ENV = "MIM_TRITON_HOME"
+
+
 def triton_paths() -> TritonPaths:
-    """Locate the bundled tritonserver in the installed `nvidia-pytriton` package; explain what is missing."""
-    try:
-        import pytriton
-    except ImportError:
-        raise TritonServerError(
-            "the bundled tritonserver comes with the `nvidia-pytriton` package; install the serving extra: "
-            "pip install -e '.[serve]'"
-        ) from None
-    site = Path(pytriton.__file__).resolve().parent.parent
-    root = site / "pytriton" / "tritonserver"
+    """Locate the bundled tritonserver: in $MIM_TRITON_HOME when set, else in the installed `nvidia-pytriton`
+    package; explain what is missing."""
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    home = os.environ.get(TRITON_HOME_ENV)
+    if home:
+        root, lib_dir = Path(home) / "tritonserver", Path(home) / "libs"
+        version_file = Path(home) / "VERSION"
+        version = version_file.read_text().split()[-1] if version_file.is_file() else "bundle"
+        fix = f"unpack the archive of `make gpu-bundle` into ${TRITON_HOME_ENV} ({home}) again"
+    else:
+        try:
+            import pytriton
+        except ImportError:
+            raise TritonServerError(
+                "the bundled tritonserver comes with the `nvidia-pytriton` package; install the serving extra: "
+                f"pip install -e '.[serve]' (or point ${TRITON_HOME_ENV} at an unpacked `make gpu-bundle`)"
+            ) from None
+        site = Path(pytriton.__file__).resolve().parent.parent
+        root, lib_dir = site / "pytriton" / "tritonserver", site / "nvidia_pytriton.libs"
+        version = metadata.version("nvidia-pytriton")
+        fix = "reinstall nvidia-pytriton: pip install -e '.[serve]'"
     paths = TritonPaths(
         root=root,
         binary=root / "bin" / "tritonserver",
-        lib_dir=site / "nvidia_pytriton.libs",
+        lib_dir=lib_dir,
         python_backend=root / "backends" / "python",
         stub=root / "python_backend_stubs" / py / "triton_python_backend_stub",
-        version=metadata.version("nvidia-pytriton"),
+        version=version,
     )
     for what, path in (
         ("tritonserver binary", paths.binary),
@@ -115,7 +130,7 @@ def triton_paths() -> TritonPaths:
         (f"python backend stub for Python {py}", paths.stub),
     ):
         if not path.exists():
-            raise TritonServerError(f"{what} not found at {path}; reinstall nvidia-pytriton: pip install -e '.[serve]'")
+            raise TritonServerError(f"{what} not found at {path}; {fix}")
     return paths
 
 
