@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps lint format test test-slow test-all demo catalog train quality engines serve bench bench-full bench-search clean
+.PHONY: help setup system-deps lint format test test-slow test-all demo catalog train quality engines serve bench bench-full bench-search gpu-bundle clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ bench-full: setup ## the full CPU benchmark set into benchmarks/results
 
 bench-search: setup ## search in one request vs embed + client-side kNN (after `make demo`) into benchmarks/results/search
 	$(MIMSEARCH) search-bench --repository $(ART)/model_repository --catalog $(CATALOG) --out benchmarks/results/search
+
+gpu-bundle: setup ## build/gpu-bundle/mim-gpu.tar.xz: tritonserver, perf_analyzer and packages for a CUDA machine (< 40 MiB)
+	$(PY) -m benchmarks.gpu_bundle --out build/gpu-bundle
 
 clean: ## remove generated artifacts (keeps the virtualenv)
 	rm -rf $(ART) .pytest_cache
