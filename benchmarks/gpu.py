@@ -65,7 +65,7 @@ class Plan:
     size: str = "base"
     tower_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     min_time: float = 0.3  # seconds of timing per side of each comparison
-    min_reps: int = 5
+    min_reps: int = 3
     knn_n: tuple[int, ...] = (1_000_000, 10_000_000)
     knn_batches: tuple[int, ...] = (1, 32, 256)
     knn_k: tuple[int, ...] = (10, 100)
