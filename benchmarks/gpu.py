@@ -43,8 +43,8 @@ from .common import hardware, markdown_table, now_utc, versions, write_json, wri
 from .knn_bench import time_side_by_side
 
 GPU_CONFIG, CPU_CONFIG = "gpu_torch", "torch"
-# The H200's dense FP16 tensor-core rate and copy bandwidth as measured on it (matmul and device-to-device
-# copy microbenchmarks); the floors are these divided into the work.
+# An H200's dense FP16 tensor-core rate and copy bandwidth (matmul and device-to-device copy microbenchmarks);
+# the floors are these divided into the work. Pass --peak-tflops / --hbm-tbps for another GPU.
 PEAK_TFLOPS = 790.0
 HBM_TBPS = 4.3
 # Product-like titles for the text tower and the served requests (the catalog's vocabulary, no catalog needed).
