@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from mim import contract, layout
+from mim import contract, layout, ranking
 
 from . import perf
 from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
@@ -163,10 +163,6 @@ def _random_feeds(io: contract.ModelIO, model_cfg, batch: int, device) -> dict:
     return {k: torch.from_numpy(v).to(device) for k, v in random_inputs(io, model_cfg, batch, seed=batch).items()}
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 def bench_towers(plan: Plan, ckpt, inputs: dict, peak_tflops: float, log: Callable[[str], None]) -> tuple[list, list]:
     """Rows per (tower, batch): eager and graph items/s side by side, fraction of the floor, FP16 parity."""
 
@@ -191,7 +187,7 @@ def bench_towers(plan: Plan, ckpt, inputs: dict, peak_tflops: float, log: Callab
                 precision=precision,
                 graph_batch_sizes=plan.tower_batches,
             )
-        parity = float(_cosines((graphs or eager)(inputs[name]), fp32(inputs[name])).min())
+        parity = ranking.parity((graphs or eager)(inputs[name]), fp32(inputs[name])).min_cosine
         flops = tower_flops(ckpt.model_cfg, name)
         floor_ips = peak_tflops * 1e12 / flops
         log(

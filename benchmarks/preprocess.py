@@ -33,6 +33,7 @@ from PIL import Image
 
 from mim.config import PreprocessConfig
 from mim.preprocess import JPEG_DRAFT_MARGIN, preprocess_image_bytes
+from mim.ranking import parity
 
 from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
 
@@ -94,7 +95,7 @@ def gate(photos: Sequence[Photo], cfg: PreprocessConfig, embed: Callable[[np.nda
         full = preprocess_image_bytes(p.data, cfg, draft=False)
         fast = preprocess_image_bytes(p.data, cfg, draft=True)
         e = embed(np.stack([full, fast]))
-        cos = float((e[0] * e[1]).sum() / (np.linalg.norm(e[0]) * np.linalg.norm(e[1])))
+        cos = parity(e[1:], e[:1]).min_cosine
         diff = np.abs(full - fast)
         rows.append(
             {

@@ -11,6 +11,7 @@ from test_serving import TEXTS, array_input, embed, photo
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
+from mim.ranking import parity
 from mim.serving.repository import TORCH
 from mim.serving.server import TritonServer
 
@@ -28,10 +29,6 @@ def torch_client(tmp_path_factory, served_repository):
         client.close()
 
 
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
-
-
 def test_the_torch_variant_serves_the_towers_in_torch(torch_client):
     for name in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER):
         params = torch_client.get_model_config(name).config.parameters
@@ -47,7 +44,7 @@ def test_every_ensemble_equals_the_onnx_variant(torch_client, triton_client):
     ):
         got, want = embed(torch_client, model, **kw), embed(triton_client, model, **kw)
         assert got.shape == want.shape == (4, want.shape[1])
-        assert min_cosine(got, want) >= MIN_COSINE, model
+        assert parity(got, want).min_cosine >= MIN_COSINE, model
 
 
 def test_bad_tensors_are_refused_and_the_next_request_is_answered(torch_client):

@@ -11,6 +11,7 @@ from export.onnx_export import random_inputs
 from mim import contract
 from mim.config import ModelConfig
 from mim.preprocess import InputError
+from mim.ranking import parity
 from mim.serving import backends
 from mim.serving.backends import OnnxEncoder, Request
 from mim.serving.torch_backend import (
@@ -25,10 +26,6 @@ from mim.serving.torch_backend import (
 ENCODERS = (contract.IMAGE_ENCODER, contract.TEXT_ENCODER)
 CUDA_REASON = cuda_unavailable_reason()
 needs_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=f"needs a CUDA device: {CUDA_REASON}")
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +51,7 @@ def test_torch_encoder_equals_the_onnx_encoder(served_repository, model_cfg, nam
     feeds = random_inputs(io, model_cfg, batch=7, seed=3)
     got, want = torch_enc(feeds), onnx(feeds)
     assert got.dtype == np.float32 and got.shape == want.shape
-    assert cosines(got, want).min() >= 0.99999
+    assert parity(got, want).min_cosine >= 0.99999
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -69,7 +66,7 @@ def test_fp16_policy_keeps_the_embeddings_within_the_fp16_gate(served_repository
     feeds = random_inputs(io, model_cfg, batch=5, seed=1)
     got = fp16(feeds)
     assert got.dtype == np.float32
-    assert cosines(got, fp32(feeds)).min() >= 0.999
+    assert parity(got, fp32(feeds)).min_cosine >= 0.999
 
 
 def test_fp32_islands_compute_layernorm_and_softmax_in_fp32():
@@ -191,7 +188,7 @@ def test_cuda_graphs_replay_the_fp16_tower(served_repository, model_cfg, name):
         feeds = random_inputs(io, model_cfg, batch=batch, seed=batch)
         got = graphs(feeds)
         np.testing.assert_allclose(got, eager(feeds), atol=2e-3)
-        assert cosines(got, fp32(feeds)).min() >= 0.999
+        assert parity(got, fp32(feeds)).min_cosine >= 0.999
 
 
 @needs_cuda
