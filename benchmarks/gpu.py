@@ -411,8 +411,18 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     with TritonServer(repository, config=config, log_path=out / "tritonserver.log") as server:
         result = perf.run_sweeps(pa, server.grpc_url, list(input_files), input_files, settings, out / "logs", log=log)
-    perf.write_outputs(result, out, {"config": config})
+    if _has_matplotlib():
+        perf.write_outputs(result, out, {"config": config})
+    else:  # a GPU machine may lack matplotlib: the figures matter, the plot does not
+        write_rows_csv(result.rows, out / "perf.csv", perf.PERF_FIELDS)
+        write_json({"config": config, "results": result.rows, "errors": result.errors}, out / "perf.json")
     return result
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def bench_serving(plan: Plan, ckpt_dir: Path, images, work: Path, out: Path, log) -> dict[str, Any]:
@@ -460,12 +470,14 @@ def plot(tower_rows: list[dict], knn_rows: list[dict], path: Path) -> Path | Non
             a.plot([r["batch"] for r in rs], [r["graphs_items_per_s"] for r in rs], "o-", label=f"{name} CUDA graphs")
         a.axhline(rs[0]["floor_items_per_s"], ls=":", color="grey")
     a.set(xscale="log", yscale="log", xlabel="batch", ylabel="items/s", title="towers (dotted: compute floor)")
-    a.legend(fontsize=7)
+    if tower_rows:
+        a.legend(fontsize=7)
     for method in sorted({r["method"] for r in knn_rows}):
         rs = [r for r in knn_rows if r["method"] == method]
         b.plot(range(len(rs)), [r["ms"] for r in rs], "o-", label=method)
     b.set(yscale="log", xlabel="cell (n, batch, k)", ylabel="ms per search", title="kNN")
-    b.legend(fontsize=7)
+    if knn_rows:
+        b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -564,30 +576,43 @@ def run_all(
         "topk_choice": [],
         "seconds": {},
     }
-    if "towers" in steps:
-        log("== towers")
-        t = time.perf_counter()
+    result["errors"] = {}
+
+    def towers() -> None:
         inputs = real_inputs(ckpt, [b for _, b in images], TITLES)
         result["towers"], result["copy"] = bench_towers(plan, ckpt, inputs, peak_tflops, log)
-        result["seconds"]["towers"] = time.perf_counter() - t
-    del ckpt
-    if "knn" in steps:
-        log("== knn")
-        t = time.perf_counter()
+
+    def knn() -> None:
         result["knn"], result["topk_choice"] = bench_knn(plan, hbm_tbps, log)
-        result["seconds"]["knn"] = time.perf_counter() - t
-    if "serving" in steps:
-        log("== serving")
-        t = time.perf_counter()
+
+    def serving() -> None:
         result["serving"] = bench_serving(plan, ckpt_dir, images, work, out, log)
-        result["seconds"]["serving"] = time.perf_counter() - t
-    result["seconds"]["total"] = time.perf_counter() - t0
+
+    # One step failing (a GPU machine is lent for minutes) must not lose the others' figures: each step's
+    # error is recorded and the files are rewritten after every step.
+    for name, step in (("towers", towers), ("knn", knn), ("serving", serving)):
+        if name not in steps:
+            continue
+        log(f"== {name}")
+        t = time.perf_counter()
+        try:
+            step()
+        except Exception as e:  # recorded in gpu.json and printed; the next step still runs
+            log(f"  {name} failed: {type(e).__name__}: {e}")
+            result["errors"][name] = f"{type(e).__name__}: {e}"
+        result["seconds"][name] = time.perf_counter() - t
+        result["seconds"]["total"] = time.perf_counter() - t0
+        _write(result, out)
+    if _has_matplotlib():
+        plot(result["towers"], result["knn"], out / "gpu.png")
+    return result
+
+
+def _write(result: dict[str, Any], out: Path) -> None:
     write_rows_csv(result["towers"], out / "towers.csv")
     write_rows_csv(result["copy"], out / "copy.csv")
     write_rows_csv(result["knn"], out / "knn.csv")
     write_json(result, out / "gpu.json")
-    plot(result["towers"], result["knn"], out / "gpu.png")
-    return result
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -633,8 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=steps,
     )
     print(summary(result))
-    print(f"\n{result['seconds']['total']:.0f} s; files in {args.out}")
-    return 0
+    for step, error in result["errors"].items():
+        print(f"{step} FAILED: {error}")
+    print(f"\n{result['seconds'].get('total', 0):.0f} s; files in {args.out}")
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":

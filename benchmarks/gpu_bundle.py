@@ -11,7 +11,8 @@ The archive unpacks into one folder (the README's "GPU" section shows the comman
                                               perf_analyzer
     bin/perf_analyzer                         from the tritonclient 2.50.0 wheel
     site/                                     pure-Python or abi3 packages the serving code imports
-                                              (tritonclient, safetensors, tokenizers, onnx_graphsurgeon) and
+                                              (tritonclient, safetensors, tokenizers, onnx_graphsurgeon,
+                                              threadpoolctl) and
                                               Pillow built for Python 3.12
     photos/*.jpg                              real photos (scikit-image's) for the parity checks and requests
 
@@ -37,7 +38,7 @@ TARGET_PYTHON = "3.12"
 ARCHIVE = "mim-gpu.tar.xz"
 # Packages the python-backend models and the script import that a torch + CuPy machine may lack; each is pure
 # Python or built for the stable ABI (abi3), so this environment's copy works on the target's Python.
-SITE_PACKAGES = ("tritonclient", "safetensors", "tokenizers", "onnx_graphsurgeon")
+SITE_PACKAGES = ("tritonclient", "safetensors", "tokenizers", "onnx_graphsurgeon", "threadpoolctl")
 # Built per Python version: downloaded for the target's.
 PER_VERSION_WHEELS = ("pillow",)
 LIBB64 = "libb64.so.0d"
@@ -56,13 +57,16 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _package_dir(name: str) -> Path:
+def _package_path(name: str) -> Path:
+    """The folder of package `name`, or the file of a single-module distribution (threadpoolctl.py)."""
     import importlib.util
 
     spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None:
         raise BundleError(f"package {name!r} is not installed here; pip install -e '.[serve,dev]'")
-    return Path(next(iter(spec.submodule_search_locations)))
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(spec.origin)
 
 
 def _libb64() -> Path:
@@ -116,7 +120,8 @@ def stage(root: Path) -> dict[str, str]:
     _copy(pa, root / "bin" / "perf_analyzer")
     site = root / "site"
     for name in SITE_PACKAGES:
-        _copy(_package_dir(name), site / name)
+        src = _package_path(name)
+        _copy(src, site / src.name)
     with tempfile.TemporaryDirectory() as tmp:
         for wheel in _download_wheels(PER_VERSION_WHEELS, Path(tmp)):
             with zipfile.ZipFile(wheel) as z:

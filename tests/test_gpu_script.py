@@ -66,3 +66,16 @@ def test_tiny_run_serves_the_torch_ensembles_under_perf_analyzer(tiny_checkpoint
         "embed_multimodal",
     }
     assert (out / "perf.csv").is_file()
+
+
+def test_a_failing_step_is_recorded_and_the_others_keep_their_figures(tiny_checkpoint, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(gpu, "bench_knn", broken)
+    out = tmp_path / "gpu"
+    argv = ["--tiny", "--steps", "knn,towers", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]
+    assert gpu.main(argv) == 1
+    result = json.loads((out / "gpu.json").read_text())
+    assert result["errors"] == {"knn": "RuntimeError: out of memory"}
+    assert len(result["towers"]) == 2 * len(gpu.TINY.tower_batches)
