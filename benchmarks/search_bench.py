@@ -87,13 +87,15 @@ def closed_loop(make_worker: Callable[[], Callable[[int], None]], concurrency: i
             now = time.perf_counter()
             if now - t0[0] > seconds:
                 return
+            failed = False
             try:
                 work(n)
             except Exception:
-                errors[slot] += 1
+                failed = True
             done = time.perf_counter()
-            if now >= t0[0]:  # started inside the window
+            if now >= t0[0]:  # started inside the window: warm-up calls count neither as requests nor as errors
                 latencies[slot].append(done - now)
+                errors[slot] += failed
             n += 1
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(concurrency)]
