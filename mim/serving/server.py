@@ -156,17 +156,22 @@ def backend_dir(paths: TritonPaths | None = None, cache_dir: str | Path | None =
         dst = tmp / "python"
         shutil.copytree(paths.python_backend, dst, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(paths.stub, dst / stub_name)
-        if target.exists():  # stale or incomplete: replace it
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _backend_complete(target, paths):  # someone else's rename won only if theirs is complete
-                raise
+        # Another process may have finished first while we copied: a complete target is never replaced. Only a
+        # stale or half-copied one is removed; a rename that loses to someone else's leaves theirs in place.
+        for _ in range(3):
+            if _backend_complete(target, paths):
+                return target
+            if target.exists():
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.rename(tmp, target)
+                return target
+            except OSError:
+                continue
+        raise TritonServerError(f"could not assemble the python backend folder {target}; remove it and retry")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _backend_complete(target: Path, paths: TritonPaths) -> bool:
