@@ -26,6 +26,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from tritonclient.utils import InferenceServerException
 
 from mim import contract
 
@@ -35,6 +36,7 @@ from .triton_client import (
     Chunk,
     ClientError,
     EmbeddingClient,
+    call_error,
     plan_images,
     plan_multimodal,
     plan_texts,
@@ -159,9 +161,13 @@ class SearchClient(EmbeddingClient):
         """Load the latest installed gallery (the newest `knn` version) through the model-control API, then the
         search ensembles. Triton loads the new version next to the old one and retires the old one after its
         requests in flight are answered. Needs a server started with explicit model control (the default of
-        mim.serving.server)."""
-        for model in (contract.KNN, *SEARCH_MODELS):
-            self._call(lambda m=model: self._client.load_model(m, client_timeout=max(self.timeout_s, 120)), model)
+        mim.serving.server). With several replicas, every one of them loads it."""
+        for replica in self.replicas.replicas:
+            for model in (contract.KNN, *SEARCH_MODELS):
+                try:
+                    replica.client.load_model(model, client_timeout=max(self.timeout_s, 120))
+                except InferenceServerException as e:
+                    raise call_error(model)(e, replica.url, 1) from None
 
     def _search(self, chunks: list[Chunk]) -> list[list[SearchResult]]:
         return [row for c in chunks for row in self._infer(c, OUTPUTS, parse_results)]

@@ -15,6 +15,11 @@ what was expected, and carries the server's own message verbatim.
 `EmbeddingClient` is a `mim.embedding.Embedder`, like the in-process torch and ONNX embedders, so evaluation
 and search take it unchanged. `AsyncEmbeddingClient` has the same methods as coroutines (tritonclient.grpc.aio)
 and runs the chunks of one call concurrently, at most `max_concurrency` in flight.
+
+Both take several server URLs (a list, or "h1:p1,h2:p2") for several Triton replicas serving the same
+repository: requests go to healthy replicas in turn, and a request whose replica stops answering (UNAVAILABLE or
+DEADLINE_EXCEEDED) is sent again at once to another one, while the failed replica is taken out and probed back
+in later (`client.replicas`). With one URL the behaviour is the plain retry on UNAVAILABLE described above.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from tritonclient.utils import InferenceServerException
 
 from mim import contract, embedding
 
+from .replicas import PROBE_TIMEOUT_S, UNAVAILABLE, ReplicaPool, ReplicaStats, parse_urls
+
 DEFAULT_URL = "127.0.0.1:8001"
 ENSEMBLES = (contract.EMBED_IMAGE, contract.EMBED_TEXT, contract.EMBED_MULTIMODAL)
-UNAVAILABLE = "StatusCode.UNAVAILABLE"
 
 T = TypeVar("T")
 
@@ -70,10 +76,6 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         return min(self.cap_s, self.base_s * 2**attempt) * random.uniform(0.75, 1.25)
-
-
-def is_retryable(exc: InferenceServerException) -> bool:
-    return exc.status() == UNAVAILABLE
 
 
 # --- request building and response parsing (shared by both clients) --------------------------------------------
@@ -298,11 +300,12 @@ def _validate_settings(timeout_s: float, retries: int, max_batch: int) -> None:
 # --- the synchronous client ------------------------------------------------------------------------------------
 class EmbeddingClient:
     """Blocking client, the served implementation of `mim.embedding.Embedder`. `retries` is the number of extra
-    attempts on UNAVAILABLE (0 = try once)."""
+    attempts on UNAVAILABLE (0 = try once); with several replicas an attempt sent to another replica after a
+    failover counts as one of them."""
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         timeout_s: float = 30.0,
         retries: int = 3,
@@ -310,15 +313,29 @@ class EmbeddingClient:
         backoff: Backoff = Backoff(),
     ) -> None:
         _validate_settings(timeout_s, retries, max_batch)
+        urls = parse_urls(url)
         self.url, self.timeout_s, self.retries, self.max_batch, self.backoff = (
-            url,
+            ",".join(urls),
             timeout_s,
             retries,
             max_batch,
             backoff,
         )
-        self._client = grpcclient.InferenceServerClient(url)
+        self.replicas = ReplicaPool(urls, grpcclient.InferenceServerClient)
         self._dim: int | None = None
+
+    @property
+    def _client(self) -> Any:
+        """The first replica's tritonclient (the only one with a single URL)."""
+        return self.replicas.replicas[0].client
+
+    @_client.setter
+    def _client(self, client: Any) -> None:
+        self.replicas.replicas[0].client = client
+
+    @property
+    def stats(self) -> ReplicaStats:
+        return self.replicas.stats
 
     def __enter__(self) -> EmbeddingClient:
         return self
@@ -327,7 +344,8 @@ class EmbeddingClient:
         self.close()
 
     def close(self) -> None:
-        self._client.close()
+        for r in self.replicas.replicas:
+            r.client.close()
 
     def __repr__(self) -> str:
         return (
@@ -350,25 +368,28 @@ class EmbeddingClient:
         return self._run(plan_multimodal(images, texts, image_weight, self.max_batch))
 
     def wait_ready(self, timeout: float = 60.0, models: Sequence[str] = ENSEMBLES) -> None:
-        """Block until the server is ready and every model in `models` is loaded; ClientError after `timeout` s."""
-        deadline, last = time.monotonic() + timeout, "no answer yet"
+        """Block until every replica is ready with every model in `models` loaded. After `timeout` s, replicas
+        still not ready are taken out (and probed later) if at least one is ready; else ClientError."""
+        deadline = time.monotonic() + timeout
+        pending = {r.url: r for r in self.replicas.replicas}
+        last = dict.fromkeys(pending, "no answer yet")
         while True:
-            try:
-                pending = [m for m in models if not self._client.is_model_ready(m, client_timeout=2.0)]
-                if self._client.is_server_ready(client_timeout=2.0) and not pending:
-                    return
-                last = f"models not ready: {pending}" if pending else "server not ready"
-            except InferenceServerException as e:
-                last = f"{e.status()}: {e.message()}"
+            for url, r in list(pending.items()):
+                last[url] = _readiness(r.client, models)
+                if last[url] is None:
+                    del pending[url]
+            if not pending:
+                return
             if time.monotonic() >= deadline:
-                raise ClientError(f"server at {self.url} not ready within {timeout:g}s (last: {last})")
+                _give_up_waiting(self.replicas, pending, last, timeout)
+                return
             time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
     def embed_dim(self) -> int:
         """Width of the served embedding, from the `embed_image` model metadata (cached)."""
         if self._dim is None:
             meta = self._call(
-                lambda: self._client.get_model_metadata(contract.EMBED_IMAGE, client_timeout=self.timeout_s),
+                lambda c: c.get_model_metadata(contract.EMBED_IMAGE, client_timeout=self.timeout_s),
                 contract.EMBED_IMAGE,
             )
             self._dim = _dim_from_metadata(meta)
@@ -376,7 +397,7 @@ class EmbeddingClient:
 
     def model_config(self, model: str) -> Any:
         """The served config.pbtxt as a ModelConfig protobuf."""
-        return self._call(lambda: self._client.get_model_config(model, client_timeout=self.timeout_s), model).config
+        return self._call(lambda c: c.get_model_config(model, client_timeout=self.timeout_s), model).config
 
     # internals
     def _run(self, chunks: list[Chunk]) -> np.ndarray:
@@ -393,33 +414,89 @@ class EmbeddingClient:
         parse: Callable[[Chunk, Any], Any] = parse_result,
     ) -> Any:
         args = infer_args(chunk, outputs)
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                result = self._client.infer(**args, client_timeout=self.timeout_s)
-                return parse(chunk, result)
-            except InferenceServerException as e:
-                if not is_retryable(e) or attempts > self.retries:
-                    raise request_error(chunk, e, self.url, attempts) from None
-                time.sleep(self.backoff.delay(attempts - 1))
+        return self._call(
+            lambda client: parse(chunk, client.infer(**args, client_timeout=self.timeout_s)),
+            chunk.model,
+            lambda e, url, attempts: request_error(chunk, e, url, attempts),
+        )
 
-    def _call(self, fn: Callable[[], T], model: str) -> T:
-        attempts = 0
+    def _call(
+        self,
+        fn: Callable[[Any], T],
+        model: str,
+        error: Callable[[InferenceServerException, str, int], ClientError] | None = None,
+    ) -> T:
+        """`fn(tritonclient)` on a replica; on a replica failure, again on another one (or after a backoff)."""
+        pool, tried, attempts = self.replicas, set(), 0
         while True:
+            replica = self._replica(tried)
             attempts += 1
             try:
-                return fn()
+                out = fn(replica.client)
+                pool.answered(replica)
+                return out
             except InferenceServerException as e:
-                if not is_retryable(e) or attempts > self.retries:
-                    raise ClientError(
-                        f"{model}: {e.status()}: {e.message()} (server {self.url}, {attempts} attempt(s))",
-                        model=model,
-                        status=e.status(),
-                        server_message=e.message(),
-                        attempts=attempts,
-                    ) from None
-                time.sleep(self.backoff.delay(attempts - 1))
+                if not pool.failover_status(e.status()) or attempts > self.retries:
+                    raise (error or call_error(model))(e, replica.url, attempts) from None
+                pool.failed(replica)
+                tried.add(replica.url)
+                if pool.has_healthy(tried):
+                    pool.count_failover()
+                else:
+                    tried.clear()
+                    time.sleep(self.backoff.delay(attempts - 1))
+
+    def _replica(self, tried: set[str]) -> Any:
+        """The replica for the next attempt; one that is out is first probed with a readiness check."""
+        while True:
+            replica, probe = self.replicas.next(tried)
+            if not probe:
+                return replica
+            self.replicas.renew(replica).close()
+            try:
+                if replica.client.is_server_ready(client_timeout=PROBE_TIMEOUT_S):
+                    return replica
+            except InferenceServerException:
+                pass
+            self.replicas.failed(replica, probe=True)
+
+
+def call_error(model: str) -> Callable[[InferenceServerException, str, int], ClientError]:
+    """The ClientError for a failed non-inference call (metadata, config, model control) to a replica."""
+
+    def make(e: InferenceServerException, url: str, attempts: int) -> ClientError:
+        return ClientError(
+            f"{model}: {e.status()}: {e.message()} (server {url}, {attempts} attempt(s))",
+            model=model,
+            status=e.status(),
+            server_message=e.message(),
+            attempts=attempts,
+        )
+
+    return make
+
+
+def _readiness(client: Any, models: Sequence[str]) -> str | None:
+    """None when the server is ready with every model in `models`, else what is missing (sync client)."""
+    try:
+        pending = [m for m in models if not client.is_model_ready(m, client_timeout=2.0)]
+        if client.is_server_ready(client_timeout=2.0) and not pending:
+            return None
+        return f"models not ready: {pending}" if pending else "server not ready"
+    except InferenceServerException as e:
+        return f"{e.status()}: {e.message()}"
+
+
+def _give_up_waiting(pool: ReplicaPool, pending: dict[str, Any], last: dict[str, str | None], timeout: float) -> None:
+    """At the wait_ready deadline: take the replicas still not ready out, or raise when none is ready."""
+    if len(pending) == len(pool.replicas):
+        if len(pending) == 1:
+            url = next(iter(pending))
+            raise ClientError(f"server at {url} not ready within {timeout:g}s (last: {last[url]})")
+        why = "; ".join(f"{u}: {last[u]}" for u in pending)
+        raise ClientError(f"no replica ready within {timeout:g}s (last: {why})")
+    for r in pending.values():
+        pool.failed(r)
 
 
 def _dim_from_metadata(meta: Any) -> int:
@@ -443,7 +520,7 @@ class AsyncEmbeddingClient:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         timeout_s: float = 30.0,
         retries: int = 3,
@@ -454,16 +531,25 @@ class AsyncEmbeddingClient:
         _validate_settings(timeout_s, retries, max_batch)
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency={max_concurrency!r}; expected an int >= 1")
+        urls = parse_urls(url)
         self.url, self.timeout_s, self.retries, self.max_batch, self.backoff = (
-            url,
+            ",".join(urls),
             timeout_s,
             retries,
             max_batch,
             backoff,
         )
         self.max_concurrency = max_concurrency
-        self._client = grpcclient_aio.InferenceServerClient(url)
+        self.replicas = ReplicaPool(urls, grpcclient_aio.InferenceServerClient)
         self._dim: int | None = None
+
+    @property
+    def _client(self) -> Any:
+        return self.replicas.replicas[0].client
+
+    @property
+    def stats(self) -> ReplicaStats:
+        return self.replicas.stats
 
     async def __aenter__(self) -> AsyncEmbeddingClient:
         return self
@@ -472,7 +558,8 @@ class AsyncEmbeddingClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._client.close()
+        for r in self.replicas.replicas:
+            await r.client.close()
 
     async def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
         return await self._run(plan_images(images, self.max_batch))
@@ -486,30 +573,28 @@ class AsyncEmbeddingClient:
         return await self._run(plan_multimodal(images, texts, image_weight, self.max_batch))
 
     async def wait_ready(self, timeout: float = 60.0, models: Sequence[str] = ENSEMBLES) -> None:
-        deadline, last = time.monotonic() + timeout, "no answer yet"
+        """As `EmbeddingClient.wait_ready`."""
+        deadline = time.monotonic() + timeout
+        pending = {r.url: r for r in self.replicas.replicas}
+        last = dict.fromkeys(pending, "no answer yet")
         while True:
-            try:
-                pending = [m for m in models if not await self._client.is_model_ready(m, client_timeout=2.0)]
-                if await self._client.is_server_ready(client_timeout=2.0) and not pending:
-                    return
-                last = f"models not ready: {pending}" if pending else "server not ready"
-            except InferenceServerException as e:
-                last = f"{e.status()}: {e.message()}"
+            for url, r in list(pending.items()):
+                last[url] = await _readiness_async(r.client, models)
+                if last[url] is None:
+                    del pending[url]
+            if not pending:
+                return
             if time.monotonic() >= deadline:
-                raise ClientError(f"server at {self.url} not ready within {timeout:g}s (last: {last})")
+                _give_up_waiting(self.replicas, pending, last, timeout)
+                return
             await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
     async def embed_dim(self) -> int:
         if self._dim is None:
-            try:
-                meta = await self._client.get_model_metadata(contract.EMBED_IMAGE, client_timeout=self.timeout_s)
-            except InferenceServerException as e:
-                raise ClientError(
-                    f"{contract.EMBED_IMAGE}: {e.status()}: {e.message()} (server {self.url})",
-                    model=contract.EMBED_IMAGE,
-                    status=e.status(),
-                    server_message=e.message(),
-                ) from None
+            meta = await self._call(
+                lambda c: c.get_model_metadata(contract.EMBED_IMAGE, client_timeout=self.timeout_s),
+                contract.EMBED_IMAGE,
+            )
             self._dim = _dim_from_metadata(meta)
         return self._dim
 
@@ -541,13 +626,58 @@ class AsyncEmbeddingClient:
         parse: Callable[[Chunk, Any], Any] = parse_result,
     ) -> Any:
         args = infer_args(chunk, outputs)
-        attempts = 0
+        result = await self._call(
+            lambda c: c.infer(**args, client_timeout=self.timeout_s),
+            chunk.model,
+            lambda e, url, attempts: request_error(chunk, e, url, attempts),
+        )
+        return parse(chunk, result)
+
+    async def _call(
+        self,
+        fn: Callable[[Any], Any],
+        model: str,
+        error: Callable[[InferenceServerException, str, int], ClientError] | None = None,
+    ) -> Any:
+        """As `EmbeddingClient._call`, awaiting `fn(tritonclient)`."""
+        pool, tried, attempts = self.replicas, set(), 0
         while True:
+            replica = await self._replica(tried)
             attempts += 1
             try:
-                result = await self._client.infer(**args, client_timeout=self.timeout_s)
-                return parse(chunk, result)
+                out = await fn(replica.client)
+                pool.answered(replica)
+                return out
             except InferenceServerException as e:
-                if not is_retryable(e) or attempts > self.retries:
-                    raise request_error(chunk, e, self.url, attempts) from None
-                await asyncio.sleep(self.backoff.delay(attempts - 1))
+                if not pool.failover_status(e.status()) or attempts > self.retries:
+                    raise (error or call_error(model))(e, replica.url, attempts) from None
+                pool.failed(replica)
+                tried.add(replica.url)
+                if pool.has_healthy(tried):
+                    pool.count_failover()
+                else:
+                    tried.clear()
+                    await asyncio.sleep(self.backoff.delay(attempts - 1))
+
+    async def _replica(self, tried: set[str]) -> Any:
+        while True:
+            replica, probe = self.replicas.next(tried)
+            if not probe:
+                return replica
+            await self.replicas.renew(replica).close()
+            try:
+                if await replica.client.is_server_ready(client_timeout=PROBE_TIMEOUT_S):
+                    return replica
+            except InferenceServerException:
+                pass
+            self.replicas.failed(replica, probe=True)
+
+
+async def _readiness_async(client: Any, models: Sequence[str]) -> str | None:
+    try:
+        pending = [m for m in models if not await client.is_model_ready(m, client_timeout=2.0)]
+        if await client.is_server_ready(client_timeout=2.0) and not pending:
+            return None
+        return f"models not ready: {pending}" if pending else "server not ready"
+    except InferenceServerException as e:
+        return f"{e.status()}: {e.message()}"
