@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ QUERY_IDS = 1000  # ids per `id in [...]` expression
 SEARCH_QUERIES = 256  # queries per search request
 FLUSH_ROWS = 10000  # an add this large flushes at once
 CONNECT_TIMEOUT_S = 10.0
+INDEX_WAIT_S = 1800.0  # how long `save` waits for the index build to catch up (HNSW on 1e7 rows takes long)
 
 
 class MilvusStoreError(RuntimeError):
@@ -417,7 +419,7 @@ class MilvusStore:
             return
         emb = _unit_rows(emb.astype(np.float32), normalize, norm_tol)
         rows = [_row(i, v, m) for i, v, m in zip(ids.tolist(), emb, metas)]  # checks every row before writing
-        clash = self._held(ids)
+        clash = self._held(ids) if len(self) else ids[:0]  # an empty collection (a bulk load) holds none of them
         if clash.size:
             raise ValueError(
                 f"id {int(clash[0])} is already in the gallery {self.location}; remove it first, use "
@@ -426,7 +428,7 @@ class MilvusStore:
         for s in range(0, len(rows), INSERT_ROWS):
             self._client.insert(self.collection, rows[s : s + INSERT_ROWS])
         if len(rows) >= FLUSH_ROWS:
-            self._client.flush(self.collection)
+            self.save()
 
     def remove(self, ids: Any) -> None:
         """Remove items by id. An id not held raises KeyError naming it (nothing is removed then)."""
@@ -446,6 +448,23 @@ class MilvusStore:
                 f"{self!r} lives at {self.location}; it cannot be saved to {str(path)!r} (copy with the index command)"
             )
         self._client.flush(self.collection)
+        self._wait_indexed()
+
+    def _wait_indexed(self, timeout_s: float = INDEX_WAIT_S) -> None:
+        """Block until the vector index covers every flushed row: until then Milvus searches the rest by brute
+        force, which is slower and (for HNSW/IVF) gives other results than the index will."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self._client.describe_index(self.collection, VECTOR) or {}
+            pending = int(info.get("pending_index_rows", 0))
+            if pending == 0 and int(info.get("indexed_rows", 0)) >= int(info.get("total_rows", 0)):
+                return
+            if time.monotonic() > deadline:
+                raise MilvusStoreError(
+                    f"{self.location}: the {self.index.index_type} index still has {pending} rows to build after "
+                    f"{timeout_s:g}s; searches stay correct but slow until it is done"
+                )
+            time.sleep(0.2)
 
     def drop(self) -> None:
         """Delete the whole collection."""
