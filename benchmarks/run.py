@@ -13,7 +13,8 @@ Steps:
   6. ours vs PyTriton vs in-process, side by side (benchmarks.serving_compare)
   7. retrieval quality through the served path vs in-process (benchmarks.quality)
   8. kNN vs faiss (benchmarks.knn_bench, --quick in quick mode)
-  9. the GPU ensemble (benchmarks.gpu), skipped with the reason where there is no GPU
+  9. gallery stores: exact KnnIndex vs Milvus Lite FLAT/HNSW/IVF (benchmarks.store_bench)
+ 10. the GPU ensemble (benchmarks.gpu), skipped with the reason where there is no GPU
 Speed never fails a benchmark (a noisy level is measured once more and marked); a broken model, a failed
 parity check or a tool that cannot start does: the run still writes what it has, then exits 1.
 """
@@ -36,7 +37,7 @@ from typing import Any
 
 from mim import contract
 
-from . import gpu, knn_bench, perf, quality, serving_compare
+from . import gpu, knn_bench, perf, quality, serving_compare, store_bench
 from .common import hardware, markdown_table, now_utc, versions, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,9 @@ FULL_KNN = ("--sizes", "10000,100000", "--min-time", "0.4")
 FULL = Mode(
     "full", dataclasses.replace(perf.FULL, interval_ms=1200, max_trials=5), perf.ENSEMBLES, 16, 1.0, FULL_KNN, 2
 )
+# Milvus Lite inserts run at ~1k rows/s here: the full run stops at N = 1e4 (about 3 minutes);
+# `python -m benchmarks.store_bench` alone goes to 5e4.
+STORE_ARGS = {"quick": ("--quick",), "full": ("--sizes", "10000", "--min-time", "0.5")}
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Run:
     comparison: serving_compare.Comparison | None = None
     quality: dict | None = None
     knn_rc: int | None = None
+    store_rc: int | None = None
     gpu_reason: str | None = None
     commands: dict[str, str] = field(default_factory=dict)
 
@@ -283,6 +288,7 @@ def results_markdown(run: Run) -> str:
         "",
     ]
     lines += _perf_section(run) + _comparison_section(run) + _quality_section(run) + _knn_section(run)
+    lines += _store_section(run)
     lines += ["## GPU", ""]
     if "gpu" in run.skipped:
         lines += [f"Skipped: {run.skipped['gpu']}.", ""]
@@ -448,6 +454,29 @@ def _knn_section(run: Run) -> list[str]:
     return lines
 
 
+def _store_section(run: Run) -> list[str]:
+    if run.store_rc is None:
+        return []
+    args = STORE_ARGS[run.mode.name] + ("--out", _rel(run.out))
+    lines = [
+        "## Gallery stores: exact vs Milvus",
+        "",
+        f"`python -m benchmarks.store_bench {' '.join(args)}` (exit {run.store_rc}); `store.csv`, `store.json`, "
+        "`store.png`. Recall@10 against the exact index; Milvus Lite's queries/s are Lite's (pure Python around "
+        "faiss), not a Milvus server's:",
+        "",
+    ]
+    try:
+        import csv
+
+        with open(run.out / "store.csv", newline="") as f:
+            rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        lines += [store_bench.markdown(rows), ""]
+    except OSError:
+        pass
+    return lines
+
+
 def _command(argv: Sequence[str]) -> str:
     return " ".join(["python -m benchmarks.run", shlex.join(argv)]).rstrip()
 
@@ -479,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="exports, repository copy, logs, inputs")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results[/quick])")
     p.add_argument("--concurrency", type=perf._ints, help="override the sweep, e.g. 1,2,4,8")
-    p.add_argument("--skip", default="", help="comma-separated steps to leave out: perf,compare,quality,knn,gpu")
+    p.add_argument("--skip", default="", help="comma-separated steps to leave out: perf,compare,quality,knn,store,gpu")
     return p
 
 
@@ -490,9 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.concurrency:
         mode = dataclasses.replace(mode, perf=dataclasses.replace(mode.perf, concurrencies=args.concurrency))
     skip = {s for s in args.skip.split(",") if s}
-    unknown = skip - {"perf", "compare", "quality", "knn", "gpu"}
+    unknown = skip - {"perf", "compare", "quality", "knn", "store", "gpu"}
     if unknown:
-        print(f"error: --skip {sorted(unknown)}; expected some of perf,compare,quality,knn,gpu", file=sys.stderr)
+        print(f"error: --skip {sorted(unknown)}; expected some of perf,compare,quality,knn,store,gpu", file=sys.stderr)
         return 2
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     run = Run(mode, argv, out, args.work)
@@ -516,6 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.knn_rc = run.stage("knn", lambda: knn_bench.main([*mode.knn_args, "--out", _rel(out)]))
         if run.knn_rc:
             run.errors["knn"] = f"knn_bench exited with {run.knn_rc} (results did not match faiss)"
+    if "store" in skip:
+        run.skipped["store"] = "--skip store"
+    else:
+        store_args = [*STORE_ARGS[mode.name], "--out", _rel(out), "--work", str(args.work)]
+        run.store_rc = run.stage("store", lambda: store_bench.main(store_args))
     _gpu_step(run, pa, repo, catalog, skip, args)
     run.stages["total"] = round(time.monotonic() - t0, 1)
     write_json(_run_json(run), out / "run.json")

@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started, before = now_utc(), hardware()
-    with TritonServer(args.repository, config="cpu", log_path=args.out / "soak-tritonserver.log") as server:
+    with TritonServer(args.repository, config="cpu") as server:  # log in a temp file, named on failure
         samples, traffic = asyncio.run(soak(args, server, lambda line: print(line, flush=True)))
         alive = server.is_running()
     keys = [k for k in samples[0] if k.endswith("_kib")]
