@@ -1,19 +1,24 @@
 """Index a gallery through the served model, and search it (`mimsearch index`, `mimsearch search`).
 
-    mimsearch index  --url 127.0.0.1:8001 --catalog artifacts/catalog --split test --out gallery.safetensors
-    mimsearch index  --url ... --images photos/ --manifest photos/items.csv --out gallery.safetensors
-    mimsearch search --url ... --index gallery.safetensors --image photo.jpg -k 10
-    mimsearch search --url ... --index gallery.safetensors --text "zebra mug" --json
-    mimsearch search --url ... --index gallery.safetensors --image photo.jpg --text "in blue" \\
+    mimsearch index  --url 127.0.0.1:8001 --catalog artifacts/catalog --split test --store gallery.safetensors
+    mimsearch index  --url ... --images photos/ --manifest photos/items.csv --store gallery.safetensors
+    mimsearch index  --url h1:8001,h2:8001 --catalog ... --store http://milvus:19530#products --milvus-index HNSW
+    mimsearch search --url ... --store gallery.safetensors --image photo.jpg -k 10
+    mimsearch search --url ... --store gallery.db --text "zebra mug" --json
+    mimsearch search --url ... --store gallery.safetensors --image photo.jpg --text "in blue" \\
         --mode refine --html out.html
-    mimsearch index  --url ... --catalog artifacts/catalog --out gallery.safetensors --install REPO
+    mimsearch index  --url ... --catalog artifacts/catalog --store gallery.safetensors --install REPO
     mimsearch search --url ... --server-side --image photo.jpg --text "in blue" -k 10
 
-`index` embeds every gallery image with the `embed_image` ensemble and saves a KnnIndex (safetensors) holding
-the ids, the embeddings, each item's title/category/image path, and the identity of the embedding model. It is
-resumable: the partial index is saved every few batches, and rerunning the same command continues where it
-stopped. A manifest for `--images` is a CSV with a header or a JSONL file with fields id, image (relative to
---images), and optionally title and category.
+`index` embeds every gallery image with the `embed_image` ensemble and saves a gallery holding the ids, the
+embeddings, each item's title/category/image path, and the identity of the embedding model. `--store` picks
+where (`mim.store`): a KnnIndex file (*.safetensors, the exact in-process index), a Milvus Lite folder (*.db)
+or a Milvus server/cluster URI (http://host:19530#collection, token from $MILVUS_TOKEN). `--out` and `--index`
+are older names of `--store`. Indexing is resumable: the partial gallery is saved every few batches, and
+rerunning the same command continues where it stopped. `--url` takes several Triton replicas separated by
+commas; requests are spread over them and fail over when one stops answering. A manifest for `--images` is
+a CSV with a header or a JSONL file with fields id, image (relative to --images), and optionally title and
+category.
 
 The model identity (`mim.layout`: a hash of the checkpoint's weights) comes from the server itself: the
 installer writes it as the `model_id` parameter of the served encoders, read here through the model-config
@@ -35,8 +40,9 @@ from pathlib import Path
 
 from mim import contract, layout
 from mim.catalog import load_catalog
-from mim.knn import KnnIndex
+from mim.milvus_store import MilvusIndexConfig, MilvusStoreError
 from mim.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
+from mim.store import describe_locations, is_milvus_location, open_store
 
 from .html import QueryBlock, render_page, write_page
 from .indexing import DEFAULT_SAVE_EVERY, build_index, catalog_items, manifest_items
@@ -83,6 +89,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise UsageError("index: give exactly one gallery: --catalog DIR, or --images DIR --manifest FILE")
     if args.images and not args.manifest:
         raise UsageError("index: --images needs --manifest FILE (CSV or JSONL with id, image[, title, category])")
+    if args.install and is_milvus_location(args.store):
+        raise UsageError("index: --install puts a KnnIndex file in the server's knn model; use a *.safetensors --store")
     items = (
         catalog_items(load_catalog(args.catalog), args.split)
         if args.catalog
@@ -92,25 +100,26 @@ def cmd_index(args: argparse.Namespace) -> int:
         client.wait_ready(args.wait)
         model_id, source = resolve_model_id(args, client)
         print(
-            f"indexing {len(items)} images from {args.catalog or args.images} into {args.out} "
+            f"indexing {len(items)} images from {args.catalog or args.images} into {args.store} "
             f"(model_id {model_id} from {source})",
             file=sys.stderr,
         )
         report = build_index(
             client.embed_images,
             items,
-            args.out,
+            args.store,
             model_id=model_id,
             batch_size=args.batch_size,
             save_every=args.save_every,
             max_batches=args.max_batches,
             progress=not args.no_progress,
+            milvus_index=MilvusIndexConfig.parse(args.milvus_index) if args.milvus_index else None,
         )
     print(report.summary())
     if not report.complete:
         return 3
     if args.install:
-        install_and_reload(args.out, args.install, args.url, args.timeout)
+        install_and_reload(Path(args.store), args.install, args.url, args.timeout)
     return 0
 
 
@@ -135,10 +144,10 @@ def install_and_reload(index_path: Path, repo: Path, url: str, timeout: float) -
 
 def cmd_search_server_side(args: argparse.Namespace) -> int:
     """Search in one request per query through the search_* ensembles; the gallery is the server's."""
-    if args.index is not None:
-        raise UsageError("search: --server-side searches the server's gallery; drop --index")
+    if args.store is not None:
+        raise UsageError("search: --server-side searches the server's gallery; drop --store")
     if args.image is not None and args.text is not None and args.mode != "fusion":
-        raise UsageError("search: --server-side does fusion only; use --index with --mode refine")
+        raise UsageError("search: --server-side does fusion only; use --store with --mode refine")
     image = Path(args.image).read_bytes() if args.image else None
     with SearchClient(args.url, timeout_s=args.timeout, retries=args.retries) as client:
         client.wait_ready(args.wait)
@@ -167,13 +176,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("search: give --image FILE, --text TEXT, or both")
     if args.server_side:
         return cmd_search_server_side(args)
-    if args.index is None:
-        raise UsageError("search: give --index FILE (a local gallery), or --server-side")
+    if args.store is None:
+        raise UsageError(f"search: give --store (the gallery: {describe_locations()}), or --server-side")
     image = Path(args.image).read_bytes() if args.image else None
     with EmbeddingClient(args.url, timeout_s=args.timeout, retries=args.retries) as client:
         client.wait_ready(args.wait)
         expected, _ = resolve_model_id(args, client)
-        index = KnnIndex.load(args.index, expected_model_id=expected)
+        index = open_store(args.store, expected_model_id=expected)
         service = SearchService(client, index)
         if image is not None and args.text is not None:
             results = service.by_image_text(
@@ -195,14 +204,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         "text": args.text,
         "mode": mode,
         "k": args.k,
-        "index": str(args.index),
+        "store": str(args.store),
         "model_id": index.model_id,
     }
     if args.html:
         label = " + ".join(x for x in (args.image and Path(args.image).name, args.text and repr(args.text)) if x)
         page = render_page(
             [QueryBlock(label, results, image=image, text=args.text, mode=mode)],
-            subtitle=f"index {args.index} ({len(index)} items, model {index.model_id})",
+            subtitle=f"gallery {args.store} ({len(index)} items, model {index.model_id})",
         )
         write_page(args.html, page)
     print(results_json(query, results) if args.json else format_results(results))
@@ -213,7 +222,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address host:port (default %(default)s)")
+    p.add_argument(
+        "--url",
+        default=DEFAULT_URL,
+        help="Triton gRPC address host:port, or several replicas as h1:p1,h2:p2 (default %(default)s)",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=3, help="extra attempts when the server is UNAVAILABLE")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the server to be ready")
@@ -226,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    ix = sub.add_parser("index", help="embed a gallery through the server and save a KnnIndex (resumable)")
+    ix = sub.add_parser("index", help="embed a gallery through the server into a store (resumable)")
     _common(ix)
     ix.add_argument("--catalog", help="synthetic catalog folder (python -m mim.synth)")
     ix.add_argument(
@@ -234,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ix.add_argument("--images", help="folder of images (with --manifest)")
     ix.add_argument("--manifest", help="CSV/JSONL with id, image[, title, category] (with --images)")
-    ix.add_argument("--out", required=True, type=Path, help="index file to write (safetensors)")
+    ix.add_argument("--store", "--out", dest="store", required=True, help=f"where: {describe_locations()}")
+    ix.add_argument(
+        "--milvus-index",
+        help="index of a new Milvus collection: FLAT (default, exact), HNSW[:ef=64,M=16], "
+        "IVF_FLAT[:nlist=N,nprobe=16], GPU_CAGRA (Milvus server with GPUs)",
+    )
     ix.add_argument("--batch-size", type=int, default=contract.MAX_BATCH_SIZE, help="images per request")
     ix.add_argument(
         "--save-every", type=int, default=DEFAULT_SAVE_EVERY, help="batches between saves of the partial index"
@@ -249,9 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ix.set_defaults(func=cmd_index)
 
-    se = sub.add_parser("search", help="search an index by image, text, or image + text")
+    se = sub.add_parser("search", help="search a gallery by image, text, or image + text")
     _common(se)
-    se.add_argument("--index", type=Path, help="local gallery index (KnnIndex file); not with --server-side")
+    se.add_argument(
+        "--store", "--index", dest="store", help=f"the gallery: {describe_locations()}; not with --server-side"
+    )
     se.add_argument(
         "--server-side", action="store_true", help="search in one request through the server's search_* ensembles"
     )
@@ -277,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ClientError, ValueError, FileNotFoundError) as e:
+    except (ClientError, ValueError, FileNotFoundError, MilvusStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

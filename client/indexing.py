@@ -1,9 +1,11 @@
-"""Build a gallery `KnnIndex` by embedding product images through the served `embed_image` ensemble.
+"""Build a gallery by embedding product images through the served `embed_image` ensemble, into any
+`mim.store.VectorStore`: a KnnIndex file (`gallery.safetensors`) or a Milvus collection (`gallery.db`,
+`http://host:19530#name`).
 
-Resumable: the partial index is saved atomically every `save_every` batches (KnnIndex.save: temp file, fsync,
-rename), and a rerun loads it and embeds only the ids it does not hold yet. A crash therefore loses at most the
-batches since the last save, and never corrupts the file. The index records the embedding model's identity;
-resuming with another model is refused, so one file never mixes two embedding spaces.
+Resumable: the partial gallery is saved every `save_every` batches (KnnIndex: temp file, fsync, rename; Milvus:
+a flush), and a rerun opens it and embeds only the ids it does not hold yet. A crash therefore loses at most the
+batches since the last save, and never corrupts the gallery. The gallery records the embedding model's identity;
+resuming with another model is refused, so one gallery never mixes two embedding spaces.
 
 Galleries come from the synthetic catalog (`catalog_items`) or from any folder of images with a CSV/JSONL
 manifest (`manifest_items`).
@@ -22,8 +24,8 @@ import numpy as np
 
 from mim import contract
 from mim.catalog import Catalog
-from mim.knn import KnnIndex
 from mim.progress import progress_bar
+from mim.store import VectorStore, is_milvus_location, open_store, store_exists
 
 EmbedImages = Callable[[Sequence[bytes]], np.ndarray]
 DEFAULT_SAVE_EVERY = 4  # batches between checkpoints of the partial index: 4 x 64 images
@@ -47,8 +49,8 @@ class GalleryItem:
 
 @dataclass
 class IndexReport:
-    index: KnnIndex
-    path: Path
+    index: VectorStore
+    path: str | Path  # the store location
     added: int  # items embedded by this run
     resumed_from: int  # items already in the saved index when this run started
     complete: bool  # False when stopped early by max_batches
@@ -124,12 +126,12 @@ def _manifest_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 # --- building ---------------------------------------------------------------------------------------------------
-def open_partial(out: Path, items: Sequence[GalleryItem], model_id: str | None) -> KnnIndex | None:
-    """The index saved at `out` by an earlier run over the same gallery and model, or None if there is none."""
-    if not out.exists():
+def open_partial(out: str | Path, items: Sequence[GalleryItem], model_id: str | None) -> VectorStore | None:
+    """The gallery saved at `out` by an earlier run over the same items and model, or None if there is none."""
+    if not store_exists(out):
         return None
     try:
-        index = KnnIndex.load(out, expected_model_id=model_id, device="cpu")
+        index = open_store(out, expected_model_id=model_id, device="cpu")
     except ValueError as e:
         raise ValueError(f"cannot resume from {out}: {e}. Delete it to rebuild, or choose another --out") from None
     stray = np.setdiff1d(index.ids, np.array([it.id for it in items], dtype=np.int64))
@@ -150,17 +152,20 @@ def build_index(
     batch_size: int = contract.MAX_BATCH_SIZE,
     save_every: int = DEFAULT_SAVE_EVERY,
     max_batches: int | None = None,
-    on_batch: Callable[[int, KnnIndex], None] | None = None,
+    on_batch: Callable[[int, VectorStore], None] | None = None,
     progress: bool = True,
     device: str = "cpu",
+    milvus_index: Any = None,
 ) -> IndexReport:
-    """Embed every item not yet in the index saved at `out` and save it.
+    """Embed every item not yet in the gallery at `out` (a store location, see `mim.store`) and save it.
 
     `on_batch(batches_done, index)` runs after each batch is added (tests use it to simulate a crash).
-    `max_batches` stops cleanly after that many batches (saved, `complete=False`).
+    `max_batches` stops cleanly after that many batches (saved, `complete=False`). `milvus_index` (a
+    `mim.milvus_store.MilvusIndexConfig`) sets the index of a Milvus collection this call creates.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not is_milvus_location(out):
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
     if batch_size < 1 or save_every < 1:
         raise ValueError(f"batch_size={batch_size} and save_every={save_every} must be >= 1")
     if not items:
@@ -178,7 +183,7 @@ def build_index(
             part = todo[start : start + batch_size]
             emb = np.asarray(embed_images([it.image.read_bytes() for it in part]))  # (n, D) L2-normalised
             if index is None:
-                index = KnnIndex(emb.shape[1], device=device, model_id=model_id)
+                index = open_store(out, dim=emb.shape[1], model_id=model_id, device=device, milvus_index=milvus_index)
             index.add([it.id for it in part], emb, [it.metadata() for it in part])
             batches, added = batches + 1, added + len(part)
             bar.update(len(part))

@@ -1,6 +1,7 @@
-"""Search over a `KnnIndex` gallery with query embeddings from an embedding client.
+"""Search over a gallery (`mim.store.VectorStore`: a KnnIndex or a Milvus collection) with query embeddings
+from an embedding client.
 
-    service = SearchService(EmbeddingClient(url), KnnIndex.load("gallery.safetensors"))
+    service = SearchService(EmbeddingClient(url), open_store("gallery.safetensors"))
     service.by_image(photo_bytes, k=10)
     service.by_text("zebra mug", k=10)
     service.by_image_text(photo_bytes, "in blue", k=10, mode="fusion", image_weight=0.5)
@@ -27,8 +28,8 @@ import numpy as np
 
 from mim import contract
 from mim.embedding import Embedder
-from mim.knn import KnnIndex
 from mim.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine, refine_scores
+from mim.store import VectorStore
 
 MODES = ("fusion", "refine")
 
@@ -47,7 +48,7 @@ class SearchResult:
         return asdict(self)
 
 
-def results_from(index: KnnIndex, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
+def results_from(index: VectorStore, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
     """One query's (k,) scores and ids -> results; padding (id -1, from a category filter) is dropped."""
     out = []
     for s, i in zip(scores.tolist(), ids.tolist()):
@@ -63,7 +64,7 @@ def results_from(index: KnnIndex, scores: np.ndarray, ids: np.ndarray) -> list[S
 
 
 class SearchService:
-    def __init__(self, client: Embedder, index: KnnIndex) -> None:
+    def __init__(self, client: Embedder, index: VectorStore) -> None:
         self.client, self.index = client, index
         self._gallery: tuple[np.ndarray, np.ndarray] | None = None  # (ids, embeddings fp32) host copy for refine
 
@@ -136,6 +137,9 @@ class SearchService:
         return min(int(k), len(self.index))
 
     def _embeddings_of(self, ids: np.ndarray) -> np.ndarray:
+        fetch = getattr(self.index, "vectors", None)
+        if fetch is not None:  # a store that fetches rows by id (Milvus): only the candidates travel
+            return np.asarray(fetch(ids), dtype=np.float32)
         if self._gallery is None or len(self._gallery[0]) != len(self.index):
             # KnnIndex keeps rows sorted by id: one host copy, then rows are found by binary search.
             self._gallery = (self.index.ids, self.index.embeddings().astype(np.float32, copy=False))

@@ -448,6 +448,11 @@ class MilvusStore:
                 f"{self!r} lives at {self.location}; it cannot be saved to {str(path)!r} (copy with the index command)"
             )
         self._client.flush(self.collection)
+        if _is_lite(self.uri):
+            # Milvus Lite indexes flushed segments in a background worker and searches them by brute force until
+            # then; loading the collection again builds their indexes now.
+            self._client.release_collection(self.collection)
+            self._client.load_collection(self.collection)
         self._wait_indexed()
 
     def _wait_indexed(self, timeout_s: float = INDEX_WAIT_S) -> None:

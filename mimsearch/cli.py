@@ -5,8 +5,8 @@
     mimsearch train --catalog artifacts/catalog --objective 3tower --steps 600 --out artifacts/checkpoints/3tower
     mimsearch engines --checkpoint artifacts/checkpoints/3tower --repository model_repository
     mimsearch serve --repository model_repository --config cpu
-    mimsearch index --catalog artifacts/catalog --out gallery.safetensors
-    mimsearch search --index gallery.safetensors --text "zebra mug"
+    mimsearch index --catalog artifacts/catalog --store gallery.safetensors     # or gallery.db, http://milvus:19530
+    mimsearch search --store gallery.safetensors --text "zebra mug"
     mimsearch demo --artifacts artifacts
 
 `mimsearch SUBCOMMAND --help` shows the subcommand's own flags. `python -m MODULE ...` runs the same code.

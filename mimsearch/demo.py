@@ -6,8 +6,9 @@
  2. train     train the tiny 3-tower model (resumes / reuses a checkpoint already trained that far)
  3. export    export the towers to ONNX and install them into a COPY of model_repository/ under the artifacts
  4. serve     start the bundled tritonserver on 127.0.0.1 with the CPU configs
- 5. index     embed the test-split gallery through the `embed_image` ensemble into a KnnIndex, and install it
-              as the gallery of the server's `knn` model
+ 5. index     embed the test-split gallery through the `embed_image` ensemble into a gallery store (`--store`:
+              the exact KnnIndex file by default, or a Milvus Lite folder / Milvus URI); a KnnIndex file is also
+              installed as the gallery of the server's `knn` model
  6. search    a few image, text and image + text (fusion and refine) searches; one of each kind also in one
               request through the search_* ensembles, printed next to the client-side result
  7. quality   Recall@1/10 of the served path on the test queries next to the in-process torch figures
@@ -38,6 +39,7 @@ from mim.evaluate import evaluate
 from mim.knn import KnnIndex
 from mim.serving.repository import prepare_repository
 from mim.serving.server import TritonServer
+from mim.store import VectorStore, is_milvus_location, open_store, store_exists
 from mim.synth import ensure_catalog
 from mim.train import train
 
@@ -117,18 +119,32 @@ def export_and_install(art: Path, ckpt: Path, check: bool = True) -> Path:
     return repo
 
 
-def index_gallery(client: EmbeddingClient, catalog: Catalog, path: Path, model_id: str, progress: bool) -> KnnIndex:
-    if path.exists():
+def index_gallery(
+    client: EmbeddingClient, catalog: Catalog, location: str | Path, model_id: str, progress: bool
+) -> VectorStore:
+    if store_exists(location):
         try:
-            KnnIndex.load(path, expected_model_id=model_id)
+            _close(open_store(location, expected_model_id=model_id))
         except ValueError as e:
-            print(f"    {path} is from another model or damaged ({e}); rebuilding it")
-            path.unlink()
+            print(f"    {location} is from another model or damaged ({e}); rebuilding it")
+            if is_milvus_location(location):
+                old = open_store(location)
+                old.drop()
+                _close(old)
+            else:
+                Path(location).unlink()
     report = build_index(
-        client.embed_images, catalog_items(catalog, "test"), path, model_id=model_id, progress=progress
+        client.embed_images, catalog_items(catalog, "test"), location, model_id=model_id, progress=progress
     )
     print(f"    {report.summary()}")
     return report.index
+
+
+def _close(store: VectorStore) -> None:
+    """Milvus stores hold a connection (and, for Lite, the folder's lock); KnnIndex holds nothing."""
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()
 
 
 @dataclass
@@ -192,6 +208,18 @@ def print_results(s: DemoSearch, results: Sequence[SearchResult]) -> None:
         print(f"    {r.rank:>2}. {r.score:7.4f}  [{r.id:>4}] {r.title}{mark}")
 
 
+def gallery_file(index: VectorStore, store: str | Path, copy_to: Path) -> Path:
+    """A KnnIndex file of the gallery for the server's `knn` model: the store itself when it is one, else a
+    copy of the Milvus collection written to `copy_to`."""
+    if not is_milvus_location(store):
+        return Path(store)
+    ids = index.ids
+    copy = KnnIndex(index.dim, device="cpu", model_id=index.model_id)
+    copy.add(ids, index.vectors(ids), [index.get_metadata(i) for i in ids.tolist()])
+    copy.save(copy_to)
+    return copy_to
+
+
 def install_served_gallery(url: str, repo: Path, index_path: Path) -> None:
     """The index becomes the gallery of the server's `knn` model (a new version, loaded without a restart)."""
     from mim.serving.gallery import install_gallery
@@ -229,8 +257,17 @@ def quality_table(served: dict[str, float], local: dict[str, float]) -> str:
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
-def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_timeout: float = 120.0) -> dict:
+def run(
+    art: Path,
+    settings: DemoSettings,
+    *,
+    store: str | Path | None = None,
+    progress: bool = True,
+    startup_timeout: float = 120.0,
+) -> dict:
+    """`store`: the gallery's location (default art/index/test.safetensors, the exact KnnIndex)."""
     art.mkdir(parents=True, exist_ok=True)
+    store = store or art / "index" / "test.safetensors"
     step = Steps(8)
     step("catalog: synthetic street-to-shop data")
     catalog = ensure_catalog(art / "catalog", progress=progress, **settings.catalog)
@@ -266,9 +303,11 @@ def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_tim
             client.wait_ready(30)
 
             step("index: test-split gallery through the embed_image ensemble")
-            index = index_gallery(client, catalog, art / "index" / "test.safetensors", model_id, progress)
+            index = index_gallery(client, catalog, store, model_id, progress)
             service = SearchService(client, index)
-            install_served_gallery(server.grpc_url, repo, art / "index" / "test.safetensors")
+            install_served_gallery(
+                server.grpc_url, repo, gallery_file(index, store, art / "index" / "served.safetensors")
+            )
 
             step("search: image, text, image + text (fusion and refine)")
             blocks, first_of_mode = [], {}
@@ -307,7 +346,7 @@ def run(art: Path, settings: DemoSettings, *, progress: bool = True, startup_tim
     total = step.done()
     print(
         f"\nDone in {total:.0f}s (server stopped). Outputs under {art}/:\n"
-        f"  results page   {page}\n  gallery index  {art / 'index' / 'test.safetensors'}\n"
+        f"  results page   {page}\n  gallery index  {store}\n"
         f"  checkpoint     {ckpt_dir}\n  repository     {repo}\n  server log     {log}"
     )
     return {"served": served, "local": local, "page": page, "seconds": total, "server_side_same": same}
@@ -321,9 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="training steps (default 600; 20 with --quick)")
     ap.add_argument("--quick", action="store_true", help="small catalog and short training (tests, smoke checks)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument(
+        "--store", help="the gallery: KnnIndex file (default ARTIFACTS/index/test.safetensors), *.db or Milvus URI"
+    )
     args = ap.parse_args(argv)
     settings = DemoSettings.quick(args.steps) if args.quick else DemoSettings.full(args.steps)
-    run(args.artifacts, settings, progress=not args.no_progress)
+    run(args.artifacts, settings, store=args.store, progress=not args.no_progress)
     return 0
 
 

@@ -45,13 +45,15 @@ def queries(seed: int = 1, q: int = 24) -> np.ndarray:
 
 
 def assert_same_up_to_ties(got, want, q: np.ndarray, exact: KnnIndex) -> None:
-    """Same scores; the same ids wherever the score is strictly above the row's k-th score (a tie at the boundary
-    may pick either item); each returned score is that item's true inner product; padding in the same places."""
+    """Same scores; the same ids wherever the score is above the row's k-th score (a tie at the boundary may pick
+    either item, and scores within float error may come in either order); each returned score is that item's
+    true inner product; padding in the same places."""
     (gs, gi), (ws, wi) = got, want
     assert gs.shape == ws.shape and gi.dtype == np.int64 and gs.dtype == np.float32
     np.testing.assert_allclose(gs, ws, atol=1e-5)
-    strict = ws > ws[:, -1:] + 1e-5
-    assert np.array_equal(np.where(strict, gi, 0), np.where(strict, wi, 0))
+    for g, w, sc in zip(gi, wi, ws):  # the same items above the k-th score; their order may differ within 1e-5
+        above = sc > sc[-1] + 1e-5
+        assert set(g[above].tolist()) == set(w[above].tolist())
     assert np.array_equal(gi == -1, wi == -1)
     real = gi >= 0
     true = np.einsum("qd,qkd->qk", q, exact.embeddings()[np.searchsorted(exact.ids, np.where(real, gi, gi.max()))])
