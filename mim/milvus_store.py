@@ -147,6 +147,7 @@ def connect(uri: str, collection: str = "gallery", timeout_s: float = CONNECT_TI
 
     if _is_lite(uri):
         folder = Path(uri).resolve()
+        folder.parent.mkdir(parents=True, exist_ok=True)  # Milvus Lite creates the folder, not its parents
         try:
             return MilvusClient(uri=str(folder))
         except MilvusException as exc:
