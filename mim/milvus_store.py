@@ -174,6 +174,24 @@ def _release_lite(uri: str) -> None:
     server_manager_instance.release_server(str(Path(uri).resolve()))
 
 
+def _wait_lite_background(uri: str, collection: str, timeout_s: float = 1800.0) -> None:
+    """Wait until in-process Milvus Lite has indexed what was flushed.
+
+    Lite builds the indexes of flushed segments in a background worker and searches them by brute force until
+    then (exact, slower, and not what HNSW/IVF will return). Its API has no call that waits for that worker,
+    so this reaches the in-process server's collection and drains the worker (milvus-lite 3.2's
+    `Collection._wait_for_bg`). Where that is missing (another milvus-lite), it returns without waiting."""
+    from milvus_lite import server_manager_instance
+
+    entry = getattr(server_manager_instance, "_servers", {}).get(str(Path(uri).resolve()))
+    if entry is None:
+        return
+    try:
+        entry[1].get_collection(collection)._wait_for_bg(timeout_s)
+    except AttributeError:
+        return
+
+
 # --- filter expressions ------------------------------------------------------------------------------------------
 def _quote(value: str) -> str:
     """A Milvus string literal. Backslash and double quote are escaped, so a category can never end the literal
@@ -450,10 +468,7 @@ class MilvusStore:
             )
         self._client.flush(self.collection)
         if _is_lite(self.uri):
-            # Milvus Lite indexes flushed segments in a background worker and searches them by brute force until
-            # then; loading the collection again builds their indexes now.
-            self._client.release_collection(self.collection)
-            self._client.load_collection(self.collection)
+            _wait_lite_background(self.uri, self.collection)
         self._wait_indexed()
 
     def _wait_indexed(self, timeout_s: float = INDEX_WAIT_S) -> None:

@@ -216,6 +216,8 @@ def test_location_picks_the_implementation(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no gallery collection 'gallery'"):
         open_store(tmp_path / "empty.db")
     assert not store_exists(tmp_path / "nothing.db") and not (tmp_path / "nothing.db").exists()
+    with MilvusStore.open(str(tmp_path / "new" / "folder" / "g.db"), dim=4) as fresh:  # parents are created
+        assert len(fresh) == 0 and store_exists(fresh.location)
     with pytest.raises(ValueError, match=r"expected key=value"):
         MilvusIndexConfig.parse("HNSW:ef")
 
