@@ -12,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from _client_helpers import TorchEmbeddings, cosines, small_catalog
+from _client_helpers import small_catalog
 
 from client.replicas import ReplicaPool, parse_urls
 from client.triton_client import AsyncEmbeddingClient, Backoff, ClientError, EmbeddingClient
 from mim.checkpoint import load_checkpoint
+from mim.embedding import TorchEmbedder
+from mim.ranking import row_cosines as cosines
 from mim.serving.server import TritonServer, free_port
 
 FAST = Backoff(base_s=0.02, cap_s=0.2)
@@ -31,7 +33,7 @@ def images(tmp_path_factory) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def reference(images, tiny_checkpoint) -> np.ndarray:
-    return TorchEmbeddings(load_checkpoint(tiny_checkpoint)).embed_images(images)  # (16, D)
+    return TorchEmbedder(load_checkpoint(tiny_checkpoint)).embed_images(images)  # (16, D)
 
 
 def _closed() -> str:
