@@ -78,3 +78,29 @@ def test_index_stop_resume_and_search_on_milvus_equal_the_exact_index(
     assert [r["id"] for r in doc["results"]] == want
     assert cli.main(base + ["--model-id", "other-model"]) == 2
     assert "expected_model_id='other-model'" in capsys.readouterr().err
+
+
+def test_indexing_into_milvus_resumes_after_a_crash(catalog, tiny_checkpoint, model_id, tmp_path):
+    """A crash after the third batch (each batch saved): the rerun embeds only what is missing, and the gallery
+    equals one built without a crash (same ids, same search results)."""
+    from mim.checkpoint import load_checkpoint
+    from mim.embedding import TorchEmbedder
+
+    local = TorchEmbedder(load_checkpoint(tiny_checkpoint))
+    items = catalog_items(catalog, "all")
+
+    def crash(batches, index):
+        if batches == 3:
+            raise RuntimeError("simulated crash")
+
+    location = str(tmp_path / "crash.db")
+    kw = {"model_id": model_id, "batch_size": 8, "save_every": 1, "progress": False}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_index(local.embed_images, items, location, on_batch=crash, **kw)
+    report = build_index(local.embed_images, items, location, **kw)
+    assert (report.resumed_from, report.added, report.complete, len(report.index)) == (24, 12, True, 36)
+    exact = build_index(local.embed_images, items, tmp_path / "ref.safetensors", **kw).index
+    q = local.embed_images([catalog.read_bytes(catalog.queries[0].image)])
+    (gs, gi), (ws, wi) = report.index.search(q, 10), exact.search(q, 10)
+    assert gi.tolist() == wi.tolist() and abs(gs - ws).max() < 1e-5
+    report.index.close()
