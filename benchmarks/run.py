@@ -83,8 +83,8 @@ FULL_KNN = ("--sizes", "10000,100000", "--min-time", "0.4")
 FULL = Mode(
     "full", dataclasses.replace(perf.FULL, interval_ms=1200, max_trials=5), perf.ENSEMBLES, 16, 1.0, FULL_KNN, 2
 )
-# Milvus Lite inserts run at ~1k rows/s here: the full run stops at N = 1e4 (about 3 minutes);
-# `python -m benchmarks.store_bench` alone goes to 5e4.
+# Milvus Lite inserts run at ~400 rows/s here: the full run stops at N = 1e4 (about 4 minutes);
+# `python -m benchmarks.store_bench` alone goes to 2e4.
 STORE_ARGS = {"quick": ("--quick",), "full": ("--sizes", "10000", "--min-time", "0.5")}
 
 

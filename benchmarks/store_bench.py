@@ -16,7 +16,7 @@ Recall depends on the index and its parameters only, so it carries over to a ser
 Writes <out>/store.csv, <out>/store.json (rows, machine, versions, command) and <out>/store.png.
 
     python -m benchmarks.store_bench --quick       # N = 2,000, well under a minute
-    python -m benchmarks.store_bench               # N = 10,000 and 20,000 (minutes; inserts run ~1k rows/s)
+    python -m benchmarks.store_bench               # N = 10,000 and 20,000 (minutes; inserts run ~400 rows/s)
 """
 
 from __future__ import annotations
@@ -192,8 +192,12 @@ def plot(rows: Sequence[dict], path: Path) -> Path:
 
 
 def markdown(rows: Sequence[dict]) -> str:
+    shown = [
+        {**r, **{k: f"{float(r[k]):.1f}" for k in ("build_s", "qps_b1", "qps_b64")}, "recall_at_10": r["recall_at_10"]}
+        for r in rows
+    ]
     return markdown_table(
-        rows,
+        shown,
         [
             ("n", "N"),
             ("engine", "engine"),

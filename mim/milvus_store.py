@@ -174,7 +174,7 @@ def _release_lite(uri: str) -> None:
     server_manager_instance.release_server(str(Path(uri).resolve()))
 
 
-def _wait_lite_background(uri: str, collection: str, timeout_s: float = 1800.0) -> None:
+def _wait_lite_background(uri: str, collection: str, timeout_s: float = INDEX_WAIT_S) -> None:
     """Wait until in-process Milvus Lite has indexed what was flushed.
 
     Lite builds the indexes of flushed segments in a background worker and searches them by brute force until

@@ -22,7 +22,9 @@ def test_queries_are_near_their_gallery_rows():
     g = store_bench.clustered(500, 64, seed=0)
     q = store_bench.near_queries(g, 20, seed=1)
     assert np.allclose(np.linalg.norm(g, axis=1), 1, atol=1e-5) and np.allclose(np.linalg.norm(q, axis=1), 1)
-    assert (q @ g.T).max(axis=1).min() > 0.8  # each query has a close gallery row
+    cos = q @ g.T  # (20, 500)
+    # a query sits near one gallery row (noise as large as the row: cosine ~0.7) and far from most
+    assert cos.max(axis=1).min() > 0.5 and np.median(cos) < 0.3
 
 
 def test_tiny_run_writes_the_files_and_flat_is_exact(tmp_path):
