@@ -198,11 +198,12 @@ def test_cli_search_server_side(triton_server, search, catalog, tmp_path, capsys
     assert table[0].split() == ["rank", "id", "score", "category", "title"] and all("mug" in t for t in table[1:4])
     assert page.read_text().count('<li class="result') == 3
     assert cli.main(base + ["--text", "mug", "--index", str(tmp_path / "x.safetensors")]) == 2
-    assert "--server-side searches the server's gallery; drop --index" in capsys.readouterr().err
+    assert "--server-side searches the server's gallery; drop --store" in capsys.readouterr().err
     assert cli.main(base + ["--image", str(photo_path), "--text", "in red", "--mode", "refine"]) == 2
     assert "--server-side does fusion only" in capsys.readouterr().err
     assert cli.main(["search", "--url", triton_server.grpc_url, "--text", "mug"]) == 2
-    assert "give --index FILE (a local gallery), or --server-side" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "search: give --store (the gallery: a KnnIndex file" in err and "or --server-side" in err
 
 
 # --- bad input -----------------------------------------------------------------------------------------------
