@@ -20,18 +20,43 @@ SPECIAL_TOKENS = [PAD, UNK, CLS, SEP]  # ids 0..3, in this order
 PAD_ID, UNK_ID, CLS_ID, SEP_ID = range(4)
 
 
-class TextTokenizer:
+class _ContextTokenizer:
+    """What both tokenizers share: a `tokenizers.Tokenizer` that pads and truncates nothing itself (each subclass
+    adds its own start/end tokens and pads to `context_length`), loaded from and saved to one JSON file."""
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int):
+        self._tok = tokenizer
+        self.context_length = context_length
+        self._tok.no_padding()
+        self._tok.no_truncation()
+
+    @classmethod
+    def from_file(cls, path: str | Path, context_length: int):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} not found; it is saved with every checkpoint/export")
+        return cls(Tokenizer.from_file(str(path)), context_length)
+
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
+
+    def to_str(self) -> str:
+        return self._tok.to_str()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+
+class TextTokenizer(_ContextTokenizer):
     def __init__(self, tokenizer: Tokenizer, context_length: int):
         if context_length < 2:
             raise ValueError(f"context_length={context_length}; need at least 2 for [CLS] and [SEP]")
         for i, tok in enumerate(SPECIAL_TOKENS):
             if tokenizer.token_to_id(tok) != i:
                 raise ValueError(f"tokenizer must map {tok} to id {i}, got {tokenizer.token_to_id(tok)}")
-        self._tok = tokenizer
-        self.context_length = context_length
-        # Truncation keeps room for [CLS] and [SEP], which we add ourselves.
-        self._tok.no_padding()
-        self._tok.no_truncation()
+        # [CLS] and [SEP] are added by encode_batch, which also truncates to leave room for them.
+        super().__init__(tokenizer, context_length)
 
     @classmethod
     def train(
@@ -65,23 +90,6 @@ class TextTokenizer:
         tok.pre_tokenizer = pre
         tok.decoder = decoders.WordPiece()
         return cls(tok, context_length)
-
-    @classmethod
-    def from_file(cls, path: str | Path, context_length: int) -> TextTokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} not found; it is saved with every checkpoint/export")
-        return cls(Tokenizer.from_file(str(path)), context_length)
-
-    def save(self, path: str | Path) -> None:
-        self._tok.save(str(path))
-
-    def to_str(self) -> str:
-        return self._tok.to_str()
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """texts -> (input_ids, attention_mask), both int64 (N, context_length)."""
@@ -132,7 +140,7 @@ def clip_vocab_from_bpe_file(path: str | Path = CLIP_BPE_FILE) -> tuple[dict[str
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-class ClipTokenizer:
+class ClipTokenizer(_ContextTokenizer):
     """CLIP's tokenizer on the `tokenizers` library: NFC, whitespace runs to one space, lowercase, CLIP's split,
     byte-level BPE with the "</w>" end-of-word marker. The same pipeline as Hugging Face's CLIPTokenizer;
     unlike OpenAI's reference code it does not run ftfy / HTML unescaping first (text is taken as sent)."""
@@ -143,10 +151,7 @@ class ClipTokenizer:
         self.sot_id, self.eot_id = tokenizer.token_to_id(CLIP_SOT), tokenizer.token_to_id(CLIP_EOT)
         if self.sot_id is None or self.eot_id is None:
             raise ValueError(f"not a CLIP tokenizer: {CLIP_SOT} or {CLIP_EOT} missing from its vocabulary")
-        self._tok = tokenizer
-        self.context_length = context_length
-        self._tok.no_padding()
-        self._tok.no_truncation()
+        super().__init__(tokenizer, context_length)
 
     @classmethod
     def from_vocab(cls, vocab: dict[str, int], merges: Sequence[tuple[str, str]], context_length: int) -> ClipTokenizer:
@@ -178,23 +183,6 @@ class ClipTokenizer:
     def bundled(cls, context_length: int = 77) -> ClipTokenizer:
         """CLIP's published vocabulary, shipped with the package (what OpenCLIP checkpoints use)."""
         return cls.from_vocab(*clip_vocab_from_bpe_file(), context_length)
-
-    @classmethod
-    def from_file(cls, path: str | Path, context_length: int) -> ClipTokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} not found; it is saved with every checkpoint/export")
-        return cls(Tokenizer.from_file(str(path)), context_length)
-
-    def save(self, path: str | Path) -> None:
-        self._tok.save(str(path))
-
-    def to_str(self) -> str:
-        return self._tok.to_str()
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """texts -> (input_ids, attention_mask), both int64 (N, context_length)."""
