@@ -11,11 +11,13 @@ CKPT      ?= $(ART)/checkpoints/3tower
 REPO      ?= model_repository
 CONFIG    ?= cpu
 STEPS     ?= 600
+FULL_STEPS ?= 1500
+FULL_SEEDS ?= 0,1,2
 PYTEST_ARGS ?=
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps lint format test test-slow test-all demo catalog train quality engines serve bench bench-full bench-search gpu-bundle clean
+.PHONY: help setup system-deps lint format test test-slow test-all demo catalog train quality quality-full engines serve bench bench-full bench-search gpu-bundle clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -60,7 +62,11 @@ train: setup ## train the tiny 3-tower model (STEPS=..., CKPT=...)
 	$(MIMSEARCH) train --catalog $(CATALOG) --objective 3tower --steps $(STEPS) --out $(CKPT) --resume
 
 quality: setup ## train DML / 3-tower / 4-tower on the same data and seed; write the comparison table
-	$(MIMSEARCH) compare --catalog $(CATALOG) --steps $(STEPS) --out benchmarks/results/quality
+	$(MIMSEARCH) compare --catalog $(CATALOG) --steps $(STEPS) --eval-every 150 --out benchmarks/results/quality
+
+quality-full: setup ## the comparison over 3 seeds (FULL_STEPS=1500 each), 95% bootstrap intervals, learning curves
+	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full --seeds $(FULL_SEEDS) \
+		--steps $(FULL_STEPS) --eval-every 250 --no-progress --out benchmarks/results/quality_full
 
 engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where TensorRT and a GPU exist) into $(REPO)
 	$(MIMSEARCH) engines --checkpoint $(CKPT) --repository $(REPO) $(if $(wildcard $(CATALOG)/catalog.json),--catalog $(CATALOG))

@@ -152,7 +152,8 @@ def trained_table(base: Path = TRAINED_TABLE) -> str | None:
     md, js = base.with_suffix(".md"), base.with_suffix(".json")
     if not (md.is_file() and js.is_file()):
         return None
-    return markdown_table(json.loads(js.read_text()))
+    doc = json.loads(js.read_text())
+    return markdown_table(doc.get("means", doc))  # mim.compare writes means next to intervals and curves
 
 
 def write_outputs(report: dict, out: Path, command: str) -> list[Path]:

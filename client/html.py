@@ -4,6 +4,9 @@ the file opens anywhere (a laptop, a CI artifact, an e-mail attachment) without 
     page = render_page([QueryBlock("photo + 'in blue'", image=photo, text="in blue", mode="fusion", results=hits)])
     write_page("results.html", page)
 
+A `ComparisonBlock` shows one query's rankings by several models side by side (DML next to 3-tower), with the
+results of another category than the query's product marked, so the false positives can be counted by eye.
+
 All text (titles, query text, categories, paths) is HTML-escaped; nothing from the index or the query reaches
 the page as markup.
 """
@@ -56,6 +59,18 @@ class QueryBlock:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class ComparisonBlock:
+    """One query ranked by several models: columns are (model name, its results), shown side by side."""
+
+    label: str
+    columns: Sequence[tuple[str, Sequence[SearchResult]]]
+    image: bytes | None = None
+    expected_id: int | None = None
+    expected_category: str | None = None  # results of any other category are marked as false positives
+    notes: list[str] = field(default_factory=list)
+
+
 def _read_image(path: str | None) -> bytes | None:
     if not path:
         return None
@@ -72,12 +87,19 @@ def _img(data: bytes | None, alt: str, cls: str) -> str:
     return f'<img class="{cls}" src="{uri}" alt="{html.escape(alt)}">'
 
 
-def _result(r: SearchResult, expected_id: int | None, load: Callable[[str | None], bytes | None]) -> str:
+def _result(
+    r: SearchResult,
+    expected_id: int | None,
+    load: Callable[[str | None], bytes | None],
+    expected_category: str | None = None,
+) -> str:
     e = html.escape
     hit = expected_id is not None and r.id == expected_id
+    off = expected_category is not None and r.category != expected_category
+    cls = "result" + (" hit" if hit else "") + (" off-category" if off else "")
     title = r.title if r.title is not None else f"product {r.id}"
     return (
-        f'<li class="result{" hit" if hit else ""}" data-id="{r.id}" data-rank="{r.rank}">'
+        f'<li class="{cls}" data-id="{r.id}" data-rank="{r.rank}">'
         f"{_img(load(r.image), title, 'thumb')}"
         f'<div class="rank">#{r.rank}{" &#10003;" if hit else ""}</div>'
         f'<div class="title">{e(title)}</div>'
@@ -105,6 +127,27 @@ def _block(b: QueryBlock, load: Callable[[str | None], bytes | None]) -> str:
     )
 
 
+def _comparison(b: ComparisonBlock, load: Callable[[str | None], bytes | None]) -> str:
+    e = html.escape
+    query = [_img(b.image, "query image", "query-image")] if b.image is not None else []
+    query += [f'<div class="note">{e(n)}</div>' for n in b.notes]
+    cols = []
+    for name, results in b.columns:
+        items = "".join(_result(r, b.expected_id, load, b.expected_category) for r in results)
+        summary = ""
+        if b.expected_category is not None:
+            off = sum(r.category != b.expected_category for r in results)
+            summary = f" &middot; {off}/{len(results)} of another category"
+        cols.append(
+            f'<div class="column" data-model="{e(name)}"><h3>{e(name)}{summary}</h3>'
+            f'<ol class="results">{items}</ol></div>'
+        )
+    return (
+        f'<section class="query-block comparison"><h2>{e(b.label)}</h2>'
+        f'<div class="query">{"".join(query)}</div><div class="columns">{"".join(cols)}</div></section>'
+    )
+
+
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}
 h1{font-size:22px;margin:0 0 4px} .subtitle{color:#666;margin-bottom:16px}
@@ -120,11 +163,14 @@ h1{font-size:22px;margin:0 0 4px} .subtitle{color:#666;margin-bottom:16px}
 .thumb{width:128px;height:128px;object-fit:contain;display:block}
 .missing{display:flex;align-items:center;justify-content:center;background:#eee;color:#999}
 .rank{font-weight:bold} .title{margin:2px 0;overflow-wrap:anywhere} .meta{color:#666}
+.result.off-category{border:2px solid #c62828;background:#fdeeee}
+.columns{display:grid;grid-template-columns:repeat(auto-fit,minmax(360px,1fr));gap:16px}
+.column h3{font-size:14px;margin:0 0 6px}
 """
 
 
 def render_page(
-    blocks: Sequence[QueryBlock],
+    blocks: Sequence[QueryBlock | ComparisonBlock],
     *,
     title: str = "Visual search results",
     subtitle: str | None = None,
@@ -132,7 +178,9 @@ def render_page(
 ) -> str:
     """The whole page as a string. `load_image(path)` reads a result's image (None = show a placeholder)."""
     e = html.escape
-    body = "".join(_block(b, load_image) for b in blocks)
+    body = "".join(
+        _comparison(b, load_image) if isinstance(b, ComparisonBlock) else _block(b, load_image) for b in blocks
+    )
     sub = f'<div class="subtitle">{e(subtitle)}</div>' if subtitle else ""
     return (
         "<!DOCTYPE html>\n"

@@ -5,9 +5,11 @@ A catalog is a folder:
     shop/p00000.png     catalog ("shop") image of product 0
     street/q000000.jpg  query ("street") photo 0
 
-Every product is one (category, pattern, colour) combination with a title; each has query photos with a short
-typed query, and some query photos have reformulations (a text naming a change of colour or pattern whose answer
-is another product). Products are split train/val/test by product, so test products never appear in training.
+Every product is one model variant of a (category, pattern, colour) combination with a title; products of the
+same combination share their title and differ in details the title does not name. Every val/test product and a
+fraction of the training products have query photos with a short typed query; some query photos have
+reformulations (a text naming a change of colour or pattern whose answer is another product). Products are split
+train/val/test by product, so test products never appear in training.
 
 This module only reads and writes records. `mim.synth` plans and draws a catalog (`python -m mim.synth`),
 `mim.render` holds the drawing code.
@@ -24,7 +26,9 @@ from typing import Any
 
 from .atomic import atomic_write_text
 
-FORMAT_VERSION = 2  # 2: larger products in street photos, 8 street photos per training product
+# 2: larger products in street photos, 8 street photos per training product
+# 3: several products (model variants) per attribute triple; street photos for only a fraction of training products
+FORMAT_VERSION = 3
 MANIFEST = "catalog.json"
 SPLITS = ("train", "val", "test")
 
@@ -38,6 +42,9 @@ class Product:
     title: str
     split: str
     image: str  # path relative to the catalog root
+    # Which model of its category the product is (0..variants-1): a model has its own proportions, trim colour and
+    # logo, shared by all its patterns and colours. The title does not name it.
+    variant: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,11 @@ class Catalog:
     def read_bytes(self, rel: str) -> bytes:
         return self.path(rel).read_bytes()
 
+    def paired(self, split: str) -> list[Product]:
+        """The split's products that have query photos (street-to-shop pairs); the others only have a title."""
+        with_photos = {q.product_id for q in self.queries_in(split)}
+        return [p for p in self.products_in(split) if p.product_id in with_photos]
+
     def all_texts(self) -> list[str]:
         """Titles, short queries and reformulation texts of every split, in manifest order (for a tokenizer).
 
@@ -169,7 +181,9 @@ def load_catalog(root: str | os.PathLike) -> Catalog:
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
-            f"{path} has format_version={version!r}, expected {FORMAT_VERSION}; regenerate it with ensure_catalog"
+            f"{path} has format_version={version!r}, expected {FORMAT_VERSION}: it was written by another version of "
+            f"the generator and would be misread; regenerate it with `python -m mim.synth --out {root} --force` "
+            "(or mim.synth.ensure_catalog)"
         )
     params = doc["params"]
     return Catalog(
@@ -183,12 +197,16 @@ def load_catalog(root: str | os.PathLike) -> Catalog:
 
 
 def summary(catalog: Catalog) -> str:
-    lines = [f"catalog at {catalog.root}: seed={catalog.seed} image_size={catalog.image_size}"]
+    lines = [
+        f"catalog at {catalog.root}: seed={catalog.seed} image_size={catalog.image_size} "
+        f"variants={catalog.params.get('variants', 1)} street_fraction={catalog.params.get('street_fraction', 1.0)}"
+    ]
     for s in SPLITS:
         refs = catalog.reformulations_in(s)
         kinds = {k: sum(r.kind == k for r in refs) for k in ("colour", "pattern")}
         lines.append(
-            f"  {s:5s}: {len(catalog.products_in(s)):4d} products, {len(catalog.queries_in(s)):5d} query photos, "
+            f"  {s:5s}: {len(catalog.products_in(s)):4d} products ({len(catalog.paired(s)):4d} with photos), "
+            f"{len(catalog.queries_in(s)):5d} query photos, "
             f"{len(refs):5d} reformulations (colour {kinds['colour']}, pattern {kinds['pattern']})"
         )
     return "\n".join(lines)

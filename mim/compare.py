@@ -1,27 +1,44 @@
-"""Train the DML baseline, the 3-tower and the 4-tower models on the same data and seed, evaluate each on the
-test split, and write one comparison table (markdown + JSON).
+"""Train the DML baseline, the 3-tower and the 4-tower models on the same data and seeds, evaluate each on the
+test split, and write one comparison: means with 95% bootstrap intervals over queries and seeds, paired
+differences, and learning curves (markdown + JSON + PNG).
 
-    python -m mim.compare --catalog artifacts/catalog --steps 600 --out benchmarks/results/quality
+    python -m mim.compare --catalog artifacts/catalog --steps 600 --out benchmarks/results/quality   # make quality
+    python -m mim.compare --seeds 0,1,2 --steps 1500 --out benchmarks/results/quality_full   # make quality-full
 
-4-tower is trained twice: from scratch, and initialised from the 3-tower weights (which the paper reports as
-better). Checkpoints already trained to the requested step count are reused.
+4-tower is trained twice: from scratch, and initialised from the 3-tower weights of the same seed (which the paper
+reports as better; it has then seen twice the steps, and `--controls` adds DML and 3-tower runs of twice the steps
+to separate the start from the extra steps). Checkpoints already trained with the same settings are reused, with
+the learning curve recorded while they were trained.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
+from typing import Any
 
-from .catalog import load_catalog
-from .checkpoint import load_checkpoint
-from .embedding import TorchEmbedder
-from .evaluate import evaluate, write_results
+import numpy as np
+import torch
+
+from .atomic import atomic_write_text
+from .catalog import Catalog, load_catalog
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import PreprocessConfig, get_size
+from .embedding import LocalEmbedder, TorchEmbedder
+from .evaluate import COLUMNS, evaluate_per_query
+from .model import MIMModel
+from .preprocess import preprocess_image_bytes
+from .ranking import top_k
+from .stats import bootstrap_interval, paired_difference
 from .synth import ensure_catalog
-from .train import train
+from .tokenizer import TextTokenizer
+from .train import DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES, train
 
 # (name, objective, initialised from, training steps as a multiple of --steps)
 RUNS = (
@@ -29,67 +46,350 @@ RUNS = (
     ("3tower", "3tower", None, 1),
     ("4tower", "4tower", None, 1),
     ("4tower-from-3tower", "4tower", "3tower", 1),
-    # Controls for the row above, which has seen 2x the steps in total: is its gain the 3-tower start or the
-    # extra steps?
-    ("dml-2x", "dml", None, 2),
-    ("3tower-2x", "3tower", None, 2),
 )
+CONTROLS = (("dml-2x", "dml", None, 2), ("3tower-2x", "3tower", None, 2))
+# Paired differences reported (a minus b): the paper's claims.
+DIFFERENCES = (("3tower", "dml"), ("4tower", "3tower"), ("4tower-from-3tower", "3tower"), ("4tower", "dml"))
+DIFF_METRICS = ("image R@1", "image R@10", "image catP@10", "mm-fusion R@10", "mm-refine R@10")
+CURVE_METRICS = ("image R@1", "image catP@10")
+CURVE_FILE = "curve.json"  # next to each checkpoint: the learning curve recorded while it was trained
+# Checkpoint meta that must match for a trained checkpoint to be reused.
+SETTINGS = ("objective", "seed", "batch_size", "catalog_rows", "hard_negatives", "catalog", "steps")
+
+
+class PixelCache:
+    """Preprocessed pixels per image (keyed by its bytes): a learning curve evaluates the same images many times."""
+
+    def __init__(self, pre: PreprocessConfig):
+        self.pre = pre
+        self._cache: dict[bytes, np.ndarray] = {}
+
+    def __call__(self, images: Sequence[bytes]) -> np.ndarray:
+        for b in images:
+            if b not in self._cache:
+                self._cache[b] = preprocess_image_bytes(b, self.pre)
+        return np.stack([self._cache[b] for b in images])
+
+
+class ModelEmbedder(LocalEmbedder):
+    """A model being trained, in process, as an Embedder (what TorchEmbedder is for a loaded checkpoint), reading
+    images through a PixelCache."""
+
+    def __init__(self, model: MIMModel, tok: TextTokenizer, pixels: PixelCache, batch: int = 256):
+        super().__init__(model.cfg.embed_dim, pixels.pre, tok, batch, 2 * batch)
+        self.model, self.pixels = model, pixels
+
+    def _images_batch(self, images: list[bytes]) -> np.ndarray:
+        return self.encode_pixels(self.pixels(images))
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model.encode_image(torch.from_numpy(pixels)).numpy()
+
+    def encode_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model.encode_text(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
+
+
+def rank_gallery(
+    ck: Checkpoint, catalog: Catalog, images: Sequence[bytes], k: int, split: str = "test"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Product ids (Q, k) and inner-product scores (Q, k) of the split's gallery for each query image, ranked by the
+    in-process model: one model's side of a side-by-side view."""
+    products = catalog.products_in(split)
+    emb = TorchEmbedder(ck)
+    gallery = emb.embed_images([catalog.read_bytes(p.image) for p in products])
+    queries = emb.embed_images(list(images))
+    rows = top_k(queries, gallery, min(k, len(products)))
+    pid = np.array([p.product_id for p in products])
+    return pid[rows], np.take_along_axis(queries @ gallery.T, rows, axis=1)
+
+
+def _reusable(out: Path, want: dict[str, Any]) -> bool:
+    """True when `out` holds a finished run with these settings and its curve; raises if it holds another run."""
+    config = out / "config.json"
+    if not config.is_file():
+        return False
+    meta = json.loads(config.read_text()).get("meta", {})
+    differ = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if differ:
+        found = ", ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"{out} holds a run with other settings ({found}); remove it or pass another --checkpoints folder"
+        )
+    return meta.get("step") == want["steps"] and (out / CURVE_FILE).is_file()
+
+
+def train_with_curve(
+    catalog: Catalog, out: Path, *, eval_every: int, pixels: PixelCache, **train_kwargs: Any
+) -> list[dict[str, float]]:
+    """Train (or reuse) one run, evaluating the test split every `eval_every` steps; returns the curve."""
+    want = {
+        "objective": train_kwargs["objective"],
+        "seed": train_kwargs["seed"],
+        "batch_size": train_kwargs["batch_size"],
+        "catalog_rows": train_kwargs["catalog_rows"],
+        "hard_negatives": train_kwargs["hard_negatives"],
+        "catalog": str(catalog.root),
+        "steps": train_kwargs["steps"],
+    }
+    if _reusable(out, want):
+        return json.loads((out / CURVE_FILE).read_text())
+    curve: list[dict[str, float]] = []
+
+    def on_eval(step: int, model: MIMModel, tok: TextTokenizer) -> None:
+        per = evaluate_per_query(ModelEmbedder(model, tok, pixels), catalog, "test")
+        curve.append({"step": step, **{m: float(per[m].mean()) for m in CURVE_METRICS}})
+
+    train(catalog=str(catalog.root), out=str(out), resume=True, eval_every=eval_every, on_eval=on_eval, **train_kwargs)
+    atomic_write_text(out / CURVE_FILE, json.dumps(curve, indent=1))
+    return curve
+
+
+def run_comparison(
+    catalog: Catalog,
+    checkpoints: Path,
+    *,
+    seeds: Sequence[int],
+    steps: int,
+    runs: Sequence[tuple[str, str, str | None, int]] = RUNS,
+    batch_size: int = 64,
+    catalog_rows: int = DEFAULT_CATALOG_ROWS,
+    hard_negatives: bool = DEFAULT_HARD_NEGATIVES,
+    size: str = "tiny",
+    eval_every: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train and evaluate every run for every seed; returns per-query values, curves and timings.
+
+    per_query[name][metric] is (S, n) with one row per seed; curves[name][seed] the recorded learning curve."""
+    names = [r[0] for r in runs]
+    for name, _, init, _ in runs:
+        if init is not None and init not in names[: names.index(name)]:
+            raise ValueError(f"run {name!r} starts from {init!r}, which must be trained before it in the same call")
+    pixels = PixelCache(get_size(size).preprocess)  # what train() uses for a fresh run
+    per_query: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
+    curves: dict[str, dict[str, list]] = {n: {} for n in names}
+    seconds: dict[str, float] = dict.fromkeys(names, 0.0)
+    cpu_seconds: dict[str, float] = dict.fromkeys(names, 0.0)  # all threads: extrapolates to an idle machine
+    for seed in seeds:
+        for name, objective, init, mult in runs:
+            out = checkpoints / f"seed{seed}" / name
+            t0, c0 = time.time(), time.process_time()
+            curves[name][str(seed)] = train_with_curve(
+                catalog,
+                out,
+                eval_every=eval_every or mult * steps,
+                pixels=pixels,
+                objective=objective,
+                size=size,
+                steps=mult * steps,
+                batch_size=batch_size,
+                # DML has no photo-title term, so title-only rows never reach it: its runs are shared across values.
+                catalog_rows=0 if objective == "dml" else catalog_rows,
+                hard_negatives=hard_negatives,
+                seed=seed,
+                no_progress=not progress,
+                init_from=str(checkpoints / f"seed{seed}" / init) if init else None,
+            )
+            ck = load_checkpoint(out)
+            for metric, values in evaluate_per_query(ModelEmbedder(ck.model, ck.tokenizer, pixels), catalog).items():
+                per_query[name].setdefault(metric, []).append(values)
+            seconds[name] += time.time() - t0
+            cpu_seconds[name] += time.process_time() - c0
+            print(
+                f"seed {seed} {name}: image R@1 {per_query[name]['image R@1'][-1].mean():.3f}, "
+                f"catP@10 {per_query[name]['image catP@10'][-1].mean():.3f} ({time.time() - t0:.0f}s)",
+                file=sys.stderr,
+            )
+    stacked = {n: {m: np.stack(v) for m, v in ms.items()} for n, ms in per_query.items()}
+    return {"per_query": stacked, "curves": curves, "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def summarize(per_query: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Means, 95% bootstrap intervals and paired differences from run_comparison's per-query values."""
+    intervals = {
+        name: {m: bootstrap_interval(v).as_dict() for m, v in metrics.items()} for name, metrics in per_query.items()
+    }
+    diffs = {}
+    for a, b in DIFFERENCES:
+        if a in per_query and b in per_query:
+            diffs[f"{a} - {b}"] = {
+                m: paired_difference(per_query[a][m], per_query[b][m]).as_dict()
+                for m in DIFF_METRICS
+                if m in per_query[a] and m in per_query[b]
+            }
+    means = {name: {m: v["mean"] for m, v in metrics.items()} for name, metrics in intervals.items()}
+    return {"means": means, "intervals": intervals, "differences": diffs}
+
+
+def _cell(iv: dict[str, float] | None) -> str:
+    return "-" if iv is None else f"{iv['mean']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]"
+
+
+def markdown(summary: dict[str, Any], columns: Sequence[str] = COLUMNS) -> str:
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, metrics in summary["intervals"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(c)) for c in columns) + " |")
+    if summary["differences"]:
+        lines += ["", "Paired differences (same seeds and queries; 95% bootstrap interval of the mean difference):", ""]
+        lines += ["| difference | " + " | ".join(DIFF_METRICS) + " |", "|---|" + "---:|" * len(DIFF_METRICS)]
+        for name, metrics in summary["differences"].items():
+            lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(c)) for c in DIFF_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, dict[str, list]], out: Path, title: str) -> Path | None:
+    """R@1 and category precision@10 vs training step, mean over seeds, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5.5 * len(CURVE_METRICS), 4))
+    drawn = False
+    for name, by_seed in curves.items():
+        points = [c for c in by_seed.values() if len(c) > 1]
+        if not points:
+            continue
+        steps = [p["step"] for p in points[0]]
+        for ax, metric in zip(axes, CURVE_METRICS):
+            values = np.array([[p[metric] for p in c[: len(steps)]] for c in points if len(c) >= len(steps)])
+            ax.plot(steps, values.mean(axis=0), marker="o", ms=3, label=name)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, metric in zip(axes, CURVE_METRICS):
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"test {metric}")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(out: Path, header: str, result: dict[str, Any], settings: dict[str, Any]) -> list[Path]:
+    """OUT.md (header, table, differences), OUT.json (everything but the per-query values), OUT.png (curves)."""
+    summary = summarize(result["per_query"])
+    png = plot_curves(
+        result["curves"], out.with_suffix(".png"), f"test split, mean of {len(settings['seeds'])} seed(s)"
+    )
+    body = header.rstrip() + "\n\n" + markdown(summary) + "\n"
+    if png is not None:
+        body += f"\n![learning curves]({png.name})\n"
+    doc = {**summary, **{k: result[k] for k in ("curves", "seconds", "cpu_seconds")}, "settings": settings}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1, sort_keys=True))
+    atomic_write_text(out.with_suffix(".md"), body)
+    return [out.with_suffix(".md"), out.with_suffix(".json")] + ([png] if png else [])
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated ints such as 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct non-negative ints such as 0,1,2")
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m mim.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--catalog", default="artifacts/catalog")
+    ap.add_argument(
+        "--catalog", default="artifacts/catalog", help="catalog folder (generated with defaults if missing)"
+    )
     ap.add_argument("--checkpoints", default="artifacts/checkpoints", help="where each run's checkpoint goes")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--catalog-rows", type=int, default=DEFAULT_CATALOG_ROWS)
+    ap.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=DEFAULT_HARD_NEGATIVES)
+    ap.add_argument("--seeds", type=_seeds, default=[0], help="training seeds, e.g. 0,1,2")
+    ap.add_argument("--runs", default=None, help=f"subset of {','.join(r[0] for r in RUNS + CONTROLS)}")
+    ap.add_argument("--controls", action="store_true", help="add DML and 3-tower runs of twice the steps")
+    ap.add_argument("--eval-every", type=int, default=0, help="learning-curve points every N steps (0: at the end)")
     ap.add_argument("--size", default="tiny")
-    ap.add_argument("--out", default="benchmarks/results/quality", help="writes OUT.md and OUT.json")
+    ap.add_argument("--out", default="benchmarks/results/quality", help="writes OUT.md, OUT.json and OUT.png")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
+    runs = RUNS + (CONTROLS if args.controls else ())
+    if args.runs:
+        wanted = args.runs.split(",")
+        known = {r[0]: r for r in RUNS + CONTROLS}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            ap.error(f"--runs: unknown {unknown}; expected names from {list(known)}")
+        runs = tuple(known[w] for w in wanted)
     cat_dir = Path(args.catalog)
-    catalog = load_catalog(cat_dir) if (cat_dir / "catalog.json").is_file() else ensure_catalog(cat_dir, seed=0)
-    rows, timings = {}, {}
-    for name, objective, init, mult in RUNS:
-        out = Path(args.checkpoints) / name
-        t0 = time.time()
-        train(
-            catalog=str(cat_dir),
-            out=str(out),
-            objective=objective,
-            size=args.size,
-            steps=mult * args.steps,
+    catalog = load_catalog(cat_dir) if (cat_dir / "catalog.json").is_file() else ensure_catalog(cat_dir)
+    t0, c0 = time.time(), time.process_time()
+    try:
+        result = run_comparison(
+            catalog,
+            Path(args.checkpoints),
+            seeds=args.seeds,
+            steps=args.steps,
+            runs=runs,
             batch_size=args.batch_size,
-            seed=args.seed,
-            resume=True,
-            no_progress=args.no_progress,
-            init_from=str(Path(args.checkpoints) / init) if init else None,
+            catalog_rows=args.catalog_rows,
+            hard_negatives=args.hard_negatives,
+            size=args.size,
+            eval_every=args.eval_every,
+            progress=not args.no_progress,
         )
-        timings[name] = time.time() - t0
-        rows[name] = evaluate(TorchEmbedder(load_checkpoint(out)), catalog, "test")
-        print(
-            f"{name}: image R@1 {rows[name]['image R@1']:.3f}, catP@10 {rows[name]['image catP@10']:.3f}, "
-            f"mm-fusion R@1 {rows[name].get('mm-fusion R@1', float('nan')):.3f}",
-            file=sys.stderr,
-        )
-    any_row = next(iter(rows.values()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    command = "python -m mim.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+    p = catalog.params
+    n_test = {
+        "products": len(catalog.products_in("test")),
+        "queries": len(catalog.queries_in("test")),
+        "reformulations": len(catalog.reformulations_in("test")),
+    }
+    settings = {
+        "command": command,
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "catalog_rows": args.catalog_rows,
+        "hard_negatives": args.hard_negatives,
+        "size": args.size,
+        "catalog": {k: p.get(k) for k in ("seed", "variants", "street_fraction", "n_train_queries", "image_size")},
+        "test_split": n_test,
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch_threads": torch.get_num_threads(),
+        "date": date.today().isoformat(),
+    }
     header = (
         f"# Retrieval quality: DML vs 3-tower vs 4-tower\n\n"
-        f"Measured {date.today().isoformat()} on {platform.machine()} CPU ({platform.processor() or 'unknown'}), "
-        f"`{args.size}` towers, {args.steps} steps of batch {args.batch_size}, seed {args.seed}, same catalog "
-        f"(seed {catalog.seed}) for every row. Test split: {any_row['n_gallery']} gallery products, "
-        f"{any_row['n_queries']} query photos, {any_row['n_reformulations']} reformulation queries.\n\n"
-        f"Command: `python -m mim.compare {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-        "Columns: image R@k = exact product in the top k for a street photo; catP@10 = share of the top 10 in the "
-        "query product's category (false positives lower it); title R@1 = the title retrieves its product photo; "
-        "mm-fusion / mm-refine R@k = photo of X + reformulation text retrieves the changed product.\n"
-        "4tower-from-3tower continues from the 3-tower checkpoint, so it has seen twice the steps; the -2x rows are "
-        "trained from scratch for twice the steps, as its controls."
+        f"Measured {settings['date']} on {settings['machine']} CPU ({settings['torch_threads']} torch threads), "
+        f"`{args.size}` towers, {args.steps} steps, batches of {args.batch_size} street-to-shop pairs"
+        f" + {args.catalog_rows} title-only catalog products (photo-title term only), hard negatives "
+        f"{'on' if args.hard_negatives else 'off'}; seeds {args.seeds}; wall time {wall / 60:.1f} min "
+        f"({cpu / 60:.1f} CPU-min). Catalog: seed "
+        f"{p.get('seed')}, {p.get('variants')} models per (category, pattern, colour), street photos for "
+        f"{p.get('street_fraction')} of the training products. Test split: {n_test['products']} gallery products, "
+        f"{n_test['queries']} query photos, {n_test['reformulations']} reformulations.\n\n"
+        f"Command: `{command}`\n\n"
+        "Cells: mean over seeds and queries [95% bootstrap interval, resampling seeds and queries]. image R@k = the "
+        "exact product (not another model of the same title) in the top k for a street photo; catP@10 = share of "
+        "the top 10 in the query product's category (false positives lower it); title R@1 = the title retrieves a "
+        "product carrying it; mm-fusion / mm-refine R@k = photo of X + reformulation text retrieves the changed "
+        "product. 4tower-from-3tower continues from the 3-tower checkpoint, so it has seen twice the steps."
     )
-    write_results(args.out, rows, header)
+    for path in write_report(Path(args.out), header, result, settings):
+        print(f"wrote {path}", file=sys.stderr)
     print(Path(args.out).with_suffix(".md").read_text())
     return 0
 

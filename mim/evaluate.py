@@ -29,8 +29,8 @@ KS = (1, 5, 10)
 
 
 # --- metrics (pure NumPy, unit-tested on hand-made rankings; the ranking itself is mim.ranking's) ------------
-def recall_at_k(ranked: np.ndarray, target: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
-    """Share of queries whose target is in the top k.
+def hits_at_k(ranked: np.ndarray, target: np.ndarray, ks: Sequence[int] = KS) -> dict[str, np.ndarray]:
+    """Per query, 1.0 if its target is in the top k else 0.0: {"R@k": (Q,)}.
 
     ranked (Q, K) holds gallery ids best first; target (Q,) the correct id per query."""
     ranked, target = np.asarray(ranked), np.asarray(target)
@@ -39,19 +39,35 @@ def recall_at_k(ranked: np.ndarray, target: np.ndarray, ks: Sequence[int] = KS) 
     if len(target) == 0:
         raise ValueError("no queries to evaluate")
     hit = ranked == target[:, None]
-    return {f"R@{k}": float(hit[:, :k].any(axis=1).mean()) for k in ks}
+    return {f"R@{k}": hit[:, :k].any(axis=1).astype(np.float64) for k in ks}
+
+
+def recall_at_k(ranked: np.ndarray, target: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Share of queries whose target is in the top k (the mean of hits_at_k)."""
+    return {k: float(v.mean()) for k, v in hits_at_k(ranked, target, ks).items()}
+
+
+def category_precision_per_query(
+    ranked_categories: np.ndarray, query_categories: np.ndarray, k: int = 10
+) -> np.ndarray:
+    """Per query, the share of its top k results whose category equals the query's: (Q,)."""
+    rc, qc = np.asarray(ranked_categories), np.asarray(query_categories)
+    if rc.shape[1] < k:
+        raise ValueError(f"need at least {k} ranked results per query, got {rc.shape[1]}")
+    return (rc[:, :k] == qc[:, None]).mean(axis=1)
 
 
 def category_precision_at_k(ranked_categories: np.ndarray, query_categories: np.ndarray, k: int = 10) -> float:
     """Mean share of the top k results whose category equals the query's."""
-    rc, qc = np.asarray(ranked_categories), np.asarray(query_categories)
-    if rc.shape[1] < k:
-        raise ValueError(f"need at least {k} ranked results per query, got {rc.shape[1]}")
-    return float((rc[:, :k] == qc[:, None]).mean())
+    return float(category_precision_per_query(ranked_categories, query_categories, k).mean())
 
 
-def evaluate(embedder: Embedder, catalog: Catalog, split: str = "test") -> dict[str, float]:
-    """Every metric of the module docstring for one embedder (in-process, ONNX or served) on a catalog split."""
+def evaluate_per_query(embedder: Embedder, catalog: Catalog, split: str = "test") -> dict[str, np.ndarray]:
+    """Every metric of the module docstring per query, {name: (n,) float array}, for one embedder (in-process,
+    ONNX or served) on a catalog split; `evaluate` reports their means.
+
+    image R@k and image catP@10 have one entry per query photo, title R@k one per product, mm-* R@k one per
+    reformulation."""
     products = catalog.products_in(split)
     queries = catalog.queries_in(split)
     refs = catalog.reformulations_in(split)
@@ -62,23 +78,32 @@ def evaluate(embedder: Embedder, catalog: Catalog, split: str = "test") -> dict[
     kmax = min(max(KS), len(products))  # a gallery smaller than 10 caps every k at its size
     ranked = top_k(qimg, gallery, kmax)
     q_target = np.array([q.product_id for q in queries])
-    metrics = {f"image {k}": v for k, v in recall_at_k(pid[ranked], q_target).items()}
+    out = {f"image {k}": v for k, v in hits_at_k(pid[ranked], q_target).items()}
     qcat = np.array([catalog.product(q.product_id).category for q in queries])
-    metrics["image catP@10"] = category_precision_at_k(pcat[ranked], qcat, kmax)
-    # Text-to-product retrieval with the titles' own words: a sanity check of the alignment.
-    title_emb = embedder.embed_texts([p.title for p in products])
-    metrics.update({f"title {k}": v for k, v in recall_at_k(pid[top_k(title_emb, gallery, kmax)], pid).items()})
+    out["image catP@10"] = category_precision_per_query(pcat[ranked], qcat, kmax)
+    # Text-to-product retrieval with the titles' own words: a sanity check of the alignment. Every model of a
+    # combination carries the same title, so any product with the query's title is a hit.
+    titles = np.array([p.title for p in products])
+    title_emb = embedder.embed_texts(list(titles))
+    out.update({f"title {k}": v for k, v in hits_at_k(titles[top_k(title_emb, gallery, kmax)], titles).items()})
     if refs:
         qi = {q.query_id: i for i, q in enumerate(queries)}
         ref_img = np.stack([qimg[qi[r.query_id]] for r in refs])
         ref_txt = embedder.embed_texts([r.text for r in refs])
         target = np.array([r.target_product_id for r in refs])
         fused = fuse(ref_img, ref_txt)
-        metrics.update({f"mm-fusion {k}": v for k, v in recall_at_k(pid[top_k(fused, gallery, kmax)], target).items()})
-        metrics.update(
-            {f"mm-refine {k}": v for k, v in recall_at_k(pid[refine(ref_img, ref_txt, gallery, kmax)], target).items()}
-        )
-    metrics["n_gallery"], metrics["n_queries"], metrics["n_reformulations"] = len(products), len(queries), len(refs)
+        out.update({f"mm-fusion {k}": v for k, v in hits_at_k(pid[top_k(fused, gallery, kmax)], target).items()})
+        refined = pid[refine(ref_img, ref_txt, gallery, kmax)]
+        out.update({f"mm-refine {k}": v for k, v in hits_at_k(refined, target).items()})
+    return out
+
+
+def evaluate(embedder: Embedder, catalog: Catalog, split: str = "test") -> dict[str, float]:
+    """The means of evaluate_per_query, plus the gallery, query and reformulation counts."""
+    metrics: dict[str, float] = {k: float(v.mean()) for k, v in evaluate_per_query(embedder, catalog, split).items()}
+    metrics["n_gallery"] = len(catalog.products_in(split))
+    metrics["n_queries"] = len(catalog.queries_in(split))
+    metrics["n_reformulations"] = len(catalog.reformulations_in(split))
     return metrics
 
 

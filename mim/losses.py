@@ -4,7 +4,8 @@ DML baseline: InfoNCE(q, p)
 3-tower:     InfoNCE(q, p) + w_qt InfoNCE(q, t) + w_pt InfoNCE(p, t)
 4-tower:     3-tower + w_qs InfoNCE(q, s) + w_ps InfoNCE(p, s)
 q, p: query-photo and product-photo embeddings (one image encoder); t, s: title and short-query embeddings
-(one text encoder). All rows are L2-normalised.
+(one text encoder). All rows are L2-normalised. The first B rows of p and t belong to the B street-to-shop pairs
+of q (and s); p and t may carry more rows, catalog products without street photos, which only the p-t term sees.
 """
 
 from __future__ import annotations
@@ -73,17 +74,26 @@ def mim_loss(
     short_texts: list[str] | None = None,
     weights: LossWeights = LossWeights(),
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its named parts for one batch."""
+    """Total loss and its named parts for one batch.
+
+    q (B, D); p (P, D) with P >= B, rows [:B] paired with q; t (P, D) titles of p's rows; s (B, D); product_ids and
+    titles have P entries, short_texts B."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    n = len(q)
+    if len(p) < n or len(product_ids) != len(p):
+        raise ValueError(
+            f"need len(p) >= len(q) and one product id per p row; got q {n}, p {len(p)}, ids {len(product_ids)}"
+        )
     same_pid = same_matrix(product_ids).to(q.device)
-    parts = {"qp": info_nce(q, p, scale, same_pid)}
+    parts = {"qp": info_nce(q, p[:n], scale, same_pid[:n, :n])}
     total = parts["qp"]
     if objective in ("3tower", "4tower"):
         if t is None or titles is None:
             raise ValueError(f"objective {objective!r} needs title embeddings and titles")
+        # Same title = same concept (all models of one combination share it): not a negative for each other.
         same_t = same_pid | same_matrix(titles).to(q.device)
-        parts["qt"] = info_nce(q, t, scale, same_t)
+        parts["qt"] = info_nce(q, t[:n], scale, same_t[:n, :n])
         parts["pt"] = info_nce(p, t, scale, same_t)
         total = total + weights.qt * parts["qt"] + weights.pt * parts["pt"]
     if objective == "4tower":
@@ -91,8 +101,8 @@ def mim_loss(
             raise ValueError("objective '4tower' needs short-query embeddings and texts")
         # Short queries ("zebra mug") describe many products: a query whose words all occur in another row's
         # title is not a negative for that row's images.
-        same_s = same_pid | describes_matrix(titles, short_texts).to(q.device)
+        same_s = same_pid[:n, :n] | describes_matrix(titles[:n], short_texts).to(q.device)
         parts["qs"] = info_nce(q, s, scale, same_s)
-        parts["ps"] = info_nce(p, s, scale, same_s)
+        parts["ps"] = info_nce(p[:n], s, scale, same_s)
         total = total + weights.qs * parts["qs"] + weights.ps * parts["ps"]
     return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -2,14 +2,15 @@
 and street photos (cluttered background, distractor objects carrying the product's pattern, occlusion, camera
 degradations).
 
-Every function here is deterministic in its arguments: randomness comes in as a numpy Generator or a `phase`
-array, which `mim.synth` derives from the catalog seed. Images are PIL RGB.
+Every function here is deterministic in its arguments: randomness comes in as a numpy Generator or a `Look`
+(pattern phase and model details), which `mim.synth` derives from the catalog seed. Images are PIL RGB.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
@@ -294,7 +295,43 @@ _PATTERN_FNS: dict[str, Callable[..., np.ndarray]] = {
     "stars": _pat_stars,
 }
 
-_HARDWARE_RGB = (58, 56, 60)
+# Trim (handles, legs, soles, rims) colours a product model can have: neutrals, so none reads as a product colour.
+TRIM_RGB: tuple[tuple[int, int, int], ...] = ((58, 56, 60), (112, 78, 48), (172, 172, 178), (226, 220, 204))
+LOGOS = ("none", "disc", "square", "triangle")
+
+
+@dataclass(frozen=True)
+class Look:
+    """How one product is drawn beyond its category, pattern and colour: the instance details of its model.
+
+    phase:  3 floats in [0, 1) that shift and tilt the pattern (per product)
+    aspect: (x, y) stretch of the silhouette, about 0.8-1.2 (per model)
+    trim:   index into TRIM_RGB for the plain parts (per model)
+    logo:   index into LOGOS, a small mark on the patterned part (per model)
+    """
+
+    phase: tuple[float, float, float]
+    aspect: tuple[float, float] = (1.0, 1.0)
+    trim: int = 0
+    logo: int = 0
+
+
+def _draw_logo(fabric: np.ndarray, rgba: np.ndarray, kind: str, colour: tuple[int, int, int]) -> None:
+    """A mark of about 1/5 of the box at the centre of the patterned part's bounding box, in the trim colour."""
+    if kind == "none" or not fabric.any():
+        return
+    n = fabric.shape[0]
+    ys, xs = np.nonzero(fabric)
+    cx, cy, r = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, 0.1 * n
+    im = Image.new("L", (n, n), 0)
+    d = ImageDraw.Draw(im)
+    if kind == "disc":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif kind == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=255)
+    rgba[(np.asarray(im) > 127) & fabric, :3] = colour
 
 
 def _shades(colour: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -332,12 +369,13 @@ def _erode(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def _sprite(category: str, pattern: str, colour: str, size: int, phase: np.ndarray, angle: float = 0.0) -> Image.Image:
+def _sprite(category: str, pattern: str, colour: str, size: int, look: Look, angle: float = 0.0) -> Image.Image:
     """The product drawn in a size x size box, rotated by angle degrees, as a premultiplied 'RGBa' image.
 
-    `phase` (3 floats in [0, 1)) shifts and tilts the pattern; a product keeps its own phase in every image.
-    With angle != 0 the image grows to hold the rotated box.
+    `look` carries the pattern phase and the model's details; a product keeps its look in every image. The
+    aspect stretches the box to (size * ax, size * ay); with angle != 0 the image grows to hold the rotated box.
     """
+    phase = np.asarray(look.phase)
     n = max(8, size * _SUPERSAMPLE)
     fabric, hardware = Image.new("L", (n, n), 0), Image.new("L", (n, n), 0)
     _SHAPES[category](_Pen(fabric), _Pen(hardware))
@@ -353,10 +391,13 @@ def _sprite(category: str, pattern: str, colour: str, size: int, phase: np.ndarr
     )
     rgba = np.empty((n, n, 4), np.uint8)
     rgba[..., :3] = np.asarray(shaded)
-    rgba[np.asarray(hardware) > 127, :3] = _HARDWARE_RGB
+    trim = TRIM_RGB[look.trim]
+    rgba[np.asarray(hardware) > 127, :3] = trim
+    _draw_logo((np.asarray(fabric) > 127) & ~(np.asarray(hardware) > 127), rgba, LOGOS[look.logo], trim)
     rgba[edge, :3] = outline
     rgba[..., 3] = body * np.uint8(255)
-    im = Image.fromarray(rgba, "RGBA").convert("RGBa").resize((max(1, n // _SUPERSAMPLE),) * 2, Image.Resampling.BOX)
+    out = (max(1, round(n * look.aspect[0] / _SUPERSAMPLE)), max(1, round(n * look.aspect[1] / _SUPERSAMPLE)))
+    im = Image.fromarray(rgba, "RGBA").convert("RGBa").resize(out, Image.Resampling.BOX)
     if angle:
         # Bilinear at the final resolution: bicubic costs 3x as much and the photo is degraded later anyway.
         im = im.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
@@ -371,10 +412,11 @@ def _paste(canvas: Image.Image, sprite: Image.Image, cx: float, cy: float) -> tu
     return x0, y0, x0 + rgba.width, y0 + rgba.height
 
 
-def render_catalog_image(category: str, pattern: str, colour: str, image_size: int, phase: np.ndarray) -> Image.Image:
-    """The shop image: the product at 82% of the frame, centred on white, RGB."""
+def render_catalog_image(category: str, pattern: str, colour: str, image_size: int, look: Look) -> Image.Image:
+    """The shop image: the product at 82% of the frame (its longer side at most 90%), centred on white, RGB."""
     canvas = Image.new("RGB", (image_size, image_size), (255, 255, 255))
-    sprite = _sprite(category, pattern, colour, int(round(0.82 * image_size)), phase)
+    size = min(0.82, 0.9 / max(look.aspect)) * image_size
+    sprite = _sprite(category, pattern, colour, int(round(size)), look)
     _paste(canvas, sprite, image_size / 2, image_size / 2)
     return canvas
 
@@ -453,7 +495,8 @@ def _place_distractors(
                 best, best_cost = (cx, cy, box), cost
         cx, cy, box = best
         taken.append(box)
-        sprite = _sprite(cat, product.pattern, colour, size, rng.random(3), rng.uniform(-30, 30))
+        look = Look(tuple(rng.random(3)), trim=int(rng.integers(len(TRIM_RGB))))
+        sprite = _sprite(cat, product.pattern, colour, size, look, rng.uniform(-30, 30))
         _paste(canvas, sprite, cx, cy)
 
 
@@ -493,10 +536,10 @@ def _photo_jitter(rng: np.random.Generator, im: Image.Image) -> Image.Image:
 
 
 def render_street_photo(
-    rng: np.random.Generator, product: Product, phase: np.ndarray, categories: Sequence[str], image_size: int
+    rng: np.random.Generator, product: Product, look: Look, categories: Sequence[str], image_size: int
 ) -> tuple[Image.Image, int]:
     """A street photo of `product` and the JPEG quality to save it with; `rng` is this photo's own stream,
-    `phase` the product's pattern phase (the same in all its images), `categories` those distractors come from."""
+    `look` the product's look (the same in all its images), `categories` those distractors come from."""
     s = image_size
     canvas = _background(rng, s)
     scale = rng.uniform(0.5, 0.85)  # product 24-41 px across at the tiny model's 48 px: its silhouette stays legible
@@ -507,7 +550,7 @@ def render_street_photo(
     product_box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
     others = [c for c in categories if c != product.category]
     _place_distractors(rng, canvas, product, others, scale, product_box)
-    sprite = _sprite(product.category, product.pattern, product.colour, size, phase, angle)
+    sprite = _sprite(product.category, product.pattern, product.colour, size, look, angle)
     box = _paste(canvas, sprite, cx, cy)
     if rng.random() < 0.75:
         _occlude(rng, canvas, box)

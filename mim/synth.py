@@ -1,20 +1,24 @@
 """Generate the deterministic synthetic street-to-shop catalog (`python -m mim.synth --out DIR`).
 
-Every product is one (category, pattern, colour) combination: a drawn silhouette (mug, shirt, shoe, ...) filled
-with a surface pattern (stripes, zebra, polka dots, ...) in a colour. Each product has
+Every product is one model of a category made in one (pattern, colour): a drawn silhouette (mug, shirt, shoe, ...)
+filled with a surface pattern (stripes, zebra, polka dots, ...) in a colour. A category has `variants` models,
+which differ in details no title names: proportions, trim colour and a small logo. So `variants` products share
+each (category, pattern, colour) combination and its title, as products of one concept do in a real catalog.
+Each product has
 
 - one catalog ("shop") image: the product centred on white, PNG;
-- several query ("street") photos, JPEG: the product scaled, moved, rotated and partly hidden on a cluttered
-  background that also holds 1-3 *distractor* objects of other categories carrying the SAME pattern (and often
-  the same colour);
-- a title ("modern red zebra-striped ceramic mug") and, per query photo, a short typed query ("zebra mug").
+- a title ("modern red zebra-striped ceramic mug"), the same for every model of the combination;
+- query ("street") photos, JPEG, for every val/test product and for a `street_fraction` of the training products
+  (real street-to-shop pairs cover part of a catalog, titles all of it): the product scaled, moved, rotated and
+  partly hidden on a cluttered background that also holds 1-3 *distractor* objects of other categories carrying
+  the SAME pattern (and often the same colour); per photo a short typed query ("zebra mug").
 
 The distractors are the point: an image-only metric learner can match the query photo on its pattern alone and
 retrieve a zebra-striped shirt for a zebra-striped mug. The title names the category, so image-text alignment
 has a signal that pattern matching lacks (the paper's false-positive argument, docs/METHOD.md "Setting").
 
 Multimodal search gets reformulation pairs: a query photo of product X plus a text naming a change ("in red",
-"with polka dots") whose answer is X with that attribute changed.
+"with polka dots") whose answer is the same model as X with that attribute changed.
 
 Products are split train/val/test by product (stratified per category), so test products never appear in
 training. Everything is derived from `seed` through numpy Generators keyed by (seed, stream, product or query
@@ -28,6 +32,7 @@ This module plans the records (vocabulary, titles, queries, reformulations, spli
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -51,7 +56,7 @@ from .catalog import (
     write_manifest,
 )
 from .progress import progress_bar
-from .render import COLOUR_RGB, render_catalog_image, render_street_photo
+from .render import COLOUR_RGB, LOGOS, TRIM_RGB, Look, render_catalog_image, render_street_photo
 
 # Category -> the material word its titles use. mim.render draws a silhouette for each.
 MATERIALS: dict[str, str] = {
@@ -100,7 +105,12 @@ PATTERN_PHRASES: dict[str, tuple[str, ...]] = {
 }
 
 # Stream tags keep the per-product random streams independent: (seed, tag, product_id[, k]).
-_STREAM_STYLE, _STREAM_QUERY, _STREAM_TEXT, _STREAM_REFORM, _STREAM_SPLIT = range(5)
+_STREAM_STYLE, _STREAM_QUERY, _STREAM_TEXT, _STREAM_REFORM, _STREAM_SPLIT, _STREAM_MODEL, _STREAM_PAIRS = range(7)
+
+# Defaults of the generation parameters (the CLI and the functions share them).
+DEFAULT_VARIANTS = 3
+DEFAULT_STREET_FRACTION = 0.5
+DEFAULT_TRAIN_QUERIES = 6
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,12 +138,14 @@ def _normalize_params(
     *,
     seed: int = 0,
     image_size: int = 128,
-    n_train_queries: int = 8,
+    n_train_queries: int = DEFAULT_TRAIN_QUERIES,
     n_eval_queries: int = 2,
     categories: Iterable[str] | None = None,
     patterns: Iterable[str] | None = None,
     colours: Iterable[str] | None = None,
     split: Sequence[float] = (0.7, 0.1, 0.2),
+    variants: int = DEFAULT_VARIANTS,
+    street_fraction: float = DEFAULT_STREET_FRACTION,
 ) -> dict[str, Any]:
     """The generation parameters as stored in the manifest; raises ValueError on bad values."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -143,6 +155,16 @@ def _normalize_params(
     for name, n in (("n_train_queries", n_train_queries), ("n_eval_queries", n_eval_queries)):
         if not isinstance(n, (int, np.integer)) or not 1 <= n <= 64:
             raise ValueError(f"{name}={n!r}; expected an int in [1, 64]")
+    if not isinstance(variants, (int, np.integer)) or isinstance(variants, bool) or not 1 <= variants <= len(LOGOS):
+        raise ValueError(f"variants={variants!r}; expected an int in [1, {len(LOGOS)}] (models per category)")
+    if (
+        isinstance(street_fraction, bool)
+        or not isinstance(street_fraction, (int, float))
+        or not 0 < street_fraction <= 1
+    ):
+        raise ValueError(
+            f"street_fraction={street_fraction!r}; expected a number in (0, 1] (share of training products with photos)"
+        )
     cats = _pick("categories", categories, CATEGORIES)
     if len(cats) < 2:
         raise ValueError(f"categories={cats}; need at least 2 so query photos can hold distractors of another category")
@@ -158,6 +180,8 @@ def _normalize_params(
         "patterns": _pick("patterns", patterns, PATTERNS),
         "colours": _pick("colours", colours, COLOURS),
         "split": fractions,
+        "variants": int(variants),
+        "street_fraction": float(street_fraction),
     }
 
 
@@ -169,7 +193,7 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 # Plan: every record of the catalog, without drawing anything
 
 
-def _assign_splits(params: dict[str, Any], combos: list[tuple[str, str, str]]) -> list[str]:
+def _assign_splits(params: dict[str, Any], combos: list[tuple[str, ...]]) -> list[str]:
     """Split by product, stratified per category so every split holds every kind of product."""
     rng = _rng(params["seed"], _STREAM_SPLIT)
     f_train, f_val, _ = params["split"]
@@ -184,8 +208,45 @@ def _assign_splits(params: dict[str, Any], combos: list[tuple[str, str, str]]) -
     return splits
 
 
-def _title(seed: int, pid: int, category: str, pattern: str, colour: str) -> str:
-    rng = _rng(seed, _STREAM_TEXT, pid)
+def _with_photos(params: dict[str, Any], products: list[Product]) -> set[int]:
+    """Ids of the products that get street photos: all val/test products and a `street_fraction` of the training
+    products, drawn per category (so every category keeps pairs)."""
+    rng = _rng(params["seed"], _STREAM_PAIRS)
+    chosen = {p.product_id for p in products if p.split != "train"}
+    for cat in params["categories"]:
+        ids = [p.product_id for p in products if p.split == "train" and p.category == cat]
+        n = max(1, int(round(params["street_fraction"] * len(ids)))) if ids else 0
+        chosen.update(ids[j] for j in rng.permutation(len(ids))[:n])
+    return chosen
+
+
+@functools.lru_cache(maxsize=8)
+def _model_looks(seed: int, categories: tuple[str, ...], variants: int) -> dict[tuple[str, int], tuple[Any, ...]]:
+    """(category, variant) -> (aspect, trim, logo): a category's models get distinct trims and logos."""
+    looks = {}
+    for ci, cat in enumerate(CATEGORIES):
+        if cat not in categories:
+            continue
+        rng = _rng(seed, _STREAM_MODEL, ci)
+        trims, logos = rng.permutation(len(TRIM_RGB)), rng.permutation(len(LOGOS))
+        for v in range(variants):
+            aspect = (1.0, 1.0) if variants == 1 else tuple(float(a) for a in rng.uniform(0.8, 1.2, 2))
+            looks[cat, v] = (aspect, int(trims[v]), int(logos[v]))
+    return looks
+
+
+def product_look(seed: int, product: Product, variants: int, categories: Sequence[str]) -> Look:
+    """A product's look: its own pattern phase plus its model's details (plain when variants == 1)."""
+    phase = tuple(float(x) for x in _rng(seed, _STREAM_STYLE, product.product_id).random(3))
+    if variants == 1:
+        return Look(phase)
+    aspect, trim, logo = _model_looks(seed, tuple(categories), variants)[product.category, product.variant]
+    return Look(phase, aspect, trim, logo)
+
+
+def _title(seed: int, combo: int, category: str, pattern: str, colour: str) -> str:
+    """The combination's title: every model of it carries the same one (titles name concepts, not models)."""
+    rng = _rng(seed, _STREAM_TEXT, combo)
     words = [colour, PATTERN_WORDS[pattern][0], MATERIALS[category], category]
     if rng.random() < 0.5:
         words.insert(0, STYLE_WORDS[rng.integers(len(STYLE_WORDS))])
@@ -201,36 +262,42 @@ def _short_text(rng: np.random.Generator, category: str, pattern: str, colour: s
 
 
 def _plan(params: dict[str, Any]) -> tuple[list[Product], list[QueryPhoto], list[Reformulation]]:
-    seed = params["seed"]
+    seed, nv = params["seed"], params["variants"]
     combos = [(c, p, k) for c in params["categories"] for p in params["patterns"] for k in params["colours"]]
-    splits = _assign_splits(params, combos)
+    # Product id = combo * variants + variant: the models of one combination are neighbours.
+    keys = [(*combo, v) for combo in combos for v in range(nv)]
+    splits = _assign_splits(params, keys)
     products = [
-        Product(pid, cat, pat, col, _title(seed, pid, cat, pat, col), splits[pid], f"shop/p{pid:05d}.png")
-        for pid, (cat, pat, col) in enumerate(combos)
+        Product(
+            pid, cat, pat, col, _title(seed, pid // nv, cat, pat, col), splits[pid], f"shop/p{pid:05d}.png", variant
+        )
+        for pid, (cat, pat, col, variant) in enumerate(keys)
     ]
+    with_photos = _with_photos(params, products)
     queries: list[QueryPhoto] = []
     for p in products:
+        if p.product_id not in with_photos:
+            continue
         n = params["n_train_queries"] if p.split == "train" else params["n_eval_queries"]
         for k in range(n):
             qid = len(queries)
             rng = _rng(seed, _STREAM_TEXT, p.product_id, k + 1)
             text = _short_text(rng, p.category, p.pattern, p.colour)
             queries.append(QueryPhoto(qid, p.product_id, f"street/q{qid:06d}.jpg", text, p.split))
-    index = {(p.category, p.pattern, p.colour): p for p in products}
+    index = {(p.category, p.pattern, p.colour, p.variant): p for p in products}
     reforms = [r for q in queries for r in _reformulations(seed, q, products[q.product_id], index)]
     return products, queries, reforms
 
 
 def _reformulations(
-    seed: int, q: QueryPhoto, src: Product, index: dict[tuple[str, str, str], Product]
+    seed: int, q: QueryPhoto, src: Product, index: dict[tuple[str, str, str, int], Product]
 ) -> list[Reformulation]:
-    """At most one colour change and one pattern change per query photo, to a target in the same split."""
+    """At most one colour change and one pattern change per query photo, to the same model in the same split."""
     rng = _rng(seed, _STREAM_REFORM, q.query_id)
     out = []
-    colour_targets = [t for (c, p, k), t in index.items() if c == src.category and p == src.pattern and k != src.colour]
-    pattern_targets = [
-        t for (c, p, k), t in index.items() if c == src.category and k == src.colour and p != src.pattern
-    ]
+    same_model = [t for (c, _, _, v), t in index.items() if c == src.category and v == src.variant]
+    colour_targets = [t for t in same_model if t.pattern == src.pattern and t.colour != src.colour]
+    pattern_targets = [t for t in same_model if t.colour == src.colour and t.pattern != src.pattern]
     for kind, targets in (("colour", colour_targets), ("pattern", pattern_targets)):
         targets = [t for t in targets if t.split == src.split]
         if not targets:
@@ -263,18 +330,13 @@ def _remove_stale(root: Path, keep: set[str]) -> None:
                 f.unlink()
 
 
-def _product_phase(seed: int, pid: int) -> np.ndarray:
-    """A product's pattern phase: the same in its shop image and all its street photos."""
-    return _rng(seed, _STREAM_STYLE, pid).random(3)
-
-
 def render_query_photo(
-    seed: int, query_index: int, product: Product, categories: Sequence[str], image_size: int
+    seed: int, query_index: int, product: Product, categories: Sequence[str], image_size: int, variants: int = 1
 ) -> tuple[Image.Image, int]:
     """The k-th street photo of a product and the JPEG quality to save it with. Deterministic in its arguments."""
     rng = _rng(seed, _STREAM_QUERY, product.product_id, query_index)
-    phase = _product_phase(seed, product.product_id)
-    return render_street_photo(rng, product, phase, categories, image_size)
+    look = product_look(seed, product, variants, categories)
+    return render_street_photo(rng, product, look, categories, image_size)
 
 
 def generate_catalog(
@@ -282,12 +344,14 @@ def generate_catalog(
     *,
     seed: int = 0,
     image_size: int = 128,
-    n_train_queries: int = 8,
+    n_train_queries: int = DEFAULT_TRAIN_QUERIES,
     n_eval_queries: int = 2,
     categories: Iterable[str] | None = None,
     patterns: Iterable[str] | None = None,
     colours: Iterable[str] | None = None,
     split: Sequence[float] = (0.7, 0.1, 0.2),
+    variants: int = DEFAULT_VARIANTS,
+    street_fraction: float = DEFAULT_STREET_FRACTION,
     progress: bool = True,
 ) -> Catalog:
     """Draw the catalog under `root` (created if needed), overwriting any catalog there; returns it.
@@ -304,6 +368,8 @@ def generate_catalog(
         patterns=patterns,
         colours=colours,
         split=split,
+        variants=variants,
+        street_fraction=street_fraction,
     )
     root = Path(root)
     products, queries, reforms = _plan(params)
@@ -314,12 +380,12 @@ def generate_catalog(
     by_product: dict[int, list[QueryPhoto]] = {}
     for q in queries:
         by_product.setdefault(q.product_id, []).append(q)
-    s = params["image_size"]
+    s, nv, cats = params["image_size"], params["variants"], params["categories"]
     for p in progress_bar(products, desc="catalog", unit="product", enabled=progress):
-        phase = _product_phase(params["seed"], p.product_id)
-        render_catalog_image(p.category, p.pattern, p.colour, s, phase).save(root / p.image, format="PNG")
+        look = product_look(params["seed"], p, nv, cats)
+        render_catalog_image(p.category, p.pattern, p.colour, s, look).save(root / p.image, format="PNG")
         for k, q in enumerate(by_product.get(p.product_id, [])):
-            photo, quality = render_query_photo(params["seed"], k, p, params["categories"], s)
+            photo, quality = render_query_photo(params["seed"], k, p, cats, s, nv)
             photo.save(root / q.image, format="JPEG", quality=quality)
 
     _remove_stale(root, {p.image for p in products} | {q.image for q in queries})
@@ -378,11 +444,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="catalog root directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--n-train-queries", type=int, default=8, help="query photos per train product")
+    ap.add_argument(
+        "--n-train-queries", type=int, default=DEFAULT_TRAIN_QUERIES, help="query photos per paired train product"
+    )
     ap.add_argument("--n-eval-queries", type=int, default=2, help="query photos per val/test product")
     ap.add_argument("--categories", default=None, help=f"comma-separated subset of {','.join(CATEGORIES)}")
     ap.add_argument("--patterns", default=None, help=f"comma-separated subset of {','.join(PATTERNS)}")
     ap.add_argument("--colours", default=None, help=f"comma-separated subset of {','.join(COLOURS)}")
+    ap.add_argument("--variants", type=int, default=DEFAULT_VARIANTS, help="models per category (products per combo)")
+    ap.add_argument(
+        "--street-fraction",
+        type=float,
+        default=DEFAULT_STREET_FRACTION,
+        help="share of training products with street photos (val/test products always have them)",
+    )
     ap.add_argument("--force", action="store_true", help="regenerate even if a matching catalog exists")
     ap.add_argument("--sheet", default=None, help="also save a contact sheet PNG of test products here")
     ap.add_argument("--no-progress", action="store_true")
@@ -395,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "categories": args.categories,
         "patterns": args.patterns,
         "colours": args.colours,
+        "variants": args.variants,
+        "street_fraction": args.street_fraction,
         "progress": not args.no_progress,
     }
     t0 = time.perf_counter()

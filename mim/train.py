@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,40 +32,89 @@ from .progress import progress_bar
 from .synth import ensure_catalog
 from .tokenizer import ClipTokenizer, TextTokenizer, Tokenizers
 
+# Batch composition defaults (docs/METHOD.md, "Batches"): products without street photos per batch for the
+# photo-title term, and hard-negative groups.
+DEFAULT_CATALOG_ROWS = 32
+DEFAULT_HARD_NEGATIVES = False
+
 
 @dataclass
 class TrainData:
-    """A split's images preprocessed once into arrays (the tiny size fits in memory many times over)."""
+    """A split's images preprocessed once into arrays (the tiny size fits in memory many times over).
+
+    Every product of the split is a row (its catalog photo and title); `paired` lists the rows that also have
+    street photos. Image-image terms use only those; image-title terms may use every row."""
 
     product_ids: list[int]
     product_pixels: np.ndarray  # (P, 3, S, S)
     titles: list[str]
     query_pixels: np.ndarray  # (Q, 3, S, S)
     query_texts: list[str]
-    queries_of: list[np.ndarray]  # per product row: indices into query_pixels
+    queries_of: list[np.ndarray]  # per product row: indices into query_pixels (empty for unpaired rows)
+    paired: np.ndarray  # (P_paired,) rows with at least one street photo
+    unpaired: np.ndarray  # the other rows: catalog photo and title only
+    attributes: np.ndarray  # (P, 3) int codes of (category, pattern, colour), for composing batches
 
 
 def load_split(catalog: Catalog, split: str, pre: PreprocessConfig, progress: bool = True) -> TrainData:
     products = catalog.products_in(split)
     row = {p.product_id: i for i, p in enumerate(products)}
     queries = [q for q in catalog.queries_in(split) if q.product_id in row]
+    if not queries:
+        raise ValueError(f"the {split} split of the catalog at {catalog.root} has no query photos to train on")
     it = progress_bar(products + queries, desc=f"preprocess {split}", enabled=progress, leave=False)
     arrays = [preprocess_image_bytes(catalog.read_bytes(x.image), pre) for x in it]
     qof: list[list[int]] = [[] for _ in products]
     for j, q in enumerate(queries):
         qof[row[q.product_id]].append(j)
-    if any(not x for x in qof):
-        raise ValueError(
-            f"every {split} product needs at least one query photo; the catalog at {catalog.root} has none for some"
-        )
+    codes = [{v: i for i, v in enumerate(sorted({getattr(p, a) for p in products}))} for a in _ATTRS]
     return TrainData(
         product_ids=[p.product_id for p in products],
         product_pixels=np.stack(arrays[: len(products)]),
         titles=[p.title for p in products],
         query_pixels=np.stack(arrays[len(products) :]),
         query_texts=[q.short_text for q in queries],
-        queries_of=[np.asarray(x) for x in qof],
+        queries_of=[np.asarray(x, dtype=np.int64) for x in qof],
+        paired=np.array([i for i, x in enumerate(qof) if x], dtype=np.int64),
+        unpaired=np.array([i for i, x in enumerate(qof) if not x], dtype=np.int64),
+        attributes=np.array([[c[getattr(p, a)] for c, a in zip(codes, _ATTRS)] for p in products], dtype=np.int64),
     )
+
+
+_ATTRS = ("category", "pattern", "colour")
+HARD_GROUP = 4  # rows per hard-negative group: an anchor and up to 3 look-alikes of other categories
+
+
+def compose_batch(
+    rng: np.random.Generator, pool: np.ndarray, attributes: np.ndarray, size: int, hard: bool
+) -> np.ndarray:
+    """`size` distinct rows of `pool`, drawn from `rng`.
+
+    Random rows, or with `hard` groups of HARD_GROUP: a random anchor, then rows that share its pattern (or, half
+    the time, its colour) but are of another category. In-batch negatives then look like the positive on the cues
+    a distractor shares, so only the category (shape) tells them apart."""
+    if size > len(pool):
+        raise ValueError(f"a batch of {size} distinct rows needs at least {size} products; the pool holds {len(pool)}")
+    if not hard:
+        return rng.choice(pool, size=size, replace=False)
+    attrs = attributes[pool]  # (N, 3)
+    free = np.ones(len(pool), dtype=bool)
+    chosen: list[int] = []
+    for anchor in rng.permutation(len(pool)):
+        if len(chosen) == size:
+            break
+        if not free[anchor]:
+            continue
+        free[anchor] = False
+        chosen.append(anchor)
+        shared = 1 if rng.random() < 0.5 else 2  # column of pattern or colour
+        alike = np.flatnonzero(free & (attrs[:, shared] == attrs[anchor, shared]) & (attrs[:, 0] != attrs[anchor, 0]))
+        take = min(HARD_GROUP - 1, size - len(chosen), len(alike))
+        if take:
+            picked = rng.choice(alike, size=take, replace=False)
+            free[picked] = False
+            chosen.extend(int(x) for x in picked)
+    return pool[np.asarray(chosen, dtype=np.int64)]
 
 
 def tokenizer_texts(catalog: Catalog) -> list[str]:
@@ -103,16 +153,28 @@ def batch_loss(
     rng: np.random.Generator,
     batch_size: int,
     weights: LossWeights | None = None,
+    catalog_rows: int = 0,
+    hard_negatives: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Draw one batch of distinct products (a street photo, the catalog photo, the title and a short query each)
-    and return the objective's loss on it."""
+    """Draw one batch and return the objective's loss on it.
+
+    The batch holds `batch_size` distinct paired products (a street photo, the catalog photo, the title and a short
+    query each) and, for objectives with titles, up to `catalog_rows` unpaired products (catalog photo and title
+    only), which only the photo-title term sees. `hard_negatives` composes both parts with compose_batch."""
     dev = next(model.parameters()).device
-    rows = rng.choice(len(data.product_ids), size=batch_size, replace=False)
+    rows = compose_batch(rng, data.paired, data.attributes, batch_size, hard_negatives)
     qidx = np.array([rng.choice(data.queries_of[r]) for r in rows])
     q_pix = torch.from_numpy(augment(data.query_pixels[qidx], rng))
-    pixels = torch.cat([q_pix, torch.from_numpy(data.product_pixels[rows])]).to(dev)
-    pids = [data.product_ids[r] for r in rows]
-    titles = [data.titles[r] for r in rows]
+    # Drawn last, so the pairs of a step do not depend on catalog_rows.
+    extra = np.zeros(0, dtype=np.int64)
+    if objective != "dml" and catalog_rows and len(data.unpaired):
+        extra = compose_batch(
+            rng, data.unpaired, data.attributes, min(catalog_rows, len(data.unpaired)), hard_negatives
+        )
+    all_rows = np.concatenate([rows, extra])
+    pixels = torch.cat([q_pix, torch.from_numpy(data.product_pixels[all_rows])]).to(dev)
+    pids = [data.product_ids[r] for r in all_rows]
+    titles = [data.titles[r] for r in all_rows]
     shorts = [data.query_texts[i] for i in qidx]
     imgs = model.encode_image(pixels)  # query photos and catalog photos through the one image encoder
     q, p = imgs[:batch_size], imgs[batch_size:]
@@ -121,8 +183,8 @@ def batch_loss(
         texts = titles + (shorts if objective == "4tower" else [])
         ids, mask = tok.encode_batch(texts)
         emb = model.encode_text(torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev))  # one text encoder
-        t = emb[:batch_size]
-        s = emb[batch_size:] if objective == "4tower" else None
+        t = emb[: len(titles)]
+        s = emb[len(titles) :] if objective == "4tower" else None
     return mim_loss(objective, model.scale(), q, p, t, s, pids, titles, shorts, weights or LossWeights())
 
 
@@ -161,7 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--resume", action="store_true", help="continue from --out if it holds a checkpoint")
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64, help="street-to-shop pairs per batch")
+    ap.add_argument(
+        "--catalog-rows",
+        type=int,
+        default=DEFAULT_CATALOG_ROWS,
+        help="products without street photos added per batch to the photo-title term (0: pairs only)",
+    )
+    ap.add_argument(
+        "--hard-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_HARD_NEGATIVES,
+        help="compose batches of look-alikes of other categories (same pattern or colour)",
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=50)
@@ -189,6 +263,8 @@ def train(
     resume: bool = False,
     steps: int = 600,
     batch_size: int = 64,
+    catalog_rows: int = DEFAULT_CATALOG_ROWS,
+    hard_negatives: bool = DEFAULT_HARD_NEGATIVES,
     lr: float = 1e-3,
     weight_decay: float = 0.05,
     warmup: int = 50,
@@ -196,7 +272,11 @@ def train(
     save_every: int = 200,
     device: str = "auto",
     no_progress: bool = False,
+    eval_every: int = 0,
+    on_eval: Callable[[int, MIMModel, TextTokenizer], None] | None = None,
 ) -> Path:
+    """Train and checkpoint into `out`; returns it. With `eval_every` and `on_eval`, calls on_eval(step, model,
+    tokenizer) (model in eval mode, no grad) after every eval_every-th step and the last, for learning curves."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
     progress = not no_progress
@@ -237,9 +317,11 @@ def train(
     model.to(dev).train()
 
     data = load_split(cat, "train", pre, progress)
-    n_products = len(data.product_ids)
-    if batch_size > n_products:
-        raise ValueError(f"--batch-size {batch_size} is larger than the {n_products} training products; lower it")
+    n_pairs = len(data.paired)
+    if batch_size > n_pairs:
+        raise ValueError(
+            f"--batch-size {batch_size} is larger than the {n_pairs} training products with street photos; lower it"
+        )
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -256,6 +338,8 @@ def train(
         "seed": seed,
         "steps": steps,
         "batch_size": batch_size,
+        "catalog_rows": catalog_rows,
+        "hard_negatives": hard_negatives,
         "lr": lr,
         "catalog": str(cat.root),
         "catalog_seed": cat.seed,
@@ -269,7 +353,10 @@ def train(
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        loss, parts = batch_loss(model, tok, data, objective, np.random.default_rng([seed, step]), batch_size, weights)
+        step_rng = np.random.default_rng([seed, step])
+        loss, parts = batch_loss(
+            model, tok, data, objective, step_rng, batch_size, weights, catalog_rows, hard_negatives
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -277,6 +364,11 @@ def train(
         last = {"loss": float(loss.detach()), **parts}
         bar.set_postfix(loss=f"{last['loss']:.3f}", scale=f"{float(model.scale().detach()):.1f}")
         done = step + 1
+        if on_eval is not None and eval_every and (done % eval_every == 0 or done == steps):
+            model.eval()
+            with torch.inference_mode():
+                on_eval(done, model, tok)
+            model.train()
         if done % save_every == 0 or done == steps:
             model.eval()
             ckpt.save_checkpoint(out_dir, model, pre, tok, {**meta, "step": done, "last_loss": last}, opt)

@@ -3,7 +3,7 @@
     mimsearch demo --artifacts artifacts [--steps 600] [--quick]      (or python -m mimsearch.demo)
 
  1. catalog   generate (or reuse) the synthetic street-to-shop catalog
- 2. train     train the tiny 3-tower model (resumes / reuses a checkpoint already trained that far)
+ 2. train     train the tiny 3-tower model and the image-only DML baseline (reuses checkpoints trained that far)
  3. export    export the towers to ONNX and install them into a COPY of model_repository/ under the artifacts
  4. serve     start the bundled tritonserver on 127.0.0.1 with the CPU configs
  5. index     embed the test-split gallery through the `embed_image` ensemble into a gallery store (`--store`:
@@ -12,7 +12,8 @@
  6. search    a few image, text and image + text (fusion and refine) searches; one of each kind also in one
               request through the search_* ensembles, printed next to the client-side result
  7. quality   Recall@1/10 of the served path on the test queries next to the in-process torch figures
- 8. page      a self-contained HTML page of the searches
+ 8. page      a self-contained HTML page of the searches, and the same street photos ranked by DML and by
+              3-tower side by side (in-process), with results of another category marked
 
 Everything lands under --artifacts; a rerun reuses the catalog, the checkpoint, the export and the index when
 they are current. `--quick` uses a small catalog and a short training run (tests; a smoke check in ~1 minute).
@@ -27,13 +28,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.html import QueryBlock, render_page, write_page
+from client.html import ComparisonBlock, QueryBlock, render_page, write_page
 from client.indexing import build_index, catalog_items
 from client.search import SearchResult, SearchService
 from client.search_client import SearchClient
 from client.triton_client import EmbeddingClient
-from mim.catalog import Catalog
+from mim.catalog import Catalog, QueryPhoto
 from mim.checkpoint import Checkpoint, load_checkpoint
+from mim.compare import rank_gallery
 from mim.embedding import TorchEmbedder
 from mim.evaluate import evaluate
 from mim.knn import KnnIndex
@@ -58,7 +60,7 @@ METRICS = (
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Catalog and training sizes. The full demo uses the default catalog (640 products, 128 px) and the
+    """Catalog and training sizes. The full demo uses the default catalog (1,920 products, 128 px) and the
     Makefile's 600 steps; --quick shrinks both so a test runs it in about a minute."""
 
     catalog: dict
@@ -72,8 +74,9 @@ class DemoSettings:
 
     @classmethod
     def quick(cls, steps: int | None) -> DemoSettings:
-        # 4 categories x 3 patterns x 3 colours = 36 products at 64 px, split half/half (16 train, 20 test) so
-        # the test gallery holds more than the 10 results Recall@10 and catP@10 need.
+        # 4 categories x 3 patterns x 3 colours = 36 products at 64 px, one model each, all with street photos,
+        # split half/half (16 train, 20 test) so the test gallery holds more than the 10 results Recall@10 and
+        # catP@10 need.
         small = {
             "seed": 0,
             "image_size": 64,
@@ -81,6 +84,8 @@ class DemoSettings:
             "patterns": ["solid", "stripes", "dots"],
             "colours": ["red", "blue", "green"],
             "split": (0.5, 0.0, 0.5),
+            "variants": 1,
+            "street_fraction": 1.0,
         }
         return cls(catalog=small, steps=20 if steps is None else steps, batch_size=16, check_export=False)
 
@@ -200,6 +205,45 @@ def demo_searches(service: SearchService, catalog: Catalog, k: int) -> list[Demo
     return out
 
 
+def comparison_blocks(
+    catalog: Catalog, checkpoints: Sequence[tuple[str, Checkpoint]], n_queries: int, k: int
+) -> list[ComparisonBlock]:
+    """The first test street photo of each of the first `n_queries` categories (in catalog order, not chosen by
+    result), ranked over the test gallery by each model in-process."""
+    first_of: dict[str, QueryPhoto] = {}
+    for q in catalog.queries_in("test"):
+        first_of.setdefault(catalog.product(q.product_id).category, q)
+    queries = list(first_of.values())[:n_queries]
+    images = [catalog.read_bytes(q.image) for q in queries]
+    columns = []
+    for _, ck in checkpoints:
+        ids, scores = rank_gallery(ck, catalog, images, k)
+        columns.append(
+            [
+                [_result(catalog, r + 1, int(i), float(sc)) for r, (i, sc) in enumerate(zip(row_i, row_s))]
+                for row_i, row_s in zip(ids, scores)
+            ]
+        )
+    blocks = []
+    for j, q in enumerate(queries):
+        p = catalog.product(q.product_id)
+        blocks.append(
+            ComparisonBlock(
+                f"same street photo, two models: {q.image} of {p.title!r}",
+                [(name, columns[m][j]) for m, (name, _) in enumerate(checkpoints)],
+                image=images[j],
+                expected_id=p.product_id,
+                expected_category=p.category,
+            )
+        )
+    return blocks
+
+
+def _result(catalog: Catalog, rank: int, product_id: int, score: float) -> SearchResult:
+    p = catalog.product(product_id)
+    return SearchResult(rank, product_id, score, p.title, p.category, str(catalog.path(p.image)))
+
+
 def print_results(s: DemoSearch, results: Sequence[SearchResult]) -> None:
     want = f" (correct product: {s.expected_id})" if s.expected_id is not None else ""
     print(f"  {s.label}{want}")
@@ -277,17 +321,18 @@ def run(
         f"{len(catalog.reformulations_in('test'))} reformulations"
     )
 
-    step(f"train: tiny 3-tower model, {settings.steps} steps (reuses a checkpoint already trained that far)")
-    ckpt_dir = art / "checkpoints" / "3tower"
-    train(
-        catalog=str(catalog.root),
-        out=str(ckpt_dir),
-        objective="3tower",
-        steps=settings.steps,
-        batch_size=min(settings.batch_size, len(catalog.products_in("train"))),
-        resume=True,
-        no_progress=not progress,
-    )
+    step(f"train: tiny 3-tower model and the DML baseline, {settings.steps} steps each (reuses checkpoints)")
+    ckpt_dir, dml_dir = art / "checkpoints" / "3tower", art / "checkpoints" / "dml"
+    for objective, out in (("3tower", ckpt_dir), ("dml", dml_dir)):
+        train(
+            catalog=str(catalog.root),
+            out=str(out),
+            objective=objective,
+            steps=settings.steps,
+            batch_size=min(settings.batch_size, len(catalog.paired("train"))),
+            resume=True,
+            no_progress=not progress,
+        )
     ck: Checkpoint = load_checkpoint(ckpt_dir)
     model_id = ck.model_id
     print(f"    checkpoint {ckpt_dir} (step {ck.meta.get('step')}, model_id {model_id})")
@@ -333,12 +378,16 @@ def run(
         f"{served['n_gallery']} gallery products)"
     )
 
-    step("page: self-contained HTML results")
+    step("page: self-contained HTML results, DML vs 3-tower side by side")
+    side = comparison_blocks(catalog, [("DML (image only)", load_checkpoint(dml_dir)), ("3-tower", ck)], 4, 2 * SHOW_K)
+    for b in side:
+        counts = ", ".join(f"{name} {sum(r.category != b.expected_category for r in rs)}" for name, rs in b.columns)
+        print(f"    {b.label}: results of another category in the top {2 * SHOW_K}: {counts}")
     page = art / "results.html"
     write_page(
         page,
         render_page(
-            blocks,
+            blocks + side,
             title="Multimodal visual search demo",
             subtitle=f"{len(index)} test products, model {model_id}, served by tritonserver (CPU)",
         ),

@@ -106,10 +106,10 @@ Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,
 
 
 def _image(fmt: str, colour: str = "red") -> bytes:
-    from mim.render import render_catalog_image
+    from mim.render import Look, render_catalog_image
 
     buf = io.BytesIO()
-    render_catalog_image("mug", "zebra", colour, 64, np.array([0.1, 0.2, 0.3])).save(buf, format=fmt)
+    render_catalog_image("mug", "zebra", colour, 64, Look((0.1, 0.2, 0.3))).save(buf, format=fmt)
     return buf.getvalue()
 
 

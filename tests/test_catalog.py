@@ -49,7 +49,10 @@ def test_splits_and_texts(cat):
     assert [q.query_id for q in cat.queries_in("test")] == [1]
     assert cat.reformulations_in("test") == []
     assert cat.all_texts()[-1] == "in blue" and len(cat.all_texts()) == 6
-    assert "train:    2 products,     1 query photos,     1 reformulations (colour 1" in catalog.summary(cat)
+    assert "train:    2 products (   1 with photos),     1 query photos,     1 reformulations (colour 1" in (
+        catalog.summary(cat)
+    )
+    assert [p.product_id for p in cat.paired("train")] == [0]  # product 1 has a title and no street photo
 
 
 def test_read_bytes(cat):
@@ -78,11 +81,27 @@ def test_missing_manifest_says_how_to_make_one(tmp_path):
         load_catalog(tmp_path)
 
 
-def test_other_format_version_is_refused(cat):
+@pytest.mark.parametrize("version", [1, 2, None])
+def test_other_format_version_is_refused(cat, version):
     path = cat.root / catalog.MANIFEST
     doc = json.loads(path.read_text())
-    path.write_text(json.dumps({**doc, "format_version": 1}))
-    with pytest.raises(ValueError, match=f"format_version=1, expected {catalog.FORMAT_VERSION}; regenerate"):
+    path.write_text(json.dumps({**doc, "format_version": version}))
+    with pytest.raises(
+        ValueError, match=rf"format_version={version!r}, expected {catalog.FORMAT_VERSION}: .* would be misread"
+    ):
+        load_catalog(cat.root)
+
+
+def test_a_version_2_catalog_is_refused_not_misread(cat):
+    # Version 2 had one product per (category, pattern, colour) and no `variant` field: read as version 3, every
+    # product would silently become model 0.
+    path = cat.root / catalog.MANIFEST
+    doc = json.loads(path.read_text())
+    for p in doc["products"]:
+        del p["variant"]
+    doc["format_version"] = 2
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"format_version=2, expected 3: .* regenerate it with `python -m mim.synth"):
         load_catalog(cat.root)
 
 

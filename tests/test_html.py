@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.html import QueryBlock, data_uri, render_page, sniff_mime, write_page
+from client.html import ComparisonBlock, QueryBlock, data_uri, render_page, sniff_mime, write_page
 from client.search import SearchResult
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
@@ -88,6 +89,29 @@ def test_page_escapes_text_and_inlines_images(tmp_path):
     assert all(s.startswith("data:image/png;base64,") for s in parsed.srcs[1:]) and len(parsed.srcs) == 4
     assert 'class="thumb missing"' in page  # the missing file is a placeholder, not a broken link
     assert '<li class="result hit" data-id="101"' in page
+
+
+def test_side_by_side_marks_other_categories(tmp_path):
+    dml = _results(tmp_path, 4, titles=["yellow mug", "yellow chair", "yellow chair", NASTY])
+    dml[1:3] = [dataclasses.replace(r, category="chair") for r in dml[1:3]]
+    three = _results(tmp_path, 4, titles=["yellow mug", "red mug", "blue mug", "green mug"])
+    block = ComparisonBlock(
+        "street photo of a yellow mug",
+        [("DML", dml), ("3-tower", three)],
+        image=_image((240, 205, 30), "JPEG"),
+        expected_id=100,
+        expected_category="mug",
+        notes=[NASTY],
+    )
+    page = render_page([block, QueryBlock("typed", three, text="mug")])
+    parsed = _Page()
+    parsed.feed(page)
+    assert parsed.lists[:2] == [["yellow mug", "yellow chair", "yellow chair", NASTY], [t.title for t in three]]
+    assert parsed.scripts == 0 and "&lt;script&gt;" in page
+    assert page.count('<li class="result off-category"') == 2
+    assert 'data-model="DML"><h3>DML &middot; 2/4 of another category</h3>' in page
+    assert 'data-model="3-tower"><h3>3-tower &middot; 0/4 of another category</h3>' in page
+    assert page.count('class="result hit"') == 2  # the expected product in both columns
 
 
 def test_mime_sniffing_uses_magic_bytes():

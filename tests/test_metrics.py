@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mim.evaluate import category_precision_at_k, markdown_table, recall_at_k
+from mim.evaluate import category_precision_at_k, category_precision_per_query, hits_at_k, markdown_table, recall_at_k
 from mim.ranking import fuse, refine, top_k
 
 
@@ -49,3 +49,15 @@ def test_fusion_and_refine():
 def test_markdown_table():
     md = markdown_table({"dml": {"image R@1": 0.5}}, ["image R@1", "title R@1"])
     assert md.splitlines()[2] == "| dml | 0.500 | - |"
+
+
+def test_per_query_values_average_to_the_metrics():
+    # Titles as targets: the models of one combination share a title, so any of them is a hit.
+    ranked = np.array([["red mug", "blue mug"], ["blue mug", "red mug"], ["red hat", "red mug"]])
+    hits = hits_at_k(ranked, np.array(["blue mug", "blue mug", "red hat"]), ks=(1, 2))
+    np.testing.assert_array_equal(hits["R@1"], [0.0, 1.0, 1.0])
+    np.testing.assert_array_equal(hits["R@2"], [1.0, 1.0, 1.0])
+    rc = np.array([["mug", "hat", "mug"], ["hat", "hat", "hat"]])
+    per = category_precision_per_query(rc, np.array(["mug", "mug"]), k=3)
+    np.testing.assert_allclose(per, [2 / 3, 0.0])
+    assert category_precision_at_k(rc, np.array(["mug", "mug"]), k=3) == pytest.approx(per.mean())

@@ -36,6 +36,10 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert re.search(r"^\s+mm-refine R@10\s+[\d.]+\s+[\d.]+$", out, flags=re.M)
     page = (art / "results.html").read_text()
     assert page.count('<li class="result') >= 6 and "data:image/png;base64," in page
+    # DML and 3-tower side by side on the same street photos, other-category results counted per model.
+    assert page.count('<section class="query-block comparison">') == 4
+    assert page.count('data-model="DML (image only)"') == page.count('data-model="3-tower"') == 4
+    assert len(re.findall(r"another category in the top 10: DML \(image only\) \d+, 3-tower \d+", out)) == 4
     assert (art / "index" / "test.safetensors").is_file() and "server stopped" in out
 
 

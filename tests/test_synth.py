@@ -1,4 +1,5 @@
-"""Tests for generating the synthetic street-to-shop catalog (mim.synth), on a 3 x 3 x 3 subset at 64 px."""
+"""Tests for generating the synthetic street-to-shop catalog (mim.synth), on a 3 x 3 x 3 subset at 64 px with 2
+models per combination."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ SMALL = {
     "categories": ["mug", "shirt", "hat"],
     "patterns": ["solid", "zebra", "dots"],
     "colours": ["red", "blue", "green"],
+    "variants": 2,
+    "street_fraction": 0.5,
     "progress": False,
 }
 
@@ -55,30 +58,57 @@ def test_different_seed_differs(cat, cat_seed1):
     assert queries and sum(a[k] != b[k] for k in queries) == len(queries)
 
 
-def test_one_product_per_combination(cat):
-    combos = {(p.category, p.pattern, p.colour) for p in cat.products}
-    assert len(cat.products) == len(combos) == 27
-    assert [p.product_id for p in cat.products] == list(range(27))
+def test_several_models_per_combination_share_the_title(cat):
+    combos: dict[tuple[str, str, str], list[catalog.Product]] = {}
+    for p in cat.products:
+        combos.setdefault((p.category, p.pattern, p.colour), []).append(p)
+    assert len(combos) == 27 and len(cat.products) == 54
+    assert [p.product_id for p in cat.products] == list(range(54))
     assert [q.query_id for q in cat.queries] == list(range(len(cat.queries)))
+    for models in combos.values():
+        assert [p.variant for p in models] == [0, 1]
+        assert len({p.title for p in models}) == 1, "the title names the concept, not the model"
+        a, b = (cat.read_bytes(p.image) for p in models)
+        assert a != b, "models of one combination must look different"
 
 
-def test_query_counts_per_split(cat):
+def test_models_differ_in_details_the_title_does_not_name():
+    looks = synth._model_looks(0, tuple(CATEGORIES), 4)
+    for cat_name in CATEGORIES:
+        models = [looks[cat_name, v] for v in range(4)]
+        assert len({m[1] for m in models}) == 4 and len({m[2] for m in models}) == 4  # distinct trims and logos
+        assert all(0.8 <= a <= 1.2 for m in models for a in m[0])
+    product = catalog.Product(0, "mug", "zebra", "red", "red zebra-striped ceramic mug", "train", "shop/p.png")
+    plain = synth.product_look(0, product, 1, CATEGORIES)
+    assert (plain.aspect, plain.trim, plain.logo) == ((1.0, 1.0), 0, 0)  # one model per combination: no details
+
+
+def test_street_photos_for_a_fraction_of_training_products(cat):
     per_product: dict[int, int] = {}
     for q in cat.queries:
         per_product[q.product_id] = per_product.get(q.product_id, 0) + 1
     for p in cat.products:
-        assert per_product[p.product_id] == (
-            cat.params["n_train_queries"] if p.split == "train" else cat.params["n_eval_queries"]
-        )
-    assert cat.params["n_train_queries"] == 8 and cat.params["n_eval_queries"] == 2  # the defaults
+        if p.split != "train":
+            assert per_product[p.product_id] == cat.params["n_eval_queries"]
+        else:
+            assert per_product.get(p.product_id, 0) in (0, cat.params["n_train_queries"])
+    for c in SMALL["categories"]:
+        train = [p for p in cat.products_in("train") if p.category == c]
+        paired = [p for p in train if p.product_id in per_product]
+        assert len(paired) == round(0.5 * len(train)), "street_fraction is applied per category"
+    assert cat.paired("test") == cat.products_in("test")
+    defaults = synth._normalize_params()
+    assert (defaults["n_train_queries"], defaults["n_eval_queries"]) == (synth.DEFAULT_TRAIN_QUERIES, 2)
+    assert (defaults["variants"], defaults["street_fraction"]) == (3, 0.5)
 
 
 def test_default_split_proportions():
     params = synth._normalize_params()
     products, queries, reforms = synth._plan(params)
-    assert len(products) == len(CATEGORIES) * len(PATTERNS) * len(COLOURS) == 640
+    assert len(products) == len(CATEGORIES) * len(PATTERNS) * len(COLOURS) * 3 == 1920
     counts = {s: sum(p.split == s for p in products) for s in catalog.SPLITS}
-    assert counts == {"train": 450, "val": 60, "test": 130}
+    assert counts == {"train": 1340, "val": 190, "test": 390}
+    assert len({q.product_id for q in queries if q.split == "train"}) == 670
     test_reforms = [r for r in reforms if r.split == "test"]
     assert {r.kind for r in test_reforms} == {"colour", "pattern"}
     assert len(test_reforms) > 200
@@ -91,7 +121,7 @@ def test_reformulations_change_one_attribute_within_split(cat):
         src, tgt = cat.product(r.source_product_id), cat.product(r.target_product_id)
         assert queries[r.query_id].product_id == src.product_id
         assert src.split == tgt.split == r.split
-        assert src.category == tgt.category
+        assert src.category == tgt.category and src.variant == tgt.variant  # the same model, changed
         if r.kind == "colour":
             assert src.pattern == tgt.pattern and src.colour != tgt.colour
             assert tgt.colour in r.text.split()
@@ -113,7 +143,8 @@ def test_ensure_regenerates_on_changed_params(tmp_path):
     first = synth.generate_catalog(tmp_path, seed=0, **SMALL)
     second = synth.ensure_catalog(tmp_path, seed=0, **{**SMALL, "n_train_queries": 1, "n_eval_queries": 1})
     assert second.params["n_train_queries"] == 1
-    assert len(second.queries) == len(second.products) < len(first.queries)
+    assert len(second.queries) == len(second.paired("train") + second.paired("val") + second.paired("test"))
+    assert len(second.queries) < len(first.queries)
     on_disk = {f"street/{p.name}" for p in (tmp_path / "street").iterdir()}
     assert on_disk == {q.image for q in second.queries}, "stale query photos of the old catalog must be removed"
     assert catalog.load_catalog(tmp_path) == second
@@ -124,6 +155,16 @@ def test_ensure_regenerates_when_an_image_is_missing(tmp_path):
     first.path(first.queries[0].image).unlink()
     again = synth.ensure_catalog(tmp_path, seed=0, **SMALL)
     assert again.path(first.queries[0].image).is_file()
+
+
+def test_ensure_regenerates_an_old_format_catalog(tmp_path):
+    first = synth.generate_catalog(tmp_path, seed=0, **SMALL)
+    manifest = tmp_path / catalog.MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 2}))
+    with pytest.raises(ValueError, match="format_version=2"):
+        catalog.load_catalog(tmp_path)
+    again = synth.ensure_catalog(tmp_path, seed=0, **SMALL)
+    assert again == first and json.loads(manifest.read_text())["format_version"] == catalog.FORMAT_VERSION
 
 
 def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
@@ -156,6 +197,10 @@ def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
         ({"n_train_queries": 0}, r"n_train_queries=0"),
         ({"seed": -1}, "non-negative"),
         ({"split": (0.5, 0.5, 0.5)}, "summing to 1"),
+        ({"variants": 0}, r"variants=0; expected an int in \[1, 4\]"),
+        ({"variants": 5}, r"variants=5; expected an int in \[1, 4\]"),
+        ({"street_fraction": 0.0}, r"street_fraction=0.0; expected a number in \(0, 1\]"),
+        ({"street_fraction": 1.5}, r"street_fraction=1.5; expected a number in \(0, 1\]"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
@@ -184,6 +229,10 @@ def test_cli(tmp_path, capsys):
         "stars,plaid",
         "--colours",
         "pink,black",
+        "--variants",
+        "2",
+        "--street-fraction",
+        "1",
         "--no-progress",
         "--sheet",
         str(sheet),
@@ -192,7 +241,8 @@ def test_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "train:" in printed and "test :" in printed
     cat = catalog.load_catalog(out)
-    assert len(cat.products) == 8 and cat.image_size == 48
+    assert len(cat.products) == 16 and cat.image_size == 48
+    assert cat.paired("train") == cat.products_in("train")
     with Image.open(sheet) as im:
         assert im.format == "PNG"
     assert synth.main(["--out", str(out), "--categories", "rocket", "--no-progress"]) == 2

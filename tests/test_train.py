@@ -11,7 +11,7 @@ from mim import checkpoint as ckpt
 from mim.embedding import TorchEmbedder
 from mim.evaluate import evaluate
 from mim.synth import CATEGORIES, COLOURS, PATTERNS, generate_catalog
-from mim.train import batch_loss, load_split, main, train
+from mim.train import HARD_GROUP, batch_loss, compose_batch, load_split, main, train
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,8 @@ def small_catalog(tmp_path_factory):
         categories=CATEGORIES[:4],
         patterns=PATTERNS[:3],
         colours=COLOURS[:3],
+        variants=2,
+        street_fraction=0.5,
         progress=False,
     )
 
@@ -125,3 +127,85 @@ def test_augment_moves_pixels_but_keeps_shape_dtype_and_range():
     # bilinear sampling with border padding never leaves the input's value range
     assert y.min() >= x.min() - 1e-5 and y.max() <= x.max() + 1e-5
     np.testing.assert_array_equal(y, augment(x, np.random.default_rng(1)))  # seeded: same draw, same batch
+
+
+def test_load_split_keeps_title_only_products(small_catalog):
+    from mim.config import get_size
+
+    data = load_split(small_catalog, "train", get_size("tiny").preprocess, progress=False)
+    assert len(data.product_ids) == len(small_catalog.products_in("train"))
+    assert len(data.paired) == len(small_catalog.paired("train")) and len(data.unpaired) > 0
+    assert all(len(data.queries_of[r]) > 0 for r in data.paired)
+    assert all(len(data.queries_of[r]) == 0 for r in data.unpaired)
+    assert sorted(np.concatenate([data.paired, data.unpaired]).tolist()) == list(range(len(data.product_ids)))
+
+
+def _attributes(n_cat=4, n_pat=3, n_col=3, variants=2):
+    return np.array(
+        [[c, p, k] for c in range(n_cat) for p in range(n_pat) for k in range(n_col) for _ in range(variants)]
+    )
+
+
+def test_compose_batch_random_and_hard():
+    attrs = _attributes()
+    pool = np.arange(0, len(attrs), 2)  # a subset, as the paired rows are
+    rand = compose_batch(np.random.default_rng(0), pool, attrs, 12, hard=False)
+    hard = compose_batch(np.random.default_rng(0), pool, attrs, 12, hard=True)
+    for rows in (rand, hard):
+        assert len(rows) == 12 and len(set(rows.tolist())) == 12 and set(rows.tolist()) <= set(pool.tolist())
+    # Hard groups: an anchor, then look-alikes that share its pattern or colour and are of another category.
+    for g in range(0, 12, HARD_GROUP):
+        anchor, *alike = hard[g : g + HARD_GROUP]
+        assert alike, "with 4 categories every anchor has look-alikes"
+        for r in alike:
+            assert attrs[r, 0] != attrs[anchor, 0]
+        assert all(attrs[r, 1] == attrs[anchor, 1] for r in alike) or all(
+            attrs[r, 2] == attrs[anchor, 2] for r in alike
+        )
+    np.testing.assert_array_equal(hard, compose_batch(np.random.default_rng(0), pool, attrs, 12, hard=True))
+
+    def n_hard_pairs(rows):
+        a = attrs[rows]
+        other_cat = a[:, None, 0] != a[None, :, 0]
+        shares = (a[:, None, 1] == a[None, :, 1]) | (a[:, None, 2] == a[None, :, 2])
+        return int((other_cat & shares).sum())
+
+    assert n_hard_pairs(hard) > n_hard_pairs(rand)
+    with pytest.raises(ValueError, match="a batch of 99 distinct rows needs at least 99 products"):
+        compose_batch(np.random.default_rng(0), pool, attrs, 99, hard=True)
+
+
+@pytest.mark.parametrize("objective", ["dml", "3tower", "4tower"])
+def test_title_only_products_reach_only_the_photo_title_term(small_catalog, tiny_checkpoint, objective):
+    from mim.config import get_size
+
+    c = ckpt.load_checkpoint(tiny_checkpoint)
+    data = load_split(small_catalog, "train", get_size("tiny").preprocess, progress=False)
+    with torch.no_grad():
+        _, base = batch_loss(c.model, c.tokenizer, data, objective, np.random.default_rng(5), 6)
+        _, more = batch_loss(c.model, c.tokenizer, data, objective, np.random.default_rng(5), 6, catalog_rows=6)
+    # The same rng draws the same pairs first; the extra rows change the photo-title term and nothing else.
+    for k in base:
+        if k == "pt":
+            assert more[k] != pytest.approx(base[k])
+        else:
+            assert more[k] == pytest.approx(base[k], rel=1e-5), k
+
+
+def test_hard_negative_training_and_learning_curve_callback(small_catalog, tmp_path):
+    seen = []
+    out = train(
+        catalog=str(small_catalog.root),
+        out=str(tmp_path / "h"),
+        objective="3tower",
+        steps=4,
+        batch_size=6,
+        catalog_rows=4,
+        hard_negatives=True,
+        no_progress=True,
+        eval_every=3,
+        on_eval=lambda step, model, tok: seen.append((step, model.training, tok.vocab_size > 0)),
+    )
+    assert seen == [(3, False, True), (4, False, True)]
+    meta = ckpt.read_config(out)["meta"]
+    assert meta["hard_negatives"] is True and meta["catalog_rows"] == 4

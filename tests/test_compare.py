@@ -1,0 +1,63 @@
+"""The model comparison (mim.compare, `make quality` / `make quality-full`) end to end on a tiny catalog."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mim import compare
+from mim.synth import generate_catalog
+
+
+@pytest.fixture(scope="module")
+def tiny_catalog(tmp_path_factory):
+    return generate_catalog(
+        tmp_path_factory.mktemp("cat"),
+        image_size=48,
+        categories=["mug", "hat", "shoe"],
+        patterns=["zebra", "dots"],
+        colours=["red", "blue"],
+        variants=2,
+        progress=False,
+    )
+
+
+def test_two_seeds_with_intervals_differences_and_curves(tiny_catalog, tmp_path, capsys):
+    args = ["--catalog", str(tiny_catalog.root), "--checkpoints", str(tmp_path / "ck"), "--runs", "dml,3tower"]
+    args += ["--seeds", "0,1", "--steps", "2", "--eval-every", "1", "--batch-size", "4", "--catalog-rows", "2"]
+    args += ["--hard-negatives", "--out", str(tmp_path / "res" / "q"), "--no-progress"]
+    assert compare.main(args) == 0
+    md = (tmp_path / "res" / "q.md").read_text()
+    assert "| 3tower - dml |" in md and "seeds [0, 1]" in md and "hard negatives on" in md
+    doc = json.loads((tmp_path / "res" / "q.json").read_text())
+    for name in ("dml", "3tower"):
+        iv = doc["intervals"][name]["image R@1"]
+        assert iv["lo"] <= iv["mean"] <= iv["hi"]
+        assert [p["step"] for p in doc["curves"][name]["0"]] == [1, 2]
+        assert set(doc["curves"][name]) == {"0", "1"}
+    d = doc["differences"]["3tower - dml"]["image R@1"]
+    assert d["mean"] == pytest.approx(doc["means"]["3tower"]["image R@1"] - doc["means"]["dml"]["image R@1"])
+    assert doc["settings"]["catalog"]["variants"] == 2 and doc["settings"]["seeds"] == [0, 1]
+    assert (tmp_path / "res" / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A rerun reuses the trained checkpoints and their curves.
+    weights = tmp_path / "ck" / "seed1" / "3tower" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert compare.main(args) == 0
+    assert weights.stat().st_mtime_ns == before
+    assert json.loads((tmp_path / "res" / "q.json").read_text())["means"] == doc["means"]
+
+    # Other settings on the same checkpoints are refused, not mixed in.
+    capsys.readouterr()
+    assert compare.main([*args[:-4], "--no-hard-negatives", *args[-3:]]) == 2
+    assert "holds a run with other settings (hard_negatives: True != False)" in capsys.readouterr().err
+
+
+def test_bad_arguments(tiny_catalog, tmp_path):
+    with pytest.raises(SystemExit):
+        compare.main(["--catalog", str(tiny_catalog.root), "--seeds", "0,x"])
+    with pytest.raises(SystemExit):
+        compare.main(["--catalog", str(tiny_catalog.root), "--runs", "dml,5tower"])
+    with pytest.raises(ValueError, match="starts from '3tower', which must be trained before it"):
+        compare.run_comparison(tiny_catalog, tmp_path, seeds=[0], steps=1, runs=[compare.RUNS[3]])
