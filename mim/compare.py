@@ -134,6 +134,7 @@ def train_with_curve(
         "steps": train_kwargs["steps"],
     }
     if _reusable(out, want):
+        print(f"{out}: reusing the checkpoint trained earlier with these settings", file=sys.stderr)
         return json.loads((out / CURVE_FILE).read_text())
     curve: list[dict[str, float]] = []
 
@@ -172,6 +173,8 @@ def run_comparison(
     curves: dict[str, dict[str, list]] = {n: {} for n in names}
     seconds: dict[str, float] = dict.fromkeys(names, 0.0)
     cpu_seconds: dict[str, float] = dict.fromkeys(names, 0.0)  # all threads: extrapolates to an idle machine
+    reused: list[str] = []  # runs trained by an earlier call: their training time is not in seconds / cpu_seconds
+    t_start = time.time()
     for seed in seeds:
         for name, objective, init, mult in runs:
             out = checkpoints / f"seed{seed}" / name
@@ -192,6 +195,9 @@ def run_comparison(
                 no_progress=not progress,
                 init_from=str(checkpoints / f"seed{seed}" / init) if init else None,
             )
+            trained = (checkpoints / f"seed{seed}" / name / CURVE_FILE).stat().st_mtime >= t_start
+            if not trained:
+                reused.append(f"seed{seed}/{name}")
             ck = load_checkpoint(out)
             for metric, values in evaluate_per_query(ModelEmbedder(ck.model, ck.tokenizer, pixels), catalog).items():
                 per_query[name].setdefault(metric, []).append(values)
@@ -203,7 +209,7 @@ def run_comparison(
                 file=sys.stderr,
             )
     stacked = {n: {m: np.stack(v) for m, v in ms.items()} for n, ms in per_query.items()}
-    return {"per_query": stacked, "curves": curves, "seconds": seconds, "cpu_seconds": cpu_seconds}
+    return {"per_query": stacked, "curves": curves, "seconds": seconds, "cpu_seconds": cpu_seconds, "reused": reused}
 
 
 def summarize(per_query: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -282,7 +288,7 @@ def write_report(out: Path, header: str, result: dict[str, Any], settings: dict[
     body = header.rstrip() + "\n\n" + markdown(summary) + "\n"
     if png is not None:
         body += f"\n![learning curves]({png.name})\n"
-    doc = {**summary, **{k: result[k] for k in ("curves", "seconds", "cpu_seconds")}, "settings": settings}
+    doc = {**summary, **{k: result[k] for k in ("curves", "seconds", "cpu_seconds", "reused")}, "settings": settings}
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1, sort_keys=True))
     atomic_write_text(out.with_suffix(".md"), body)
     return [out.with_suffix(".md"), out.with_suffix(".json")] + ([png] if png else [])
@@ -382,7 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{p.get('street_fraction')} of the training products. Test split: {n_test['products']} gallery products, "
         f"{n_test['queries']} query photos, {n_test['reformulations']} reformulations.\n\n"
         f"Command: `{command}`\n\n"
-        "Cells: mean over seeds and queries [95% bootstrap interval, resampling seeds and queries]. image R@k = the "
+        + (
+            f"Reused checkpoints trained by earlier calls with the same settings (their training time is not in the "
+            f"wall time above): {', '.join(result['reused'])}.\n\n"
+            if result["reused"]
+            else ""
+        )
+        + "Cells: mean over seeds and queries [95% bootstrap interval, resampling seeds and queries]. image R@k = the "
         "exact product (not another model of the same title) in the top k for a street photo; catP@10 = share of "
         "the top 10 in the query product's category (false positives lower it); title R@1 = the title retrieves a "
         "product carrying it; mm-fusion / mm-refine R@k = photo of X + reformulation text retrieves the changed "

@@ -10,13 +10,16 @@ import numpy as np
 from mim.catalog import Catalog
 from mim.synth import ensure_catalog
 
-# 4 categories x 3 patterns x 3 colours = 36 products, 64 px: generated in a few seconds.
+# 4 categories x 3 patterns x 3 colours = 36 products (one model each, all with street photos), 64 px: generated
+# in a few seconds.
 SMALL_CATALOG = {
     "seed": 0,
     "image_size": 64,
     "categories": ["mug", "shirt", "shoe", "bag"],
     "patterns": ["solid", "stripes", "dots"],
     "colours": ["red", "blue", "green"],
+    "variants": 1,
+    "street_fraction": 1.0,
 }
 
 

@@ -47,6 +47,8 @@ def test_two_seeds_with_intervals_differences_and_curves(tiny_catalog, tmp_path,
     assert compare.main(args) == 0
     assert weights.stat().st_mtime_ns == before
     assert json.loads((tmp_path / "res" / "q.json").read_text())["means"] == doc["means"]
+    assert "Reused checkpoints trained by earlier calls" in (tmp_path / "res" / "q.md").read_text()
+    assert "Reused" not in md and doc["reused"] == []
 
     # Other settings on the same checkpoints are refused, not mixed in.
     capsys.readouterr()

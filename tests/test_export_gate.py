@@ -19,6 +19,7 @@ def catalog(tmp_path_factory):
         patterns=PATTERNS[:3],
         colours=COLOURS[:3],
         split=(0.5, 0.1, 0.4),
+        variants=1,
         progress=False,
     )
 
