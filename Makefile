@@ -66,7 +66,8 @@ quality: setup ## train DML / 3-tower / 4-tower on the same data and seed; write
 
 quality-full: setup ## the comparison over 3 seeds (FULL_STEPS=1500 each), 95% bootstrap intervals, learning curves
 	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full --seeds $(FULL_SEEDS) \
-		--steps $(FULL_STEPS) --eval-every 250 --no-progress --out benchmarks/results/quality_full
+		--steps $(FULL_STEPS) --eval-every 250 --catalog-rows 32 --hard-negatives --no-progress \
+		--out benchmarks/results/quality_full
 
 engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where TensorRT and a GPU exist) into $(REPO)
 	$(MIMSEARCH) engines --checkpoint $(CKPT) --repository $(REPO) $(if $(wildcard $(CATALOG)/catalog.json),--catalog $(CATALOG))

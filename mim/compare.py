@@ -163,7 +163,8 @@ def run_comparison(
 ) -> dict[str, Any]:
     """Train and evaluate every run for every seed; returns per-query values, curves and timings.
 
-    per_query[name][metric] is (S, n) with one row per seed; curves[name][seed] the recorded learning curve."""
+    per_query[name][metric] is (S, n) with one row per seed; curves[name][seed] the recorded learning curve, its
+    steps counted from scratch (a run initialised from another starts where that one ended)."""
     names = [r[0] for r in runs]
     for name, _, init, _ in runs:
         if init is not None and init not in names[: names.index(name)]:
@@ -179,7 +180,7 @@ def run_comparison(
         for name, objective, init, mult in runs:
             out = checkpoints / f"seed{seed}" / name
             t0, c0 = time.time(), time.process_time()
-            curves[name][str(seed)] = train_with_curve(
+            curve = train_with_curve(
                 catalog,
                 out,
                 eval_every=eval_every or mult * steps,
@@ -195,6 +196,9 @@ def run_comparison(
                 no_progress=not progress,
                 init_from=str(checkpoints / f"seed{seed}" / init) if init else None,
             )
+            # A run started from another counts that run's steps too: its curve continues the other's.
+            offset = next(m * steps for n, _, _, m in runs if n == init) if init else 0
+            curves[name][str(seed)] = [{**p, "step": p["step"] + offset} for p in curve]
             trained = (checkpoints / f"seed{seed}" / name / CURVE_FILE).stat().st_mtime >= t_start
             if not trained:
                 reused.append(f"seed{seed}/{name}")
