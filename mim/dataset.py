@@ -9,7 +9,8 @@ One row per query photo; paths are relative to the manifest's folder and must st
 - required: `query_image`, `product_id` (a string or a non-negative integer), `product_image`, `title`;
 - optional: `query_text` (a short typed query, for the 4-tower objective; the title when absent), `category`
   (for category precision), `split` ("train", "val" or "test"; all rows or none);
-- a row without `query_image` adds a gallery-only product (a distractor with no query photo).
+- a row without `query_image` adds a product without query photos: in val/test a gallery-only distractor, in
+  train a title-only product that only the photo-title term sees (docs/METHOD.md, "Objectives").
 
 Without `split`, products are split by a hash of their id (`test_fraction` of them to test, the rest to train),
 so a product's query photos never straddle two splits. Every row is checked before anything is returned: a
@@ -133,13 +134,6 @@ def load_dataset(
             p = products[pid]
             text = row.get("query_text") or title
             queries.append(QueryPhoto(len(queries), p.product_id, image(row, "query_image", where), text, p.split))
-    with_query = {q.product_id for q in queries}
-    for key, p in products.items():
-        if p.split == "train" and p.product_id not in with_query:
-            raise DatasetError(
-                f"{manifest}:{first_row[key]}: product {key!r} is in the train split but has no query_image row; "
-                "training pairs every product with a query photo (gallery-only products belong to val or test)"
-            )
     catalog = Catalog(root, 0, list(products.values()), queries, [], {"dataset": str(manifest)})
     for split in ("train", "test"):
         if not catalog.products_in(split):

@@ -133,14 +133,17 @@ def test_bad_datasets_name_row_and_field(catalog, tmp_path, edit, match):
         load_dataset(_bad(catalog, tmp_path, edit))
 
 
-def test_train_product_without_query_photo_is_refused(catalog, tmp_path):
+def test_train_product_without_query_photo_is_title_only(catalog, tmp_path):
     path = _bad(
         catalog,
         tmp_path,
         lambda r: r.append({**{k: v for k, v in r[0].items() if k != "query_image"}, "product_id": 999}),
     )
-    with pytest.raises(DatasetError, match=r"product 999 is in the train split but has no query_image row"):
-        load_dataset(path)
+    ds = load_dataset(path)
+    title_only = [p for p in ds.products_in("train") if p.product_id == 999]
+    assert title_only and title_only[0] not in ds.paired("train")
+    data = load_split(ds, "train", get_size("tiny").preprocess, progress=False)
+    assert data.product_ids[int(data.unpaired[0])] == 999 and len(data.unpaired) == 1
 
 
 # --- fine-tuning an imported CLIP on the dataset ---------------------------------------------------------------
