@@ -3,8 +3,8 @@ test split, and write one comparison: means with 95% bootstrap intervals over qu
 differences, and learning curves (markdown + JSON + PNG).
 
     python -m mim.compare --catalog artifacts/catalog --steps 600 --out benchmarks/results/quality   # make quality
-    python -m mim.compare --seeds 0,1,2 --steps 1500 --hard-negatives --checkpoints artifacts/checkpoints/full \
-        --out benchmarks/results/quality_full                                                   # make quality-full
+    python -m mim.compare --seeds 0,1,2 --steps 1500 --hard-negatives --checkpoints artifacts/checkpoints/full
+        --out benchmarks/results/quality_full                                       # make quality-full (one line)
 
 4-tower is trained twice: from scratch, and initialised from the 3-tower weights of the same seed (which the paper
 reports as better; it has then seen twice the steps, and `--controls` adds DML and 3-tower runs of twice the steps
