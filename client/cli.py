@@ -142,6 +142,25 @@ def install_and_reload(index_path: Path, repo: Path, url: str, timeout: float) -
     print(f"the server at {url} now serves it")
 
 
+def _report(
+    args: argparse.Namespace,
+    query: dict,
+    results: Sequence[SearchResult],
+    image: bytes | None,
+    mode: str,
+    subtitle: str,
+) -> int:
+    """Print a search's results (table or JSON) and write the HTML page when --html asks for one."""
+    if args.html:
+        label = " + ".join(x for x in (args.image and Path(args.image).name, args.text and repr(args.text)) if x)
+        page = render_page([QueryBlock(label, results, image=image, text=args.text, mode=mode)], subtitle=subtitle)
+        write_page(args.html, page)
+    print(results_json(query, results) if args.json else format_results(results))
+    if args.html and not args.json:
+        print(f"HTML page: {args.html}")
+    return 0
+
+
 def cmd_search_server_side(args: argparse.Namespace) -> int:
     """Search in one request per query through the search_* ensembles; the gallery is the server's."""
     if args.store is not None:
@@ -158,17 +177,7 @@ def cmd_search_server_side(args: argparse.Namespace) -> int:
         else:
             results, mode = client.by_text(args.text, args.k, categories=args.category), "text"
     query = {"image": args.image, "text": args.text, "mode": mode, "k": args.k, "server_side": True}
-    if args.html:
-        label = " + ".join(x for x in (args.image and Path(args.image).name, args.text and repr(args.text)) if x)
-        page = render_page(
-            [QueryBlock(label, results, image=image, text=args.text, mode=mode)],
-            subtitle=f"served gallery at {args.url} (search in one request)",
-        )
-        write_page(args.html, page)
-    print(results_json(query, results) if args.json else format_results(results))
-    if args.html and not args.json:
-        print(f"HTML page: {args.html}")
-    return 0
+    return _report(args, query, results, image, mode, f"served gallery at {args.url} (search in one request)")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -207,17 +216,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         "store": str(args.store),
         "model_id": index.model_id,
     }
-    if args.html:
-        label = " + ".join(x for x in (args.image and Path(args.image).name, args.text and repr(args.text)) if x)
-        page = render_page(
-            [QueryBlock(label, results, image=image, text=args.text, mode=mode)],
-            subtitle=f"gallery {args.store} ({len(index)} items, model {index.model_id})",
-        )
-        write_page(args.html, page)
-    print(results_json(query, results) if args.json else format_results(results))
-    if args.html and not args.json:
-        print(f"HTML page: {args.html}")
-    return 0
+    return _report(
+        args, query, results, image, mode, f"gallery {args.store} ({len(index)} items, model {index.model_id})"
+    )
 
 
 # --- parser -----------------------------------------------------------------------------------------------------
