@@ -13,6 +13,7 @@ CONFIG    ?= cpu
 STEPS     ?= 600
 FULL_STEPS ?= 1500
 FULL_SEEDS ?= 0,1,2
+JOBS      ?= 2
 PYTEST_ARGS ?=
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -61,12 +62,13 @@ catalog: setup ## generate the synthetic street-to-shop catalog
 train: setup ## train the tiny 3-tower model (STEPS=..., CKPT=...)
 	$(MIMSEARCH) train --catalog $(CATALOG) --objective 3tower --steps $(STEPS) --out $(CKPT) --resume
 
-quality: setup ## train DML / 3-tower / 4-tower on the same data and seed; write the comparison table
-	$(MIMSEARCH) compare --catalog $(CATALOG) --steps $(STEPS) --eval-every 150 --out benchmarks/results/quality
+quality: setup ## train DML / 3-tower / 4-tower on the same data and seed (JOBS processes); write the comparison table
+	$(MIMSEARCH) compare --catalog $(CATALOG) --steps $(STEPS) --eval-every 150 --jobs $(JOBS) --no-progress \
+		--out benchmarks/results/quality
 
-quality-full: setup ## the comparison over 3 seeds (FULL_STEPS=1500 each), 95% bootstrap intervals, learning curves
+quality-full: setup ## the comparison over 3 seeds (FULL_STEPS=1500 each, JOBS processes), 95% bootstrap intervals, curves
 	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full --seeds $(FULL_SEEDS) \
-		--steps $(FULL_STEPS) --eval-every 250 --catalog-rows 32 --hard-negatives --no-progress \
+		--steps $(FULL_STEPS) --eval-every 250 --catalog-rows 32 --no-hard-negatives --jobs $(JOBS) --no-progress \
 		--out benchmarks/results/quality_full
 
 engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where TensorRT and a GPU exist) into $(REPO)

@@ -28,7 +28,9 @@ from .atomic import atomic_write_text
 
 # 2: larger products in street photos, 8 street photos per training product
 # 3: several products (model variants) per attribute triple; street photos for only a fraction of training products
-FORMAT_VERSION = 3
+# 4: the product is the subject of its street photos (`street_layout`, default "subject"); format 3's photos are
+#    the "crowded" layout
+FORMAT_VERSION = 4
 MANIFEST = "catalog.json"
 SPLITS = ("train", "val", "test")
 
@@ -200,6 +202,7 @@ def summary(catalog: Catalog) -> str:
     lines = [
         f"catalog at {catalog.root}: seed={catalog.seed} image_size={catalog.image_size} "
         f"variants={catalog.params.get('variants', 1)} street_fraction={catalog.params.get('street_fraction', 1.0)}"
+        + (f" street_layout={catalog.params['street_layout']}" if "street_layout" in catalog.params else "")
     ]
     for s in SPLITS:
         refs = catalog.reformulations_in(s)

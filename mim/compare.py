@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -35,11 +38,12 @@ from .embedding import LocalEmbedder, TorchEmbedder
 from .evaluate import COLUMNS, evaluate_per_query
 from .model import MIMModel
 from .preprocess import preprocess_image_bytes
+from .progress import progress_bar
 from .ranking import top_k
 from .stats import bootstrap_interval, paired_difference
 from .synth import ensure_catalog
 from .tokenizer import TextTokenizer
-from .train import DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES, train
+from .train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES, train
 
 # (name, objective, initialised from, training steps as a multiple of --steps)
 RUNS = (
@@ -55,7 +59,8 @@ DIFF_METRICS = ("image R@1", "image R@10", "image catP@10", "mm-fusion R@10", "m
 CURVE_METRICS = ("image R@1", "image catP@10")
 CURVE_FILE = "curve.json"  # next to each checkpoint: the learning curve recorded while it was trained
 # Checkpoint meta that must match for a trained checkpoint to be reused.
-SETTINGS = ("objective", "seed", "batch_size", "catalog_rows", "hard_negatives", "catalog", "steps")
+SETTINGS = ("objective", "seed", "batch_size", "catalog_rows", "hard_negatives", "align_weight", "catalog", "steps")
+_OLD_DEFAULTS = {"align_weight": DEFAULT_ALIGN_WEIGHT}  # settings added later: what older checkpoints trained with
 
 
 class PixelCache:
@@ -112,7 +117,10 @@ def _reusable(out: Path, want: dict[str, Any]) -> bool:
     if not config.is_file():
         return False
     meta = json.loads(config.read_text()).get("meta", {})
-    differ = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    # A checkpoint written before a setting existed was trained with its default.
+    differ = {
+        k: (meta.get(k, _OLD_DEFAULTS.get(k)), v) for k, v in want.items() if meta.get(k, _OLD_DEFAULTS.get(k)) != v
+    }
     if differ:
         found = ", ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in differ.items())
         raise ValueError(
@@ -125,15 +133,7 @@ def train_with_curve(
     catalog: Catalog, out: Path, *, eval_every: int, pixels: PixelCache, **train_kwargs: Any
 ) -> list[dict[str, float]]:
     """Train (or reuse) one run, evaluating the test split every `eval_every` steps; returns the curve."""
-    want = {
-        "objective": train_kwargs["objective"],
-        "seed": train_kwargs["seed"],
-        "batch_size": train_kwargs["batch_size"],
-        "catalog_rows": train_kwargs["catalog_rows"],
-        "hard_negatives": train_kwargs["hard_negatives"],
-        "catalog": str(catalog.root),
-        "steps": train_kwargs["steps"],
-    }
+    want = {k: str(catalog.root) if k == "catalog" else train_kwargs[k] for k in SETTINGS}
     if _reusable(out, want):
         print(f"{out}: reusing the checkpoint trained earlier with these settings", file=sys.stderr)
         return json.loads((out / CURVE_FILE).read_text())
@@ -148,6 +148,77 @@ def train_with_curve(
     return curve
 
 
+def _chains(runs: Sequence[tuple[str, str, str | None, int]]) -> list[list[tuple[str, str, str | None, int]]]:
+    """The runs grouped so that a run initialised from another follows it in one chain; chains are independent.
+    Longest chain (in steps) first, so a pool of workers finishes them at about the same time."""
+    chains: list[list[tuple[str, str, str | None, int]]] = []
+    for run in runs:
+        home = next((c for c in chains if any(r[0] == run[2] for r in c)), None) if run[2] else None
+        if home is None:
+            chains.append([run])
+        else:
+            home.append(run)
+    return sorted(chains, key=lambda c: -sum(r[3] for r in c))
+
+
+def _train_chain(
+    catalog_root: str, checkpoints: str, seed: int, chain: list, threads: int, kwargs: dict[str, Any]
+) -> list[tuple[str, int, float, float]]:
+    """Worker: train one chain of one seed (in its own process, with `threads` torch threads); returns
+    (name, seed, wall seconds, CPU seconds) per run. Evaluation happens afterwards in the parent, from the files."""
+    torch.set_num_threads(threads)
+    catalog = load_catalog(catalog_root)
+    pixels = PixelCache(get_size(kwargs["size"]).preprocess)
+    done = []
+    for run in chain:
+        t0, c0 = time.time(), time.process_time()
+        train_with_curve(
+            catalog,
+            _run_dir(Path(checkpoints), seed, run[0]),
+            pixels=pixels,
+            **_run_kwargs(Path(checkpoints), seed, run, **kwargs),
+        )
+        done.append((run[0], seed, time.time() - t0, time.process_time() - c0))
+    return done
+
+
+def _run_dir(checkpoints: Path, seed: int, name: str) -> Path:
+    return checkpoints / f"seed{seed}" / name
+
+
+def _run_kwargs(
+    checkpoints: Path,
+    seed: int,
+    run: tuple[str, str, str | None, int],
+    *,
+    steps: int,
+    batch_size: int,
+    catalog_rows: int,
+    hard_negatives: bool,
+    align_weight: float,
+    size: str,
+    eval_every: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """train_with_curve's arguments (besides catalog, out and pixels) for one run of one seed."""
+    name, objective, init, mult = run
+    return {
+        "eval_every": eval_every or mult * steps,
+        "objective": objective,
+        "size": size,
+        "steps": mult * steps,
+        "batch_size": batch_size,
+        # DML has no image-text term, so title-only rows and the text weight never reach it: its runs are shared
+        # across their values.
+        "catalog_rows": 0 if objective == "dml" else catalog_rows,
+        "align_weight": DEFAULT_ALIGN_WEIGHT if objective == "dml" else align_weight,
+        "hard_negatives": hard_negatives,
+        "seed": seed,
+        "no_progress": not progress,
+        "init_from": str(_run_dir(checkpoints, seed, init)) if init else None,
+    }
+
+
 def run_comparison(
     catalog: Catalog,
     checkpoints: Path,
@@ -158,49 +229,58 @@ def run_comparison(
     batch_size: int = 64,
     catalog_rows: int = DEFAULT_CATALOG_ROWS,
     hard_negatives: bool = DEFAULT_HARD_NEGATIVES,
+    align_weight: float = DEFAULT_ALIGN_WEIGHT,
     size: str = "tiny",
     eval_every: int = 0,
     progress: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train and evaluate every run for every seed; returns per-query values, curves and timings.
 
-    per_query[name][metric] is (S, n) with one row per seed; curves[name][seed] the recorded learning curve, its
-    steps counted from scratch (a run initialised from another starts where that one ended)."""
+    With jobs > 1 the runs are first trained in that many worker processes (independent chains of runs, one torch
+    thread share each), then evaluated here from their checkpoints. per_query[name][metric] is (S, n) with one row
+    per seed; curves[name][seed] the recorded learning curve, its steps counted from scratch (a run initialised
+    from another starts where that one ended)."""
     names = [r[0] for r in runs]
     for name, _, init, _ in runs:
         if init is not None and init not in names[: names.index(name)]:
             raise ValueError(f"run {name!r} starts from {init!r}, which must be trained before it in the same call")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r}; expected a positive int (processes that train in parallel)")
+    kwargs = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "catalog_rows": catalog_rows,
+        "hard_negatives": hard_negatives,
+        "align_weight": align_weight,
+        "size": size,
+        "eval_every": eval_every,
+    }
     pixels = PixelCache(get_size(size).preprocess)  # what train() uses for a fresh run
     per_query: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
     curves: dict[str, dict[str, list]] = {n: {} for n in names}
     seconds: dict[str, float] = dict.fromkeys(names, 0.0)
     cpu_seconds: dict[str, float] = dict.fromkeys(names, 0.0)  # all threads: extrapolates to an idle machine
     reused: list[str] = []  # runs trained by an earlier call: their training time is not in seconds / cpu_seconds
+    worker_cpu = 0.0  # CPU seconds spent in worker processes (not in this process's clock)
     t_start = time.time()
+    if jobs > 1:
+        for name, _seed, wall, cpu in _train_in_workers(catalog, checkpoints, seeds, runs, jobs, kwargs):
+            seconds[name] += wall
+            cpu_seconds[name] += cpu
+            worker_cpu += cpu
     for seed in seeds:
-        for name, objective, init, mult in runs:
-            out = checkpoints / f"seed{seed}" / name
+        for run in runs:
+            name, _, init, _ = run
+            out = _run_dir(checkpoints, seed, name)
             t0, c0 = time.time(), time.process_time()
             curve = train_with_curve(
-                catalog,
-                out,
-                eval_every=eval_every or mult * steps,
-                pixels=pixels,
-                objective=objective,
-                size=size,
-                steps=mult * steps,
-                batch_size=batch_size,
-                # DML has no photo-title term, so title-only rows never reach it: its runs are shared across values.
-                catalog_rows=0 if objective == "dml" else catalog_rows,
-                hard_negatives=hard_negatives,
-                seed=seed,
-                no_progress=not progress,
-                init_from=str(checkpoints / f"seed{seed}" / init) if init else None,
+                catalog, out, pixels=pixels, **_run_kwargs(checkpoints, seed, run, **kwargs, progress=progress)
             )
             # A run started from another counts that run's steps too: its curve continues the other's.
             offset = next(m * steps for n, _, _, m in runs if n == init) if init else 0
             curves[name][str(seed)] = [{**p, "step": p["step"] + offset} for p in curve]
-            trained = (checkpoints / f"seed{seed}" / name / CURVE_FILE).stat().st_mtime >= t_start
+            trained = (out / CURVE_FILE).stat().st_mtime >= t_start
             if not trained:
                 reused.append(f"seed{seed}/{name}")
             ck = load_checkpoint(out)
@@ -214,7 +294,43 @@ def run_comparison(
                 file=sys.stderr,
             )
     stacked = {n: {m: np.stack(v) for m, v in ms.items()} for n, ms in per_query.items()}
-    return {"per_query": stacked, "curves": curves, "seconds": seconds, "cpu_seconds": cpu_seconds, "reused": reused}
+    return {
+        "per_query": stacked,
+        "curves": curves,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "worker_cpu_seconds": worker_cpu,
+        "reused": reused,
+    }
+
+
+def _train_in_workers(
+    catalog: Catalog,
+    checkpoints: Path,
+    seeds: Sequence[int],
+    runs: Sequence[tuple[str, str, str | None, int]],
+    jobs: int,
+    kwargs: dict[str, Any],
+) -> list[tuple[str, int, float, float]]:
+    """Train every (seed, chain) in a pool of `jobs` processes; the cores are shared out as torch threads."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    tasks = [(seed, chain) for chain in _chains(runs) for seed in seeds]
+    # spawn, not fork: torch's thread pools do not survive a fork of a process that has used them.
+    ctx = multiprocessing.get_context("spawn")
+    done: list[tuple[str, int, float, float]] = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(
+                _train_chain, str(catalog.root), str(checkpoints), seed, chain, threads, {**kwargs, "progress": False}
+            )
+            for seed, chain in tasks
+        ]
+        bar = progress_bar(total=len(futures), desc=f"train in {jobs} processes", unit="chain")
+        for f in as_completed(futures):
+            done.extend(f.result())
+            bar.update(1)
+        bar.close()
+    return done
 
 
 def summarize(per_query: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -321,6 +437,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--catalog-rows", type=int, default=DEFAULT_CATALOG_ROWS)
     ap.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=DEFAULT_HARD_NEGATIVES)
+    ap.add_argument(
+        "--align-weight",
+        type=float,
+        default=DEFAULT_ALIGN_WEIGHT,
+        help="weight of each image-text term next to the image-image term's 1.0 (3-tower and 4-tower)",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train in this many processes at once (the CPU cores are shared out among them); 1: in this one",
+    )
     ap.add_argument("--seeds", type=_seeds, default=[0], help="training seeds, e.g. 0,1,2")
     ap.add_argument("--runs", default=None, help=f"subset of {','.join(r[0] for r in RUNS + CONTROLS)}")
     ap.add_argument("--controls", action="store_true", help="add DML and 3-tower runs of twice the steps")
@@ -351,14 +479,16 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             catalog_rows=args.catalog_rows,
             hard_negatives=args.hard_negatives,
+            align_weight=args.align_weight,
             size=args.size,
             eval_every=args.eval_every,
             progress=not args.no_progress,
+            jobs=args.jobs,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    wall, cpu = time.time() - t0, time.process_time() - c0
+    wall, cpu = time.time() - t0, time.process_time() - c0 + result["worker_cpu_seconds"]
     command = "python -m mim.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     p = catalog.params
     n_test = {
@@ -373,8 +503,13 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "catalog_rows": args.catalog_rows,
         "hard_negatives": args.hard_negatives,
+        "align_weight": args.align_weight,
+        "jobs": args.jobs,
         "size": args.size,
-        "catalog": {k: p.get(k) for k in ("seed", "variants", "street_fraction", "n_train_queries", "image_size")},
+        "catalog": {
+            k: p.get(k)
+            for k in ("seed", "variants", "street_fraction", "street_layout", "n_train_queries", "image_size")
+        },
         "test_split": n_test,
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(cpu, 1),
@@ -387,10 +522,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Measured {settings['date']} on {settings['machine']} CPU ({settings['torch_threads']} torch threads), "
         f"`{args.size}` towers, {args.steps} steps, batches of {args.batch_size} street-to-shop pairs"
         f" + {args.catalog_rows} title-only catalog products (photo-title term only), hard negatives "
-        f"{'on' if args.hard_negatives else 'off'}; seeds {args.seeds}; wall time {wall / 60:.1f} min "
-        f"({cpu / 60:.1f} CPU-min). Catalog: seed "
-        f"{p.get('seed')}, {p.get('variants')} models per (category, pattern, colour), street photos for "
-        f"{p.get('street_fraction')} of the training products. Test split: {n_test['products']} gallery products, "
+        f"{'on' if args.hard_negatives else 'off'}, image-text terms at weight {args.align_weight:g}; seeds "
+        f"{args.seeds}; wall time {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min, {args.jobs} training process(es)). "
+        f"Catalog: seed {p.get('seed')}, {p.get('variants')} models per (category, pattern, colour), street photos "
+        f"for {p.get('street_fraction')} of the training products, street layout {p.get('street_layout')!r}. "
+        f"Test split: {n_test['products']} gallery products, "
         f"{n_test['queries']} query photos, {n_test['reformulations']} reformulations.\n\n"
         f"Command: `{command}`\n\n"
         + (

@@ -40,6 +40,13 @@ class LossWeights:
     qs: float = 1.0
     ps: float = 1.0
 
+    @classmethod
+    def uniform(cls, w: float) -> LossWeights:
+        """Every image-text term at weight w (the image-image term keeps 1.0)."""
+        if not (isinstance(w, (int, float)) and 0 <= w < float("inf")):
+            raise ValueError(f"image-text loss weight {w!r}; expected a finite number >= 0 (1.0 is the default)")
+        return cls(float(w), float(w), float(w), float(w))
+
 
 def same_matrix(keys: list) -> torch.Tensor:
     """(B, B) bool: keys[i] == keys[j]."""

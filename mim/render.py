@@ -467,6 +467,28 @@ def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float,
     return w * h
 
 
+@dataclass(frozen=True)
+class StreetLayout:
+    """How big the product and its distractors are in a street photo (fractions of the frame / of the product)."""
+
+    product_scale: tuple[float, float]  # the product's box as a fraction of the frame side
+    distractor_rel: tuple[float, float]  # a distractor's size relative to the product, 85% of the time
+    distractor_rel_big: tuple[float, float]  # ... and the other 15%
+
+
+# The catalog parameter `street_layout` names one of these.
+STREET_LAYOUTS: dict[str, StreetLayout] = {
+    # The product is the photo's subject, as in a shopper's photo of the thing they want: 60-90% of the frame,
+    # distractors at most about half its size. Its shape can be read; the confound is in the gallery, where
+    # other kinds of product carry the same pattern and colour.
+    "subject": StreetLayout((0.6, 0.9), (0.3, 0.46), (0.46, 0.55)),
+    # Catalog format 3's photos: distractors often 70-90% of the product's size and sometimes bigger, so the
+    # photo alone often does not say which object is the product.
+    "crowded": StreetLayout((0.5, 0.85), (0.45, 0.9), (0.9, 1.15)),
+}
+DEFAULT_STREET_LAYOUT = "subject"
+
+
 def _place_distractors(
     rng: np.random.Generator,
     canvas: Image.Image,
@@ -474,6 +496,7 @@ def _place_distractors(
     others: list[str],
     scale: float,
     product_box: tuple[float, float, float, float],
+    layout: StreetLayout,
 ) -> None:
     """1-3 objects of other categories with the product's pattern (same colour 60% of the time), placed where they
     overlap the product least among a few random candidate spots."""
@@ -483,8 +506,8 @@ def _place_distractors(
     taken = [product_box]
     for cat in cats:
         colour = product.colour if rng.random() < 0.6 else _COLOURS[rng.integers(len(_COLOURS))]
-        # Usually smaller than the product, sometimes as big (the product is not always the biggest object).
-        rel = rng.uniform(0.45, 0.9) if rng.random() < 0.85 else rng.uniform(0.9, 1.15)
+        # Usually smaller than the product, sometimes bigger (in the crowded layout).
+        rel = rng.uniform(*layout.distractor_rel) if rng.random() < 0.85 else rng.uniform(*layout.distractor_rel_big)
         size = int(round(np.clip(scale * rel, 0.2, 0.8) * s))
         best, best_cost = None, None
         for _ in range(8):
@@ -536,20 +559,29 @@ def _photo_jitter(rng: np.random.Generator, im: Image.Image) -> Image.Image:
 
 
 def render_street_photo(
-    rng: np.random.Generator, product: Product, look: Look, categories: Sequence[str], image_size: int
+    rng: np.random.Generator,
+    product: Product,
+    look: Look,
+    categories: Sequence[str],
+    image_size: int,
+    layout: str = DEFAULT_STREET_LAYOUT,
 ) -> tuple[Image.Image, int]:
     """A street photo of `product` and the JPEG quality to save it with; `rng` is this photo's own stream,
-    `look` the product's look (the same in all its images), `categories` those distractors come from."""
+    `look` the product's look (the same in all its images), `categories` those distractors come from, `layout`
+    a key of STREET_LAYOUTS."""
+    if layout not in STREET_LAYOUTS:
+        raise ValueError(f"street layout {layout!r}; expected one of {list(STREET_LAYOUTS)}")
+    shape = STREET_LAYOUTS[layout]
     s = image_size
     canvas = _background(rng, s)
-    scale = rng.uniform(0.5, 0.85)  # product 24-41 px across at the tiny model's 48 px: its silhouette stays legible
+    scale = rng.uniform(*shape.product_scale)  # subject: the product 29-43 px across at the tiny model's 48 px
     angle = rng.uniform(-25, 25)
     size = int(round(scale * s))
     half = size / 2 * 0.85  # keep most of the product inside the frame
     cx, cy = rng.uniform(half, s - half, 2)
     product_box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
     others = [c for c in categories if c != product.category]
-    _place_distractors(rng, canvas, product, others, scale, product_box)
+    _place_distractors(rng, canvas, product, others, scale, product_box, shape)
     sprite = _sprite(product.category, product.pattern, product.colour, size, look, angle)
     box = _paste(canvas, sprite, cx, cy)
     if rng.random() < 0.75:

@@ -11,7 +11,9 @@ Each product has
 - query ("street") photos, JPEG, for every val/test product and for a `street_fraction` of the training products
   (real street-to-shop pairs cover part of a catalog, titles all of it): the product scaled, moved, rotated and
   partly hidden on a cluttered background that also holds 1-3 *distractor* objects of other categories carrying
-  the SAME pattern (and often the same colour); per photo a short typed query ("zebra mug").
+  the SAME pattern (and often the same colour); per photo a short typed query ("zebra mug"). In the default
+  `street_layout` ("subject") the product fills most of the photo and distractors are at most about half its size;
+  "crowded" (catalog format 3) makes them as big as the product.
 
 The distractors are the point: an image-only metric learner can match the query photo on its pattern alone and
 retrieve a zebra-striped shirt for a zebra-striped mug. The title names the category, so image-text alignment
@@ -56,7 +58,16 @@ from .catalog import (
     write_manifest,
 )
 from .progress import progress_bar
-from .render import COLOUR_RGB, LOGOS, TRIM_RGB, Look, render_catalog_image, render_street_photo
+from .render import (
+    COLOUR_RGB,
+    DEFAULT_STREET_LAYOUT,
+    LOGOS,
+    STREET_LAYOUTS,
+    TRIM_RGB,
+    Look,
+    render_catalog_image,
+    render_street_photo,
+)
 
 # Category -> the material word its titles use. mim.render draws a silhouette for each.
 MATERIALS: dict[str, str] = {
@@ -146,6 +157,7 @@ def _normalize_params(
     split: Sequence[float] = (0.7, 0.1, 0.2),
     variants: int = DEFAULT_VARIANTS,
     street_fraction: float = DEFAULT_STREET_FRACTION,
+    street_layout: str = DEFAULT_STREET_LAYOUT,
 ) -> dict[str, Any]:
     """The generation parameters as stored in the manifest; raises ValueError on bad values."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -165,6 +177,11 @@ def _normalize_params(
         raise ValueError(
             f"street_fraction={street_fraction!r}; expected a number in (0, 1] (share of training products with photos)"
         )
+    if street_layout not in STREET_LAYOUTS:
+        raise ValueError(
+            f"street_layout={street_layout!r}; expected one of {list(STREET_LAYOUTS)} "
+            f"({DEFAULT_STREET_LAYOUT!r} is the default)"
+        )
     cats = _pick("categories", categories, CATEGORIES)
     if len(cats) < 2:
         raise ValueError(f"categories={cats}; need at least 2 so query photos can hold distractors of another category")
@@ -182,6 +199,7 @@ def _normalize_params(
         "split": fractions,
         "variants": int(variants),
         "street_fraction": float(street_fraction),
+        "street_layout": street_layout,
     }
 
 
@@ -331,12 +349,18 @@ def _remove_stale(root: Path, keep: set[str]) -> None:
 
 
 def render_query_photo(
-    seed: int, query_index: int, product: Product, categories: Sequence[str], image_size: int, variants: int = 1
+    seed: int,
+    query_index: int,
+    product: Product,
+    categories: Sequence[str],
+    image_size: int,
+    variants: int = 1,
+    layout: str = DEFAULT_STREET_LAYOUT,
 ) -> tuple[Image.Image, int]:
     """The k-th street photo of a product and the JPEG quality to save it with. Deterministic in its arguments."""
     rng = _rng(seed, _STREAM_QUERY, product.product_id, query_index)
     look = product_look(seed, product, variants, categories)
-    return render_street_photo(rng, product, look, categories, image_size)
+    return render_street_photo(rng, product, look, categories, image_size, layout)
 
 
 def generate_catalog(
@@ -352,6 +376,7 @@ def generate_catalog(
     split: Sequence[float] = (0.7, 0.1, 0.2),
     variants: int = DEFAULT_VARIANTS,
     street_fraction: float = DEFAULT_STREET_FRACTION,
+    street_layout: str = DEFAULT_STREET_LAYOUT,
     progress: bool = True,
 ) -> Catalog:
     """Draw the catalog under `root` (created if needed), overwriting any catalog there; returns it.
@@ -370,6 +395,7 @@ def generate_catalog(
         split=split,
         variants=variants,
         street_fraction=street_fraction,
+        street_layout=street_layout,
     )
     root = Path(root)
     products, queries, reforms = _plan(params)
@@ -385,7 +411,7 @@ def generate_catalog(
         look = product_look(params["seed"], p, nv, cats)
         render_catalog_image(p.category, p.pattern, p.colour, s, look).save(root / p.image, format="PNG")
         for k, q in enumerate(by_product.get(p.product_id, [])):
-            photo, quality = render_query_photo(params["seed"], k, p, cats, s, nv)
+            photo, quality = render_query_photo(params["seed"], k, p, cats, s, nv, params["street_layout"])
             photo.save(root / q.image, format="JPEG", quality=quality)
 
     _remove_stale(root, {p.image for p in products} | {q.image for q in queries})
@@ -458,6 +484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_STREET_FRACTION,
         help="share of training products with street photos (val/test products always have them)",
     )
+    ap.add_argument(
+        "--street-layout",
+        choices=list(STREET_LAYOUTS),
+        default=DEFAULT_STREET_LAYOUT,
+        help="subject: the product fills most of its street photo; crowded: distractors as big as it (format 3)",
+    )
     ap.add_argument("--force", action="store_true", help="regenerate even if a matching catalog exists")
     ap.add_argument("--sheet", default=None, help="also save a contact sheet PNG of test products here")
     ap.add_argument("--no-progress", action="store_true")
@@ -472,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "colours": args.colours,
         "variants": args.variants,
         "street_fraction": args.street_fraction,
+        "street_layout": args.street_layout,
         "progress": not args.no_progress,
     }
     t0 = time.perf_counter()

@@ -36,6 +36,7 @@ from .tokenizer import ClipTokenizer, TextTokenizer, Tokenizers
 # photo-title term, and hard-negative groups.
 DEFAULT_CATALOG_ROWS = 32
 DEFAULT_HARD_NEGATIVES = False
+DEFAULT_ALIGN_WEIGHT = 1.0
 
 
 @dataclass
@@ -236,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_HARD_NEGATIVES,
         help="compose batches of look-alikes of other categories (same pattern or colour)",
     )
+    ap.add_argument(
+        "--align-weight",
+        type=float,
+        default=DEFAULT_ALIGN_WEIGHT,
+        help="weight of every image-text term (q-t, p-t, q-s, p-s) next to the image-image term's 1.0",
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=50)
@@ -265,6 +272,7 @@ def train(
     batch_size: int = 64,
     catalog_rows: int = DEFAULT_CATALOG_ROWS,
     hard_negatives: bool = DEFAULT_HARD_NEGATIVES,
+    align_weight: float = DEFAULT_ALIGN_WEIGHT,
     lr: float = 1e-3,
     weight_decay: float = 0.05,
     warmup: int = 50,
@@ -340,12 +348,13 @@ def train(
         "batch_size": batch_size,
         "catalog_rows": catalog_rows,
         "hard_negatives": hard_negatives,
+        "align_weight": align_weight,
         "lr": lr,
         "catalog": str(cat.root),
         "catalog_seed": cat.seed,
         "init_from": init_from,
     }
-    weights = LossWeights()
+    weights = LossWeights.uniform(align_weight)
     bar = progress_bar(
         range(start_step, steps), desc=f"train {objective}", enabled=progress, initial=start_step, total=steps
     )

@@ -81,7 +81,7 @@ def test_missing_manifest_says_how_to_make_one(tmp_path):
         load_catalog(tmp_path)
 
 
-@pytest.mark.parametrize("version", [1, 2, None])
+@pytest.mark.parametrize("version", [1, 2, 3, None])
 def test_other_format_version_is_refused(cat, version):
     path = cat.root / catalog.MANIFEST
     doc = json.loads(path.read_text())
@@ -101,7 +101,10 @@ def test_a_version_2_catalog_is_refused_not_misread(cat):
         del p["variant"]
     doc["format_version"] = 2
     path.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match=r"format_version=2, expected 3: .* regenerate it with `python -m mim.synth"):
+    with pytest.raises(
+        ValueError,
+        match=rf"format_version=2, expected {catalog.FORMAT_VERSION}: .* regenerate it with `python -m mim.synth",
+    ):
         load_catalog(cat.root)
 
 

@@ -63,3 +63,34 @@ def test_bad_arguments(tiny_catalog, tmp_path):
         compare.main(["--catalog", str(tiny_catalog.root), "--runs", "dml,5tower"])
     with pytest.raises(ValueError, match="starts from '3tower', which must be trained before it"):
         compare.run_comparison(tiny_catalog, tmp_path, seeds=[0], steps=1, runs=[compare.RUNS[3]])
+
+
+def test_chains_keep_a_run_after_the_one_it_starts_from():
+    chains = compare._chains(compare.RUNS + compare.CONTROLS)
+    names = [[r[0] for r in c] for c in chains]
+    assert ["3tower", "4tower-from-3tower"] in names
+    assert sorted(n for c in names for n in c) == sorted(r[0] for r in compare.RUNS + compare.CONTROLS)
+    # Longest first (in steps), so parallel workers end together.
+    lengths = [sum(r[3] for r in c) for c in chains]
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_parallel_jobs_give_the_same_models_as_one_process(tiny_catalog, tmp_path):
+    common = {"seeds": [0, 1], "steps": 2, "batch_size": 4, "catalog_rows": 2, "eval_every": 1, "align_weight": 0.5}
+    runs = (compare.RUNS[0], compare.RUNS[1], compare.RUNS[3])  # dml alone; 3tower then 4tower-from-3tower
+    one = compare.run_comparison(tiny_catalog, tmp_path / "one", runs=runs, jobs=1, **common)
+    two = compare.run_comparison(tiny_catalog, tmp_path / "two", runs=runs, jobs=2, **common)
+    assert one["reused"] == two["reused"] == []
+    for name in one["per_query"]:
+        for metric, values in one["per_query"][name].items():
+            assert values == pytest.approx(two["per_query"][name][metric], abs=1e-6), (name, metric)
+        for seed, curve in one["curves"][name].items():
+            assert [p["step"] for p in curve] == [p["step"] for p in two["curves"][name][seed]]
+            for a, b in zip(curve, two["curves"][name][seed]):
+                assert a == pytest.approx(b, abs=1e-6)
+        assert two["seconds"][name] > 0
+    assert one["worker_cpu_seconds"] == 0 < two["worker_cpu_seconds"]
+    meta = json.loads((tmp_path / "two" / "seed1" / "3tower" / "config.json").read_text())["meta"]
+    assert meta["align_weight"] == 0.5
+    with pytest.raises(ValueError, match="jobs=0; expected a positive int"):
+        compare.run_comparison(tiny_catalog, tmp_path / "x", runs=runs, jobs=0, **common)

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -201,6 +202,7 @@ def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
         ({"variants": 5}, r"variants=5; expected an int in \[1, 4\]"),
         ({"street_fraction": 0.0}, r"street_fraction=0.0; expected a number in \(0, 1\]"),
         ({"street_fraction": 1.5}, r"street_fraction=1.5; expected a number in \(0, 1\]"),
+        ({"street_layout": "busy"}, r"street_layout='busy'; expected one of \['subject', 'crowded'\]"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
@@ -295,3 +297,17 @@ def test_manifest_is_valid_json_with_version(cat):
     doc = json.loads((cat.root / catalog.MANIFEST).read_text())
     assert doc["format_version"] == catalog.FORMAT_VERSION
     assert doc["params"]["seed"] == 0 and doc["params"]["categories"] == ["mug", "shirt", "hat"]
+
+
+def test_street_layouts_are_deterministic_and_differ():
+    product = synth._plan(synth._normalize_params(categories=["mug", "hat"]))[0][0]
+    photos = {
+        layout: [np.asarray(synth.render_query_photo(0, 1, product, ["mug", "hat"], 64, 3, layout)[0]) for _ in "ab"]
+        for layout in synth.STREET_LAYOUTS
+    }
+    for a, b in photos.values():
+        assert np.array_equal(a, b)
+    assert not np.array_equal(photos["subject"][0], photos["crowded"][0])
+    assert synth._normalize_params()["street_layout"] == synth.DEFAULT_STREET_LAYOUT == "subject"
+    with pytest.raises(ValueError, match="street layout 'busy'; expected one of"):
+        synth.render_query_photo(0, 1, product, ["mug", "hat"], 64, 3, "busy")
