@@ -2,9 +2,12 @@
 test split, and write one comparison: means with 95% bootstrap intervals over queries and seeds, paired
 differences, and learning curves (markdown + JSON + PNG).
 
-    python -m mim.compare --catalog artifacts/catalog --steps 600 --out benchmarks/results/quality   # make quality
-    python -m mim.compare --seeds 0,1,2 --steps 1500 --hard-negatives --checkpoints artifacts/checkpoints/full
+    python -m mim.compare --catalog artifacts/catalog --steps 600 --jobs 2 --out benchmarks/results/quality
+    python -m mim.compare --seeds 0,1,2 --steps 1500 --eval-every 250 --jobs 2 --checkpoints artifacts/checkpoints/full
         --out benchmarks/results/quality_full                                       # make quality-full (one line)
+
+`--jobs N` trains in N worker processes, each chain of runs (a run and those initialised from it) in one of them
+with its share of the cores; the results are then evaluated in this process from the checkpoints.
 
 4-tower is trained twice: from scratch, and initialised from the 3-tower weights of the same seed (which the paper
 reports as better; it has then seen twice the steps, and `--controls` adds DML and 3-tower runs of twice the steps
@@ -318,6 +321,12 @@ def _train_in_workers(
     # spawn, not fork: torch's thread pools do not survive a fork of a process that has used them.
     ctx = multiprocessing.get_context("spawn")
     done: list[tuple[str, int, float, float]] = []
+    names = ", ".join(" + ".join(r[0] for r in c) for c in _chains(runs))
+    print(
+        f"training {len(tasks)} chains of runs ({len(seeds)} seed(s) x [{names}]) in {jobs} processes with "
+        f"{threads} torch thread(s) each",
+        file=sys.stderr,
+    )
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         futures = [
             pool.submit(

@@ -35,6 +35,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand("mim.train", "train a DML / 3-tower / 4-tower model into a checkpoint"),
     "evaluate": Subcommand("mim.evaluate", "offline retrieval metrics of a checkpoint on a catalog split"),
     "compare": Subcommand("mim.compare", "train and compare DML vs 3-tower vs 4-tower on the same data"),
+    "diagnose": Subcommand("mim.diagnose", "what a model's image matches share: attribute precision, top-1 mistakes"),
     "export": Subcommand("export.onnx_export", "export a checkpoint's towers to ONNX (no install)"),
     "engines": Subcommand("export.engines", "export, gate, build TensorRT engines where possible, and install"),
     "repository": Subcommand("mim.serving.repository", "write or check the generated Triton repository configs"),
