@@ -15,7 +15,7 @@ from PIL import Image
 
 from mim import checkpoint as ckpt
 from mim.config import PreprocessConfig, get_size
-from mim.losses import describes_matrix, info_nce, mim_loss, same_matrix
+from mim.losses import LossWeights, describes_matrix, info_nce, mim_loss, same_matrix
 from mim.model import ImageTower, MIMModel, TextTower
 from mim.preprocess import InputError, decode_image, decode_text, image_to_array
 from mim.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, TextTokenizer
@@ -128,6 +128,13 @@ def test_objectives_add_the_right_terms():
         mim_loss("x", scale, q, p, t, s, pids)
     with pytest.raises(ValueError, match="needs title embeddings"):
         mim_loss("3tower", scale, q, p, None, None, pids)
+    # --align-weight scales every image-text term; the image-image term keeps weight 1.
+    half, parts_half = mim_loss("4tower", scale, q, p, t, s, pids, titles, shorts, LossWeights.uniform(0.5))
+    assert parts_half == pytest.approx(parts4)
+    assert float(half) == pytest.approx(parts4["qp"] + 0.5 * (float(four) - parts4["qp"]), rel=1e-6)
+    for bad in (-1.0, float("inf"), float("nan"), "1"):
+        with pytest.raises(ValueError, match="image-text loss weight .*; expected a finite number >= 0"):
+            LossWeights.uniform(bad)
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------
