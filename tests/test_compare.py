@@ -70,9 +70,10 @@ def test_chains_keep_a_run_after_the_one_it_starts_from():
     names = [[r[0] for r in c] for c in chains]
     assert ["3tower", "4tower-from-3tower"] in names
     assert sorted(n for c in names for n in c) == sorted(r[0] for r in compare.RUNS + compare.CONTROLS)
-    # Longest first (in steps), so parallel workers end together.
-    lengths = [sum(r[3] for r in c) for c in chains]
-    assert lengths == sorted(lengths, reverse=True)
+    # Most expensive first (steps x cost per step), so parallel workers end together: 4-tower before DML.
+    costs = [sum(r[3] * compare._STEP_COST[r[1]] for r in c) for c in chains]
+    assert costs == sorted(costs, reverse=True)
+    assert names.index(["4tower"]) < names.index(["dml"])
 
 
 def test_parallel_jobs_give_the_same_models_as_one_process(tiny_catalog, tmp_path):
