@@ -33,6 +33,8 @@ from .atomic import atomic_write_text
 FORMAT_VERSION = 4
 MANIFEST = "catalog.json"
 SPLITS = ("train", "val", "test")
+# The attributes a product's title names (Product fields); a JSON Lines dataset may leave all but the category empty.
+ATTRIBUTES = ("category", "pattern", "colour")
 
 
 @dataclass(frozen=True)

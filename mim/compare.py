@@ -121,9 +121,8 @@ def _reusable(out: Path, want: dict[str, Any]) -> bool:
         return False
     meta = json.loads(config.read_text()).get("meta", {})
     # A checkpoint written before a setting existed was trained with its default.
-    differ = {
-        k: (meta.get(k, _OLD_DEFAULTS.get(k)), v) for k, v in want.items() if meta.get(k, _OLD_DEFAULTS.get(k)) != v
-    }
+    had = {k: meta.get(k, _OLD_DEFAULTS.get(k)) for k in want}
+    differ = {k: (had[k], v) for k, v in want.items() if had[k] != v}
     if differ:
         found = ", ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in differ.items())
         raise ValueError(
@@ -323,11 +322,12 @@ def _train_in_workers(
 ) -> list[tuple[str, int, float, float]]:
     """Train every (seed, chain) in a pool of `jobs` processes; the cores are shared out as torch threads."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    tasks = [(seed, chain) for chain in _chains(runs) for seed in seeds]
+    chains = _chains(runs)
+    tasks = [(seed, chain) for chain in chains for seed in seeds]
     # spawn, not fork: torch's thread pools do not survive a fork of a process that has used them.
     ctx = multiprocessing.get_context("spawn")
     done: list[tuple[str, int, float, float]] = []
-    names = ", ".join(" + ".join(r[0] for r in c) for c in _chains(runs))
+    names = ", ".join(" + ".join(r[0] for r in c) for c in chains)
     print(
         f"training {len(tasks)} chains of runs ({len(seeds)} seed(s) x [{names}]) in {jobs} processes with "
         f"{threads} torch thread(s) each",

@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write_text
-from .catalog import Catalog, Product
+from .catalog import ATTRIBUTES, Catalog, Product
 from .dataset import open_catalog
 from .embedding import Embedder
 from .ranking import top_k
 
-ATTRIBUTES = ("category", "pattern", "colour")
 # Top-1 outcomes, in the order they are tested: the first that holds names the result.
 OUTCOMES = (
     "exact",

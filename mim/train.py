@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .catalog import Catalog
+from .catalog import ATTRIBUTES, Catalog
 from .config import PreprocessConfig, get_size
 from .dataset import is_dataset, open_catalog
 from .losses import OBJECTIVES, LossWeights, mim_loss
@@ -68,7 +68,7 @@ def load_split(catalog: Catalog, split: str, pre: PreprocessConfig, progress: bo
     qof: list[list[int]] = [[] for _ in products]
     for j, q in enumerate(queries):
         qof[row[q.product_id]].append(j)
-    codes = [{v: i for i, v in enumerate(sorted({getattr(p, a) for p in products}))} for a in _ATTRS]
+    codes = [{v: i for i, v in enumerate(sorted({getattr(p, a) for p in products}))} for a in ATTRIBUTES]
     return TrainData(
         product_ids=[p.product_id for p in products],
         product_pixels=np.stack(arrays[: len(products)]),
@@ -78,11 +78,10 @@ def load_split(catalog: Catalog, split: str, pre: PreprocessConfig, progress: bo
         queries_of=[np.asarray(x, dtype=np.int64) for x in qof],
         paired=np.array([i for i, x in enumerate(qof) if x], dtype=np.int64),
         unpaired=np.array([i for i, x in enumerate(qof) if not x], dtype=np.int64),
-        attributes=np.array([[c[getattr(p, a)] for c, a in zip(codes, _ATTRS)] for p in products], dtype=np.int64),
+        attributes=np.array([[c[getattr(p, a)] for c, a in zip(codes, ATTRIBUTES)] for p in products], dtype=np.int64),
     )
 
 
-_ATTRS = ("category", "pattern", "colour")
 HARD_GROUP = 4  # rows per hard-negative group: an anchor and up to 3 look-alikes of other categories
 
 

@@ -10,7 +10,22 @@ import torch
 from mim.checkpoint import save_checkpoint
 from mim.config import get_size
 from mim.model import MIMModel
+from mim.synth import generate_catalog
 from mim.tokenizer import TextTokenizer
+
+
+def make_small_catalog(root: Path, **overrides):
+    """A 3 categories x 2 patterns x 2 colours x 2 models catalog (24 products), generated quietly."""
+    params = {
+        "categories": ["mug", "hat", "shoe"],
+        "patterns": ["zebra", "dots"],
+        "colours": ["red", "blue"],
+        "variants": 2,
+        "progress": False,
+        **overrides,
+    }
+    return generate_catalog(root, **params)
+
 
 TOY_TEXTS = [
     "blue zebra-striped ceramic mug",

@@ -5,22 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import make_small_catalog
 
 from mim import compare
-from mim.synth import generate_catalog
 
 
 @pytest.fixture(scope="module")
 def tiny_catalog(tmp_path_factory):
-    return generate_catalog(
-        tmp_path_factory.mktemp("cat"),
-        image_size=48,
-        categories=["mug", "hat", "shoe"],
-        patterns=["zebra", "dots"],
-        colours=["red", "blue"],
-        variants=2,
-        progress=False,
-    )
+    return make_small_catalog(tmp_path_factory.mktemp("cat"), image_size=48)
 
 
 def test_two_seeds_with_intervals_differences_and_curves(tiny_catalog, tmp_path, capsys):

@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_small_catalog
 
 from mim import diagnose
 from mim.catalog import Product
-from mim.synth import generate_catalog
 
 
 def _p(pid: int, category: str, pattern: str, colour: str, title: str | None = None) -> Product:
@@ -51,16 +51,7 @@ def test_attribute_precision_on_a_hand_made_ranking():
 
 @pytest.fixture(scope="module")
 def small_catalog(tmp_path_factory):
-    return generate_catalog(
-        tmp_path_factory.mktemp("cat"),
-        image_size=32,
-        categories=["mug", "hat", "shoe"],
-        patterns=["zebra", "dots"],
-        colours=["red", "blue"],
-        variants=2,
-        split=(0.0, 0.0, 1.0),
-        progress=False,
-    )
+    return make_small_catalog(tmp_path_factory.mktemp("cat"), image_size=32, split=(0.0, 0.0, 1.0))
 
 
 class _ByProduct:
