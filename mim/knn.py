@@ -900,13 +900,12 @@ class KnnIndex:
         # a tile kept at its boundary, is the selector's choice. Ties at -inf are excluded rows and padding.
         suspect = ((vals[:, 1:] == vals[:, :-1]) & (vals[:, 1:] > float("-inf"))).any(1)
         w = min(k, vals.shape[1])
-        pos, scores, redo, *bad = ops.to_host(rows[:, :w], vals[:, :w], suspect, *[f for f in [flags] if f is not None])
+        checks = [] if flags is None else [flags]  # device queries: their check travels with the results
+        pos, scores, redo, *bad = ops.to_host(rows[:, :w], vals[:, :w], suspect, *checks)
         if bad:
             self._raise_for_bad_queries(bad[0])
-        if redo.any():
-            redo = np.flatnonzero(
-                redo
-            )  # only rows with ties pay for the exact rule: a second pass, ranked by (score, row) keys
+        if redo.any():  # only rows with ties pay for the exact rule: a second pass, ranked by (score, row) keys
+            redo = np.flatnonzero(redo)
             with ops.threads(threads):
                 v2, r2 = self._scan(ops.rows(q, redo), k, view, exact=True)
             v2, r2 = ops.to_host(v2, r2)
