@@ -8,10 +8,10 @@
    graphs, timed side by side per batch; items/s and the fraction of the compute floor (the tower's matmul
    FLOPs / --peak-tflops). Parity: FP16 against FP32 by cosine on real photos and titles. Also the cost of the
    one host copy the serving path keeps (pixels from the preprocessing model to the GPU), pageable and pinned.
-2. knn: `mim.knn.KnnIndex` on CuPy over N x 512 FP16 galleries, each top-k selector, against
+2. knn: `mim.knn.KnnIndex` over 1M and 10M x 512 FP16 galleries, batch 1/32/256, k 10/100, against
    `torch.mm` + `torch.topk` on the same device memory and against the memory floor (one read of the gallery
-   at --hbm-tbps); ids checked against an FP32 reference. The fastest selector per cell is printed next to
-   `knn.default_topk_method`'s choice, so the default can follow the data.
+   at --hbm-tbps); ids checked against an FP32 reference; at most 90 s of wall time, the cells that would not
+   fit are listed as skipped (`benchmarks.knn_bench.bench_gpu`).
 3. serving (when tritonserver and perf_analyzer are found, e.g. unpacked from `make gpu-bundle`): a random-init
    checkpoint of the size exported and served with the `gpu_torch` config (`torch` on a CPU), the three
    ensembles under perf_analyzer at each concurrency.
@@ -265,106 +265,21 @@ def _copy(dst, src) -> None:
 
 
 # --- 2. kNN ------------------------------------------------------------------------------------------------
-def _gallery(xp, n: int, dim: int, dtype, seed: int = 0, chunk: int = 1 << 20):
-    """(n, dim) unit rows in `dtype`, generated on the device chunk by chunk (no host copy of 10M rows)."""
-    rs = xp.random.RandomState(seed) if hasattr(xp.random, "RandomState") else np.random.RandomState(seed)
-    out = xp.empty((n, dim), dtype=dtype)
-    for a in range(0, n, chunk):
-        x = rs.standard_normal((min(chunk, n - a), dim)).astype(xp.float32)
-        out[a : a + len(x)] = (x / xp.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
-    return out
-
-
-def _reference_topk(tg, tq, k: int, chunk: int = 1 << 20):
-    """FP32 top-k over the stored gallery (torch, chunked): scores (B, k) and rows (B, k)."""
-    import torch
-
-    best_s = best_i = None
-    for a in range(0, tg.shape[0], chunk):
-        s = tq @ tg[a : a + chunk].float().T
-        v, i = torch.topk(s, min(k, s.shape[1]), dim=1)
-        i = i + a
-        if best_s is not None:
-            v, j = torch.topk(torch.cat([best_s, v], 1), k, dim=1)
-            i = torch.gather(torch.cat([best_i, i], 1), 1, j)
-        best_s, best_i = v, i
-    return best_s, best_i
-
-
-def _search(index, method: str, q: np.ndarray, k: int):
-    index.topk = method
-    return index.search(q, k)  # host arrays: synchronous
-
-
-def _torch_mm_topk(tg, tq, k: int):
-    import torch
-
-    _, i = torch.topk(tq.to(tg.dtype) @ tg.T, k, dim=1)  # scores in the gallery's dtype, like our storage
-    return i.cpu()
-
-
 def bench_knn(plan: Plan, hbm_tbps: float, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
-    import torch
+    """`benchmarks.knn_bench.bench_gpu` over the plan's grid within its wall-time budget: rows per cell and
+    method, and one summary per cell (ours against torch.topk(q @ g.T), fraction of the floor, or why skipped)."""
+    from .knn_bench import bench_gpu
 
-    from mim import knn
-
-    reason = knn.cuda_unavailable_reason()
-    device = "cuda" if reason is None else "cpu"
-    xp = knn._array_module(device)
-    dtype = np.float16 if device == "cuda" else np.float32
-    tdev = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        log(f"  kNN on the CPU (NumPy, fp32): {reason}")
-    methods = [m for m in knn.TOPK_METHODS if device == "cpu" or m != "torch" or tdev == "cuda"]
-    rows, choices = [], []
-    for n in plan.knn_n:
-        g = _gallery(xp, n, plan.knn_dim, dtype)
-        index = knn.KnnIndex(plan.knn_dim, device=device)
-        index.add(np.arange(n, dtype=np.int64), g)
-        tg = torch.from_dlpack(g) if device == "cuda" else torch.from_numpy(g)
-        tg = tg.to(tdev)
-        del g
-        floor_ms = n * plan.knn_dim * 2 / (hbm_tbps * 1e12) * 1e3  # one FP16 read of the gallery
-        for batch in plan.knn_batches:
-            rng = np.random.default_rng(batch)
-            q = rng.standard_normal((batch, plan.knn_dim)).astype(np.float32)
-            q /= np.linalg.norm(q, axis=1, keepdims=True)
-            tq = torch.from_numpy(q).to(tdev)
-            for k in plan.knn_k:
-                _, ref_i = _reference_topk(tg, tq, k)
-                ref_ids = ref_i.cpu().numpy()
-
-                fns = {m: functools.partial(_search, index, m, q, k) for m in methods}
-                fns["torch_mm_topk"] = functools.partial(_torch_mm_topk, tg, tq, k)
-                secs = time_side_by_side(fns, plan.min_time, plan.min_reps)
-                for name, sec in secs.items():
-                    got = fns[name]()
-                    ids = (got[1] if isinstance(got, tuple) else got.numpy()).astype(np.int64)
-                    same = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids.tolist(), ref_ids.tolist())]))
-                    rows.append(
-                        {
-                            "n": n,
-                            "batch": batch,
-                            "k": k,
-                            "method": name,
-                            "device": device,
-                            "ms": sec * 1e3,
-                            "queries_per_s": batch / sec,
-                            "floor_ms": floor_ms if device == "cuda" else None,
-                            "fraction_of_floor": floor_ms / (sec * 1e3) if device == "cuda" else None,
-                            "recall_vs_fp32": same,
-                        }
-                    )
-                ours = {m: secs[m] for m in methods}
-                fastest = min(ours, key=ours.get)
-                default = knn.default_topk_method(device, k)
-                choices.append({"n": n, "batch": batch, "k": k, "fastest": fastest, "default": default})
-                log(
-                    f"  n={n:,} batch={batch} k={k}: "
-                    + ", ".join(f"{m} {s * 1e3:.2f} ms" for m, s in secs.items())
-                    + f"; fastest selector {fastest}, default {default}"
-                )
-    return rows, choices
+    return bench_gpu(
+        plan.knn_n,
+        plan.knn_batches,
+        plan.knn_k,
+        plan.knn_dim,
+        min_time=plan.min_time,
+        min_reps=plan.min_reps,
+        hbm_tbps=hbm_tbps,
+        log=log,
+    )
 
 
 # --- 3. the served ensembles -------------------------------------------------------------------------------
