@@ -58,10 +58,11 @@ DEFAULT_NORM_TOL = 1e-3
 # batch of 256 scores 1M rows per product and a batch of 1 scores a whole 10M gallery at once. CPU: 16 MiB keeps
 # each tile below glibc's mmap threshold (a fresh mmap per tile would page-fault every score) and in the caches.
 SCORE_TILE_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}
-# CPU searches of fewer multiply-adds (queries x rows x dim) than this run on one intra-op thread: on a small
-# product the second thread's start and join cost more than it saves, and on a shared machine a descheduled
-# thread stalls the whole parallel region.
-CPU_ONE_THREAD_MACS = 1 << 28
+# CPU searches of several queries with fewer multiply-adds (queries x rows x dim) than this run on one intra-op
+# thread. Measured side by side on the 2-core dev machine under the load of other jobs (5k and 100k x 512):
+# MKL's two-thread product took 1.0-6x as long as one thread for 32 and 256 queries (a descheduled thread
+# stalls the whole parallel region), while one query (a matrix-vector product, memory-bound) gained from two.
+CPU_ONE_THREAD_MACS = 1 << 34
 # A filter matching at most this fraction of the gallery is searched on a cached compacted copy of its rows;
 # a broader one as a mask over the whole gallery. The copies of all cached filters stay under half the gallery.
 COMPACT_FRACTION = 1 / 8
@@ -421,7 +422,7 @@ class _TorchOps:
         return _cpu_threads(self.torch, n if self.device == "cpu" else None)
 
     def mm(self, q, g):
-        return _scores(self.torch, q, g)
+        return _scores(self.torch, q, g) if self.device == "cuda" else self.torch.mm(q, g.T)
 
     def masked_fill(self, s, mask) -> None:
         s.masked_fill_(mask, _NEG_INF)
@@ -893,17 +894,18 @@ class KnnIndex:
             return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), _PAD_ID, dtype=np.int64)
 
         ops = self._ops
-        threads = 1 if nq * view.emb.shape[0] * self._dim < CPU_ONE_THREAD_MACS else None
+        threads = 1 if 1 < nq and nq * view.emb.shape[0] * self._dim < CPU_ONE_THREAD_MACS else None
         with ops.threads(threads):
             vals, rows = self._scan(q, k, view, exact=False)  # (Q, min(k+1, m)) by score, best first
-        # A row is exact unless two of its k+1 best scores tie: then their order, or which of several tied items
-        # a tile kept at its boundary, is the selector's choice. Ties at -inf are excluded rows and padding.
-        suspect = ((vals[:, 1:] == vals[:, :-1]) & (vals[:, 1:] > float("-inf"))).any(1)
-        w = min(k, vals.shape[1])
         checks = [] if flags is None else [flags]  # device queries: their check travels with the results
-        pos, scores, redo, *bad = ops.to_host(rows[:, :w], vals[:, :w], suspect, *checks)
+        pos, scores, *bad = ops.to_host(rows, vals, *checks)  # the one copy out: (Q, k+1) and the checks
         if bad:
             self._raise_for_bad_queries(bad[0])
+        # A row is exact unless two of its k+1 best scores tie: then their order, or which of several tied items
+        # a tile kept at its boundary, is the selector's choice. Ties at -inf are excluded rows and padding.
+        redo = ((scores[:, 1:] == scores[:, :-1]) & (scores[:, 1:] > -np.inf)).any(axis=1)
+        w = min(k, scores.shape[1])
+        pos, scores = pos[:, :w], scores[:, :w]
         if redo.any():  # only rows with ties pay for the exact rule: a second pass, ranked by (score, row) keys
             redo = np.flatnonzero(redo)
             with ops.threads(threads):
@@ -968,11 +970,11 @@ class KnnIndex:
         want = min(k if exact else k + 1, m)
         out_v, out_r = [], []
         for qs in range(0, q.shape[0], self.query_batch_size):
-            qb = q[qs : qs + self.query_batch_size]
+            qb = q if q.shape[0] <= self.query_batch_size else q[qs : qs + self.query_batch_size]
             tile = self._tile_rows(qb.shape[0])
             slab_v, slab_r = [], []
             for start in range(0, m, tile):
-                s = ops.mm(qb, emb[start : start + tile])  # (b, c) float32
+                s = ops.mm(qb, emb if tile >= m else emb[start : start + tile])  # (b, c) float32
                 c = s.shape[1]
                 if blocked is not None:
                     ops.masked_fill(s, blocked[start : start + c])
