@@ -243,6 +243,7 @@ def _lowest_columns_on_ties(xp, scores, idx):
 # ----------------------------------------------------------------------------------------------------------
 
 _LOW32 = (1 << 32) - 1
+_NO_CONTEXT = contextlib.nullcontext()
 _NEG_INF = float("-inf")
 
 
@@ -277,6 +278,9 @@ class _NumpyOps:
     def host_view(self, a) -> np.ndarray | None:
         return a
 
+    def from_host(self, a: np.ndarray):
+        return np.ascontiguousarray(a, dtype=np.float32)
+
     def empty_gallery(self, dim: int):
         return np.zeros((0, dim), dtype=np.float32)
 
@@ -298,7 +302,7 @@ class _NumpyOps:
 
     # -- search
     def threads(self, n: int | None):
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
 
     def mm(self, q, g):
         return q @ g.T
@@ -365,6 +369,7 @@ class _TorchOps:
         self.tdevice = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         self.tdtype = torch.float16 if device == "cuda" else torch.float32
         self.storage_dtype = np.dtype(np.float16 if device == "cuda" else np.float32)
+        self._numpy_floats = (torch.float16, torch.float32, torch.float64)
 
     # -- conversion
     def matrix(self, a: Any, dim: int, what: str):
@@ -391,10 +396,13 @@ class _TorchOps:
     def host(self, t) -> np.ndarray:
         return t.cpu().numpy()
 
+    def from_host(self, a: np.ndarray):
+        t = self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        return t if self.device == "cpu" else t.to(self.tdevice, self.tdtype)
+
     def host_view(self, t) -> np.ndarray | None:
         """A NumPy view of a host tensor that NumPy can represent, else None (device tensors, bfloat16)."""
-        torch = self.torch
-        if t.device.type == "cpu" and t.dtype in (torch.float16, torch.float32, torch.float64):
+        if t.device.type == "cpu" and t.dtype in self._numpy_floats:
             return t.numpy()
         return None
 
@@ -419,7 +427,9 @@ class _TorchOps:
 
     # -- search
     def threads(self, n: int | None):
-        return _cpu_threads(self.torch, n if self.device == "cpu" else None)
+        if n is None or self.device != "cpu":
+            return _NO_CONTEXT
+        return _cpu_threads(self.torch, n)
 
     def mm(self, q, g):
         return _scores(self.torch, q, g) if self.device == "cuda" else self.torch.mm(q, g.T)
@@ -715,6 +725,7 @@ class KnnIndex:
         self._cat_vocab: dict[str, int] = {}
         self._codes_on_device: Any = None  # (N,) int32 copy of _cat_codes, made on first filter
         self._views: dict[frozenset[int], _View] = {}  # filter (category codes) -> rows to scan, LRU order
+        self._all_rows = _View(self._emb, 0)  # the view without a filter
 
     # ---- properties -------------------------------------------------------------------------------------
 
@@ -814,6 +825,7 @@ class KnnIndex:
 
     def _set_rows(self, ids: np.ndarray, emb: Any, codes: np.ndarray) -> None:
         self._ids, self._emb, self._cat_codes = ids, self._ops.layout(emb), codes
+        self._all_rows = _View(self._emb, len(ids))
         self._codes_on_device = None  # filters are rebuilt for the new rows
         self._views.clear()
 
@@ -903,11 +915,13 @@ class KnnIndex:
             self._raise_for_bad_queries(bad[0])
         # A row is exact unless two of its k+1 best scores tie: then their order, or which of several tied items
         # a tile kept at its boundary, is the selector's choice. Ties at -inf are excluded rows and padding.
-        redo = ((scores[:, 1:] == scores[:, :-1]) & (scores[:, 1:] > -np.inf)).any(axis=1)
         w = min(k, scores.shape[1])
+        if not (scores[:, :-1] > scores[:, 1:]).all():  # some row has ties (or -inf padding)
+            redo = np.flatnonzero(((scores[:, 1:] == scores[:, :-1]) & (scores[:, 1:] > -np.inf)).any(axis=1))
+        else:
+            redo = ()
         pos, scores = pos[:, :w], scores[:, :w]
-        if redo.any():  # only rows with ties pay for the exact rule: a second pass, ranked by (score, row) keys
-            redo = np.flatnonzero(redo)
+        if len(redo):  # only rows with ties pay for the exact rule: a second pass, ranked by (score, row) keys
             with ops.threads(threads):
                 v2, r2 = self._scan(ops.rows(q, redo), k, view, exact=True)
             v2, r2 = ops.to_host(v2, r2)
@@ -932,12 +946,18 @@ class KnnIndex:
         queries by a (Q,) flag per row (0 ok, 1 NaN/inf, 2 beyond FP16's range) that travels back with the
         results, so that the check does not synchronise with the device."""
         ops = self._ops
-        t = ops.matrix(queries, self._dim, "queries")
         half = self._dtype == np.float16
-        host = ops.host_view(t)
+        if isinstance(queries, np.ndarray) and queries.dtype == np.float32 and queries.ndim == 2:
+            t = host = queries  # the usual input: no conversion before the checks
+            _check_shape(2, queries.shape, True, queries.dtype, self._dim, "queries")
+        else:
+            t = ops.matrix(queries, self._dim, "queries")
+            host = ops.host_view(t)
         if host is not None:
-            self._raise_for_bad_queries(_query_flags(np, host, half))
-            return ops.to_storage(t), None
+            # One reduction when all is well (the usual case); the per-row flags only to name the bad row.
+            if not np.isfinite(host).all() or (half and np.abs(host).max() > 65504):
+                self._raise_for_bad_queries(_query_flags(np, host, half))
+            return ops.from_host(host), None
         t = ops.to_compute(t)
         return ops.to_storage(t), ops.flags(t, half)
 
@@ -1002,7 +1022,7 @@ class KnnIndex:
         filter's view reads its match count back from the device once."""
         n = len(self)
         if categories is None:
-            return _View(self._emb, n)
+            return self._all_rows
         codes = frozenset(self._cat_vocab[c] for c in _check_categories(categories) if c in self._cat_vocab)
         cached = self._views.pop(codes, None)
         view = cached if cached is not None else self._build_view(codes)
