@@ -59,10 +59,11 @@ DEFAULT_NORM_TOL = 1e-3
 # each tile below glibc's mmap threshold (a fresh mmap per tile would page-fault every score) and in the caches.
 SCORE_TILE_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}
 # CPU searches of several queries with fewer multiply-adds (queries x rows x dim) than this run on one intra-op
-# thread. Measured side by side on the 2-core dev machine under the load of other jobs (5k and 100k x 512):
-# MKL's two-thread product took 1.0-6x as long as one thread for 32 and 256 queries (a descheduled thread
-# stalls the whole parallel region), while one query (a matrix-vector product, memory-bound) gained from two.
-CPU_ONE_THREAD_MACS = 1 << 34
+# thread: below ~1G multiply-adds a product takes a few ms, and a second thread's fork/join, or its stall when the
+# scheduler takes its core away, costs as much as it saves. Measured side by side on the 2-core dev machine under
+# the load of other jobs: 5k x 32 and 5k x 256 (x 512) took 1.5-6x as long on two threads as on one; 100k x 256
+# took half as long on a quiet machine. One query (a memory-bound matrix-vector product) gained from two threads.
+CPU_ONE_THREAD_MACS = 1 << 30
 # A filter matching at most this fraction of the gallery is searched on a cached compacted copy of its rows;
 # a broader one as a mask over the whole gallery. The copies of all cached filters stay under half the gallery.
 COMPACT_FRACTION = 1 / 8
@@ -475,7 +476,7 @@ class _TorchOps:
         """Device tensors (each (Q,) or (Q, w), float32 / int64 / bool) -> host arrays. From a GPU they
         travel packed as one int64 tensor in ONE copy (one synchronisation); on the CPU they are views."""
         torch = self.torch
-        if tensors[0].device.type == "cpu":
+        if self.device == "cpu":
             return [t.numpy() for t in tensors]
         cols = [(t if t.ndim == 2 else t[:, None]) for t in tensors]
         ints = [c.view(torch.int32).long() if c.dtype == torch.float32 else c.long() for c in cols]
