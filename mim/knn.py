@@ -1,10 +1,12 @@
 """Exact inner-product top-k search over a gallery of L2-normalised embeddings.
 
-One implementation in torch serves the CPU and the GPU: the gallery lives on the device (float32 on the CPU,
-float16 on a CUDA device) and a search is one matrix product per large tile of the gallery, one top-(k+1)
-selection per tile into a small candidate slab, and one final selection over the slab. Nothing is read back to
-the host until the results are copied out. NumPy and CuPy arrays (and torch tensors) are accepted as input; the
-CuPy ones are taken through DLPack without a copy.
+One search serves the CPU and the GPU: the gallery lives on the device (float32 on the CPU, float16 on a CUDA
+device) and a search is one matrix product per large tile of the gallery, one top-(k+1) selection per tile into
+a small candidate slab, and one final selection over the slab. Nothing is read back to the host until the
+results are copied out, in one copy. It runs on torch wherever torch imports, and on NumPy (CPU) without it, so
+that a client can search a gallery file without torch; the algorithm is written once over the few array
+operations of `_TorchOps` / `_NumpyOps`. NumPy and CuPy arrays and torch tensors are accepted as input (CuPy
+through DLPack, without a copy).
 
 Search contract (pinned by tests/test_knn.py):
 
@@ -13,9 +15,10 @@ Search contract (pinned by tests/test_knn.py):
   ``(scores, ids)`` of shape ``(Q, k)``, best first.
 * Tie order is deterministic: equal scores are ordered by ascending id, whatever the tile sizes and whatever
   top-k selection method is used. (The gallery is stored sorted by id, so "ascending id" is "ascending row".)
-  Each tile keeps k+1 candidates; a row whose k-th and (k+1)-th final candidates tie may have lost a tied item
-  of a lower row in some tile, so only such rows (duplicate images, quantised data) are searched again with
-  the exact rule: every tile then ranks by a 64-bit key (score, then row) that has no ties at all.
+  Each tile keeps k+1 candidates by score alone. When no two of a row's k+1 best scores are equal, its top-k
+  set and order are unique, hence exact; a row with a tie may have its tied items in the selector's order or
+  have lost a tied item of a lower row in some tile, so only such rows (duplicate images, quantised data) are
+  searched again with the exact rule: every tile then ranks by a 64-bit key (score, then row) without ties.
 * With a category filter, items that do not match are never returned; if fewer than ``k`` items match, the
   missing columns are padded with id ``-1`` and score ``-inf``. ids must therefore be non-negative. The filter
   is a device-side mask applied to each score tile, or, for a selective filter (at most 1/8 of the gallery), a
