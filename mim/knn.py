@@ -1064,7 +1064,7 @@ class KnnIndex:
         temp file is removed on failure.
         """
         path = Path(path)
-        emb = np.ascontiguousarray(self._emb.cpu().numpy())
+        emb = np.ascontiguousarray(self._ops.host(self._emb))
         ids = np.ascontiguousarray(self._ids)
         items = [self._meta.get(i, {}) for i in ids.tolist()]
         meta_bytes = np.frombuffer(json.dumps(items, allow_nan=False).encode("utf-8"), dtype=np.uint8)

@@ -694,3 +694,17 @@ def test_device_queries_cupy_and_torch_cuda_match_host_queries():
         index.search(bad, 10)
     with pytest.raises(ValueError, match=r"queries row 0 has values beyond the FP16 range"):
         index.search(torch.full((1, 16), 1e6, device="cuda"), 10)
+
+
+def test_save_and_load_on_each_backend(where, tmp_path):
+    rng = np.random.default_rng(28)
+    index = KnnIndex(16, model_id="m", **where)
+    cats = rng.choice(["shoes", "bags", "rare"], p=[0.5, 0.47, 0.03], size=300)
+    index.add(np.arange(300) * 3, quantised_unit(rng, 300), [{"category": c} for c in cats])
+    path = tmp_path / "g.safetensors"
+    index.save(path)
+    loaded = KnnIndex.load(path, expected_model_id="m", **where)
+    np.testing.assert_array_equal(loaded.embeddings(), index.embeddings())
+    q = quantised_unit(rng, 4)
+    for kw in ({}, {"categories": "rare"}, {"categories": {"shoes", "bags"}}):
+        np.testing.assert_array_equal(loaded.search(q, 30, **kw)[1], index.search(q, 30, **kw)[1])
