@@ -37,7 +37,7 @@ def test_tiny_run_measures_towers_and_knn_and_checks_them(tiny_checkpoint, tmp_p
         assert all(r["graphs_items_per_s"] is None and cuda in r["graphs_note"] for r in towers)
         assert result["copy"] == []
     methods = {r["method"] for r in result["knn"]}
-    assert methods == {"ours", "ours_host_queries", "torch_mm_topk"}
+    assert methods == {"ours", "ours_host_queries", "ours_1m_row_tiles", "torch_mm_topk"}
     assert all(r["recall_vs_fp32"] >= 0.99 for r in result["knn"])
     cells = result["topk_choice"]  # one summary per (n, batch, k): ours against torch.topk(q @ g.T)
     assert len(cells) == len(gpu.TINY.knn_n) * len(gpu.TINY.knn_batches) * len(gpu.TINY.knn_k)

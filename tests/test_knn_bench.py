@@ -54,7 +54,7 @@ def test_gpu_table_checks_ids_and_keeps_to_its_budget():
     assert [(c["n"], c["batch"], c["status"]) for c in cells] == [
         (n, b, "measured") for n in (2000, 3000) for b in (1, 8)
     ]
-    assert {r["method"] for r in rows} == {"ours", "ours_host_queries", "torch_mm_topk"}
+    assert {r["method"] for r in rows} == {"ours", "ours_host_queries", "ours_1m_row_tiles", "torch_mm_topk"}
     ours = [r for r in rows if r["method"].startswith("ours")]
     assert all(r["recall_vs_fp32"] == 1.0 and r["same_ids_as_fp32"] == 1.0 for r in ours)
     rows, cells = knn_bench.bench_gpu((2000,), (1, 8), (10,), 32, min_time=0.01, budget_s=0.0, log=lambda _: None)
