@@ -708,3 +708,47 @@ def test_save_and_load_on_each_backend(where, tmp_path):
     q = quantised_unit(rng, 4)
     for kw in ({}, {"categories": "rare"}, {"categories": {"shoes", "bags"}}):
         np.testing.assert_array_equal(loaded.search(q, 30, **kw)[1], index.search(q, 30, **kw)[1])
+
+
+def _gpu_branches_on_cpu(index: KnnIndex) -> KnnIndex:
+    """Turn a torch-CPU index's operations to their CUDA branches on CPU tensors: FP16 storage and queries (the
+    product upcasts each tile where torch has no FP16 product with an FP32 result, as on the CPU), query checks
+    computed as flags that travel back with the results, and the packed one-copy read-back. What the GPU runs,
+    minus the GPU; the index must still be empty."""
+    import torch
+
+    ops = index._ops
+    ops.device, ops.tdtype, ops.storage_dtype = "cuda", torch.float16, np.dtype(np.float16)
+    ops.host_view = lambda t: None  # every tensor query is treated as a device tensor
+    index._dtype = ops.storage_dtype
+    index._set_rows(index._ids, ops.empty_gallery(index.dim), index._cat_codes)
+    return index
+
+
+def test_the_gpu_branches_give_the_cpu_results():
+    import torch
+
+    rng = np.random.default_rng(29)
+    x, ids, q = quantised_unit(rng, 3000), rng.permutation(3000) * 3, quantised_unit(rng, 40)
+    x[1500:1700] = x[0]  # ties across the 512-row tiles
+    q[:3] = x[0]
+    meta = [{"category": "abcdefghijklmnop"[i % 16]} for i in range(3000)]
+    cpu = KnnIndex(16, device="cpu")
+    gpu = _gpu_branches_on_cpu(KnnIndex(16, device="cpu", chunk_size=512, query_batch_size=16))
+    for index in (cpu, gpu):
+        index.add(ids, x, meta)
+    assert gpu.dtype == np.float16 and gpu._emb.dtype == torch.float16
+    for k, cats in ((1, None), (100, None), (250, None), (3000, None), (100, "a"), (300, {"a", "b", "c"})):
+        for queries in (q, torch.from_numpy(q)):
+            s1, i1 = cpu.search(q, k, categories=cats)
+            s2, i2 = gpu.search(queries, k, categories=cats)
+            np.testing.assert_array_equal(i1, i2)
+            np.testing.assert_array_equal(s1, s2)
+    bad = torch.from_numpy(q.copy())
+    bad[7, 1] = float("nan")
+    with pytest.raises(ValueError, match="queries row 7 contains NaN or inf"):
+        gpu.search(bad, 10)
+    with pytest.raises(ValueError, match="queries row 2 has values beyond the FP16 range"):
+        gpu.search(torch.from_numpy(np.where(np.arange(40)[:, None] == 2, 7e4, q).astype(np.float32)), 10)
+    with pytest.raises(ValueError, match="queries row 0 has values beyond the FP16 range"):
+        gpu.search(np.full((1, 16), 1e5, np.float32), 10)  # a host query is checked on the host
