@@ -294,9 +294,6 @@ class _NumpyOps:
     def rows(self, a, rows: np.ndarray):
         return a[rows]
 
-    def index(self, rows: np.ndarray):
-        return rows
-
     def cat(self, parts, axis: int = 0):
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
@@ -407,7 +404,7 @@ class _TorchOps:
     def host_view(self, t) -> np.ndarray | None:
         """A NumPy view of a host tensor that NumPy can represent, else None (device tensors, bfloat16)."""
         if t.device.type == "cpu" and t.dtype in self._numpy_floats:
-            return t.numpy()
+            return t.detach().numpy()
         return None
 
     def empty_gallery(self, dim: int):
