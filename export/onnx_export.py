@@ -43,6 +43,7 @@ from mim import contract, layout
 from mim.atomic import atomic_write_bytes
 from mim.checkpoint import TOKENIZER, load_checkpoint
 from mim.config import ModelConfig, dumps
+from mim.model import explicit_attention
 from mim.ranking import parity
 from mim.serving.torch_backend import tower_state_dict
 
@@ -131,13 +132,14 @@ def random_inputs(io: contract.ModelIO, model_cfg: ModelConfig, batch: int, seed
 
 # --- export ------------------------------------------------------------------------------------------------
 def export_tower(tower: Tower, model_cfg: ModelConfig, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Trace one tower with the TorchScript exporter into an in-memory ONNX model named by the contract."""
+    """Trace one tower with the TorchScript exporter into an in-memory ONNX model named by the contract. The
+    towers trace their explicit attention (MatMul / Softmax nodes that surgery and the FP16 build pin by type)."""
     example = random_inputs(tower.io, model_cfg, TRACE_BATCH, seed=1)
     args = tuple(torch.from_numpy(example[s.name]) for s in tower.io.inputs)
     names_in = [s.name for s in tower.io.inputs]
     names_out = [s.name for s in tower.io.outputs]
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), explicit_attention(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo=True, which needs onnxscript (not a
         # dependency here); it is the supported path for torch 2.13 and this warning is not actionable.
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchScript-based ONNX export.*")

@@ -4,22 +4,51 @@ In the 3-tower model the query-photo and product-photo "towers" are the same ima
 model the title and short-query "towers" are the same text encoder. So a trained model is exactly one
 `ImageTower` and one `TextTower`, both ending in a projection and L2 normalisation into one embedding space.
 
-Written for clean export: plain matmul/softmax attention (no fused kernels that trace into odd ONNX ops), named
-submodules, and LayerNorm/softmax that an FP16 build can pin to FP32 by node type.
+Attention has two forms computing the same function. Training and torch serving use the fused kernel
+(`torch.nn.functional.scaled_dot_product_attention`: flash / memory-efficient / cuDNN on a GPU, a flash kernel on
+the CPU), which never writes the (B, heads, T, T) score matrix. The ONNX exporter traces the explicit form inside
+`explicit_attention()`: plain MatMul / Softmax nodes that graph surgery and an FP16 build can pin to FP32 by node
+type. That context is the only switch between them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import ModelConfig, TextConfig, VisionConfig
 
 # Additive attention bias for padding. Not -inf: an FP16 engine would turn -inf - -inf into NaN, and -1e4 is
 # representable in FP16 while still zeroing the weight after softmax.
 MASK_BIAS = -1.0e4
+
+
+# Which attention form the towers run: fused unless inside `explicit_attention()`. A module-level flag, not a
+# context variable: torch.compile guards on a global's value (and recompiles when it changes), while it would
+# have to break its graph to read a ContextVar.
+_FUSED_ATTENTION = True
+
+
+@contextmanager
+def explicit_attention() -> Iterator[None]:
+    """Run the towers with explicit matmul/softmax attention (the form the ONNX exporter traces). The two forms
+    are the same function up to float rounding (tests/test_model.py checks it, padded causal text included)."""
+    global _FUSED_ATTENTION
+    before, _FUSED_ATTENTION = _FUSED_ATTENTION, False
+    try:
+        yield
+    finally:
+        _FUSED_ATTENTION = before
+
+
+def fused_attention() -> bool:
+    """True when the towers run `scaled_dot_product_attention` (everywhere but inside `explicit_attention()`)."""
+    return _FUSED_ATTENTION
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -35,10 +64,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """`bias`: additive, broadcast over heads. Fused form: `causal` adds the causal mask inside the kernel.
+        Explicit form: `bias` already holds the causal mask and `causal` must be False."""
         b, t, w = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, Dh)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, Dh) strided views: the kernel reads them in place
+        if _FUSED_ATTENTION:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)  # (B, H, T, Dh)
+            return self.out(y.transpose(1, 2).reshape(b, t, w))
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, T)
         if bias is not None:
             scores = scores + bias  # (B, 1, 1, T) padding, or (B, 1, T, T) with a causal mask; broadcast over heads
@@ -73,8 +107,8 @@ class Block(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), activation(act), nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), bias, causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -132,11 +166,18 @@ class TextTower(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1]
         x = self.token_embed(input_ids) + self.pos_embed[:, :t]  # (B, T, W)
-        bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * MASK_BIAS  # (B, 1, 1, T)
-        if self.cfg.causal:
-            bias = bias + self.causal_bias[:, :, :t, :t]  # (B, 1, T, T)
+        causal = self.cfg.causal and _FUSED_ATTENTION
+        if causal:
+            # Right padding: a real token i attends only to j <= i, all real, so the causal mask alone gives the
+            # real positions (the pooled one among them) exactly what causal + padding gives. That keeps the
+            # kernel on its mask-free path (flash attention). Padded positions differ, and nothing reads them.
+            bias = None
+        else:
+            bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * MASK_BIAS  # (B, 1, 1, T)
+            if self.cfg.causal:
+                bias = bias + self.causal_bias[:, :, :t, :t]  # (B, 1, T, T)
         for blk in self.blocks:
-            x = blk(x, bias)
+            x = blk(x, bias, causal)
         if self.cfg.pooling == "eot":
             last = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,) index of the last attended token
             pooled = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[2]))[:, 0]  # (B, W)
