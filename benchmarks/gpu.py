@@ -4,7 +4,7 @@
     python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny              # any machine, tiny sizes (the tests run this)
 
 1. towers: the `base` towers (ViT-B/16 at 224 px, a 77-token text transformer) through
-   `mim.serving.torch_backend.TorchEncoder` in FP16 (LayerNorm / softmax / L2 norm in FP32), eager against CUDA
+   `mim.serving.torch_backend.TorchEncoder` in FP16 (the whole tower; L2 norm in FP32), eager against CUDA
    graphs, timed side by side per batch; items/s and the fraction of the compute floor (the tower's matmul
    FLOPs / --peak-tflops). Parity: FP16 against FP32 by cosine on real photos and titles. Also the cost of the
    one host copy the serving path keeps (pixels from the preprocessing model to the GPU), pageable and pinned.
@@ -38,7 +38,7 @@ import numpy as np
 
 from mim import contract, layout, ranking
 
-from . import perf
+from . import perf, towers_peer
 from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
 from .knn_bench import time_side_by_side
 
@@ -581,6 +581,10 @@ def run_all(
     def towers() -> None:
         inputs = real_inputs(ckpt, [b for _, b in images], TITLES)
         result["towers"], result["copy"] = bench_towers(plan, ckpt, inputs, peak_tflops, log)
+        # benchmarks.towers_peer: a CLIP with the plan's image tower against transformers on the same weights.
+        result["towers_peer"] = towers_peer.for_gpu_script(
+            plan.size, plan.tower_batches, plan.min_time, plan.min_reps, peak_tflops, log
+        )
 
     def knn() -> None:
         result["knn"], result["topk_choice"] = bench_knn(plan, hbm_tbps, log)
