@@ -508,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-explicit", action="store_true", help="skip the explicit-attention variant")
     p.add_argument("--compile", default="none", help="torch.compile mode for an `ours compiled` variant")
     p.add_argument("--peak-tflops", type=float, help="dense matmul peak for the floor (default 790 on CUDA)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads for both sides (the served CPU config uses 1: on shared cores a descheduled "
+        "OpenMP thread stalls every parallel region)",
+    )
     p.add_argument("--out", type=Path, help="write towers_peer.{json,csv,md} here")
     return p
 
@@ -535,6 +541,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = run(plan)
     result["command"] = "python -m benchmarks.towers_peer " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.out:

@@ -80,12 +80,25 @@ class Attention(nn.Module):
         y = (attn @ v).transpose(1, 2).reshape(b, t, w)
         return self.out(y)
 
+    def query_one(self, x: torch.Tensor, xq: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Fused attention for one query row per sequence: `xq` (B, 1, W) queries the keys and values of every
+        position of `x` (B, T, W); `mask` (B, 1, 1, T), additive or boolean (True = attend). The query
+        projection runs on B rows instead of B x T: the rows of the fused qkv weight are [q; k; v]."""
+        b, t, w = x.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(xq, weight[:w], bias[:w]).reshape(b, 1, self.heads, self.head_dim).transpose(1, 2)
+        kv = F.linear(x, weight[w:], bias[w:]).reshape(b, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)  # (B, H, 1, Dh)
+        return self.out(y.transpose(1, 2).reshape(b, 1, w))
+
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
 
+    SCALE = 1.702
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(self.SCALE * x)
 
 
 def activation(name: str) -> nn.Module:
@@ -111,6 +124,16 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), bias, causal)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_at(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output at one position per sequence, (B, W); `pos` (B,) int64, `mask` as in
+        `Attention.query_one`. Pooling reads one position of the last block, so only its keys and values are
+        needed everywhere: the query, attention output and MLP run on B rows, about 5/6 of the block saved."""
+        w = x.shape[2]
+        at = pos[:, None, None].expand(-1, 1, w)  # (B, 1, W) gather index
+        h = self.ln_1(x)
+        y = x.gather(1, at) + self.attn.query_one(h, h.gather(1, at), mask)  # (B, 1, W)
+        return (y + self.mlp(self.ln_2(y)))[:, 0]
+
 
 class ImageTower(nn.Module):
     """pixel_values (B, 3, S, S) float32 -> image_embeds (B, D), unit L2 norm."""
@@ -135,6 +158,11 @@ class ImageTower(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, W)
         x = self.ln_pre(x)
+        if _FUSED_ATTENTION:  # the last block only where [CLS] is read (Block.forward_at)
+            for blk in self.blocks[:-1]:
+                x = blk(x)
+            cls_out = self.blocks[-1].forward_at(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+            return l2_normalize(self.proj(self.ln_post(cls_out)))
         for blk in self.blocks:
             x = blk(x)
         return l2_normalize(self.proj(self.ln_post(x[:, 0])))
@@ -166,24 +194,40 @@ class TextTower(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1]
         x = self.token_embed(input_ids) + self.pos_embed[:, :t]  # (B, T, W)
-        causal = self.cfg.causal and _FUSED_ATTENTION
-        if causal:
-            # Right padding: a real token i attends only to j <= i, all real, so the causal mask alone gives the
-            # real positions (the pooled one among them) exactly what causal + padding gives. That keeps the
-            # kernel on its mask-free path (flash attention). Padded positions differ, and nothing reads them.
-            bias = None
-        else:
-            bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * MASK_BIAS  # (B, 1, 1, T)
-            if self.cfg.causal:
-                bias = bias + self.causal_bias[:, :, :t, :t]  # (B, 1, T, T)
+        if _FUSED_ATTENTION:
+            return l2_normalize(self.proj(self.ln_final(self._fused_pooled(x, attention_mask))))
+        bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * MASK_BIAS  # (B, 1, 1, T)
+        if self.cfg.causal:
+            bias = bias + self.causal_bias[:, :, :t, :t]  # (B, 1, T, T)
         for blk in self.blocks:
-            x = blk(x, bias, causal)
+            x = blk(x, bias)
         if self.cfg.pooling == "eot":
             last = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,) index of the last attended token
             pooled = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[2]))[:, 0]  # (B, W)
         else:
             pooled = x[:, 0]
         return l2_normalize(self.proj(self.ln_final(pooled)))
+
+    def _fused_pooled(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled (B, W) output of the blocks with fused attention; the last block runs only at the pooled
+        position (Block.forward_at)."""
+        b, t = attention_mask.shape
+        if self.cfg.pooling == "eot":
+            pos = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,) the last attended token
+        else:
+            pos = torch.zeros(b, dtype=torch.long, device=x.device)
+        if self.cfg.causal:
+            # Right padding: a real token i attends only to j <= i, all real, so the causal mask alone gives the
+            # real positions (the pooled one among them) exactly what causal + padding gives, and keeps the
+            # kernel on its mask-free path (flash attention). Padded positions differ, and nothing reads them.
+            bias = None
+            last_mask = (torch.arange(t, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B,1,1,T)
+        else:
+            bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * MASK_BIAS  # (B, 1, 1, T)
+            last_mask = bias
+        for blk in self.blocks[:-1]:
+            x = blk(x, bias, self.cfg.causal)
+        return self.blocks[-1].forward_at(x, pos, last_mask)
 
 
 class MIMModel(nn.Module):

@@ -34,9 +34,7 @@ def test_tiny_run_measures_towers_and_knn_and_checks_them(tiny_checkpoint, tmp_p
     assert all(r["min_cosine_vs_fp32"] >= 0.999 and r["eager_items_per_s"] > 0 for r in towers)
     # The towers step also compares a CLIP of the same size with transformers on the same weights.
     peer = result["towers_peer"]
-    assert {(s["tower"], s["batch"]) for s in peer["summary"]} == {
-        (t, b) for t, b in {(r["tower"], r["batch"]) for r in towers}
-    }
+    assert {(s["tower"], s["batch"]) for s in peer["summary"]} == {(r["tower"], r["batch"]) for r in towers}
     cuda = gpu.cuda_reason()
     if cuda is not None:
         assert all(r["graphs_items_per_s"] is None and cuda in r["graphs_note"] for r in towers)

@@ -14,7 +14,7 @@ import torch
 from export.onnx_export import random_inputs
 from mim import contract
 from mim.config import ModelConfig, get_size
-from mim.model import MIMModel
+from mim.model import MIMModel, QuickGELU
 from mim.preprocess import InputError
 from mim.ranking import parity
 from mim.serving import backends
@@ -78,6 +78,20 @@ def test_half_precision_runs_the_whole_tower_in_it(served_repository, model_cfg,
     got = half(feeds)
     assert got.dtype == np.float32
     assert parity(got, fp32(feeds)).min_cosine >= HALF_MIN_COSINE
+
+
+def test_quick_gelu_folds_into_silu(tmp_path):
+    """CLIP's QuickGELU MLPs run as SiLU with the scale folded into the Linears: the same embeddings."""
+    ckpt = _imported_clip(tmp_path)
+    for name, tower in ((contract.IMAGE_ENCODER, ckpt.model.image), (contract.TEXT_ENCODER, ckpt.model.text)):
+        io = contract.MODELS[name]
+        enc = TorchEncoder(copy.deepcopy(tower), ckpt.model_cfg, io)
+        assert not any(isinstance(m, QuickGELU) for m in enc.tower.modules())
+        assert any(isinstance(m, torch.nn.SiLU) for m in enc.tower.modules())
+        feeds = random_inputs(io, ckpt.model_cfg, batch=3, seed=4)
+        with torch.no_grad():
+            want = tower(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+        np.testing.assert_allclose(enc(feeds), want, atol=1e-6)
 
 
 def test_bad_precision_and_compile_mode_are_refused(served_repository, model_cfg):

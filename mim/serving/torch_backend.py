@@ -33,6 +33,7 @@ ModelConfig that shapes it; the exporter installs both (export/engines.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -48,7 +49,7 @@ from torch import nn
 
 from mim import contract, layout
 from mim.config import ModelConfig
-from mim.model import MIMModel
+from mim.model import Block, MIMModel, QuickGELU
 from mim.preprocess import InputError
 from mim.ranking import parity
 
@@ -83,6 +84,21 @@ def cast_tower(tower: nn.Module, precision: str) -> nn.Module:
         )
     tower = tower.to(_FLOAT_DTYPES[precision])
     proj.register_forward_hook(lambda _m, _inputs, out: out.float())
+    return tower
+
+
+def fold_quick_gelu(tower: nn.Module) -> nn.Module:
+    """Each QuickGELU MLP as a SiLU one, in place: x * sigmoid(a x) = silu(a x) / a (a = 1.702), so the first
+    Linear scaled by a and the second by 1 / a compute the same function with torch's fused SiLU, one
+    elementwise pass over the (B, T, 4W) hidden activations instead of three. Equal to float rounding."""
+    for block in tower.modules():
+        if isinstance(block, Block) and isinstance(block.mlp[1], QuickGELU):
+            fc1, act, fc2 = block.mlp
+            with torch.no_grad():
+                fc1.weight.mul_(act.SCALE)
+                fc1.bias.mul_(act.SCALE)
+                fc2.weight.div_(act.SCALE)
+            block.mlp[1] = nn.SiLU()
     return tower
 
 
@@ -271,7 +287,8 @@ class TorchEncoder:
             torch.set_num_threads(max(1, int(threads)))
         self.io, self.precision, self.model_cfg, self.compile_mode = io, precision, model_cfg, compile_mode
         self.path = path
-        self.tower = cast_tower(tower.eval().requires_grad_(False).to(self.device), precision)
+        tower = fold_quick_gelu(tower.eval().requires_grad_(False).to(self.device))
+        self.tower = cast_tower(tower, precision)
         # dynamic=False: one specialised graph per shape, and the shapes are few (batch sizes x buckets).
         self.run_tower = (
             self.tower if compile_mode == "none" else torch.compile(self.tower, mode=compile_mode, dynamic=False)
@@ -295,15 +312,20 @@ class TorchEncoder:
         if graph_batch_sizes:
             lengths = self.buckets if self.is_text else (0,)
             pool = None
-            # Up to len(sizes) x len(buckets) shapes compile; past dynamo's recompile limit it would silently
-            # run eager code inside the graphs, so the limit is raised for the captures and a miss fails loudly.
-            limit = len(graph_batch_sizes) * len(lengths) + 8
-            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            with torch.no_grad(), self._compile_limits(len(graph_batch_sizes) * len(lengths)):
                 for length in sorted(lengths, reverse=True):  # largest first: the shared pool fits them all
                     example = self._device_inputs(self._trim(self._example(), length), contiguous=True)
                     runner = GraphRunner(self._eager, example, graph_batch_sizes, pool=pool)
                     self.graphs[length], pool = runner, runner.pool
         self.setup_seconds = time.perf_counter() - t0
+
+    def _compile_limits(self, shapes: int) -> contextlib.AbstractContextManager:
+        """While capturing a compiled tower: up to `shapes` (batch sizes x buckets) specialisations compile, past
+        dynamo's recompile limit (8) it would silently run the eager code inside the graphs, so the limit is
+        raised and hitting it fails loudly."""
+        if self.compile_mode == "none":
+            return contextlib.nullcontext()
+        return torch._dynamo.config.patch(recompile_limit=shapes + 8, fail_on_recompile_limit_hit=True)
 
     @classmethod
     def from_version_dir(
