@@ -79,6 +79,7 @@ class PeerPlan:
     compile_mode: str = "none"  # a TorchEncoder COMPILE_MODES entry: adds the `ours compiled` variant
     peak_tflops: float | None = None  # None: PEAK_TFLOPS_GPU on CUDA, no floor on a CPU
     seed: int = 0
+    deadline: float | None = None  # time.monotonic() after which no new batch starts (benchmarks.gpu's budget)
 
 
 # --- the two models ----------------------------------------------------------------------------------------
@@ -289,6 +290,9 @@ def run(plan: PeerPlan, *, work: Path | None = None, log: Callable[[str], None] 
         )
         flops = tower_flops(cfg, name)
         for batch in plan.batches:
+            if plan.deadline is not None and time.monotonic() > plan.deadline:
+                result["notes"].append(f"{name}: time budget spent before batch {batch}; later batches not run")
+                break
             feeds = _rows(real[name], batch)
             dev_feeds = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
             fns: dict[str, Callable[[], Any]] = {}
@@ -476,6 +480,7 @@ def for_gpu_script(
     min_reps: int,
     peak_tflops: float | None = None,
     log: Callable[[str], None] = print,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """The peer comparison as part of benchmarks.gpu's towers step: its `base` size maps to the CLIP with the
     same image tower (ViT-B/16 at 224 px), `tiny` to TINY_CLIP. The result carries its summary rows; a machine
@@ -488,7 +493,9 @@ def for_gpu_script(
 
     peer = {"base": "clip-vit-b-16"}.get(size, size if size.startswith("clip-") else "tiny")
     peak = peak_tflops if cuda_unavailable_reason() is None else None  # a GPU's peak means nothing on a CPU
-    plan = PeerPlan(size=peer, batches=tuple(batches), min_time=min_time, min_reps=min_reps, peak_tflops=peak)
+    plan = PeerPlan(
+        size=peer, batches=tuple(batches), min_time=min_time, min_reps=min_reps, peak_tflops=peak, deadline=deadline
+    )
     result = run(plan, log=log)
     result["summary"] = summary_rows(result)
     return result
