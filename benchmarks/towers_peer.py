@@ -422,6 +422,7 @@ def report(result: dict[str, Any]) -> str:
         f"- device: {result['device']}, {result['precision'].upper()}, {result['threads']} torch threads; "
         f"transformers {result['versions']['transformers']} ({result['hf_attention']} attention), "
         f"torch {result['versions']['torch']}",
+        _machine(result["hardware"]),
         f"- compute floor: {result['peak_tflops']} TFLOP/s" if result["peak_tflops"] else "- compute floor: not set",
         *[f"- note: {n}" for n in result["notes"]],
         "",
@@ -464,6 +465,12 @@ def report(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _machine(hw: dict[str, Any]) -> str:
+    load = hw.get("loadavg")
+    load_text = f"; 1/5/15-min load average at the start {'/'.join(f'{v:.1f}' for v in load)}" if load else ""
+    return f"- machine: {hw.get('cpu_model')}, {hw.get('cpu_cores')} cores ({hw.get('cpu_affinity')} usable){load_text}"
 
 
 def write(result: dict[str, Any], out: Path) -> None:
