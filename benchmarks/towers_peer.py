@@ -265,6 +265,9 @@ def run(plan: PeerPlan, *, work: Path | None = None, log: Callable[[str], None] 
     }
     towers = {contract.IMAGE_ENCODER: ckpt.model.image, contract.TEXT_ENCODER: ckpt.model.text}
     for name, module in towers.items():
+        if _late(plan):
+            result["notes"].append(f"{name}: time budget spent before it started; not run")
+            continue
         io = contract.MODELS[name]
         is_text = name == contract.TEXT_ENCODER
         ours = _our_variants(module, cfg, io, str(device), precision, plan, cuda=reason is None)
@@ -290,7 +293,7 @@ def run(plan: PeerPlan, *, work: Path | None = None, log: Callable[[str], None] 
         )
         flops = tower_flops(cfg, name)
         for batch in plan.batches:
-            if plan.deadline is not None and time.monotonic() > plan.deadline:
+            if _late(plan):
                 result["notes"].append(f"{name}: time budget spent before batch {batch}; later batches not run")
                 break
             feeds = _rows(real[name], batch)
@@ -339,6 +342,10 @@ def run(plan: PeerPlan, *, work: Path | None = None, log: Callable[[str], None] 
         del ours
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _late(plan: PeerPlan) -> bool:
+    return plan.deadline is not None and time.monotonic() > plan.deadline
 
 
 def _our_variants(module, cfg, io: contract.ModelIO, device: str, precision: str, plan: PeerPlan, cuda: bool) -> dict:
@@ -495,7 +502,9 @@ def for_gpu_script(
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None:
-        return {"skipped": "transformers is not installed (the `dev` extra)"}
+        return {"skipped": "transformers is not installed (the `dev` extra)", "rows": [], "summary": []}
+    if deadline is not None and time.monotonic() > deadline:
+        return {"skipped": "the step's time budget was spent before the comparison started", "rows": [], "summary": []}
     from mim.serving.torch_backend import cuda_unavailable_reason
 
     peer = {"base": "clip-vit-b-16"}.get(size, size if size.startswith("clip-") else "tiny")

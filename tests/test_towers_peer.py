@@ -43,3 +43,17 @@ def test_unknown_size_and_compile_mode_are_refused(capsys):
     assert "size 'base'; expected 'tiny' or a CLIP shape" in capsys.readouterr().err
     assert towers_peer.main(["--size", "tiny", "--compile", "turbo"]) == 2
     assert "--compile 'turbo'; expected one of ['none', 'default'" in capsys.readouterr().err
+
+
+def test_a_spent_budget_runs_nothing_and_says_so():
+    """benchmarks.gpu hands its towers step's deadline over: past it, no tower starts."""
+    import time
+
+    result = towers_peer.for_gpu_script("tiny", (1,), 0.0, 1, deadline=time.monotonic() - 1)
+    assert result["rows"] == [] and result["summary"] == []
+    assert "time budget was spent" in result["skipped"]
+    # A budget that runs out between the towers: the first runs, the second is skipped with a note.
+    plan = towers_peer.PeerPlan(size="tiny", batches=(1,), min_time=0.0, min_reps=1, deadline=time.monotonic() + 3)
+    result = towers_peer.run(plan, log=lambda _: time.sleep(1.5))
+    assert {r["tower"] for r in result["rows"]} <= {contract.IMAGE_ENCODER}
+    assert any("time budget spent" in n for n in result["notes"])
