@@ -8,7 +8,7 @@
    graphs, timed side by side per batch; items/s and the fraction of the compute floor (the tower's matmul
    FLOPs / --peak-tflops). Parity: FP16 against FP32 by cosine on real photos and titles. Also the cost of the
    one host copy the serving path keeps (pixels from the preprocessing model to the GPU), pageable and pinned.
-2. knn: `mim.knn.KnnIndex` on CuPy over N x 512 FP16 galleries, each top-k selector, against
+2. knn: `mim.search.knn.KnnIndex` on CuPy over N x 512 FP16 galleries, each top-k selector, against
    `torch.mm` + `torch.topk` on the same device memory and against the memory floor (one read of the gallery
    at --hbm-tbps); ids checked against an FP32 reference. The fastest selector per cell is printed next to
    `knn.default_topk_method`'s choice, so the default can follow the data.
@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from mim import contract, layout, ranking
+from mim import contract, layout
+from mim.search import ranking
 
 from . import perf
 from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
@@ -113,10 +114,10 @@ def random_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
     """A random-init checkpoint of a named size with a tokenizer trained on TITLES (no base weights exist)."""
     import torch
 
-    from mim.checkpoint import save_checkpoint
-    from mim.config import get_size
-    from mim.model import MIMModel
-    from mim.tokenizer import TextTokenizer
+    from mim.model.checkpoint import save_checkpoint
+    from mim.model.config import get_size
+    from mim.model.tokenizer import TextTokenizer
+    from mim.model.towers import MIMModel
 
     spec = get_size(size)
     tok = TextTokenizer.train(TITLES * 4, vocab_size=512, context_length=spec.preprocess.context_length)
@@ -127,7 +128,7 @@ def random_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
 
 def real_inputs(ckpt, images: Sequence[bytes], texts: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
     """Preprocessed photos and tokenized titles, as the serving path makes them."""
-    from mim.preprocess import preprocess_image_bytes
+    from mim.model.preprocess import preprocess_image_bytes
 
     ids, mask = ckpt.tokenizer.encode_batch(list(texts))
     return {
@@ -306,7 +307,7 @@ def _torch_mm_topk(tg, tq, k: int):
 def bench_knn(plan: Plan, hbm_tbps: float, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
     import torch
 
-    from mim import knn
+    from mim.search import knn
 
     reason = knn.cuda_unavailable_reason()
     device = "cuda" if reason is None else "cpu"
@@ -429,7 +430,7 @@ def bench_serving(plan: Plan, ckpt_dir: Path, images, work: Path, out: Path, log
     """Export `ckpt_dir`, install it into a freshly generated repository, sweep the ensembles."""
     from export.engines import install
     from export.onnx_export import export_checkpoint
-    from mim.checkpoint import load_checkpoint
+    from mim.model.checkpoint import load_checkpoint
     from mim.serving.repository import write_repository
 
     reason = serving_unavailable_reason()
@@ -551,7 +552,7 @@ def run_all(
     steps: Sequence[str] = ("towers", "knn", "serving"),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    from mim.checkpoint import load_checkpoint
+    from mim.model.checkpoint import load_checkpoint
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,8 @@ from typing import Any
 
 from mim import contract, layout
 from mim.atomic import atomic_write
-from mim.config import ModelConfig, PreprocessConfig
 from mim.layout import PLAN_META_SUFFIX
+from mim.model.config import ModelConfig, PreprocessConfig
 from mim.serving.repository import write_repository
 
 from .onnx_export import export_checkpoint, onnx_filename, summary_lines, weights_filename
@@ -118,7 +118,7 @@ def build_and_install(
     report = export_checkpoint(checkpoint, export_dir, check=check) if not reused else previous
     result = InstallReport(model_id, repository, export_dir, report, reused_export=reused, batches=batches)
     if catalog is not None and check:
-        from mim.dataset import open_catalog
+        from mim.data.dataset import open_catalog
 
         from .fp16_gate import fp16_gate
 

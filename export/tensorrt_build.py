@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from mim import contract, layout
-from mim.config import ModelConfig, dumps
 from mim.layout import PLAN_META_SUFFIX
-from mim.ranking import parity
+from mim.model.config import ModelConfig, dumps
+from mim.search.ranking import parity
 
 log = logging.getLogger(__name__)
 

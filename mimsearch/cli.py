@@ -29,13 +29,17 @@ class Subcommand:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "catalog": Subcommand("mim.synth", "generate the synthetic street-to-shop catalog"),
-    "dataset": Subcommand("mim.dataset", "write a catalog as a JSON Lines dataset (the format for your own data)"),
-    "import-clip": Subcommand("mim.import_clip", "convert a pretrained CLIP (Hugging Face / OpenCLIP) to a checkpoint"),
-    "train": Subcommand("mim.train", "train a DML / 3-tower / 4-tower model into a checkpoint"),
-    "evaluate": Subcommand("mim.evaluate", "offline retrieval metrics of a checkpoint on a catalog split"),
-    "compare": Subcommand("mim.compare", "train and compare DML vs 3-tower vs 4-tower on the same data"),
-    "diagnose": Subcommand("mim.diagnose", "what a model's image matches share: attribute precision, top-1 mistakes"),
+    "catalog": Subcommand("mim.data.synth", "generate the synthetic street-to-shop catalog"),
+    "dataset": Subcommand("mim.data.dataset", "write a catalog as a JSON Lines dataset (the format for your own data)"),
+    "import-clip": Subcommand(
+        "mim.model.import_clip", "convert a pretrained CLIP (Hugging Face / OpenCLIP) to a checkpoint"
+    ),
+    "train": Subcommand("mim.training.train", "train a DML / 3-tower / 4-tower model into a checkpoint"),
+    "evaluate": Subcommand("mim.training.evaluate", "offline retrieval metrics of a checkpoint on a catalog split"),
+    "compare": Subcommand("mim.training.compare", "train and compare DML vs 3-tower vs 4-tower on the same data"),
+    "diagnose": Subcommand(
+        "mim.training.diagnose", "what a model's image matches share: attribute precision, top-1 mistakes"
+    ),
     "export": Subcommand("export.onnx_export", "export a checkpoint's towers to ONNX (no install)"),
     "engines": Subcommand("export.engines", "export, gate, build TensorRT engines where possible, and install"),
     "repository": Subcommand("mim.serving.repository", "write or check the generated Triton repository configs"),

@@ -1,4 +1,4 @@
-"""The model comparison (mim.compare, `make quality` / `make quality-full`) end to end on a tiny catalog."""
+"""The model comparison (mim.training.compare, `make quality` / `make quality-full`) end to end on a tiny catalog."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import make_small_catalog
 
-from mim import compare
+from mim.training import compare
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""What an embedding matches on (mim.diagnose): outcomes and precisions on hand-made cases, then whole catalogs
+"""What an embedding matches on (mim.training.diagnose): outcomes and precisions on hand-made cases, then whole catalogs
 ranked by embedders whose behaviour is known (an exact one and one that sees colour only)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import make_small_catalog
 
-from mim import diagnose
-from mim.catalog import Product
+from mim.data.catalog import Product
+from mim.training import diagnose
 
 
 def _p(pid: int, category: str, pattern: str, colour: str, title: str | None = None) -> Product:

@@ -12,7 +12,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from mim import contract
-from mim.config import get_size
+from mim.model.config import get_size
 from mim.serving import repository as R
 
 

@@ -1,4 +1,4 @@
-"""Tests for generating the synthetic street-to-shop catalog (mim.synth), on a 3 x 3 x 3 subset at 64 px with 2
+"""Tests for generating the synthetic street-to-shop catalog (mim.data.synth), on a 3 x 3 x 3 subset at 64 px with 2
 models per combination."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mim import catalog, synth
-from mim.synth import CATEGORIES, COLOURS, PATTERN_WORDS, PATTERNS
+from mim.data import catalog, synth
+from mim.data.synth import CATEGORIES, COLOURS, PATTERN_WORDS, PATTERNS
 
 SMALL = {
     "image_size": 64,
@@ -183,7 +183,7 @@ def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         synth.generate_catalog(tmp_path, seed=3, **SMALL)
     assert not (tmp_path / catalog.MANIFEST).exists()
-    with pytest.raises(FileNotFoundError, match="python -m mim.synth"):
+    with pytest.raises(FileNotFoundError, match="python -m mim.data.synth"):
         catalog.load_catalog(tmp_path)
 
 

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 
 from mim import contract
-from mim.config import ModelConfig, PreprocessConfig
 from mim.layout import MODEL_JSON, ONNX_FP32, PREPROCESS_JSON
-from mim.preprocess import InputError, decode_text, preprocess_image_bytes
-from mim.ranking import fuse
-from mim.tokenizer import Tokenizers, load_tokenizer
+from mim.model.config import ModelConfig, PreprocessConfig
+from mim.model.preprocess import InputError, decode_text, preprocess_image_bytes
+from mim.model.tokenizer import Tokenizers, load_tokenizer
+from mim.search.ranking import fuse
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +428,7 @@ class EncoderHandler(Handler):
         raise_row_errors(contract.ATTENTION_MASK.name, ["must hold only 0 and 1" if b else None for b in bad])
 
 
-# --- fusion (the arithmetic is mim.ranking.fuse, shared with evaluation and the client) ---------------------
+# --- fusion (the arithmetic is mim.search.ranking.fuse, shared with evaluation and the client) ---------------------
 def parse_image_weight(params: Mapping[str, Any], default: float) -> float:
     """The fusion weight from a request's parameters, `default` if absent; refuses non-numbers and values
     outside [0, 1] with a message naming the parameter."""
@@ -521,7 +521,7 @@ def parse_categories(params: Mapping[str, Any], known: frozenset[str]) -> frozen
 
 
 class KnnHandler(Handler):
-    """Exact top-k over the gallery (`mim.knn.KnnIndex`, the client's search code) for a batch of queries.
+    """Exact top-k over the gallery (`mim.search.knn.KnnIndex`, the client's search code) for a batch of queries.
 
     Requests of one batch may ask for different k and filters: requests with the same filter are searched
     together at their largest k, and each gets the first k columns (KnnIndex orders ties by id, so that prefix

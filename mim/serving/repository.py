@@ -41,7 +41,6 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from mim import contract
 from mim.atomic import atomic_write_text
-from mim.config import ModelConfig, PreprocessConfig, get_size
 
 # File and folder names of the repository are mim.layout's. Ensembles have no files of their own, but Triton
 # refuses one without a version folder ("at least one version must be available"): git keeps it by KEEP_FILE.
@@ -57,6 +56,7 @@ from mim.layout import (
     TRT_PLAN,
     VERSION,
 )
+from mim.model.config import ModelConfig, PreprocessConfig, get_size
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 DEFAULT_SIZE = "tiny"
@@ -393,7 +393,7 @@ def knn_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[Gener
     params = {"default_k": str(contract.DEFAULT_K), "device": KNN_DEVICE, "threads": str(KNN_THREADS)}
     cfg = _python_model(name, model_cfg, pre_cfg, instances=KNN_INSTANCES, params=params)
     notes = (
-        "Exact top-k (mim.knn.KnnIndex) over the gallery of the latest version folder, installed by "
+        "Exact top-k (mim.search.knn.KnnIndex) over the gallery of the latest version folder, installed by "
         "`python -m client.cli index ... --install REPO`.",
         f"Request parameters {contract.K_PARAM!r} (default {contract.DEFAULT_K}) and {contract.CATEGORIES_PARAM!r} "
         "(JSON list); one instance, batched queries are one matrix product.",
@@ -654,14 +654,14 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--check", action="store_true", help="list differences from the generator; exit 1 if any")
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository folder")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--size", default=DEFAULT_SIZE, help="named size from mim.config.SIZES (default: tiny)")
+    src.add_argument("--size", default=DEFAULT_SIZE, help="named size from mim.model.config.SIZES (default: tiny)")
     src.add_argument("--checkpoint", type=Path, help="take the dims from this checkpoint's config.json")
     return p
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, PreprocessConfig]:
     if args.checkpoint is not None:
-        from mim.checkpoint import read_config
+        from mim.model.checkpoint import read_config
 
         raw = read_config(args.checkpoint)
         return ModelConfig.from_dict(raw["model"]), PreprocessConfig.from_dict(raw["preprocess"])

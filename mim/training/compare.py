@@ -2,9 +2,9 @@
 test split, and write one comparison: means with 95% bootstrap intervals over queries and seeds, paired
 differences, and learning curves (markdown + JSON + PNG).
 
-    python -m mim.compare --catalog artifacts/catalog --steps 600 --jobs 2 --out benchmarks/results/quality
-    python -m mim.compare --seeds 0,1,2 --steps 1500 --eval-every 250 --jobs 2 --checkpoints artifacts/checkpoints/full
-        --out benchmarks/results/quality_full                                       # make quality-full (one line)
+    python -m mim.training.compare --catalog artifacts/catalog --steps 600 --jobs 2 --out benchmarks/results/quality
+    python -m mim.training.compare --seeds 0,1,2 --steps 1500 --eval-every 250 --jobs 2
+        --checkpoints artifacts/checkpoints/full --out benchmarks/results/quality_full   # make quality-full (one line)
 
 `--jobs N` trains in N worker processes, each chain of runs (a run and those initialised from it) in one of them
 with its share of the cores; the results are then evaluated in this process from the checkpoints.
@@ -33,20 +33,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
-from .catalog import Catalog, load_catalog
-from .checkpoint import Checkpoint, load_checkpoint
-from .config import PreprocessConfig, get_size
-from .embedding import LocalEmbedder, TorchEmbedder
-from .evaluate import COLUMNS, evaluate_per_query
-from .model import MIMModel
-from .preprocess import preprocess_image_bytes
-from .progress import progress_bar
-from .ranking import top_k
-from .stats import bootstrap_interval, paired_difference
-from .synth import ensure_catalog
-from .tokenizer import TextTokenizer
-from .train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES, train
+from mim.atomic import atomic_write_text
+from mim.data.catalog import Catalog, load_catalog
+from mim.data.synth import ensure_catalog
+from mim.model.checkpoint import Checkpoint, load_checkpoint
+from mim.model.config import PreprocessConfig, get_size
+from mim.model.preprocess import preprocess_image_bytes
+from mim.model.tokenizer import TextTokenizer
+from mim.model.towers import MIMModel
+from mim.progress import progress_bar
+from mim.search.embedding import LocalEmbedder, TorchEmbedder
+from mim.search.ranking import top_k
+from mim.training.evaluate import COLUMNS, evaluate_per_query
+from mim.training.stats import bootstrap_interval, paired_difference
+from mim.training.train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES, train
 
 # (name, objective, initialised from, training steps as a multiple of --steps)
 RUNS = (
@@ -442,7 +442,7 @@ def _seeds(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m mim.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m mim.training.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
         "--catalog", default="artifacts/catalog", help="catalog folder (generated with defaults if missing)"
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     wall, cpu = time.time() - t0, time.process_time() - c0 + result["worker_cpu_seconds"]
-    command = "python -m mim.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m mim.training.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     p = catalog.params
     n_test = {
         "products": len(catalog.products_in("test")),

@@ -6,7 +6,7 @@
   fusion (one kNN on normalize(a*img + (1-a)*txt)) and by refine (image top-N re-ranked by
   cos(q, p) + b*cos(s, p)).
 
-    python -m mim.evaluate --checkpoint artifacts/checkpoints/3tower [--checkpoint ...] --out results/quality
+    python -m mim.training.evaluate --checkpoint artifacts/checkpoints/3tower [--checkpoint ...] --out results/quality
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .catalog import Catalog
-from .dataset import open_catalog
-from .embedding import Embedder
-from .ranking import fuse, refine, top_k
+from mim.atomic import atomic_write_text
+from mim.data.catalog import Catalog
+from mim.data.dataset import open_catalog
+from mim.search.embedding import Embedder
+from mim.search.ranking import fuse, refine, top_k
 
 KS = (1, 5, 10)
 
 
-# --- metrics (pure NumPy, unit-tested on hand-made rankings; the ranking itself is mim.ranking's) ------------
+# --- metrics (pure NumPy, unit-tested on hand-made rankings; the ranking itself is mim.search.ranking's) ------------
 def hits_at_k(ranked: np.ndarray, target: np.ndarray, ks: Sequence[int] = KS) -> dict[str, np.ndarray]:
     """Per query, 1.0 if its target is in the top k else 0.0: {"R@k": (Q,)}.
 
@@ -137,7 +137,9 @@ def write_results(out: str | Path, rows: dict[str, dict[str, float]], header: st
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m mim.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m mim.training.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
         "--checkpoint",
@@ -149,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="test", choices=["train", "val", "test"])
     ap.add_argument("--out", help="write OUT.md and OUT.json")
     args = ap.parse_args(argv)
-    from .checkpoint import load_checkpoint  # torch: only the CLI needs it, the metrics above do not
-    from .embedding import TorchEmbedder
+    from mim.model.checkpoint import load_checkpoint  # torch: only the CLI needs it, the metrics above do not
+    from mim.search.embedding import TorchEmbedder
 
     catalog = open_catalog(args.catalog)
     rows = {}
@@ -162,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.out:
         write_results(
-            args.out, rows, f"Split: {args.split}; command: python -m mim.evaluate {' '.join(argv or sys.argv[1:])}"
+            args.out,
+            rows,
+            f"Split: {args.split}; command: python -m mim.training.evaluate {' '.join(argv or sys.argv[1:])}",
         )
     return 0
 

@@ -1,7 +1,8 @@
 """Import a pretrained CLIP checkpoint into our checkpoint format (safetensors + config + tokenizer + preprocessing).
 
-    python -m mim.import_clip --hf path/to/clip-folder --out artifacts/checkpoints/clip
-    python -m mim.import_clip --openclip ViT-B-32.safetensors --arch ViT-B-32-quickgelu --out artifacts/checkpoints/clip
+    python -m mim.model.import_clip --hf path/to/clip-folder --out artifacts/checkpoints/clip
+    python -m mim.model.import_clip --openclip ViT-B-32.safetensors --arch ViT-B-32-quickgelu \
+        --out artifacts/checkpoints/clip
 
 Two source layouts:
 - a Hugging Face `CLIPModel` folder: `config.json`, `model.safetensors` (or `pytorch_model.bin`, read with
@@ -34,11 +35,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from . import checkpoint as ckpt
-from .config import ModelConfig, PreprocessConfig, TextConfig, VisionConfig, get_size
-from .layout import model_id_of_checkpoint
-from .model import MIMModel
-from .tokenizer import ClipTokenizer, clip_vocab_from_bpe_file
+from mim.layout import model_id_of_checkpoint
+from mim.model import checkpoint as ckpt
+from mim.model.config import ModelConfig, PreprocessConfig, TextConfig, VisionConfig, get_size
+from mim.model.tokenizer import ClipTokenizer, clip_vocab_from_bpe_file
+from mim.model.towers import MIMModel
 
 # Hugging Face's CLIPConfig defaults, for the fields a config.json leaves out.
 _HF_TEXT_DEFAULTS = {
@@ -490,7 +491,9 @@ def _write(
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m mim.import_clip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m mim.model.import_clip",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", type=Path, help="Hugging Face CLIPModel folder (config.json, model.safetensors, ...)")

@@ -1,8 +1,8 @@
 """Train the MIM model (DML baseline, 3-tower or 4-tower) on a catalog.
 
-    python -m mim.train --catalog artifacts/catalog --objective 3tower --out artifacts/checkpoints/3tower
-    python -m mim.train ... --objective 4tower --init-from artifacts/checkpoints/3tower   # paper's best 4-tower
-    python -m mim.train ... --resume                                                      # continue a run
+    python -m mim.training.train --catalog artifacts/catalog --objective 3tower --out artifacts/checkpoints/3tower
+    python -m mim.training.train ... --objective 4tower --init-from artifacts/checkpoints/3tower  # paper's best 4-tower
+    python -m mim.training.train ... --resume                                                      # continue a run
 
 CPU by default here, the GPU when one is present. Seeded: the batch at step i depends only on (seed, i), so a
 resumed run draws the same batches as an uninterrupted one.
@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .catalog import ATTRIBUTES, Catalog
-from .config import PreprocessConfig, get_size
-from .dataset import is_dataset, open_catalog
-from .losses import OBJECTIVES, LossWeights, mim_loss
-from .model import MIMModel
-from .preprocess import preprocess_image_bytes
-from .progress import progress_bar
-from .synth import ensure_catalog
-from .tokenizer import ClipTokenizer, TextTokenizer, Tokenizers
+from mim.data.catalog import ATTRIBUTES, Catalog
+from mim.data.dataset import is_dataset, open_catalog
+from mim.data.synth import ensure_catalog
+from mim.model import checkpoint as ckpt
+from mim.model.config import PreprocessConfig, get_size
+from mim.model.losses import OBJECTIVES, LossWeights, mim_loss
+from mim.model.preprocess import preprocess_image_bytes
+from mim.model.tokenizer import ClipTokenizer, TextTokenizer, Tokenizers
+from mim.model.towers import MIMModel
+from mim.progress import progress_bar
 
 # Batch composition defaults (docs/METHOD.md, "Batches"): products without street photos per batch for the
 # photo-title term, and hard-negative groups.
@@ -205,21 +205,21 @@ def pick_device(name: str) -> torch.device:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m mim.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m mim.training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
         "--catalog",
         default="artifacts/catalog",
-        help="catalog folder (generated if missing), or a JSON Lines dataset manifest (mim/dataset.py)",
+        help="catalog folder (generated if missing), or a JSON Lines dataset manifest (mim/data/dataset.py)",
     )
     ap.add_argument("--catalog-seed", type=int, default=0)
-    ap.add_argument("--size", default="tiny", help="named model size (mim.config.SIZES)")
+    ap.add_argument("--size", default="tiny", help="named model size (mim.model.config.SIZES)")
     ap.add_argument("--objective", choices=OBJECTIVES, default="3tower")
     ap.add_argument("--out", required=True, help="checkpoint folder to write")
     ap.add_argument(
         "--init-from",
         help="start from this checkpoint's weights, tokenizer and preprocessing (e.g. 4-tower from 3-tower, or an "
-        "imported CLIP: python -m mim.import_clip)",
+        "imported CLIP: python -m mim.model.import_clip)",
     )
     ap.add_argument("--resume", action="store_true", help="continue from --out if it holds a checkpoint")
     ap.add_argument("--steps", type=int, default=600)

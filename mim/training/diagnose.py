@@ -10,7 +10,7 @@ which is how the false-positive argument of docs/METHOD.md ("Setting") is checke
   colour), the same category with another pattern or colour, or another category sharing pattern and colour,
   colour only, pattern only, or nothing.
 
-    python -m mim.diagnose --checkpoint dml=artifacts/checkpoints/full/seed0/dml \\
+    python -m mim.training.diagnose --checkpoint dml=artifacts/checkpoints/full/seed0/dml \\
         --checkpoint 3tower=artifacts/checkpoints/full/seed0/3tower --catalog artifacts/catalog
 """
 
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .catalog import ATTRIBUTES, Catalog, Product
-from .dataset import open_catalog
-from .embedding import Embedder
-from .ranking import top_k
+from mim.atomic import atomic_write_text
+from mim.data.catalog import ATTRIBUTES, Catalog, Product
+from mim.data.dataset import open_catalog
+from mim.search.embedding import Embedder
+from mim.search.ranking import top_k
 
 # Top-1 outcomes, in the order they are tested: the first that holds names the result.
 OUTCOMES = (
@@ -114,15 +114,17 @@ def markdown(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m mim.diagnose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m mim.training.diagnose",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--checkpoint", action="append", required=True, help="checkpoint folder (name=path); repeat")
     ap.add_argument("--catalog", default="artifacts/catalog", help="catalog folder or JSON Lines dataset manifest")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"])
     ap.add_argument("--out", help="also write OUT.md and OUT.json")
     args = ap.parse_args(argv)
-    from .checkpoint import load_checkpoint  # torch: only the CLI needs it
-    from .embedding import TorchEmbedder
+    from mim.model.checkpoint import load_checkpoint  # torch: only the CLI needs it
+    from mim.search.embedding import TorchEmbedder
 
     try:
         catalog = open_catalog(args.catalog)

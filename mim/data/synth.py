@@ -1,4 +1,4 @@
-"""Generate the deterministic synthetic street-to-shop catalog (`python -m mim.synth --out DIR`).
+"""Generate the deterministic synthetic street-to-shop catalog (`python -m mim.data.synth --out DIR`).
 
 Every product is one model of a category made in one (pattern, colour): a drawn silhouette (mug, shirt, shoe, ...)
 filled with a surface pattern (stripes, zebra, polka dots, ...) in a colour. A category has `variants` models,
@@ -28,7 +28,7 @@ id), never global random state (only the split uses one catalog-wide stream): th
 byte-identical files, and products could be rendered in parallel.
 
 This module plans the records (vocabulary, titles, queries, reformulations, splits) and writes the catalog;
-`mim.render` draws the images and `mim.catalog` owns the records, the folder layout and the manifest.
+`mim.data.render` draws the images and `mim.data.catalog` owns the records, the folder layout and the manifest.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .catalog import (
+from mim.data.catalog import (
     MANIFEST,
     Catalog,
     Product,
@@ -57,8 +57,7 @@ from .catalog import (
     summary,
     write_manifest,
 )
-from .progress import progress_bar
-from .render import (
+from mim.data.render import (
     COLOUR_RGB,
     DEFAULT_STREET_LAYOUT,
     LOGOS,
@@ -68,8 +67,9 @@ from .render import (
     render_catalog_image,
     render_street_photo,
 )
+from mim.progress import progress_bar
 
-# Category -> the material word its titles use. mim.render draws a silhouette for each.
+# Category -> the material word its titles use. mim.data.render draws a silhouette for each.
 MATERIALS: dict[str, str] = {
     "mug": "ceramic",
     "shirt": "cotton",
@@ -97,7 +97,7 @@ PATTERN_WORDS: dict[str, tuple[str, str]] = {
 }
 PATTERNS: tuple[str, ...] = tuple(PATTERN_WORDS)
 
-# Colour names in id order; mim.render.COLOUR_RGB holds how each is drawn.
+# Colour names in id order; mim.data.render.COLOUR_RGB holds how each is drawn.
 COLOURS: tuple[str, ...] = tuple(COLOUR_RGB)
 
 STYLE_WORDS = ("classic", "modern", "vintage", "everyday", "premium", "minimalist", "handmade", "essential")
@@ -466,7 +466,7 @@ def save_contact_sheet(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mim.synth", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mim.data.synth", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="catalog root directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=128)
