@@ -389,7 +389,7 @@ def unavailable_reason(repository: Path | None = None) -> str | None:
     if repository is not None:
         for model in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER):
             if not (repository / model / "configs" / f"{GPU_CONFIG}.pbtxt").is_file():
-                return f"{model}/configs/{GPU_CONFIG}.pbtxt missing (python -m mim.serving.repository --write)"
+                return f"{model}/configs/{GPU_CONFIG}.pbtxt missing (mimsearch repository --write)"
             weights = layout.version_dir(repository, model) / layout.TORCH_WEIGHTS
             if not weights.is_file():
                 return f"{weights.relative_to(repository)} missing: install an export (make engines)"

@@ -261,7 +261,7 @@ def _http_ok(url: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pytriton_baseline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (python -m mim.training.train)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (mimsearch train)")
     p.add_argument("--grpc-port", type=int, default=8101)
     p.add_argument("--http-port", type=int, default=8100)
     p.add_argument("--metrics-port", type=int, default=8102)

@@ -9,7 +9,7 @@ models -> ONNX Runtime towers). Both are wrapped in a `Recording` embedder that 
 besides the metric differences the report gives the embeddings' worst cosine and largest absolute difference,
 row for row (`mim.search.ranking.parity`).
 
-The DML / 3-tower / 4-tower table is trained and written by `python -m mim.training.compare` (`make quality`) into
+The DML / 3-tower / 4-tower table is trained and written by `mimsearch compare` (`make quality`) into
 benchmarks/results/quality.{md,json}; this module only reads it for RESULTS.md and never retrains.
 
 Writes <out>/quality_served.json and <out>/quality_served.md.
@@ -38,9 +38,7 @@ from mim.training.evaluate import evaluate, markdown_table
 from .common import now_utc, write_json
 
 TRAINED_TABLE = Path(__file__).resolve().parent / "results" / "quality"  # mim.training.compare's --out default
-TRAINED_COMMAND = (
-    "python -m mim.training.compare --catalog artifacts/catalog --steps 600 --out benchmarks/results/quality"
-)
+TRAINED_COMMAND = "mimsearch compare --catalog artifacts/catalog --steps 600 --out benchmarks/results/quality"
 # Served and in-process embeddings are the same FP32 math in two runtimes (torch vs ONNX Runtime).
 MIN_COSINE = 0.9999
 METRIC_TOLERANCE = 1e-6  # metrics are shares of queries: any flipped ranking moves them by >= 1/queries

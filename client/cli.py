@@ -135,7 +135,7 @@ def install_and_reload(index_path: Path, repo: Path, url: str, timeout: float) -
         except ClientError as e:
             print(
                 f"warning: the server at {url} did not load it ({e.server_message or e}); a server with explicit "
-                "model control (python -m mim.serving.server) loads it now, others at their next start",
+                "model control (mimsearch serve) loads it now, others at their next start",
                 file=sys.stderr,
             )
             return
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ix = sub.add_parser("index", help="embed a gallery through the server into a store (resumable)")
     _common(ix)
-    ix.add_argument("--catalog", help="synthetic catalog folder (python -m mim.data.synth)")
+    ix.add_argument("--catalog", help="synthetic catalog folder (mimsearch catalog)")
     ix.add_argument(
         "--split", default="test", choices=["train", "val", "test", "all"], help="catalog products to index"
     )

@@ -312,7 +312,7 @@ def _export_one(tower: Tower, model_cfg: ModelConfig, out_dir: Path, *, opset: i
 # --- CLI ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.onnx_export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (python -m mim.training.train)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (mimsearch train)")
     p.add_argument("--out", required=True, type=Path, help="output folder for the ONNX artifacts")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 ONNX variant")

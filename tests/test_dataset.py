@@ -11,13 +11,14 @@ import pytest
 import torch
 from _client_helpers import small_catalog
 
-from mim.data.dataset import DatasetError, load_dataset, main, write_dataset
+from mim.data.dataset import DatasetError, load_dataset, write_dataset
 from mim.model.checkpoint import load_checkpoint
 from mim.model.config import get_size
 from mim.model.tokenizer import TextTokenizer
 from mim.model.towers import MIMModel
-from mim.training.evaluate import main as evaluate_main
 from mim.training.train import batch_loss, load_split, train
+from mimsearch.commands.dataset import main
+from mimsearch.commands.evaluate import main as evaluate_main
 
 
 @pytest.fixture(scope="module")

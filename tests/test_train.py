@@ -11,7 +11,8 @@ from mim.data.synth import CATEGORIES, COLOURS, PATTERNS, generate_catalog
 from mim.model import checkpoint as ckpt
 from mim.search.embedding import TorchEmbedder
 from mim.training.evaluate import evaluate
-from mim.training.train import HARD_GROUP, batch_loss, compose_batch, load_split, main, train
+from mim.training.train import HARD_GROUP, batch_loss, compose_batch, load_split, train
+from mimsearch.commands.train import main
 
 
 @pytest.fixture(scope="module")

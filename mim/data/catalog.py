@@ -11,7 +11,7 @@ fraction of the training products have query photos with a short typed query; so
 reformulations (a text naming a change of colour or pattern whose answer is another product). Products are split
 train/val/test by product, so test products never appear in training.
 
-This module only reads and writes records. `mim.data.synth` plans and draws a catalog (`python -m mim.data.synth`),
+This module only reads and writes records. `mim.data.synth` plans and draws a catalog (`mimsearch catalog`),
 `mim.data.render` holds the drawing code.
 """
 
@@ -178,7 +178,7 @@ def load_catalog(root: str | os.PathLike) -> Catalog:
     path = root / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
-            f"no catalog manifest at {path}; create one with `python -m mim.data.synth --out {root}` "
+            f"no catalog manifest at {path}; create one with `mimsearch catalog --out {root}` "
             "or mim.data.synth.ensure_catalog(root)"
         )
     doc = json.loads(path.read_text(encoding="utf-8"))
@@ -186,7 +186,7 @@ def load_catalog(root: str | os.PathLike) -> Catalog:
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format_version={version!r}, expected {FORMAT_VERSION}: it was written by another version of "
-            f"the generator and would be misread; regenerate it with `python -m mim.data.synth --out {root} --force` "
+            f"the generator and would be misread; regenerate it with `mimsearch catalog --out {root} --force` "
             "(or mim.data.synth.ensure_catalog)"
         )
     params = doc["params"]

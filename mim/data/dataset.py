@@ -17,18 +17,15 @@ so a product's query photos never straddle two splits. Every row is checked befo
 missing or undecodable image, an empty title, a product given two titles or two images, or a split without
 test products is one error naming the row and the field. Nothing is written by reading.
 
-    python -m mim.data.dataset --catalog artifacts/catalog --out artifacts/catalog.jsonl   # export the synthetic one
+    mimsearch dataset --catalog artifacts/catalog --out artifacts/catalog.jsonl   # export the synthetic one
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
-import sys
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,23 +186,3 @@ def write_dataset(catalog: Catalog, out: str | Path) -> Path:
         lines += [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in rows or [base]]
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m mim.data.dataset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--catalog", required=True, help="synthetic catalog folder to export")
-    ap.add_argument("--out", required=True, help="JSON Lines file to write inside the catalog folder")
-    args = ap.parse_args(argv)
-    try:
-        path = write_dataset(load_catalog(args.catalog), args.out)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -81,9 +81,7 @@ def save_checkpoint(
 def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / CONFIG
     if not path.is_file():
-        raise CheckpointError(
-            f"{path} not found; expected a checkpoint folder written by `python -m mim.training.train`"
-        )
+        raise CheckpointError(f"{path} not found; expected a checkpoint folder written by `mimsearch train`")
     cfg = json.loads(path.read_text())
     if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
         raise CheckpointError(

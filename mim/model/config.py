@@ -203,7 +203,7 @@ def _clip_size(name: str, patch: int, vision: tuple[int, int, int], text: tuple[
             ),
         ),
         preprocess=PreprocessConfig(image_size=224, context_length=77, tokenizer="clip_bpe", resize_mode="clip"),
-        why="the shape of a pretrained CLIP checkpoint (python -m mim.model.import_clip)",
+        why="the shape of a pretrained CLIP checkpoint (mimsearch import-clip)",
     )
 
 

@@ -1,8 +1,8 @@
 """The Triton model repository, generated from the tensor contract (`mim.contract`).
 
-    python -m mim.serving.repository --write                 # (re)write model_repository/ for the tiny size
-    python -m mim.serving.repository --check                 # list differences, exit 1 if any
-    python -m mim.serving.repository --write --checkpoint artifacts/ckpt --repository /srv/repo
+    mimsearch repository --write                 # (re)write model_repository/ for the tiny size
+    mimsearch repository --check                 # list differences, exit 1 if any
+    mimsearch repository --write --checkpoint artifacts/ckpt --repository /srv/repo
 
 Every `config.pbtxt` is built as Triton's own protobuf (`tritonclient.grpc.model_config_pb2.ModelConfig`),
 checked against the contract, written with `google.protobuf.text_format` and parsed back, so a config that
@@ -29,9 +29,7 @@ parameter `default_image_weight` as the default. No extra input tensor is needed
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +58,7 @@ from mim.model.config import ModelConfig, PreprocessConfig, get_size
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 DEFAULT_SIZE = "tiny"
-WRITE_COMMAND = "python -m mim.serving.repository --write"
+WRITE_COMMAND = "mimsearch repository --write"
 
 # Config variants: the `--model-config-name` that selects `configs/<variant>.pbtxt` (the default is
 # layout.DEFAULT_CONFIG).
@@ -646,50 +644,12 @@ def check_repository(
     return problems
 
 
-# --- CLI ---------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mim.serving.repository", description=__doc__.split("\n\n")[0])
-    action = p.add_mutually_exclusive_group(required=True)
-    action.add_argument("--write", action="store_true", help="write all generated files")
-    action.add_argument("--check", action="store_true", help="list differences from the generator; exit 1 if any")
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository folder")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--size", default=DEFAULT_SIZE, help="named size from mim.model.config.SIZES (default: tiny)")
-    src.add_argument("--checkpoint", type=Path, help="take the dims from this checkpoint's config.json")
-    return p
-
-
-def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, PreprocessConfig]:
-    if args.checkpoint is not None:
+def configs_for(size: str = DEFAULT_SIZE, checkpoint: str | Path | None = None) -> tuple[ModelConfig, PreprocessConfig]:
+    """The (model, preprocessing) configs whose dims a repository is written with: a checkpoint's, else a size's."""
+    if checkpoint is not None:
         from mim.model.checkpoint import read_config
 
-        raw = read_config(args.checkpoint)
+        raw = read_config(checkpoint)
         return ModelConfig.from_dict(raw["model"]), PreprocessConfig.from_dict(raw["preprocess"])
-    spec = get_size(args.size)
+    spec = get_size(size)
     return spec.model, spec.preprocess
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        model_cfg, pre_cfg = configs_from_args(args)
-        # Dims only: the model identity is written by `export.engines.install`, with the artifacts it names.
-        if args.write:
-            paths = write_repository(args.repository, model_cfg, pre_cfg)
-            print(f"wrote {len(paths)} files under {args.repository}")
-            return 0
-        problems = check_repository(args.repository, model_cfg, pre_cfg)
-    except (RepositoryError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for line in problems:
-        print(line)
-    if problems:
-        print(f"{len(problems)} difference(s); run `{WRITE_COMMAND} --repository {args.repository}`", file=sys.stderr)
-        return 1
-    print(f"{args.repository} is up to date")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

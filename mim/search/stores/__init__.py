@@ -28,11 +28,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from mim.search.stores.milvus import MILVUS_LITE_SUFFIX, is_milvus_location
+
 KNN_SUFFIX = ".safetensors"
-MILVUS_LITE_SUFFIX = ".db"
-MILVUS_SCHEMES = ("http://", "https://", "tcp://")
-MILVUS_TOKEN_ENV = "MILVUS_TOKEN"  # a token is a secret: taken from the environment, never from a flag
-DEFAULT_COLLECTION = "gallery"
 
 
 @runtime_checkable
@@ -73,17 +71,6 @@ class VectorStore(Protocol):
     def save(self, path: str | os.PathLike) -> None:
         """Make everything added so far durable at `path` (the location the store was opened from)."""
         ...
-
-
-def is_milvus_location(location: str | os.PathLike) -> bool:
-    text = str(location)
-    return text.startswith(MILVUS_SCHEMES) or split_collection(text)[0].endswith(MILVUS_LITE_SUFFIX)
-
-
-def split_collection(location: str) -> tuple[str, str]:
-    """ "uri#name" -> ("uri", "name"); without a fragment the collection is `DEFAULT_COLLECTION`."""
-    uri, _, name = str(location).partition("#")
-    return uri, name or DEFAULT_COLLECTION
 
 
 def describe_locations() -> str:

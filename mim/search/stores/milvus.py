@@ -41,7 +41,25 @@ from typing import Any
 import numpy as np
 
 from mim.search.knn import DEFAULT_NORM_TOL, _check_categories, _check_ids, _check_matrix, _check_metadata
-from mim.search.stores import MILVUS_SCHEMES, MILVUS_TOKEN_ENV, split_collection
+
+# Locations: a local ``.db`` folder runs Milvus Lite in-process; an http(s):// or tcp:// URI reaches a server.
+# An optional "#name" picks the collection.
+MILVUS_LITE_SUFFIX = ".db"
+MILVUS_SCHEMES = ("http://", "https://", "tcp://")
+MILVUS_TOKEN_ENV = "MILVUS_TOKEN"  # a token is a secret: taken from the environment, never from a flag
+DEFAULT_COLLECTION = "gallery"
+
+
+def is_milvus_location(location: str | os.PathLike) -> bool:
+    text = str(location)
+    return text.startswith(MILVUS_SCHEMES) or split_collection(text)[0].endswith(MILVUS_LITE_SUFFIX)
+
+
+def split_collection(location: str) -> tuple[str, str]:
+    """ "uri#name" -> ("uri", "name"); without a fragment the collection is `DEFAULT_COLLECTION`."""
+    uri, _, name = str(location).partition("#")
+    return uri, name or DEFAULT_COLLECTION
+
 
 FORMAT = "mim-gallery/1"
 PROP_FORMAT = "mim.format"
