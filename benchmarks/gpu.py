@@ -38,12 +38,13 @@ import numpy as np
 
 from mim import contract, layout
 from mim.search import ranking
+from mim.serving.runtimes import GPU_TORCH, TORCH
 
 from . import perf
 from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
 from .knn_bench import time_side_by_side
 
-GPU_CONFIG, CPU_CONFIG = "gpu_torch", "torch"
+GPU_CONFIG, CPU_CONFIG = GPU_TORCH, TORCH  # rows of mim.serving.runtimes.VARIANTS
 # An H200's dense FP16 tensor-core rate and copy bandwidth (matmul and device-to-device copy microbenchmarks);
 # the floors are these divided into the work. Pass --peak-tflops / --hbm-tbps for another GPU.
 PEAK_TFLOPS = 790.0

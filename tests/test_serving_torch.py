@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from mim import contract
 from mim.search.ranking import parity
-from mim.serving.repository import TORCH
+from mim.serving.runtimes import TORCH
 from mim.serving.server import TritonServer
 
 pytestmark = pytest.mark.server

@@ -177,7 +177,7 @@ class OnnxEmbedder(LocalEmbedder):
     ) -> OnnxEmbedder:
         """The FP32 towers and preprocessing files installed in a Triton repository, with the served thread count."""
         from mim.serving.backends import TextPreprocessor, read_model_config, read_preprocess
-        from mim.serving.repository import CPU_ENCODER_THREADS
+        from mim.serving.runtimes import CPU_ENCODER_THREADS
 
         image_dir = layout.version_dir(repository, contract.IMAGE_ENCODER)
         text_dir = layout.version_dir(repository, contract.TEXT_ENCODER)

@@ -9,9 +9,8 @@ expects the stub next to `libtriton_python.so`, so a backend folder with both is
 folder and passed with `--backend-directory`. The python models run in the stub with this virtualenv's
 packages (so they `import mim`). Every listener binds to 127.0.0.1 only.
 
-Config variants (see mim.serving.repository): `cpu`, `gpu_onnx`, `torch` and `gpu_torch` select
-`configs/<name>.pbtxt` with `--model-config-name`; `default` uses each model's `config.pbtxt` (TensorRT engines,
-NGC container).
+Config variants (the rows of mim.serving.runtimes.VARIANTS): each selects `configs/<name>.pbtxt` with
+`--model-config-name`; `default` uses each model's `config.pbtxt` (TensorRT engines, NGC container).
 
 Model control: `explicit` (the default) loads the repository's servable models at start-up
 (`mim.serving.gallery.servable_models`: everything, except the `knn` model and the search ensembles until a
@@ -38,9 +37,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from mim.serving.runtimes import CPU, variant_names
+
 HOST = "127.0.0.1"
-CONFIGS = ("cpu", "gpu_onnx", "torch", "gpu_torch", "default")
-DEFAULT_CONFIG = "cpu"
+CONFIGS = variant_names()
+DEFAULT_CONFIG = CPU
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 MODEL_CONTROL = ("explicit", "none")

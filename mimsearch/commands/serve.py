@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mim.serving import server as lib
+from mim.serving.runtimes import VARIANTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         choices=lib.CONFIGS,
         default=lib.DEFAULT_CONFIG,
-        help="config variant: cpu (ONNX Runtime, CPU), gpu_onnx (ONNX Runtime, CUDA), torch (torch, CPU), "
-        "gpu_torch (torch FP16 + CUDA graphs), default (TensorRT engines)",
+        help="config variant: " + ", ".join(f"{v.name} ({v.label})" for v in VARIANTS),
     )
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
