@@ -12,7 +12,7 @@
 
 `index` embeds every gallery image with the `embed_image` ensemble and saves a gallery holding the ids, the
 embeddings, each item's title/category/image path, and the identity of the embedding model. `--store` picks
-where (`mim.store`): a KnnIndex file (*.safetensors, the exact in-process index), a Milvus Lite folder (*.db)
+where (`mim.search.stores`): a KnnIndex file (*.safetensors, the exact in-process index), a Milvus Lite folder (*.db)
 or a Milvus server/cluster URI (http://host:19530#collection, token from $MILVUS_TOKEN). `--out` and `--index`
 are older names of `--store`. Indexing is resumable: the partial gallery is saved every few batches, and
 rerunning the same command continues where it stopped. `--url` takes several Triton replicas separated by
@@ -39,10 +39,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mim import contract, layout
-from mim.catalog import load_catalog
-from mim.milvus_store import MilvusIndexConfig, MilvusStoreError
-from mim.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
-from mim.store import describe_locations, is_milvus_location, open_store
+from mim.data.catalog import load_catalog
+from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
+from mim.search.stores import describe_locations, is_milvus_location, open_store
+from mim.search.stores.milvus import MilvusIndexConfig, MilvusStoreError
 
 from .html import QueryBlock, render_page, write_page
 from .indexing import DEFAULT_SAVE_EVERY, build_index, catalog_items, manifest_items
@@ -135,7 +135,7 @@ def install_and_reload(index_path: Path, repo: Path, url: str, timeout: float) -
         except ClientError as e:
             print(
                 f"warning: the server at {url} did not load it ({e.server_message or e}); a server with explicit "
-                "model control (python -m mim.serving.server) loads it now, others at their next start",
+                "model control (mimsearch serve) loads it now, others at their next start",
                 file=sys.stderr,
             )
             return
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ix = sub.add_parser("index", help="embed a gallery through the server into a store (resumable)")
     _common(ix)
-    ix.add_argument("--catalog", help="synthetic catalog folder (python -m mim.synth)")
+    ix.add_argument("--catalog", help="synthetic catalog folder (mimsearch catalog)")
     ix.add_argument(
         "--split", default="test", choices=["train", "val", "test", "all"], help="catalog products to index"
     )

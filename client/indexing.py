@@ -1,5 +1,5 @@
 """Build a gallery by embedding product images through the served `embed_image` ensemble, into any
-`mim.store.VectorStore`: a KnnIndex file (`gallery.safetensors`) or a Milvus collection (`gallery.db`,
+`mim.search.stores.VectorStore`: a KnnIndex file (`gallery.safetensors`) or a Milvus collection (`gallery.db`,
 `http://host:19530#name`).
 
 Resumable: the partial gallery is saved every `save_every` batches (KnnIndex: temp file, fsync, rename; Milvus:
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from mim import contract
-from mim.catalog import Catalog
+from mim.data.catalog import Catalog
 from mim.progress import progress_bar
-from mim.store import VectorStore, is_milvus_location, open_store, store_exists
+from mim.search.stores import VectorStore, is_milvus_location, open_store, store_exists
 
 EmbedImages = Callable[[Sequence[bytes]], np.ndarray]
 DEFAULT_SAVE_EVERY = 4  # batches between checkpoints of the partial index: 4 x 64 images
@@ -157,11 +157,11 @@ def build_index(
     device: str = "cpu",
     milvus_index: Any = None,
 ) -> IndexReport:
-    """Embed every item not yet in the gallery at `out` (a store location, see `mim.store`) and save it.
+    """Embed every item not yet in the gallery at `out` (a store location, see `mim.search.stores`) and save it.
 
     `on_batch(batches_done, index)` runs after each batch is added (tests use it to simulate a crash).
     `max_batches` stops cleanly after that many batches (saved, `complete=False`). `milvus_index` (a
-    `mim.milvus_store.MilvusIndexConfig`) sets the index of a Milvus collection this call creates.
+    `mim.search.stores.milvus.MilvusIndexConfig`) sets the index of a Milvus collection this call creates.
     """
     if not is_milvus_location(out):
         out = Path(out)

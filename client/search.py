@@ -1,4 +1,4 @@
-"""Search over a gallery (`mim.store.VectorStore`: a KnnIndex or a Milvus collection) with query embeddings
+"""Search over a gallery (`mim.search.stores.VectorStore`: a KnnIndex or a Milvus collection) with query embeddings
 from an embedding client.
 
     service = SearchService(EmbeddingClient(url), open_store("gallery.safetensors"))
@@ -10,10 +10,10 @@ from an embedding client.
 The two multimodal modes (docs/METHOD.md, "Multimodal search"):
 - fusion: one kNN on normalize(a * image + (1 - a) * text), the embedding the server's `embed_multimodal`
   ensemble computes (its `fuse` model);
-- refine: image kNN for the top N, re-ranked by cos(q, p) + b * cos(s, p) with `mim.ranking.refine`, the same
+- refine: image kNN for the top N, re-ranked by cos(q, p) + b * cos(s, p) with `mim.search.ranking.refine`, the same
   function the offline evaluation uses.
 
-`client` is any `mim.embedding.Embedder`: `EmbeddingClient`, or an in-process embedder for tests and offline
+`client` is any `mim.search.embedding.Embedder`: `EmbeddingClient`, or an in-process embedder for tests and offline
 use. Results carry the metadata the index was built with (title, category, image path). Nothing here imports
 torch: the search path runs where only NumPy, the gRPC client and the index are installed.
 """
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from mim import contract
-from mim.embedding import Embedder
-from mim.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine, refine_scores
-from mim.store import VectorStore
+from mim.search.embedding import Embedder
+from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine, refine_scores
+from mim.search.stores import VectorStore
 
 MODES = ("fusion", "refine")
 
@@ -115,7 +115,7 @@ class SearchService:
         text_weight: float = DEFAULT_REFINE_WEIGHT,
         top_n: int = REFINE_TOP_N,
     ) -> list[SearchResult]:
-        """Image kNN for `top_n` candidates from the index, re-ranked by `mim.ranking.refine`."""
+        """Image kNN for `top_n` candidates from the index, re-ranked by `mim.search.ranking.refine`."""
         if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
             raise ValueError(f"top_n={top_n!r}; expected a positive int (candidates re-ranked by refine)")
         k = self._k(k)

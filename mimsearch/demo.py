@@ -33,17 +33,17 @@ from client.indexing import build_index, catalog_items
 from client.search import SearchResult, SearchService
 from client.search_client import SearchClient
 from client.triton_client import EmbeddingClient
-from mim.catalog import Catalog, QueryPhoto
-from mim.checkpoint import Checkpoint, load_checkpoint
-from mim.compare import rank_gallery
-from mim.embedding import TorchEmbedder
-from mim.evaluate import evaluate
-from mim.knn import KnnIndex
+from mim.data.catalog import Catalog, QueryPhoto
+from mim.data.synth import ensure_catalog
+from mim.model.checkpoint import Checkpoint, load_checkpoint
+from mim.search.embedding import TorchEmbedder
+from mim.search.knn import KnnIndex
+from mim.search.stores import VectorStore, is_milvus_location, open_store, store_exists
 from mim.serving.repository import prepare_repository
 from mim.serving.server import TritonServer
-from mim.store import VectorStore, is_milvus_location, open_store, store_exists
-from mim.synth import ensure_catalog
-from mim.train import train
+from mim.training.compare import rank_gallery
+from mim.training.evaluate import evaluate
+from mim.training.train import train
 
 SHOW_K = 5  # results printed per demo search (the page shows SHOW_K * 2)
 METRICS = (

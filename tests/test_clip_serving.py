@@ -10,9 +10,9 @@ from _clip_helpers import TITLES, HFEmbeddings, more_photos, random_clip, save_h
 
 from client.search import SearchService
 from client.triton_client import EmbeddingClient
-from mim.import_clip import import_hf
-from mim.knn import KnnIndex
-from mim.ranking import row_cosines as cosines
+from mim.model.import_clip import import_hf
+from mim.search.knn import KnnIndex
+from mim.search.ranking import row_cosines as cosines
 
 pytestmark = pytest.mark.server
 

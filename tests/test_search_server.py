@@ -21,8 +21,8 @@ from client.search import SearchService
 from client.search_client import AsyncSearchClient, SearchClient
 from client.triton_client import ClientError, EmbeddingClient
 from mim import contract
-from mim.knn import KnnIndex
 from mim.layout import model_id_of_checkpoint
+from mim.search.knn import KnnIndex
 from mim.serving import gallery
 
 pytestmark = pytest.mark.server

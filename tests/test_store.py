@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from mim.knn import KnnIndex
+from mim.search.knn import KnnIndex
+from mim.search.stores import VectorStore, open_store, store_exists, upsert
 from mim.serving.server import free_port
-from mim.store import VectorStore, open_store, store_exists, upsert
 
 pytest.importorskip("pymilvus", reason="the Milvus store needs pymilvus + milvus-lite (pip install -e '.[milvus]')")
-from mim.milvus_store import MilvusIndexConfig, MilvusStore, MilvusStoreError, category_filter  # noqa: E402
+from mim.search.stores.milvus import MilvusIndexConfig, MilvusStore, MilvusStoreError, category_filter  # noqa: E402
 
 DIM, N = 32, 600
 CATS = ("mug", "shirt", "shoe", 'odd "cat" \\ name')
@@ -234,7 +234,7 @@ def test_a_lite_folder_in_use_names_the_file_and_the_fix(pair):
     _, _, path = pair  # held open by this process
     code = textwrap.dedent(
         f"""
-        from mim.milvus_store import MilvusStore, MilvusStoreError
+        from mim.search.stores.milvus import MilvusStore, MilvusStoreError
         try:
             MilvusStore.open({str(path)!r})
         except MilvusStoreError as e:
@@ -265,7 +265,7 @@ def test_the_lite_server_shares_one_folder_between_processes(tmp_path):
         with store:
             store.add(ids, emb, meta)
             store.save()
-        code = f"""from mim.store import open_store
+        code = f"""from mim.search.stores import open_store
 s = open_store("http://127.0.0.1:{port}#shared", expected_model_id="m")
 print(len(s), s.search(s.vectors([3]), 1)[1][0, 0])"""
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -9,9 +9,9 @@ import torch
 
 from export.onnx_export import random_inputs
 from mim import contract
-from mim.config import ModelConfig
-from mim.preprocess import InputError
-from mim.ranking import parity
+from mim.model.config import ModelConfig
+from mim.model.preprocess import InputError
+from mim.search.ranking import parity
 from mim.serving import backends
 from mim.serving.backends import OnnxEncoder, Request
 from mim.serving.torch_backend import (

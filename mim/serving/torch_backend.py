@@ -33,9 +33,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mim import contract, layout
-from mim.config import ModelConfig
-from mim.model import MIMModel
-from mim.preprocess import InputError
+from mim.model.config import ModelConfig
+from mim.model.preprocess import InputError
+from mim.model.towers import MIMModel
 
 from . import backends
 

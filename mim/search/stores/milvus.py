@@ -1,4 +1,4 @@
-"""A gallery in a Milvus collection, through `pymilvus.MilvusClient`: the `mim.store.VectorStore` for catalogs
+"""A gallery in a Milvus collection, through `pymilvus.MilvusClient`: the `mim.search.stores.VectorStore` for catalogs
 that outgrow one process.
 
     store = MilvusStore.open("gallery.db", dim=512, model_id="3f2a...")        # Milvus Lite, in-process
@@ -40,8 +40,26 @@ from typing import Any
 
 import numpy as np
 
-from .knn import DEFAULT_NORM_TOL, _check_categories, _check_ids, _check_matrix, _check_metadata
-from .store import MILVUS_SCHEMES, MILVUS_TOKEN_ENV, split_collection
+from mim.search.knn import DEFAULT_NORM_TOL, _check_categories, _check_ids, _check_matrix, _check_metadata
+
+# Locations: a local ``.db`` folder runs Milvus Lite in-process; an http(s):// or tcp:// URI reaches a server.
+# An optional "#name" picks the collection.
+MILVUS_LITE_SUFFIX = ".db"
+MILVUS_SCHEMES = ("http://", "https://", "tcp://")
+MILVUS_TOKEN_ENV = "MILVUS_TOKEN"  # a token is a secret: taken from the environment, never from a flag
+DEFAULT_COLLECTION = "gallery"
+
+
+def is_milvus_location(location: str | os.PathLike) -> bool:
+    text = str(location)
+    return text.startswith(MILVUS_SCHEMES) or split_collection(text)[0].endswith(MILVUS_LITE_SUFFIX)
+
+
+def split_collection(location: str) -> tuple[str, str]:
+    """ "uri#name" -> ("uri", "name"); without a fragment the collection is `DEFAULT_COLLECTION`."""
+    uri, _, name = str(location).partition("#")
+    return uri, name or DEFAULT_COLLECTION
+
 
 FORMAT = "mim-gallery/1"
 PROP_FORMAT = "mim.format"
@@ -252,7 +270,7 @@ def _unit_rows(emb: np.ndarray, normalize: bool, norm_tol: float) -> np.ndarray:
 
 # --- the store --------------------------------------------------------------------------------------------------
 class MilvusStore:
-    """A gallery in one Milvus collection. Create or open it with `MilvusStore.open` (or `mim.store.open_store`)."""
+    """A gallery in one Milvus collection. Create or open it with `MilvusStore.open` (or `stores.open_store`)."""
 
     def __init__(
         self, client: Any, uri: str, collection: str, dim: int, model_id: str | None, index: MilvusIndexConfig
@@ -442,7 +460,7 @@ class MilvusStore:
         if clash.size:
             raise ValueError(
                 f"id {int(clash[0])} is already in the gallery {self.location}; remove it first, use "
-                "mim.store.upsert, or use a new id"
+                "mim.search.stores.upsert, or use a new id"
             )
         for s in range(0, len(rows), INSERT_ROWS):
             self._client.insert(self.collection, rows[s : s + INSERT_ROWS])

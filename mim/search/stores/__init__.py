@@ -2,9 +2,9 @@
 
 Two implementations share it:
 
-* `mim.knn.KnnIndex`: the embedded exact index (NumPy on the CPU, CuPy on the GPU), persisted as one
+* `mim.search.knn.KnnIndex`: the embedded exact index (NumPy on the CPU, CuPy on the GPU), persisted as one
   safetensors file. The default: exact, no service to run, fast up to a few million items.
-* `mim.milvus_store.MilvusStore`: a Milvus collection through `pymilvus.MilvusClient`, for a catalog that
+* `mim.search.stores.milvus.MilvusStore`: a Milvus collection through `pymilvus.MilvusClient`, for a catalog that
   outgrows one process's memory. A local ``.db`` path runs Milvus Lite in-process; an ``http(s)://`` URI
   connects to a Milvus server or cluster (GPU indexes live there).
 
@@ -14,7 +14,7 @@ A location picks the implementation (`open_store`):
     gallery.db   or   gallery.db#name   Milvus Lite data folder (collection `name`, default `gallery`)
     http://host:19530#name              Milvus server or cluster; the token comes from $MILVUS_TOKEN
 
-Both keep the search contract written at the top of `mim.knn`: inner-product scores, (Q, k) arrays best
+Both keep the search contract written at the top of `mim.search.knn`: inner-product scores, (Q, k) arrays best
 first, padding id -1 / score -inf where a category filter leaves fewer than k items, k above the gallery
 size refused. Both record the embedding model's identity and refuse to be opened for another model.
 """
@@ -28,11 +28,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from mim.search.stores.milvus import MILVUS_LITE_SUFFIX, is_milvus_location
+
 KNN_SUFFIX = ".safetensors"
-MILVUS_LITE_SUFFIX = ".db"
-MILVUS_SCHEMES = ("http://", "https://", "tcp://")
-MILVUS_TOKEN_ENV = "MILVUS_TOKEN"  # a token is a secret: taken from the environment, never from a flag
-DEFAULT_COLLECTION = "gallery"
 
 
 @runtime_checkable
@@ -75,17 +73,6 @@ class VectorStore(Protocol):
         ...
 
 
-def is_milvus_location(location: str | os.PathLike) -> bool:
-    text = str(location)
-    return text.startswith(MILVUS_SCHEMES) or split_collection(text)[0].endswith(MILVUS_LITE_SUFFIX)
-
-
-def split_collection(location: str) -> tuple[str, str]:
-    """ "uri#name" -> ("uri", "name"); without a fragment the collection is `DEFAULT_COLLECTION`."""
-    uri, _, name = str(location).partition("#")
-    return uri, name or DEFAULT_COLLECTION
-
-
 def describe_locations() -> str:
     return (
         f"a KnnIndex file (*{KNN_SUFFIX}), a Milvus Lite folder (*{MILVUS_LITE_SUFFIX}[#collection]) or a Milvus "
@@ -96,7 +83,7 @@ def describe_locations() -> str:
 def store_exists(location: str | os.PathLike) -> bool:
     """Whether `open_store(location)` would find a gallery there (without creating anything)."""
     if is_milvus_location(location):
-        from .milvus_store import MilvusStore
+        from mim.search.stores.milvus import MilvusStore
 
         return MilvusStore.exists(str(location))
     return Path(location).exists()
@@ -117,18 +104,18 @@ def open_store(
         dim, model_id: used only to create a new gallery.
         expected_model_id: an existing gallery built with another model is refused (ValueError naming both).
         device: KnnIndex only ("auto", "cpu", "cuda").
-        milvus_index: a `mim.milvus_store.MilvusIndexConfig` (index type and search parameters); Milvus only.
+        milvus_index: a `mim.search.stores.milvus.MilvusIndexConfig` (index type and search parameters); Milvus only.
     """
     text = str(location)
     if is_milvus_location(text):
-        from .milvus_store import MilvusStore
+        from mim.search.stores.milvus import MilvusStore
 
         return MilvusStore.open(
             text, dim=dim, model_id=model_id, expected_model_id=expected_model_id, index=milvus_index
         )
     if not text.endswith(KNN_SUFFIX):
         raise ValueError(f"store location {text!r} is not {describe_locations()}")
-    from .knn import KnnIndex
+    from mim.search.knn import KnnIndex
 
     path = Path(text)
     if path.exists():
