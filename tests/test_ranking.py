@@ -155,7 +155,7 @@ def test_search_cli_and_a_search_run_without_torch():
     code = """
         import numpy as np
         from client.search import SearchService
-        from mim.search.knn import KnnIndex
+        from mim.search.stores.exact import ExactStore
         from mimsearch import cli
 
         for command in (["search", "--help"], ["index", "--help"]):  # `mimsearch search --help`: parses every flag
@@ -174,7 +174,7 @@ def test_search_cli_and_a_search_run_without_torch():
             def embed_multimodal(self, images, texts, image_weight=None):
                 raise AssertionError("refine does not fuse")
 
-        index = KnnIndex(3, device="cpu")
+        index = ExactStore(3, device="cpu")
         gallery = [[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0], [0.6, 0.8, 0.0]]
         index.add([10, 11, 12, 13], np.array(gallery, np.float32))
         results = SearchService(Fixed(), index).by_image_text(b"", "", k=2, mode="refine", top_n=3)

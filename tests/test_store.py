@@ -13,6 +13,7 @@ import pytest
 
 from mim.search.knn import KnnIndex
 from mim.search.stores import VectorStore, open_store, store_exists, upsert
+from mim.search.stores.exact import ExactStore
 from mim.serving.server import free_port
 
 pytest.importorskip("pymilvus", reason="the Milvus store needs pymilvus + milvus-lite (pip install -e '.[milvus]')")
@@ -65,7 +66,7 @@ def assert_same_up_to_ties(got, want, q: np.ndarray, exact: KnnIndex) -> None:
 @pytest.fixture()
 def pair(tmp_path):
     ids, emb, meta = gallery()
-    exact = KnnIndex(DIM, device="cpu", model_id="model-a")
+    exact = ExactStore(DIM, device="cpu", model_id="model-a")  # a KnnIndex with the store interface
     exact.add(ids, emb, meta)
     milvus = open_store(tmp_path / "g.db", dim=DIM, model_id="model-a")
     milvus.add(ids, emb, meta)
@@ -210,7 +211,7 @@ def test_category_filter_is_a_quoted_literal():
 
 
 def test_location_picks_the_implementation(tmp_path):
-    assert isinstance(open_store(tmp_path / "g.safetensors", dim=4, device="cpu"), KnnIndex)
+    assert isinstance(open_store(tmp_path / "g.safetensors", dim=4, options={"device": "cpu"}), KnnIndex)
     with pytest.raises(ValueError, match=r"is not a KnnIndex file \(\*\.safetensors\), a Milvus Lite folder"):
         open_store(tmp_path / "g.npz", dim=4)
     with pytest.raises(FileNotFoundError, match=r"no gallery collection 'gallery'"):

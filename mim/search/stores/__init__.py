@@ -1,41 +1,78 @@
-"""One interface for a gallery of embeddings, and the function that opens one from a path or a URI.
+"""One interface for a gallery of embeddings, and a registry that opens one from a path or a URI.
 
-Two implementations share it:
+The location picks the implementation, the way fsspec maps a protocol to a filesystem class: `REGISTRY` maps
+each implementation's name to its class ("module:Class", imported on first use, with what to install when the
+import fails) and to the locations it serves:
 
-* `mim.search.knn.KnnIndex`: the embedded exact index (NumPy on the CPU, CuPy on the GPU), persisted as one
-  safetensors file. The default: exact, no service to run, fast up to a few million items.
-* `mim.search.stores.milvus.MilvusStore`: a Milvus collection through `pymilvus.MilvusClient`, for a catalog that
-  outgrows one process's memory. A local ``.db`` path runs Milvus Lite in-process; an ``http(s)://`` URI
-  connects to a Milvus server or cluster (GPU indexes live there).
+    gallery.safetensors                 exact: the embedded exact index (`stores.exact.ExactStore`, a KnnIndex
+                                        persisted as one safetensors file); NumPy on the CPU, CuPy on the GPU
+    gallery.db   or   gallery.db#name   milvus: a Milvus Lite data folder (collection `name`, default `gallery`)
+    http://host:19530#name              milvus: a Milvus server or cluster; the token comes from $MILVUS_TOKEN
 
-A location picks the implementation (`open_store`):
+`open_store(location, dim=..., model_id=..., expected_model_id=..., options={...})` hands `options` to the
+implementation untouched (the exact index takes `device`; Milvus takes `index` and `timeout_s`): callers never
+name an implementation, and one it does not understand is refused with the ones it takes. Every implementation
+is a class with `open(location, *, dim, model_id, expected_model_id, **options)`, `exists(location)` and
+`destroy(location)` class methods, and the `VectorStore` members below; adding one is a module and a line in
+REGISTRY, and tests/test_store_conformance.py runs the same suite against each.
 
-    gallery.safetensors                 KnnIndex file
-    gallery.db   or   gallery.db#name   Milvus Lite data folder (collection `name`, default `gallery`)
-    http://host:19530#name              Milvus server or cluster; the token comes from $MILVUS_TOKEN
-
-Both keep the search contract written at the top of `mim.search.knn`: inner-product scores, (Q, k) arrays best
+All keep the search contract written at the top of `mim.search.knn`: inner-product scores, (Q, k) arrays best
 first, padding id -1 / score -inf where a category filter leaves fewer than k items, k above the gallery
-size refused. Both record the embedding model's identity and refuse to be opened for another model.
+size refused. All record the embedding model's identity and refuse to be opened for another model.
+
+May import: `mim.search.knn` and the top-level helpers; the implementations are imported by name only.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from mim.search.stores.milvus import MILVUS_LITE_SUFFIX, is_milvus_location
 
-KNN_SUFFIX = ".safetensors"
+class StoreError(RuntimeError):
+    """A store that cannot be reached or used (a server that does not answer, a folder in use); its message
+    says why and what to do. Input errors stay ValueError / KeyError / FileNotFoundError."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One implementation: its class, the locations it serves, and how to get it where it is not installed."""
+
+    target: str  # "module:Class"
+    describe: str  # the locations it serves, for messages
+    suffixes: tuple[str, ...] = ()  # a location ending in one (before any "#fragment") is served by it
+    schemes: tuple[str, ...] = ()  # a location starting with one is served by it
+    install: str = ""  # what to install when the module does not import
+
+    def serves(self, location: str) -> bool:
+        return location.startswith(self.schemes) or location.partition("#")[0].endswith(self.suffixes)
+
+
+REGISTRY: dict[str, Registration] = {
+    "exact": Registration(
+        "mim.search.stores.exact:ExactStore", "a KnnIndex file (*.safetensors)", suffixes=(".safetensors",)
+    ),
+    "milvus": Registration(
+        "mim.search.stores.milvus:MilvusStore",
+        "a Milvus Lite folder (*.db[#collection]) or a Milvus URI (http://host:19530[#collection])",
+        suffixes=(".db",),
+        schemes=("http://", "https://", "tcp://"),
+        install="pip install -e '.[milvus]' (pymilvus and milvus-lite)",
+    ),
+}
 
 
 @runtime_checkable
 class VectorStore(Protocol):
-    """What indexing and search need from a gallery. `KnnIndex` has exactly these members."""
+    """What indexing and search need from a gallery; every registered implementation has these members."""
 
     @property
     def dim(self) -> int: ...
@@ -46,6 +83,17 @@ class VectorStore(Protocol):
     @property
     def ids(self) -> np.ndarray:
         """Every id held, ascending, int64 (N,)."""
+        ...
+
+    @property
+    def location(self) -> str:
+        """Where the store lives: what `open_store` was given (a Milvus location with its collection)."""
+        ...
+
+    @property
+    def count(self) -> int:
+        """Items held as far as this handle knows, without a request: exact for a store no other process
+        writes to. `len(store)` asks the store itself (a network request on a server)."""
         ...
 
     def __len__(self) -> int: ...
@@ -68,25 +116,51 @@ class VectorStore(Protocol):
 
     def get_metadata(self, id: int) -> dict: ...
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Make everything added so far durable at `path` (the location the store was opened from)."""
+    def vectors(self, ids: Any) -> np.ndarray:
+        """(n, dim) float32 stored embeddings of `ids`, in the order given; an id not held -> KeyError."""
+        ...
+
+    def save(self) -> None:
+        """Make everything added so far durable at the store's location."""
+        ...
+
+    def close(self) -> None:
+        """Release what the store holds (a connection, a lock); the store is not used afterwards."""
+        ...
+
+    def drop(self) -> None:
+        """Delete the whole gallery at the location."""
         ...
 
 
 def describe_locations() -> str:
-    return (
-        f"a KnnIndex file (*{KNN_SUFFIX}), a Milvus Lite folder (*{MILVUS_LITE_SUFFIX}[#collection]) or a Milvus "
-        "URI (http://host:19530[#collection])"
-    )
+    """Every kind of location the registry serves, for messages and --help."""
+    return ", ".join(r.describe for r in REGISTRY.values())
+
+
+def implementation(location: str | os.PathLike) -> str:
+    """The registry name of the implementation that serves `location`; ValueError when none does."""
+    text = str(location)
+    for name, reg in REGISTRY.items():
+        if reg.serves(text):
+            return name
+    raise ValueError(f"store location {text!r} is not {describe_locations()}")
+
+
+def store_class(location: str | os.PathLike) -> type:
+    """The class serving `location`, imported now; ImportError names what to install."""
+    reg = REGISTRY[implementation(location)]
+    module, _, cls = reg.target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        hint = f"; install it with {reg.install}" if reg.install else ""
+        raise ImportError(f"the store for {str(location)!r} needs {e.name or e}{hint}") from e
 
 
 def store_exists(location: str | os.PathLike) -> bool:
     """Whether `open_store(location)` would find a gallery there (without creating anything)."""
-    if is_milvus_location(location):
-        from mim.search.stores.milvus import MilvusStore
-
-        return MilvusStore.exists(str(location))
-    return Path(location).exists()
+    return bool(store_class(location).exists(str(location)))
 
 
 def open_store(
@@ -95,34 +169,34 @@ def open_store(
     dim: int | None = None,
     model_id: str | None = None,
     expected_model_id: str | None = None,
-    device: str = "auto",
-    milvus_index: Any = None,
+    options: Mapping[str, Any] | None = None,
 ) -> VectorStore:
     """Open the gallery at `location`, or create an empty one when there is none and `dim` is given.
 
     Args:
         dim, model_id: used only to create a new gallery.
         expected_model_id: an existing gallery built with another model is refused (ValueError naming both).
-        device: KnnIndex only ("auto", "cpu", "cuda").
-        milvus_index: a `mim.search.stores.milvus.MilvusIndexConfig` (index type and search parameters); Milvus only.
+        options: handed to the implementation as they are (see REGISTRY's classes); one it does not take is
+            refused with a ValueError listing those it does.
     """
-    text = str(location)
-    if is_milvus_location(text):
-        from mim.search.stores.milvus import MilvusStore
-
-        return MilvusStore.open(
-            text, dim=dim, model_id=model_id, expected_model_id=expected_model_id, index=milvus_index
+    cls = store_class(location)
+    options = dict(options or {})
+    accepted = [
+        p.name for p in inspect.signature(cls.open).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(accepted) - {"dim", "model_id", "expected_model_id"})
+    if unknown:
+        own = [a for a in accepted if a not in ("dim", "model_id", "expected_model_id")]
+        raise ValueError(
+            f"store option(s) {unknown} are not understood by the {implementation(location)} store of "
+            f"{str(location)!r}; it takes {own}"
         )
-    if not text.endswith(KNN_SUFFIX):
-        raise ValueError(f"store location {text!r} is not {describe_locations()}")
-    from mim.search.knn import KnnIndex
+    return cls.open(str(location), dim=dim, model_id=model_id, expected_model_id=expected_model_id, **options)
 
-    path = Path(text)
-    if path.exists():
-        return KnnIndex.load(path, expected_model_id=expected_model_id, device=device)
-    if dim is None:
-        raise FileNotFoundError(f"no gallery at {path}; build it first (index command) or check the path")
-    return KnnIndex(dim, device=device, model_id=model_id)
+
+def delete_store(location: str | os.PathLike) -> None:
+    """Delete the gallery at `location` if there is one, even one that no longer opens (damaged, other model)."""
+    store_class(location).destroy(str(location))
 
 
 def upsert(
@@ -134,3 +208,19 @@ def upsert(
     if held.size:
         store.remove(held)
     store.add(ids, embeddings, metadata, **kw)
+
+
+def gallery_file(store: VectorStore, copy_to: str | os.PathLike | None = None) -> Path:
+    """A KnnIndex file holding the store's saved gallery (what the served `knn` model loads): the store's own
+    file when it is one, else a copy of every item written to `copy_to` (default: a new temporary folder)."""
+    if implementation(store.location) == "exact":
+        return Path(store.location)
+    from mim.search.knn import KnnIndex
+
+    path = Path(copy_to) if copy_to is not None else Path(tempfile.mkdtemp(prefix="gallery-")) / "gallery.safetensors"
+    ids = store.ids
+    copy = KnnIndex(store.dim, device="cpu", model_id=store.model_id)
+    copy.add(ids, store.vectors(ids), [store.get_metadata(i) for i in ids.tolist()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    copy.save(path)
+    return path
