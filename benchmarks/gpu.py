@@ -8,7 +8,7 @@
    graphs, timed side by side per batch; items/s and the fraction of the compute floor (the tower's matmul
    FLOPs / --peak-tflops). Parity: FP16 against FP32 by cosine on real photos and titles. Also the cost of the
    one host copy the serving path keeps (pixels from the preprocessing model to the GPU), pageable and pinned.
-2. knn: `mim.knn.KnnIndex` on CuPy over N x 512 FP16 galleries, each top-k selector, against
+2. knn: `mim.search.knn.KnnIndex` on CuPy over N x 512 FP16 galleries, each top-k selector, against
    `torch.mm` + `torch.topk` on the same device memory and against the memory floor (one read of the gallery
    at --hbm-tbps); ids checked against an FP32 reference. The fastest selector per cell is printed next to
    `knn.default_topk_method`'s choice, so the default can follow the data.
@@ -37,13 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from mim import contract, layout, ranking
+from mim import contract, layout
+from mim.search import ranking
+from mim.serving.runtimes import GPU_TORCH, TORCH
 
 from . import perf, towers_peer
 from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
 from .knn_bench import time_side_by_side
 
-GPU_CONFIG, CPU_CONFIG = "gpu_torch", "torch"
+GPU_CONFIG, CPU_CONFIG = GPU_TORCH, TORCH  # rows of mim.serving.runtimes.VARIANTS
 # An H200's dense FP16 tensor-core rate and copy bandwidth (matmul and device-to-device copy microbenchmarks);
 # the floors are these divided into the work. Pass --peak-tflops / --hbm-tbps for another GPU.
 PEAK_TFLOPS = 790.0
@@ -124,10 +126,10 @@ def random_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
     """A random-init checkpoint of a named size with a tokenizer trained on TITLES (no base weights exist)."""
     import torch
 
-    from mim.checkpoint import save_checkpoint
-    from mim.config import get_size
-    from mim.model import MIMModel
-    from mim.tokenizer import TextTokenizer
+    from mim.model.checkpoint import save_checkpoint
+    from mim.model.config import get_size
+    from mim.model.tokenizer import TextTokenizer
+    from mim.model.towers import MIMModel
 
     spec = get_size(size)
     tok = TextTokenizer.train(TITLES * 4, vocab_size=512, context_length=spec.preprocess.context_length)
@@ -138,7 +140,7 @@ def random_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
 
 def real_inputs(ckpt, images: Sequence[bytes], texts: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
     """Preprocessed photos and tokenized titles, as the serving path makes them."""
-    from mim.preprocess import preprocess_image_bytes
+    from mim.model.preprocess import preprocess_image_bytes
 
     ids, mask = ckpt.tokenizer.encode_batch(list(texts))
     return {
@@ -319,7 +321,7 @@ def _torch_mm_topk(tg, tq, k: int):
 def bench_knn(plan: Plan, hbm_tbps: float, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
     import torch
 
-    from mim import knn
+    from mim.search import knn
 
     reason = knn.cuda_unavailable_reason()
     device = "cuda" if reason is None else "cpu"
@@ -403,7 +405,7 @@ def unavailable_reason(repository: Path | None = None) -> str | None:
     if repository is not None:
         for model in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER):
             if not (repository / model / "configs" / f"{GPU_CONFIG}.pbtxt").is_file():
-                return f"{model}/configs/{GPU_CONFIG}.pbtxt missing (python -m mim.serving.repository --write)"
+                return f"{model}/configs/{GPU_CONFIG}.pbtxt missing (mimsearch repository --write)"
             weights = layout.version_dir(repository, model) / layout.TORCH_WEIGHTS
             if not weights.is_file():
                 return f"{weights.relative_to(repository)} missing: install an export (make engines)"
@@ -445,7 +447,7 @@ def bench_serving(plan: Plan, ckpt_dir: Path, images, work: Path, out: Path, log
     the photos installed; check every ensemble against the in-process model; sweep the embedding ensembles
     under perf_analyzer; then make sure no python-backend stub died on the way."""
     from export.install import export_torch, install
-    from mim.checkpoint import load_checkpoint
+    from mim.model.checkpoint import load_checkpoint
     from mim.serving.repository import write_repository
     from mim.serving.server import TritonServer, TritonServerError
 
@@ -500,8 +502,8 @@ def install_photo_gallery(ck, images, repo: Path, work: Path, seed: int = 0) -> 
     """A gallery of the photos themselves (id = position, in-process embeddings), padded with random unit rows
     (ids from 1000) up to the search models' default k, as the served `knn` model's: the search ensembles load,
     and a photo's search must find the photo first."""
-    from mim.embedding import TorchEmbedder
-    from mim.knn import KnnIndex
+    from mim.search.embedding import TorchEmbedder
+    from mim.search.knn import KnnIndex
     from mim.serving.gallery import encoders_model_id, install_gallery
 
     photos = TorchEmbedder(ck).embed_images([b for _, b in images])
@@ -521,7 +523,7 @@ def served_parity(url: str, ck, images, log) -> dict[str, Any]:
     """The served ensembles against the in-process torch model on the same photos and titles: the smallest
     cosine per embedding ensemble, and for `search_image` the share of photos whose top result is the photo."""
     from client.search_client import SearchClient
-    from mim.embedding import TorchEmbedder
+    from mim.search.embedding import TorchEmbedder
 
     data = [b for _, b in images]
     titles = [TITLES[i % len(TITLES)] for i in range(len(data))]
@@ -650,7 +652,7 @@ def run_all(
     steps: Sequence[str] = ("towers", "knn", "serving"),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    from mim.checkpoint import load_checkpoint
+    from mim.model.checkpoint import load_checkpoint
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -684,7 +686,7 @@ def run_all(
         # benchmarks.towers_peer: a CLIP with the plan's image tower against transformers on the same weights.
         p = nonlocal_plan[0]
         result["towers_peer"] = towers_peer.for_gpu_script(
-            p.size, p.tower_batches, p.min_time, p.min_reps, peak_tflops, log, deadline=p.deadline
+            p.size, p.tower_batches, p.min_time, p.min_reps, peak_tflops, log, p.deadline, [b for _, b in images]
         )
 
     def knn() -> None:

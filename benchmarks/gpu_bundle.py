@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
+from mim.serving import stub_env
+
 # A device call carries at most 64 MiB: the working tree (about 5 MiB) plus this archive, with room to spare.
 LIMIT_BYTES = 50 * 2**20
 XZ_LEVEL = "-9e"
@@ -57,8 +59,9 @@ COPIED_PACKAGES = ("tritonclient", "safetensors", "tokenizers", "threadpoolctl",
 # Built per Python version (or too new here): downloaded for the target's, at the version installed here.
 DOWNLOADED = ("pillow", "grpcio", "python-rapidjson", "protobuf")
 STUB_NUMPY = "numpy==1.26.4"  # the newest numpy 1.x; wheels exist for Python 3.9 to 3.12
-# Inside numpy, what the stubs never import: tests and test-only extensions, type stubs, build tooling.
-NUMPY_SKIP = ("tests", "f2py", "distutils", "_pyinstaller", "typing", "*.pyi", "*.pxd", "*.h", "_simd.*", "*_tests.*")
+STUB_SITE = stub_env.BUNDLE_STUB_SITE  # its folder in the bundle, where the launcher looks for it
+# Inside numpy, what the stubs never import: tests, the SIMD test extension, type stubs, build tooling.
+NUMPY_SKIP = ("tests", "f2py", "distutils", "_pyinstaller", "typing", "*.pyi", "*.pxd", "*.h", "_simd.*")
 # Pillow's optional plugins the serving path never uses (AVIF, font rendering, colour management, Tk) and the
 # libraries only they link: about 9 MB unpacked. Decoding JPEG, PNG, WebP, TIFF, GIF and BMP stays.
 PILLOW_PRUNE = (
@@ -180,7 +183,7 @@ def stage(root: Path, python: str = TARGET_PYTHON) -> dict:
         with zipfile.ZipFile(numpy_wheel) as z:
             z.extractall(Path(tmp) / "numpy")
         for entry in (Path(tmp) / "numpy").iterdir():
-            _copy(entry, root / "stub-site" / entry.name, skip=("__pycache__", *NUMPY_SKIP))
+            _copy(entry, root / STUB_SITE / entry.name, skip=("__pycache__", *NUMPY_SKIP))
     _photos(root / "photos")
     manifest = {
         "format": FORMAT,

@@ -74,6 +74,14 @@ def missing_modules(env: dict[str, str], python: str = sys.executable) -> list[s
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def stub_numpy_problem(home: Path, python: str = sys.executable) -> str | None:
+    """None when the bundle's numpy for the stubs imports in this Python (alone, as the stubs will import it
+    first), else what went wrong."""
+    code = f"import sys; sys.path.insert(0, {str(home / gpu_bundle.STUB_SITE)!r}); import numpy, numpy.random"
+    proc = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=120)
+    return None if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1]
+
+
 def gpu_test_files(repo: Path) -> list[str]:
     """Test files that hold GPU-marked tests."""
     return sorted(str(p.relative_to(repo)) for p in (repo / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
@@ -118,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     env = dict(os.environ, **gpu_bundle.exports(home, repo))
     missing = missing_modules(env)
+    problem = stub_numpy_problem(home)
+    missing += [f"numpy for the stubs ({problem})"] if problem else []
     stages.append({"stage": "imports", "status": "ok" if not missing else "missing: " + "; ".join(missing)})
     print(f"== imports: {stages[-1]['status']}", flush=True)
     if not args.no_pytest:

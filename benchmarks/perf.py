@@ -224,7 +224,7 @@ class Sample:
 
 
 def catalog_samples(catalog: Any, n: int, split: str = "test") -> list[Sample]:
-    """n samples from a mim.catalog catalog: shop images (PNG) with their titles alternating with street photos
+    """n samples from a mim.data.catalog catalog: shop images (PNG) with their titles alternating with street photos
     (JPEG) with their short typed queries, so both encodings and both text lengths are in the mix."""
     products = catalog.products_in(split) or catalog.products
     queries = catalog.queries_in(split) or catalog.queries
@@ -252,7 +252,7 @@ class TowerInputs:
         self.text = TextPreprocessor.from_dir(layout.version_dir(repository, contract.PREPROCESS_TEXT))
 
     def pixels(self, image: bytes) -> np.ndarray:  # (3, S, S) float32
-        from mim.preprocess import preprocess_image_bytes
+        from mim.model.preprocess import preprocess_image_bytes
 
         return preprocess_image_bytes(image, self.image_cfg)
 
@@ -873,7 +873,7 @@ def settings_from_args(args: argparse.Namespace) -> PerfSettings:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from mim.catalog import load_catalog
+    from mim.data.catalog import load_catalog
 
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(contract.MODELS))

@@ -4,7 +4,7 @@
     python -m benchmarks.towers_peer --size tiny --out /tmp/peer            # seconds; the test suite runs this
 
 A random CLIP of the named size is built with `transformers.CLIPModel`, saved as a Hugging Face folder and
-imported with `mim.import_clip`, so both sides hold the same weights. Real photos (scikit-image's) go through our
+imported with `mim.model.import_clip`, so both sides hold the same weights. Real photos (scikit-image's) go through our
 preprocessing and real titles through our CLIP tokenizer once; both sides then get the same tensors.
 
 Variants, each timed per batch in one alternating loop (`time_side_by_side`), so they share the machine state:
@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from mim import contract, ranking
+from mim import contract
+from mim.search import ranking
 
 from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
 from .knn_bench import time_side_by_side
@@ -84,10 +85,10 @@ class PeerPlan:
 
 # --- the two models ----------------------------------------------------------------------------------------
 def hf_config(size: str):
-    """transformers.CLIPConfig of a named size: `tiny`, or a CLIP shape of mim.config.SIZES (clip-vit-*)."""
+    """transformers.CLIPConfig of a named size: `tiny`, or a CLIP shape of mim.model.config.SIZES (clip-vit-*)."""
     import transformers
 
-    from mim.config import get_size
+    from mim.model.config import get_size
 
     if size == "tiny":
         t, v = TINY_CLIP["text"], TINY_CLIP["vision"]
@@ -123,9 +124,9 @@ def build_pair(size: str, work: Path, seed: int = 0):
     import torch
     import transformers
 
-    from mim.checkpoint import load_checkpoint
-    from mim.import_clip import import_hf
-    from mim.tokenizer import clip_vocab_from_bpe_file
+    from mim.model.checkpoint import load_checkpoint
+    from mim.model.import_clip import import_hf
+    from mim.model.tokenizer import clip_vocab_from_bpe_file
 
     torch.manual_seed(seed)
     model = transformers.CLIPModel(hf_config(size)).eval()
@@ -141,13 +142,16 @@ def build_pair(size: str, work: Path, seed: int = 0):
     return model, load_checkpoint(import_hf(folder, work / "ours"))
 
 
-def real_feeds(ckpt) -> dict[str, dict[str, np.ndarray]]:
-    """scikit-image's photos through our preprocessing, TITLES through our tokenizer: per tower, the rows."""
-    from mim.preprocess import preprocess_image_bytes
+def real_feeds(ckpt, photos: Sequence[bytes] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """`photos` (encoded files; default scikit-image's) through our preprocessing, TITLES through our
+    tokenizer: per tower, the rows."""
+    from mim.model.preprocess import preprocess_image_bytes
 
-    from .preprocess import skimage_photos
+    if photos is None:
+        from .preprocess import skimage_photos
 
-    pixels = np.stack([preprocess_image_bytes(p.data, ckpt.pre_cfg) for p in skimage_photos(megapixels=())])
+        photos = [p.data for p in skimage_photos(megapixels=())]
+    pixels = np.stack([preprocess_image_bytes(data, ckpt.pre_cfg) for data in photos])
     ids, mask = ckpt.tokenizer.encode_batch(list(TITLES))
     return {
         contract.IMAGE_ENCODER: {contract.PIXEL_VALUES.name: pixels},
@@ -225,12 +229,18 @@ def _timed(fn: Callable[[], Any], device) -> Callable[[], Any]:
 
 
 # --- the run -----------------------------------------------------------------------------------------------
-def run(plan: PeerPlan, *, work: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    plan: PeerPlan,
+    *,
+    work: Path | None = None,
+    photos: Sequence[bytes] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Build the pair, check parity, time every variant per tower and batch. Returns the result (rows,
     parity, setup seconds, settings); `write` puts it on disk."""
     import torch
 
-    from mim.model import explicit_attention
+    from mim.model.towers import explicit_attention
     from mim.serving.torch_backend import cuda_unavailable_reason
 
     from .gpu import tower_flops
@@ -243,11 +253,11 @@ def run(plan: PeerPlan, *, work: Path | None = None, log: Callable[[str], None] 
     peak = plan.peak_tflops if plan.peak_tflops is not None else (PEAK_TFLOPS_GPU if reason is None else None)
     if work is None:
         with tempfile.TemporaryDirectory(prefix="towers-peer-") as tmp:
-            return run(plan, work=Path(tmp), log=log)
+            return run(plan, work=Path(tmp), photos=photos, log=log)
     hf32, ckpt = build_pair(plan.size, work, plan.seed)
     hf = copy.deepcopy(hf32).to(device=device, dtype=dtype)
     cfg = ckpt.model_cfg
-    real = real_feeds(ckpt)
+    real = real_feeds(ckpt, photos)
     result: dict[str, Any] = {
         "date": now_utc(),
         "plan": asdict(plan),
@@ -374,7 +384,7 @@ def _no_grad(fn, *args):
 
 
 def _explicit(encoder, feeds):
-    from mim.model import explicit_attention
+    from mim.model.towers import explicit_attention
 
     with explicit_attention():
         return encoder.forward(feeds)
@@ -495,10 +505,11 @@ def for_gpu_script(
     peak_tflops: float | None = None,
     log: Callable[[str], None] = print,
     deadline: float | None = None,
+    photos: Sequence[bytes] | None = None,
 ) -> dict[str, Any]:
     """The peer comparison as part of benchmarks.gpu's towers step: its `base` size maps to the CLIP with the
-    same image tower (ViT-B/16 at 224 px), `tiny` to TINY_CLIP. The result carries its summary rows; a machine
-    without transformers gets the reason instead of figures."""
+    same image tower (ViT-B/16 at 224 px), `tiny` to TINY_CLIP; `photos` are the script's. The result carries
+    its summary rows; a machine without transformers gets the reason instead of figures."""
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None:
@@ -512,7 +523,7 @@ def for_gpu_script(
     plan = PeerPlan(
         size=peer, batches=tuple(batches), min_time=min_time, min_reps=min_reps, peak_tflops=peak, deadline=deadline
     )
-    result = run(plan, log=log)
+    result = run(plan, photos=photos, log=log)
     result["summary"] = summary_rows(result)
     return result
 

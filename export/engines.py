@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mim import contract, layout
-from mim.config import ModelConfig
+from mim.model.config import ModelConfig
 
 from .install import install, read_json
 from .onnx_export import export_checkpoint, onnx_filename, summary_lines
@@ -111,7 +111,7 @@ def build_and_install(
     report = export_checkpoint(checkpoint, export_dir, check=check) if not reused else previous
     result = InstallReport(model_id, repository, export_dir, report, reused_export=reused, batches=batches)
     if catalog is not None and check:
-        from mim.dataset import open_catalog
+        from mim.data.dataset import open_catalog
 
         from .fp16_gate import fp16_gate
 

@@ -16,10 +16,8 @@ from typing import Any
 
 from mim import contract, layout
 from mim.atomic import atomic_write, atomic_write_bytes
-from mim.config import ModelConfig, PreprocessConfig, dumps
+from mim.model.config import ModelConfig, PreprocessConfig, dumps
 from mim.serving.repository import write_repository
-
-from .tensorrt_build import plan_filename
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +30,10 @@ def onnx_filename(tower_name: str, fp16: bool = False) -> str:
     return f"{tower_name}.fp16.onnx" if fp16 else f"{tower_name}.onnx"
 
 
+def plan_filename(tower_name: str) -> str:
+    return f"{tower_name}.plan"
+
+
 def weights_filename(tower_name: str) -> str:
     """The tower's torch weights (safetensors), for the `torch` / `gpu_torch` serving variants."""
     return f"{tower_name}.safetensors"
@@ -42,7 +44,7 @@ def write_torch_artifacts(ckpt: Any, ckpt_dir: Path, out_dir: Path) -> None:
     (from `ckpt_dir`) into `out_dir`: what the torch serving variants and the preprocessing models read."""
     from safetensors.torch import save as save_safetensors
 
-    from mim.checkpoint import TOKENIZER
+    from mim.model.checkpoint import TOKENIZER
     from mim.serving.torch_backend import tower_state_dict
 
     for tower in layout.ENCODERS:
@@ -58,7 +60,7 @@ def export_torch(ckpt_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     `install(out_dir, repo, onnx=False)`. Returns the content of its export.json."""
     import torch
 
-    from mim.checkpoint import load_checkpoint
+    from mim.model.checkpoint import load_checkpoint
 
     t0 = time.perf_counter()
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)

@@ -40,10 +40,10 @@ from torch import nn
 
 from mim import contract, layout
 from mim.atomic import atomic_write_bytes
-from mim.checkpoint import load_checkpoint
-from mim.config import ModelConfig, dumps
-from mim.model import explicit_attention
-from mim.ranking import parity
+from mim.model.checkpoint import load_checkpoint
+from mim.model.config import ModelConfig, dumps
+from mim.model.towers import explicit_attention
+from mim.search.ranking import parity
 
 from .fp16 import convert_to_fp16
 from .install import onnx_filename, write_torch_artifacts
@@ -179,7 +179,7 @@ def check_parity(
     """Run the ONNX model (ONNX Runtime, CPU) and the FP32 torch module on the same inputs; compare each output
     row by cosine similarity. Raises `ParityError` if any row is below `min_cosine`.
 
-    Returns `{"batch", "min_cosine", "max_abs_diff", "min_cosine_gate"}` (`mim.ranking.parity`).
+    Returns `{"batch", "min_cosine", "max_abs_diff", "min_cosine_gate"}` (`mim.search.ranking.parity`).
     """
     import onnxruntime as ort
 
@@ -299,7 +299,7 @@ def _export_one(tower: Tower, model_cfg: ModelConfig, out_dir: Path, *, opset: i
 # --- CLI ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.onnx_export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (python -m mim.train)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (mimsearch train)")
     p.add_argument("--out", required=True, type=Path, help="output folder for the ONNX artifacts")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 ONNX variant")

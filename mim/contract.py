@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ModelConfig, PreprocessConfig
+from mim.model.config import ModelConfig, PreprocessConfig
 
 Dim = int | str
 

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import gpu
 from mim import contract
-from mim.config import get_size
+from mim.model.config import get_size
 
 pytest.importorskip("skimage", reason="scikit-image (dev extra) ships the photos the script uses")
 

@@ -13,12 +13,12 @@ import torch
 from conftest import TOY_TEXTS
 from PIL import Image
 
-from mim import checkpoint as ckpt
-from mim.config import PreprocessConfig, get_size
-from mim.losses import LossWeights, describes_matrix, info_nce, mim_loss, same_matrix
-from mim.model import ImageTower, MIMModel, TextTower, explicit_attention, fused_attention
-from mim.preprocess import InputError, decode_image, decode_text, image_to_array
-from mim.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, TextTokenizer
+from mim.model import checkpoint as ckpt
+from mim.model.config import PreprocessConfig, get_size
+from mim.model.losses import LossWeights, describes_matrix, info_nce, mim_loss, same_matrix
+from mim.model.preprocess import InputError, decode_image, decode_text, image_to_array
+from mim.model.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, TextTokenizer
+from mim.model.towers import ImageTower, MIMModel, TextTower, explicit_attention, fused_attention
 
 TINY = get_size("tiny")
 

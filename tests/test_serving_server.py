@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from mim.serving import server as S
+from mimsearch.commands import serve as serve_cmd
 
 
 def test_triton_paths_point_into_the_installed_wheel():
@@ -87,7 +88,7 @@ def test_free_ports_differ():
 
 
 def test_cli_reports_a_missing_repository(tmp_path, capsys):
-    assert S.main(["--repository", str(tmp_path / "nope"), "--grpc-port", "0"]) == 1
+    assert serve_cmd.main(["--repository", str(tmp_path / "nope"), "--grpc-port", "0"]) == 1
     assert f"model repository {tmp_path / 'nope'} is not a directory" in capsys.readouterr().err
 
 
@@ -95,7 +96,7 @@ def test_cli_restores_signal_handlers(tmp_path):
     import signal
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    S.main(["--repository", str(tmp_path / "nope")])
+    serve_cmd.main(["--repository", str(tmp_path / "nope")])
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 

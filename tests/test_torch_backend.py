@@ -13,10 +13,10 @@ import torch
 
 from export.onnx_export import random_inputs
 from mim import contract
-from mim.config import ModelConfig, get_size
-from mim.model import MIMModel, QuickGELU
-from mim.preprocess import InputError
-from mim.ranking import parity
+from mim.model.config import ModelConfig, get_size
+from mim.model.preprocess import InputError
+from mim.model.towers import MIMModel, QuickGELU
+from mim.search.ranking import parity
 from mim.serving import backends
 from mim.serving.backends import OnnxEncoder, Request
 from mim.serving.torch_backend import (
@@ -126,8 +126,8 @@ def _gate(ckpt, titles, device: str, precisions=("fp16", "bf16")) -> dict[tuple[
 def _imported_clip(tmp_path, text=None, vision=None, embed=None):
     from _clip_helpers import TINY_EMBED, random_clip, save_hf_folder
 
-    from mim.checkpoint import load_checkpoint
-    from mim.import_clip import import_hf
+    from mim.model.checkpoint import load_checkpoint
+    from mim.model.import_clip import import_hf
 
     model = random_clip(text, vision, embed=embed or TINY_EMBED, seed=3)
     return load_checkpoint(import_hf(save_hf_folder(model, tmp_path / "hf"), tmp_path / "ours"))
@@ -139,7 +139,7 @@ def test_half_precision_gate_on_cpu(tiny_checkpoint, tmp_path):
     at base size on CUDA kernels."""
     from _clip_helpers import TITLES
 
-    from mim.checkpoint import load_checkpoint
+    from mim.model.checkpoint import load_checkpoint
 
     for ckpt in (load_checkpoint(tiny_checkpoint), _imported_clip(tmp_path)):
         cosines = _gate(ckpt, TITLES, "cpu")
@@ -390,7 +390,7 @@ def test_half_precision_gate_at_base_size_on_gpu(tmp_path):
     from _clip_helpers import TITLES
 
     from benchmarks.gpu import random_checkpoint
-    from mim.checkpoint import load_checkpoint
+    from mim.model.checkpoint import load_checkpoint
 
     text = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12}
     text |= {"num_attention_heads": 8, "max_position_embeddings": 77}

@@ -1,7 +1,7 @@
 """Launch the tritonserver bundled in the `nvidia-pytriton` wheel, without Docker.
 
-    python -m mim.serving.server --repository model_repository --config cpu          # `make serve`
-    python -m mim.serving.server --repository model_repository --config cpu --grpc-port 8001
+    mimsearch serve --repository model_repository --config cpu          # `make serve`
+    mimsearch serve --repository model_repository --config cpu --grpc-port 8001
 
 The wheel carries `pytriton/tritonserver/bin/tritonserver` (Triton 2.51) with its shared libraries in
 `nvidia_pytriton.libs/`, the python backend, and one backend stub per Python version. The python backend
@@ -9,9 +9,8 @@ expects the stub next to `libtriton_python.so`, so a backend folder with both is
 folder and passed with `--backend-directory`. The python models run in the stub with this virtualenv's
 packages (so they `import mim`). Every listener binds to 127.0.0.1 only.
 
-Config variants (see mim.serving.repository): `cpu`, `gpu_onnx`, `torch` and `gpu_torch` select
-`configs/<name>.pbtxt` with `--model-config-name`; `default` uses each model's `config.pbtxt` (TensorRT engines,
-NGC container).
+Config variants (the rows of mim.serving.runtimes.VARIANTS): each selects `configs/<name>.pbtxt` with
+`--model-config-name`; `default` uses each model's `config.pbtxt` (TensorRT engines, NGC container).
 
 Model control: `explicit` (the default) loads the repository's servable models at start-up
 (`mim.serving.gallery.servable_models`: everything, except the `knn` model and the search ensembles until a
@@ -21,7 +20,6 @@ a new gallery goes into service without a restart. `none` loads every model fold
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -42,10 +40,11 @@ from importlib import metadata
 from pathlib import Path
 
 from mim.serving import stub_env
+from mim.serving.runtimes import CPU, variant_names
 
 HOST = "127.0.0.1"
-CONFIGS = ("cpu", "gpu_onnx", "torch", "gpu_torch", "default")
-DEFAULT_CONFIG = "cpu"
+CONFIGS = variant_names()
+DEFAULT_CONFIG = CPU
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 MODEL_CONTROL = ("explicit", "none")
@@ -509,98 +508,3 @@ def _http_ok(url: str) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-# --- CLI ---------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mim.serving.server", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository folder")
-    p.add_argument(
-        "--config",
-        choices=CONFIGS,
-        default=DEFAULT_CONFIG,
-        help="config variant: cpu (ONNX Runtime, CPU), gpu_onnx (ONNX Runtime, CUDA), torch (torch, CPU), "
-        "gpu_torch (torch FP16 + CUDA graphs), default (TensorRT engines)",
-    )
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--log", type=Path, default=None, help="log file (default: a temporary file)")
-    p.add_argument("--log-verbose", type=int, default=0)
-    p.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)
-    p.add_argument(
-        "--model-control",
-        choices=MODEL_CONTROL,
-        default="explicit",
-        help="explicit: models (re)load through the model-control API, e.g. a new gallery; none: load all, fixed",
-    )
-    return p
-
-
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, frame: object) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Explicit handlers: a shell starts background jobs with SIGINT ignored, and SIGTERM (docker stop,
-    # systemd, kill) would otherwise end us without stopping the server. Restored on return, for callers
-    # that run main() in-process (tests).
-    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return serve(args)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def serve(args: argparse.Namespace) -> int:
-    """Start the server, wait until it exits or we are told to stop; 0 on a requested stop."""
-    server = TritonServer(
-        args.repository,
-        config=args.config,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        metrics_port=args.metrics_port,
-        log_path=args.log,
-        log_verbose=args.log_verbose,
-        startup_timeout=args.startup_timeout,
-        model_control=args.model_control,
-    )
-    try:
-        server.start()
-    except TritonServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except _Stop:
-        return 0  # start() has stopped the server already
-    print(
-        f"tritonserver ready ({args.config}): grpc {server.grpc_url}  http {server.http_url}  "
-        f"metrics {server.metrics_url}\nlog: {server.log_path}   (Ctrl-C to stop)",
-        flush=True,
-    )
-    try:
-        # A stub that dies leaves its model READY but unable to answer: say so, and stop, rather than serve errors.
-        while True:
-            time.sleep(HEALTH_POLL_S)
-            server.check_health()
-    except TritonServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except _Stop as e:
-        print(f"{e}: stopping tritonserver ...", file=sys.stderr)
-        return 0
-    finally:
-        # A second Ctrl-C must not abandon the server half-stopped (it runs in its own session); stop() is
-        # bounded anyway: SIGKILL after the stop timeout.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        server.stop()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

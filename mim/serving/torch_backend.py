@@ -48,10 +48,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mim import contract, layout
-from mim.config import ModelConfig
-from mim.model import Block, MIMModel, QuickGELU
-from mim.preprocess import InputError
-from mim.ranking import parity
+from mim.model.config import ModelConfig
+from mim.model.preprocess import InputError
+from mim.model.towers import Block, MIMModel, QuickGELU
+from mim.search.ranking import parity
 
 from . import backends
 

@@ -1,4 +1,4 @@
-"""Generate the deterministic synthetic street-to-shop catalog (`python -m mim.synth --out DIR`).
+"""Generate the deterministic synthetic street-to-shop catalog (`mimsearch catalog --out DIR`).
 
 Every product is one model of a category made in one (pattern, colour): a drawn silhouette (mug, shirt, shoe, ...)
 filled with a surface pattern (stripes, zebra, polka dots, ...) in a colour. A category has `variants` models,
@@ -28,18 +28,15 @@ id), never global random state (only the split uses one catalog-wide stream): th
 byte-identical files, and products could be rendered in parallel.
 
 This module plans the records (vocabulary, titles, queries, reformulations, splits) and writes the catalog;
-`mim.render` draws the images and `mim.catalog` owns the records, the folder layout and the manifest.
+`mim.data.render` draws the images and `mim.data.catalog` owns the records, the folder layout and the manifest.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 import re
-import sys
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,18 +44,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .catalog import (
+from mim.data.catalog import (
     MANIFEST,
     Catalog,
     Product,
     QueryPhoto,
     Reformulation,
     load_catalog,
-    summary,
     write_manifest,
 )
-from .progress import progress_bar
-from .render import (
+from mim.data.render import (
     COLOUR_RGB,
     DEFAULT_STREET_LAYOUT,
     LOGOS,
@@ -68,8 +63,9 @@ from .render import (
     render_catalog_image,
     render_street_photo,
 )
+from mim.progress import progress_bar
 
-# Category -> the material word its titles use. mim.render draws a silhouette for each.
+# Category -> the material word its titles use. mim.data.render draws a silhouette for each.
 MATERIALS: dict[str, str] = {
     "mug": "ceramic",
     "shirt": "cotton",
@@ -97,7 +93,7 @@ PATTERN_WORDS: dict[str, tuple[str, str]] = {
 }
 PATTERNS: tuple[str, ...] = tuple(PATTERN_WORDS)
 
-# Colour names in id order; mim.render.COLOUR_RGB holds how each is drawn.
+# Colour names in id order; mim.data.render.COLOUR_RGB holds how each is drawn.
 COLOURS: tuple[str, ...] = tuple(COLOUR_RGB)
 
 STYLE_WORDS = ("classic", "modern", "vintage", "everyday", "premium", "minimalist", "handmade", "essential")
@@ -463,62 +459,3 @@ def save_contact_sheet(
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, format="PNG")
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mim.synth", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="catalog root directory")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument(
-        "--n-train-queries", type=int, default=DEFAULT_TRAIN_QUERIES, help="query photos per paired train product"
-    )
-    ap.add_argument("--n-eval-queries", type=int, default=2, help="query photos per val/test product")
-    ap.add_argument("--categories", default=None, help=f"comma-separated subset of {','.join(CATEGORIES)}")
-    ap.add_argument("--patterns", default=None, help=f"comma-separated subset of {','.join(PATTERNS)}")
-    ap.add_argument("--colours", default=None, help=f"comma-separated subset of {','.join(COLOURS)}")
-    ap.add_argument("--variants", type=int, default=DEFAULT_VARIANTS, help="models per category (products per combo)")
-    ap.add_argument(
-        "--street-fraction",
-        type=float,
-        default=DEFAULT_STREET_FRACTION,
-        help="share of training products with street photos (val/test products always have them)",
-    )
-    ap.add_argument(
-        "--street-layout",
-        choices=list(STREET_LAYOUTS),
-        default=DEFAULT_STREET_LAYOUT,
-        help="subject: the product fills most of its street photo; crowded: distractors as big as it (format 3)",
-    )
-    ap.add_argument("--force", action="store_true", help="regenerate even if a matching catalog exists")
-    ap.add_argument("--sheet", default=None, help="also save a contact sheet PNG of test products here")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    kwargs = {
-        "seed": args.seed,
-        "image_size": args.image_size,
-        "n_train_queries": args.n_train_queries,
-        "n_eval_queries": args.n_eval_queries,
-        "categories": args.categories,
-        "patterns": args.patterns,
-        "colours": args.colours,
-        "variants": args.variants,
-        "street_fraction": args.street_fraction,
-        "street_layout": args.street_layout,
-        "progress": not args.no_progress,
-    }
-    t0 = time.perf_counter()
-    try:
-        cat = generate_catalog(args.out, **kwargs) if args.force else ensure_catalog(args.out, **kwargs)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary(cat))
-    print(f"  ready in {time.perf_counter() - t0:.1f}s")
-    if args.sheet:
-        print(f"  contact sheet: {save_contact_sheet(cat, args.sheet)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

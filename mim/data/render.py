@@ -3,7 +3,7 @@ and street photos (cluttered background, distractor objects carrying the product
 degradations).
 
 Every function here is deterministic in its arguments: randomness comes in as a numpy Generator or a `Look`
-(pattern phase and model details), which `mim.synth` derives from the catalog seed. Images are PIL RGB.
+(pattern phase and model details), which `mim.data.synth` derives from the catalog seed. Images are PIL RGB.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from .catalog import Product
+from mim.data.catalog import Product
 
-# Colour -> primary RGB. Its keys are the catalog's colour names (mim.synth.COLOURS, in this order).
+# Colour -> primary RGB. Its keys are the catalog's colour names (mim.data.synth.COLOURS, in this order).
 # No white: products must stand out on the white catalog background.
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (205, 35, 40),

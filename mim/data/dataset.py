@@ -17,25 +17,22 @@ so a product's query photos never straddle two splits. Every row is checked befo
 missing or undecodable image, an empty title, a product given two titles or two images, or a split without
 test products is one error naming the row and the field. Nothing is written by reading.
 
-    python -m mim.dataset --catalog artifacts/catalog --out artifacts/catalog.jsonl   # export the synthetic one
+    mimsearch dataset --catalog artifacts/catalog --out artifacts/catalog.jsonl   # export the synthetic one
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
-import sys
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .atomic import atomic_write_text
-from .catalog import SPLITS, Catalog, Product, QueryPhoto, load_catalog
+from mim.atomic import atomic_write_text
+from mim.data.catalog import SPLITS, Catalog, Product, QueryPhoto, load_catalog
 
 REQUIRED = ("product_id", "product_image", "title")
 OPTIONAL = ("query_image", "query_text", "category", "split")
@@ -51,7 +48,7 @@ def is_dataset(path: str | Path) -> bool:
 
 
 def open_catalog(path: str | Path, **kwargs: Any) -> Catalog:
-    """A synthetic catalog folder (`mim.catalog.load_catalog`) or a JSON Lines dataset manifest (`load_dataset`)."""
+    """A synthetic catalog folder (`mim.data.catalog.load_catalog`) or a JSON Lines manifest (`load_dataset`)."""
     return load_dataset(path, **kwargs) if is_dataset(path) else load_catalog(path)
 
 
@@ -101,7 +98,7 @@ def load_dataset(
     with open(manifest, encoding="utf-8") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     if not lines:
-        raise DatasetError(f"{manifest}: no rows; expected one JSON object per line (see mim/dataset.py)")
+        raise DatasetError(f"{manifest}: no rows; expected one JSON object per line (see mim/data/dataset.py)")
     rows = [(f"{manifest}:{n}", n, _parse_row(line, f"{manifest}:{n}")) for n, line in lines]
     if len({"split" in row for _, _, row in rows}) > 1:
         where = next(w for w, _, row in rows if ("split" in row) != ("split" in rows[0][2]))
@@ -189,23 +186,3 @@ def write_dataset(catalog: Catalog, out: str | Path) -> Path:
         lines += [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in rows or [base]]
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m mim.dataset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--catalog", required=True, help="synthetic catalog folder to export")
-    ap.add_argument("--out", required=True, help="JSON Lines file to write inside the catalog folder")
-    args = ap.parse_args(argv)
-    try:
-        path = write_dataset(load_catalog(args.catalog), args.out)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write, atomic_write_text
-from .config import ModelConfig, PreprocessConfig, dumps
-from .layout import CHECKPOINT_WEIGHTS, model_id_of_checkpoint
-from .model import MIMModel
-from .tokenizer import Tokenizers, load_tokenizer
+from mim.atomic import atomic_write, atomic_write_text
+from mim.layout import CHECKPOINT_WEIGHTS, model_id_of_checkpoint
+from mim.model.config import ModelConfig, PreprocessConfig, dumps
+from mim.model.tokenizer import Tokenizers, load_tokenizer
+from mim.model.towers import MIMModel
 
 FORMAT = "mim-checkpoint"
 VERSION = 1
@@ -81,7 +81,7 @@ def save_checkpoint(
 def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / CONFIG
     if not path.is_file():
-        raise CheckpointError(f"{path} not found; expected a checkpoint folder written by `python -m mim.train`")
+        raise CheckpointError(f"{path} not found; expected a checkpoint folder written by `mimsearch train`")
     cfg = json.loads(path.read_text())
     if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
         raise CheckpointError(

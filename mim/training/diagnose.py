@@ -10,25 +10,22 @@ which is how the false-positive argument of docs/METHOD.md ("Setting") is checke
   colour), the same category with another pattern or colour, or another category sharing pattern and colour,
   colour only, pattern only, or nothing.
 
-    python -m mim.diagnose --checkpoint dml=artifacts/checkpoints/full/seed0/dml \\
+    mimsearch diagnose --checkpoint dml=artifacts/checkpoints/full/seed0/dml \\
         --checkpoint 3tower=artifacts/checkpoints/full/seed0/3tower --catalog artifacts/catalog
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .catalog import ATTRIBUTES, Catalog, Product
-from .dataset import open_catalog
-from .embedding import Embedder
-from .ranking import top_k
+from mim.atomic import atomic_write_text
+from mim.data.catalog import ATTRIBUTES, Catalog, Product
+from mim.search.embedding import Embedder
+from mim.search.ranking import top_k
 
 # Top-1 outcomes, in the order they are tested: the first that holds names the result.
 OUTCOMES = (
@@ -112,36 +109,17 @@ def markdown(rows: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m mim.diagnose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--checkpoint", action="append", required=True, help="checkpoint folder (name=path); repeat")
-    ap.add_argument("--catalog", default="artifacts/catalog", help="catalog folder or JSON Lines dataset manifest")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ap.add_argument("--out", help="also write OUT.md and OUT.json")
-    args = ap.parse_args(argv)
-    from .checkpoint import load_checkpoint  # torch: only the CLI needs it
-    from .embedding import TorchEmbedder
+def diagnose_checkpoints(checkpoints: Mapping[str, str | Path], catalog: Catalog, split: str = "test") -> dict:
+    """Name -> `diagnose` of that checkpoint's in-process torch model, in the order given."""
+    from mim.model.checkpoint import load_checkpoint  # torch: only checkpoints need it
+    from mim.search.embedding import TorchEmbedder
 
-    try:
-        catalog = open_catalog(args.catalog)
-        rows = {}
-        for spec in args.checkpoint:
-            name, _, path = spec.rpartition("=")
-            rows[name or Path(path).name] = diagnose(TorchEmbedder(load_checkpoint(path)), catalog, args.split)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    table = markdown(rows)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out.with_suffix(".json"), json.dumps(rows, indent=1, sort_keys=True))
-        atomic_write_text(out.with_suffix(".md"), f"Split: {args.split}.\n\n{table}\n")
-    return 0
+    return {name: diagnose(TorchEmbedder(load_checkpoint(path)), catalog, split) for name, path in checkpoints.items()}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def write_diagnosis(out: str | Path, rows: dict, split: str) -> None:
+    """OUT.json (the numbers) and OUT.md (the tables of `markdown`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(rows, indent=1, sort_keys=True))
+    atomic_write_text(out.with_suffix(".md"), f"Split: {split}.\n\n{markdown(rows)}\n")

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_write
+from mim.atomic import atomic_write
 
 FORMAT_NAME = "mim-knn-index"
 FORMAT_VERSION = 1

@@ -9,7 +9,7 @@ Anything that turns encoded images and texts into L2-normalised (N, D) float32 e
 
 Evaluation, search, the FP16 gate, the tests and the benchmarks take an `Embedder` and never ask which one it
 is. The in-process ones share `LocalEmbedder`: batching, empty inputs, the same text checks as the served
-`preprocess_text` model, and fusion by `mim.ranking.fuse`, the function the served `fuse` model runs.
+`preprocess_text` model, and fusion by `mim.search.ranking.fuse`, the function the served `fuse` model runs.
 
 This module imports neither torch nor ONNX Runtime: `TorchEmbedder` imports torch when one is made, and the
 encoder runner imports ONNX Runtime when it opens a model, so the search path loads without either.
@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from . import contract, layout
-from .config import ModelConfig, PreprocessConfig
-from .preprocess import decode_text, preprocess_image_bytes
-from .ranking import fuse
-from .tokenizer import Tokenizers
+from mim import contract, layout
+from mim.model.config import ModelConfig, PreprocessConfig
+from mim.model.preprocess import decode_text, preprocess_image_bytes
+from mim.model.tokenizer import Tokenizers
+from mim.search.ranking import fuse
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from mim.model.checkpoint import Checkpoint
 
 
 @runtime_checkable
@@ -114,7 +114,7 @@ class LocalEmbedder(ABC):
 
 
 class TorchEmbedder(LocalEmbedder):
-    """The in-process torch model of a loaded checkpoint (`mim.checkpoint.load_checkpoint`)."""
+    """The in-process torch model of a loaded checkpoint (`mim.model.checkpoint.load_checkpoint`)."""
 
     # Token batches take less memory than pixel batches, so texts go through in larger ones.
     def __init__(self, ck: Checkpoint, image_batch: int = 256, text_batch: int = 512):
@@ -161,7 +161,7 @@ class OnnxEmbedder(LocalEmbedder):
         batch_size: int | None = contract.MAX_BATCH_SIZE,
     ) -> OnnxEmbedder:
         """Two exported ONNX files (FP32 or FP16; both keep FP32 inputs and outputs) and the checkpoint's configs."""
-        from .serving.backends import OnnxEncoder
+        from mim.serving.backends import OnnxEncoder
 
         def encoder(path: str | Path, name: str) -> OnnxEncoder:
             io = contract.MODELS[name]
@@ -176,8 +176,8 @@ class OnnxEmbedder(LocalEmbedder):
         cls, repository: str | Path, *, threads: int | None = None, batch_size: int | None = contract.MAX_BATCH_SIZE
     ) -> OnnxEmbedder:
         """The FP32 towers and preprocessing files installed in a Triton repository, with the served thread count."""
-        from .serving.backends import TextPreprocessor, read_model_config, read_preprocess
-        from .serving.repository import CPU_ENCODER_THREADS
+        from mim.serving.backends import TextPreprocessor, read_model_config, read_preprocess
+        from mim.serving.runtimes import CPU_ENCODER_THREADS
 
         image_dir = layout.version_dir(repository, contract.IMAGE_ENCODER)
         text_dir = layout.version_dir(repository, contract.TEXT_ENCODER)

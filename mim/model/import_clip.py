@@ -1,7 +1,7 @@
 """Import a pretrained CLIP checkpoint into our checkpoint format (safetensors + config + tokenizer + preprocessing).
 
-    python -m mim.import_clip --hf path/to/clip-folder --out artifacts/checkpoints/clip
-    python -m mim.import_clip --openclip ViT-B-32.safetensors --arch ViT-B-32-quickgelu --out artifacts/checkpoints/clip
+    mimsearch import-clip --hf path/to/clip-folder --out artifacts/checkpoints/clip
+    mimsearch import-clip --openclip ViT-B-32.safetensors --arch ViT-B-32-quickgelu --out artifacts/checkpoints/clip
 
 Two source layouts:
 - a Hugging Face `CLIPModel` folder: `config.json`, `model.safetensors` (or `pytorch_model.bin`, read with
@@ -20,13 +20,11 @@ checkpoint is written into a temporary folder that is renamed into place only wh
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import pickle
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,11 +32,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from . import checkpoint as ckpt
-from .config import ModelConfig, PreprocessConfig, TextConfig, VisionConfig, get_size
-from .layout import model_id_of_checkpoint
-from .model import MIMModel
-from .tokenizer import ClipTokenizer, clip_vocab_from_bpe_file
+from mim.layout import model_id_of_checkpoint
+from mim.model import checkpoint as ckpt
+from mim.model.config import ModelConfig, PreprocessConfig, TextConfig, VisionConfig, get_size
+from mim.model.tokenizer import ClipTokenizer, clip_vocab_from_bpe_file
+from mim.model.towers import MIMModel
 
 # Hugging Face's CLIPConfig defaults, for the fields a config.json leaves out.
 _HF_TEXT_DEFAULTS = {
@@ -488,41 +486,11 @@ def _write(
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m mim.import_clip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", type=Path, help="Hugging Face CLIPModel folder (config.json, model.safetensors, ...)")
-    src.add_argument("--openclip", type=Path, help="OpenCLIP state dict (.safetensors, or .pt/.bin of tensors only)")
-    ap.add_argument(
-        "--arch", help=f"OpenCLIP architecture: one of {sorted(OPENCLIP_ARCHS)} or an OpenCLIP model-config JSON"
-    )
-    ap.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
-    return ap
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if args.openclip is not None and not args.arch:
-        ap.error("--openclip needs --arch (e.g. ViT-B-32-quickgelu for OpenAI's weights)")
-    try:
-        out = (
-            import_hf(args.hf, args.out) if args.hf is not None else import_openclip(args.openclip, args.arch, args.out)
-        )
-    except ClipImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg = ckpt.read_config(out)
-    m = cfg["model"]
-    print(
+def describe_import(out: str | Path) -> str:
+    """One line on the checkpoint an import wrote: shapes, where it went, its model identity."""
+    m = ckpt.read_config(out)["model"]
+    return (
         f"imported {m['name']}: ViT {m['vision']['image_size']} px / patch {m['vision']['patch_size']}, "
         f"{m['vision']['layers']}+{m['text']['layers']} layers, embedding {m['embed_dim']} -> {out} "
         f"(model id {model_id_of_checkpoint(out)})"
     )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

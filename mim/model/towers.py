@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ModelConfig, TextConfig, VisionConfig
+from mim.model.config import ModelConfig, TextConfig, VisionConfig
 
 # Additive attention bias for padding. Not -inf: an FP16 engine would turn -inf - -inf into NaN, and -1e4 is
 # representable in FP16 while still zeroing the weight after softmax.
@@ -244,7 +244,7 @@ class MIMModel(nn.Module):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, 3, {s}, {s}) for the "
-                f"{self.cfg.name!r} model; preprocess images with mim.preprocess first"
+                f"{self.cfg.name!r} model; preprocess images with mim.model.preprocess first"
             )
         return self.image(pixel_values)
 

@@ -2,8 +2,8 @@
 test split, and write one comparison: means with 95% bootstrap intervals over queries and seeds, paired
 differences, and learning curves (markdown + JSON + PNG).
 
-    python -m mim.compare --catalog artifacts/catalog --steps 600 --jobs 2 --out benchmarks/results/quality
-    python -m mim.compare --seeds 0,1,2 --steps 1500 --eval-every 250 --jobs 2 --checkpoints artifacts/checkpoints/full
+    mimsearch compare --catalog artifacts/catalog --steps 600 --jobs 2 --out benchmarks/results/quality
+    mimsearch compare --seeds 0,1,2 --steps 1500 --eval-every 250 --jobs 2 --checkpoints artifacts/checkpoints/full
         --out benchmarks/results/quality_full                                       # make quality-full (one line)
 
 `--jobs N` trains in N worker processes, each chain of runs (a run and those initialised from it) in one of them
@@ -17,7 +17,6 @@ the learning curve recorded while they were trained.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -33,20 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
-from .catalog import Catalog, load_catalog
-from .checkpoint import Checkpoint, load_checkpoint
-from .config import PreprocessConfig, get_size
-from .embedding import LocalEmbedder, TorchEmbedder
-from .evaluate import COLUMNS, evaluate_per_query
-from .model import MIMModel
-from .preprocess import preprocess_image_bytes
-from .progress import progress_bar
-from .ranking import top_k
-from .stats import bootstrap_interval, paired_difference
-from .synth import ensure_catalog
-from .tokenizer import TextTokenizer
-from .train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES, train
+from mim.atomic import atomic_write_text
+from mim.data.catalog import Catalog, load_catalog
+from mim.data.synth import ensure_catalog
+from mim.model.checkpoint import Checkpoint, load_checkpoint
+from mim.model.config import PreprocessConfig, get_size
+from mim.model.preprocess import preprocess_image_bytes
+from mim.model.tokenizer import TextTokenizer
+from mim.model.towers import MIMModel
+from mim.progress import progress_bar
+from mim.search.embedding import LocalEmbedder, TorchEmbedder
+from mim.search.ranking import top_k
+from mim.training.evaluate import COLUMNS, evaluate_per_query
+from mim.training.stats import bootstrap_interval, paired_difference
+from mim.training.train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES, train
 
 # (name, objective, initialised from, training steps as a multiple of --steps)
 RUNS = (
@@ -430,81 +429,52 @@ def write_report(out: Path, header: str, result: dict[str, Any], settings: dict[
     return [out.with_suffix(".md"), out.with_suffix(".json")] + ([png] if png else [])
 
 
-def _seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
+    """ "0,1,2" -> [0, 1, 2]: distinct non-negative training seeds."""
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated ints such as 0,1,2") from None
+        raise ValueError(f"--seeds {text!r}: expected comma-separated ints such as 0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct non-negative ints such as 0,1,2")
+        raise ValueError(f"--seeds {text!r}: expected distinct non-negative ints such as 0,1,2")
     return seeds
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m mim.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument(
-        "--catalog", default="artifacts/catalog", help="catalog folder (generated with defaults if missing)"
-    )
-    ap.add_argument("--checkpoints", default="artifacts/checkpoints", help="where each run's checkpoint goes")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--catalog-rows", type=int, default=DEFAULT_CATALOG_ROWS)
-    ap.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=DEFAULT_HARD_NEGATIVES)
-    ap.add_argument(
-        "--align-weight",
-        type=float,
-        default=DEFAULT_ALIGN_WEIGHT,
-        help="weight of each image-text term next to the image-image term's 1.0 (3-tower and 4-tower)",
-    )
-    ap.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="train in this many processes at once (the CPU cores are shared out among them); 1: in this one",
-    )
-    ap.add_argument("--seeds", type=_seeds, default=[0], help="training seeds, e.g. 0,1,2")
-    ap.add_argument("--runs", default=None, help=f"subset of {','.join(r[0] for r in RUNS + CONTROLS)}")
-    ap.add_argument("--controls", action="store_true", help="add DML and 3-tower runs of twice the steps")
-    ap.add_argument("--eval-every", type=int, default=0, help="learning-curve points every N steps (0: at the end)")
-    ap.add_argument("--size", default="tiny")
-    ap.add_argument("--out", default="benchmarks/results/quality", help="writes OUT.md, OUT.json and OUT.png")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+def select_runs(names: str | None, controls: bool = False) -> tuple[tuple[str, str, str | None, int], ...]:
+    """The runs to train: all of RUNS (+ CONTROLS), or those named in "dml,3tower" (any of both tuples)."""
+    if not names:
+        return RUNS + (CONTROLS if controls else ())
+    known = {r[0]: r for r in RUNS + CONTROLS}
+    wanted = names.split(",")
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise ValueError(f"--runs: unknown {unknown}; expected names from {list(known)}")
+    return tuple(known[w] for w in wanted)
 
-    runs = RUNS + (CONTROLS if args.controls else ())
-    if args.runs:
-        wanted = args.runs.split(",")
-        known = {r[0]: r for r in RUNS + CONTROLS}
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            ap.error(f"--runs: unknown {unknown}; expected names from {list(known)}")
-        runs = tuple(known[w] for w in wanted)
-    cat_dir = Path(args.catalog)
-    catalog = load_catalog(cat_dir) if (cat_dir / "catalog.json").is_file() else ensure_catalog(cat_dir)
-    t0, c0 = time.time(), time.process_time()
-    try:
-        result = run_comparison(
-            catalog,
-            Path(args.checkpoints),
-            seeds=args.seeds,
-            steps=args.steps,
-            runs=runs,
-            batch_size=args.batch_size,
-            catalog_rows=args.catalog_rows,
-            hard_negatives=args.hard_negatives,
-            align_weight=args.align_weight,
-            size=args.size,
-            eval_every=args.eval_every,
-            progress=not args.no_progress,
-            jobs=args.jobs,
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    wall, cpu = time.time() - t0, time.process_time() - c0 + result["worker_cpu_seconds"]
-    command = "python -m mim.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+
+def open_or_generate(catalog: str | Path) -> Catalog:
+    """The catalog at that folder, generated with the default parameters when it has none."""
+    cat_dir = Path(catalog)
+    return load_catalog(cat_dir) if (cat_dir / "catalog.json").is_file() else ensure_catalog(cat_dir)
+
+
+def describe(
+    catalog: Catalog,
+    result: dict[str, Any],
+    *,
+    command: str,
+    seeds: Sequence[int],
+    steps: int,
+    batch_size: int,
+    catalog_rows: int,
+    hard_negatives: bool,
+    align_weight: float,
+    jobs: int,
+    size: str,
+    wall: float,
+    cpu: float,
+) -> tuple[str, dict[str, Any]]:
+    """The report's header paragraph and the settings recorded in its JSON, for a `run_comparison` result."""
     p = catalog.params
     n_test = {
         "products": len(catalog.products_in("test")),
@@ -513,14 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     settings = {
         "command": command,
-        "seeds": args.seeds,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "catalog_rows": args.catalog_rows,
-        "hard_negatives": args.hard_negatives,
-        "align_weight": args.align_weight,
-        "jobs": args.jobs,
-        "size": args.size,
+        "seeds": list(seeds),
+        "steps": steps,
+        "batch_size": batch_size,
+        "catalog_rows": catalog_rows,
+        "hard_negatives": hard_negatives,
+        "align_weight": align_weight,
+        "jobs": jobs,
+        "size": size,
         "catalog": {
             k: p.get(k)
             for k in ("seed", "variants", "street_fraction", "street_layout", "n_train_queries", "image_size")
@@ -535,10 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"# Retrieval quality: DML vs 3-tower vs 4-tower\n\n"
         f"Measured {settings['date']} on {settings['machine']} CPU ({settings['torch_threads']} torch threads), "
-        f"`{args.size}` towers, {args.steps} steps, batches of {args.batch_size} street-to-shop pairs"
-        f" + {args.catalog_rows} title-only catalog products (photo-title term only), hard negatives "
-        f"{'on' if args.hard_negatives else 'off'}, image-text terms at weight {args.align_weight:g}; seeds "
-        f"{args.seeds}; wall time {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min, {args.jobs} training process(es)). "
+        f"`{size}` towers, {steps} steps, batches of {batch_size} street-to-shop pairs"
+        f" + {catalog_rows} title-only catalog products (photo-title term only), hard negatives "
+        f"{'on' if hard_negatives else 'off'}, image-text terms at weight {align_weight:g}; seeds "
+        f"{list(seeds)}; wall time {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min, {jobs} training process(es)). "
         f"Catalog: seed {p.get('seed')}, {p.get('variants')} models per (category, pattern, colour), street photos "
         f"for {p.get('street_fraction')} of the training products, street layout {p.get('street_layout')!r}. "
         f"Test split: {n_test['products']} gallery products, "
@@ -556,11 +526,4 @@ def main(argv: list[str] | None = None) -> int:
         "product carrying it; mm-fusion / mm-refine R@k = photo of X + reformulation text retrieves the changed "
         "product. 4tower-from-3tower continues from the 3-tower checkpoint, so it has seen twice the steps."
     )
-    for path in write_report(Path(args.out), header, result, settings):
-        print(f"wrote {path}", file=sys.stderr)
-    print(Path(args.out).with_suffix(".md").read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return header, settings

@@ -6,29 +6,26 @@
   fusion (one kNN on normalize(a*img + (1-a)*txt)) and by refine (image top-N re-ranked by
   cos(q, p) + b*cos(s, p)).
 
-    python -m mim.evaluate --checkpoint artifacts/checkpoints/3tower [--checkpoint ...] --out results/quality
+    mimsearch evaluate --checkpoint artifacts/checkpoints/3tower [--checkpoint ...] --out results/quality
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .catalog import Catalog
-from .dataset import open_catalog
-from .embedding import Embedder
-from .ranking import fuse, refine, top_k
+from mim.atomic import atomic_write_text
+from mim.data.catalog import Catalog
+from mim.search.embedding import Embedder
+from mim.search.ranking import fuse, refine, top_k
 
 KS = (1, 5, 10)
 
 
-# --- metrics (pure NumPy, unit-tested on hand-made rankings; the ranking itself is mim.ranking's) ------------
+# --- metrics (pure NumPy, unit-tested on hand-made rankings; the ranking itself is mim.search.ranking's) ------------
 def hits_at_k(ranked: np.ndarray, target: np.ndarray, ks: Sequence[int] = KS) -> dict[str, np.ndarray]:
     """Per query, 1.0 if its target is in the top k else 0.0: {"R@k": (Q,)}.
 
@@ -135,37 +132,9 @@ def write_results(out: str | Path, rows: dict[str, dict[str, float]], header: st
     atomic_write_text(out.with_suffix(".md"), header.rstrip() + "\n\n" + markdown_table(rows) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m mim.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument(
-        "--checkpoint",
-        action="append",
-        required=True,
-        help="checkpoint folder; repeat to compare (name=path also works)",
-    )
-    ap.add_argument("--catalog", default="artifacts/catalog", help="catalog folder or JSON Lines dataset manifest")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ap.add_argument("--out", help="write OUT.md and OUT.json")
-    args = ap.parse_args(argv)
-    from .checkpoint import load_checkpoint  # torch: only the CLI needs it, the metrics above do not
-    from .embedding import TorchEmbedder
+def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], catalog: Catalog, split: str = "test") -> dict:
+    """Name -> `evaluate` of that checkpoint's in-process torch model, in the order given."""
+    from mim.model.checkpoint import load_checkpoint  # torch: only checkpoints need it, the metrics above do not
+    from mim.search.embedding import TorchEmbedder
 
-    catalog = open_catalog(args.catalog)
-    rows = {}
-    for spec in args.checkpoint:
-        name, _, path = spec.rpartition("=")
-        ck = load_checkpoint(path)
-        rows[name or Path(path).name] = evaluate(TorchEmbedder(ck), catalog, args.split)
-    table = markdown_table(rows)
-    print(table)
-    if args.out:
-        write_results(
-            args.out, rows, f"Split: {args.split}; command: python -m mim.evaluate {' '.join(argv or sys.argv[1:])}"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {name: evaluate(TorchEmbedder(load_checkpoint(path)), catalog, split) for name, path in checkpoints.items()}

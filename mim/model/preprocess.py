@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from .config import PreprocessConfig
+from mim.model.config import PreprocessConfig
 
 
 class InputError(ValueError):

@@ -114,7 +114,7 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     # Resize the shorter side to image_size (bicubic), then centre-crop a square: keeps the aspect ratio of
     # user photos instead of squashing them. "clip" is the same with the longer side truncated instead of
-    # rounded, as CLIP's own preprocessing does (mim.preprocess).
+    # rounded, as CLIP's own preprocessing does (mim.model.preprocess).
     resize_mode: str = "shorter_side_center_crop"
     context_length: int = 16
     tokenizer_file: str = "tokenizer.json"
@@ -203,7 +203,7 @@ def _clip_size(name: str, patch: int, vision: tuple[int, int, int], text: tuple[
             ),
         ),
         preprocess=PreprocessConfig(image_size=224, context_length=77, tokenizer="clip_bpe", resize_mode="clip"),
-        why="the shape of a pretrained CLIP checkpoint (python -m mim.import_clip)",
+        why="the shape of a pretrained CLIP checkpoint (mimsearch import-clip)",
     )
 
 

@@ -1,8 +1,8 @@
 """Train the MIM model (DML baseline, 3-tower or 4-tower) on a catalog.
 
-    python -m mim.train --catalog artifacts/catalog --objective 3tower --out artifacts/checkpoints/3tower
-    python -m mim.train ... --objective 4tower --init-from artifacts/checkpoints/3tower   # paper's best 4-tower
-    python -m mim.train ... --resume                                                      # continue a run
+    mimsearch train --catalog artifacts/catalog --objective 3tower --out artifacts/checkpoints/3tower
+    mimsearch train ... --objective 4tower --init-from artifacts/checkpoints/3tower   # paper's best 4-tower
+    mimsearch train ... --resume                                                      # continue a run
 
 CPU by default here, the GPU when one is present. Seeded: the batch at step i depends only on (seed, i), so a
 resumed run draws the same batches as an uninterrupted one.
@@ -10,7 +10,6 @@ resumed run draws the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -21,16 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .catalog import ATTRIBUTES, Catalog
-from .config import PreprocessConfig, get_size
-from .dataset import is_dataset, open_catalog
-from .losses import OBJECTIVES, LossWeights, mim_loss
-from .model import MIMModel
-from .preprocess import preprocess_image_bytes
-from .progress import progress_bar
-from .synth import ensure_catalog
-from .tokenizer import ClipTokenizer, TextTokenizer, Tokenizers
+from mim.data.catalog import ATTRIBUTES, Catalog
+from mim.data.dataset import is_dataset, open_catalog
+from mim.data.synth import ensure_catalog
+from mim.model import checkpoint as ckpt
+from mim.model.config import PreprocessConfig, get_size
+from mim.model.losses import OBJECTIVES, LossWeights, mim_loss
+from mim.model.preprocess import preprocess_image_bytes
+from mim.model.tokenizer import ClipTokenizer, TextTokenizer, Tokenizers
+from mim.model.towers import MIMModel
+from mim.progress import progress_bar
 
 # Batch composition defaults (docs/METHOD.md, "Batches"): products without street photos per batch for the
 # photo-title term, and hard-negative groups.
@@ -203,61 +202,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m mim.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument(
-        "--catalog",
-        default="artifacts/catalog",
-        help="catalog folder (generated if missing), or a JSON Lines dataset manifest (mim/dataset.py)",
-    )
-    ap.add_argument("--catalog-seed", type=int, default=0)
-    ap.add_argument("--size", default="tiny", help="named model size (mim.config.SIZES)")
-    ap.add_argument("--objective", choices=OBJECTIVES, default="3tower")
-    ap.add_argument("--out", required=True, help="checkpoint folder to write")
-    ap.add_argument(
-        "--init-from",
-        help="start from this checkpoint's weights, tokenizer and preprocessing (e.g. 4-tower from 3-tower, or an "
-        "imported CLIP: python -m mim.import_clip)",
-    )
-    ap.add_argument("--resume", action="store_true", help="continue from --out if it holds a checkpoint")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=64, help="street-to-shop pairs per batch")
-    ap.add_argument(
-        "--catalog-rows",
-        type=int,
-        default=DEFAULT_CATALOG_ROWS,
-        help="products without street photos added per batch to the photo-title term (0: pairs only)",
-    )
-    ap.add_argument(
-        "--hard-negatives",
-        action=argparse.BooleanOptionalAction,
-        default=DEFAULT_HARD_NEGATIVES,
-        help="compose batches of look-alikes of other categories (same pattern or colour)",
-    )
-    ap.add_argument(
-        "--align-weight",
-        type=float,
-        default=DEFAULT_ALIGN_WEIGHT,
-        help="weight of every image-text term (q-t, p-t, q-s, p-s) next to the image-image term's 1.0",
-    )
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save-every", type=int, default=200)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--no-progress", action="store_true")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    train(**{k.replace("-", "_"): v for k, v in vars(args).items()})
-    return 0
-
-
 def train(
     *,
     catalog: str,
@@ -390,7 +334,3 @@ def train(
             file=sys.stderr,
         )
     return out_dir
-
-
-if __name__ == "__main__":
-    sys.exit(main())

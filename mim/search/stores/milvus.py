@@ -1,4 +1,4 @@
-"""A gallery in a Milvus collection, through `pymilvus.MilvusClient`: the `mim.store.VectorStore` for catalogs
+"""A gallery in a Milvus collection, through `pymilvus.MilvusClient`: the `mim.search.stores.VectorStore` for catalogs
 that outgrow one process.
 
     store = MilvusStore.open("gallery.db", dim=512, model_id="3f2a...")        # Milvus Lite, in-process
@@ -40,8 +40,20 @@ from typing import Any
 
 import numpy as np
 
-from .knn import DEFAULT_NORM_TOL, _check_categories, _check_ids, _check_matrix, _check_metadata
-from .store import MILVUS_SCHEMES, MILVUS_TOKEN_ENV, split_collection
+from mim.search.knn import DEFAULT_NORM_TOL, _check_categories, _check_ids, _check_matrix, _check_metadata
+from mim.search.stores import StoreError
+
+# Locations (which ones come here is the store registry's, mim.search.stores.REGISTRY): a local folder runs
+# Milvus Lite in-process, a URI reaches a server; an optional "#name" picks the collection.
+MILVUS_TOKEN_ENV = "MILVUS_TOKEN"  # a token is a secret: taken from the environment, never from a flag
+DEFAULT_COLLECTION = "gallery"
+
+
+def split_collection(location: str) -> tuple[str, str]:
+    """ "uri#name" -> ("uri", "name"); without a fragment the collection is `DEFAULT_COLLECTION`."""
+    uri, _, name = str(location).partition("#")
+    return uri, name or DEFAULT_COLLECTION
+
 
 FORMAT = "mim-gallery/1"
 PROP_FORMAT = "mim.format"
@@ -59,7 +71,7 @@ CONNECT_TIMEOUT_S = 10.0
 INDEX_WAIT_S = 1800.0  # how long `save` waits for the index build to catch up (HNSW on 1e7 rows takes long)
 
 
-class MilvusStoreError(RuntimeError):
+class MilvusStoreError(StoreError):
     """Milvus could not be reached or opened; the message names the URI and what to do."""
 
 
@@ -111,7 +123,7 @@ class MilvusIndexConfig:
 
 # --- connection ----------------------------------------------------------------------------------------------
 def _is_lite(uri: str) -> bool:
-    return not uri.startswith(MILVUS_SCHEMES)
+    return "://" not in uri  # a folder path; a server is reached by URI
 
 
 def _lite_locked(folder: Path) -> bool:
@@ -252,13 +264,14 @@ def _unit_rows(emb: np.ndarray, normalize: bool, norm_tol: float) -> np.ndarray:
 
 # --- the store --------------------------------------------------------------------------------------------------
 class MilvusStore:
-    """A gallery in one Milvus collection. Create or open it with `MilvusStore.open` (or `mim.store.open_store`)."""
+    """A gallery in one Milvus collection. Create or open it with `MilvusStore.open` (or `stores.open_store`)."""
 
     def __init__(
         self, client: Any, uri: str, collection: str, dim: int, model_id: str | None, index: MilvusIndexConfig
     ) -> None:
         self._client, self.uri, self.collection = client, uri, collection
         self._dim, self._model_id, self.index = dim, model_id, index
+        self._count: int | None = None  # items as this handle knows them (see `count`)
 
     # ---- opening --------------------------------------------------------------------------------------------
     @classmethod
@@ -269,10 +282,15 @@ class MilvusStore:
         dim: int | None = None,
         model_id: str | None = None,
         expected_model_id: str | None = None,
-        index: MilvusIndexConfig | None = None,
+        index: MilvusIndexConfig | str | None = None,
         timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> MilvusStore:
-        """Open the collection at `location` ("uri#collection"), or create it when absent and `dim` is given."""
+        """Open the collection at `location` ("uri#collection"), or create it when absent and `dim` is given.
+
+        index: the index a new collection is built with (a MilvusIndexConfig, or its text form "HNSW:ef=128");
+        an existing collection keeps its own, with these search parameters where the type matches."""
+        if isinstance(index, str):
+            index = MilvusIndexConfig.parse(index)
         uri, name = split_collection(location)
         client = connect(uri, name, timeout_s)
         try:
@@ -302,6 +320,18 @@ class MilvusStore:
             return bool(client.has_collection(name))
         finally:
             MilvusStore._close_client(client, uri)
+
+    @classmethod
+    def destroy(cls, location: str) -> None:
+        """Drop the collection at `location` if it exists (whatever it holds)."""
+        if not cls.exists(location):
+            return
+        uri, name = split_collection(location)
+        client = connect(uri, name)
+        try:
+            client.drop_collection(name)
+        finally:
+            cls._close_client(client, uri)
 
     @classmethod
     def _existing(cls, client: Any, uri: str, name: str, index: MilvusIndexConfig | None) -> MilvusStore:
@@ -352,7 +382,9 @@ class MilvusStore:
             consistency_level="Strong",  # a search sees every add that returned, as with KnnIndex
             properties={PROP_FORMAT: FORMAT, PROP_MODEL_ID: json.dumps(model_id)},
         )
-        return cls(client, uri, name, int(dim), model_id, index)
+        store = cls(client, uri, name, int(dim), model_id, index)
+        store._count = 0  # just created
+        return store
 
     # ---- properties -----------------------------------------------------------------------------------------
     @property
@@ -368,8 +400,18 @@ class MilvusStore:
         return f"{self.uri}#{self.collection}"
 
     def __len__(self) -> int:
+        """The collection's row count, asked of Milvus (a request); refreshes `count`."""
         res = self._client.query(self.collection, filter="", output_fields=["count(*)"])
-        return int(res[0]["count(*)"])
+        self._count = int(res[0]["count(*)"])
+        return self._count
+
+    @property
+    def count(self) -> int:
+        """Rows as this handle knows them: asked once, then kept up to date by this handle's adds and removes
+        (no request per search). Rows another process adds count after `len(store)` or a reopen."""
+        if self._count is None:
+            return len(self)
+        return self._count
 
     def __repr__(self) -> str:
         return (
@@ -442,10 +484,12 @@ class MilvusStore:
         if clash.size:
             raise ValueError(
                 f"id {int(clash[0])} is already in the gallery {self.location}; remove it first, use "
-                "mim.store.upsert, or use a new id"
+                "mim.search.stores.upsert, or use a new id"
             )
         for s in range(0, len(rows), INSERT_ROWS):
             self._client.insert(self.collection, rows[s : s + INSERT_ROWS])
+            if self._count is not None:
+                self._count += len(rows[s : s + INSERT_ROWS])
         if len(rows) >= FLUSH_ROWS:
             self.save()
 
@@ -459,6 +503,8 @@ class MilvusStore:
             raise KeyError(f"id {int(missing[0])} is not in the gallery {self.location}; nothing was removed")
         for s in range(0, ids.size, QUERY_IDS):
             self._client.delete(self.collection, ids=ids[s : s + QUERY_IDS].tolist())
+            if self._count is not None:
+                self._count -= len(ids[s : s + QUERY_IDS])
 
     def save(self, path: str | os.PathLike | None = None) -> None:
         """Flush: every row added so far is written to the collection's segments (and indexed)."""
@@ -512,7 +558,7 @@ class MilvusStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product, with `KnnIndex.search`'s contract: scores float32 (Q, k) descending, ids int64
         (Q, k), equal scores by ascending id, padding -1 / -inf where a filter leaves fewer than k items."""
-        n = len(self)
+        n = self.count
         if n == 0:
             raise ValueError(f"the gallery {self.location} is empty; add items before searching")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:

@@ -1,9 +1,9 @@
 """Ranking in plain NumPy: normalise, fuse, exact top-k, refine, and the parity of two embedding sets.
 
-Evaluation (mim.evaluate), the served `fuse` model (mim.serving.backends), the search client (client.search) and
-the benchmarks all rank with these functions, so offline metrics, served results and client results cannot
-disagree on how a score is computed. The module needs NumPy only (no torch), so the search path loads on a
-machine without torch.
+Evaluation (mim.training.evaluate), the served `fuse` model (mim.serving.backends), the search client
+(client.search) and the benchmarks all rank with these functions, so offline metrics, served results and client
+results cannot disagree on how a score is computed. The module needs NumPy only (no torch), so the search path
+loads on a machine without torch.
 
 Multimodal search has two modes (docs/METHOD.md, "Multimodal search"):
 - fusion: one kNN on normalize(a * image + (1 - a) * text); `a` is `contract.DEFAULT_IMAGE_WEIGHT` unless a
@@ -11,7 +11,7 @@ Multimodal search has two modes (docs/METHOD.md, "Multimodal search"):
 - refine: image kNN for the top N products, re-ranked by cos(q, p) + b * cos(s, p).
 
 Shapes: queries (Q, D), gallery (N, D); top-k results are gallery ROWS (Q, k), best first, equal scores in
-ascending row order. `mim.knn.KnnIndex` is the fast, chunked version of `exact_top_k` (tests/test_knn.py checks
+ascending row order. `mim.search.knn.KnnIndex` is the fast, chunked version of `exact_top_k` (tests/test_knn.py checks
 it against this one, ties included).
 """
 
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import contract
+from mim import contract
 
-# Floor on the SQUARED norm in `l2_normalize`, the same as mim.model.l2_normalize's, so a served (NumPy) and an
+# Floor on the SQUARED norm in `l2_normalize`, the same as mim.model.towers.l2_normalize's, so a served (NumPy) and an
 # in-process (torch) normalisation agree even on near-zero rows, and a zero row stays finite (all zeros).
 NORM_EPS = 1e-12
 

@@ -11,8 +11,8 @@ fraction of the training products have query photos with a short typed query; so
 reformulations (a text naming a change of colour or pattern whose answer is another product). Products are split
 train/val/test by product, so test products never appear in training.
 
-This module only reads and writes records. `mim.synth` plans and draws a catalog (`python -m mim.synth`),
-`mim.render` holds the drawing code.
+This module only reads and writes records. `mim.data.synth` plans and draws a catalog (`mimsearch catalog`),
+`mim.data.render` holds the drawing code.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
+from mim.atomic import atomic_write_text
 
 # 2: larger products in street photos, 8 street photos per training product
 # 3: several products (model variants) per attribute triple; street photos for only a fraction of training products
@@ -178,16 +178,16 @@ def load_catalog(root: str | os.PathLike) -> Catalog:
     path = root / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
-            f"no catalog manifest at {path}; create one with `python -m mim.synth --out {root}` "
-            "or mim.synth.ensure_catalog(root)"
+            f"no catalog manifest at {path}; create one with `mimsearch catalog --out {root}` "
+            "or mim.data.synth.ensure_catalog(root)"
         )
     doc = json.loads(path.read_text(encoding="utf-8"))
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format_version={version!r}, expected {FORMAT_VERSION}: it was written by another version of "
-            f"the generator and would be misread; regenerate it with `python -m mim.synth --out {root} --force` "
-            "(or mim.synth.ensure_catalog)"
+            f"the generator and would be misread; regenerate it with `mimsearch catalog --out {root} --force` "
+            "(or mim.data.synth.ensure_catalog)"
         )
     params = doc["params"]
     return Catalog(

@@ -112,7 +112,7 @@ class TextTokenizer(_ContextTokenizer):
 # marks it), as Hugging Face's CLIPTokenizer pads. The text tower pools the last attended position, so the pad
 # id never reaches an embedding. Text longer than the context keeps its first context_length - 2 tokens.
 CLIP_SOT, CLIP_EOT = "<|startoftext|>", "<|endoftext|>"
-# CLIP's published merge list (MIT licence, see mim/assets/README.md): 256 byte tokens, the same 256 with the
+# CLIP's published merge list (MIT licence, see mim/model/assets/README.md): 256 byte tokens, the same 256 with the
 # end-of-word marker, the first 48,894 merges and the two special tokens make its 49,408-token vocabulary.
 CLIP_BPE_FILE = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 CLIP_NUM_MERGES = 49152 - 256 - 2
