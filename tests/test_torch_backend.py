@@ -385,8 +385,8 @@ def test_torch_compile_under_cuda_graphs(served_repository, model_cfg):
 @pytest.mark.slow
 def test_half_precision_gate_at_base_size_on_gpu(tmp_path):
     """The gate on CUDA kernels at production size: a random `base` checkpoint (ViT-B/16, 77-token
-    bidirectional text) and an imported random CLIP ViT-B/16, FP16 against FP32 on real photos and titles
-    (BF16 is measured and printed: the fallback where FP16 would fail)."""
+    bidirectional text) and an imported random CLIP ViT-B/16, FP16 against FP32 on real photos and titles.
+    (BF16, the fallback, is gated on the CPU above; here FP16 only, to keep `make gpu-check` within its time.)"""
     from _clip_helpers import TITLES
 
     from benchmarks.gpu import random_checkpoint
@@ -400,5 +400,5 @@ def test_half_precision_gate_at_base_size_on_gpu(tmp_path):
         load_checkpoint(random_checkpoint("base", tmp_path / "base")),
         _imported_clip(tmp_path, text, vision, 512),
     ):
-        cosines = _gate(ckpt, TITLES, "cuda")
-        assert min(cosines[name, "fp16"] for name in ENCODERS) >= HALF_MIN_COSINE, cosines
+        cosines = _gate(ckpt, TITLES, "cuda", precisions=("fp16",))
+        assert min(cosines.values()) >= HALF_MIN_COSINE, cosines
