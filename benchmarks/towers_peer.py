@@ -243,7 +243,7 @@ def run(
     from mim.model.towers import explicit_attention
     from mim.serving.torch_backend import cuda_unavailable_reason
 
-    from .gpu import tower_flops
+    from .common import tower_flops
 
     t0 = time.perf_counter()
     reason = cuda_unavailable_reason()
