@@ -4,11 +4,11 @@
     python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny              # any machine, tiny sizes (the tests run this)
 
 1. towers: the `base` towers (ViT-B/16 at 224 px, a 77-token text transformer) through
-   `mim.serving.torch_backend.TorchEncoder` in FP16 (LayerNorm / softmax / L2 norm in FP32), eager against CUDA
+   `mim.serving.torch_backend.TorchEncoder` in FP16 (the whole tower; L2 norm in FP32), eager against CUDA
    graphs, timed side by side per batch; items/s and the fraction of the compute floor (the tower's matmul
    FLOPs / --peak-tflops). Parity: FP16 against FP32 by cosine on real photos and titles. Also the cost of the
    one host copy the serving path keeps (pixels from the preprocessing model to the GPU), pageable and pinned.
-2. knn: `mim.knn.KnnIndex` over 1M and 10M x 512 FP16 galleries, batch 1/32/256, k 10/100, against
+2. knn: `mim.search.knn.KnnIndex` over 1M and 10M x 512 FP16 galleries, batch 1/32/256, k 10/100, against
    `torch.mm` + `torch.topk` on the same device memory and against the memory floor (one read of the gallery
    at --hbm-tbps); ids checked against an FP32 reference; at most 90 s of wall time, the cells that would not
    fit are listed as skipped (`benchmarks.knn_bench.bench_gpu`).
@@ -29,6 +29,7 @@ import functools
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,13 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from mim import contract, layout, ranking
+from mim import contract, layout
+from mim.search import ranking
+from mim.serving.runtimes import GPU_TORCH, TORCH
 
-from . import perf
-from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
+from . import perf, towers_peer
+from .common import hardware, markdown_table, now_utc, tower_flops, versions, write_json, write_rows_csv
 from .knn_bench import time_side_by_side
 
-GPU_CONFIG, CPU_CONFIG = "gpu_torch", "torch"
+GPU_CONFIG, CPU_CONFIG = GPU_TORCH, TORCH  # rows of mim.serving.runtimes.VARIANTS
 # An H200's dense FP16 tensor-core rate and copy bandwidth (matmul and device-to-device copy microbenchmarks);
 # the floors are these divided into the work. Pass --peak-tflops / --hbm-tbps for another GPU.
 PEAK_TFLOPS = 790.0
@@ -73,6 +76,15 @@ class Plan:
     concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     perf_interval_ms: int = 1000
     photos: int = 8
+    # Wall-clock budget of each step (a lent GPU is held for minutes): a step stops starting new cells once its
+    # budget is spent, and gpu.json says so. The defaults keep the three steps under 6 minutes on an H200.
+    budget_s: tuple[tuple[str, float], ...] = (("towers", 130.0), ("knn", 90.0), ("serving", 130.0))
+    deadline: float | None = None  # time.monotonic() at which the running step's budget ends (set by run_all)
+
+
+def out_of_time(plan: Plan) -> bool:
+    """True once the running step has spent its budget: loops check it before each new cell."""
+    return plan.deadline is not None and time.monotonic() > plan.deadline
 
 
 TINY = Plan(
@@ -87,6 +99,7 @@ TINY = Plan(
     concurrencies=(1,),
     perf_interval_ms=500,
     photos=2,
+    budget_s=(("towers", 120.0), ("knn", 120.0), ("serving", 240.0)),
 )
 
 
@@ -113,10 +126,10 @@ def random_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
     """A random-init checkpoint of a named size with a tokenizer trained on TITLES (no base weights exist)."""
     import torch
 
-    from mim.checkpoint import save_checkpoint
-    from mim.config import get_size
-    from mim.model import MIMModel
-    from mim.tokenizer import TextTokenizer
+    from mim.model.checkpoint import save_checkpoint
+    from mim.model.config import get_size
+    from mim.model.tokenizer import TextTokenizer
+    from mim.model.towers import MIMModel
 
     spec = get_size(size)
     tok = TextTokenizer.train(TITLES * 4, vocab_size=512, context_length=spec.preprocess.context_length)
@@ -127,7 +140,7 @@ def random_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
 
 def real_inputs(ckpt, images: Sequence[bytes], texts: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
     """Preprocessed photos and tokenized titles, as the serving path makes them."""
-    from mim.preprocess import preprocess_image_bytes
+    from mim.model.preprocess import preprocess_image_bytes
 
     ids, mask = ckpt.tokenizer.encode_batch(list(texts))
     return {
@@ -139,22 +152,6 @@ def real_inputs(ckpt, images: Sequence[bytes], texts: Sequence[str]) -> dict[str
 
 
 # --- 1. towers ---------------------------------------------------------------------------------------------
-def tower_flops(model_cfg, name: str) -> float:
-    """Matmul FLOPs per item (2 per multiply-add): patch embedding, attention projections, scores and mixing,
-    MLP, final projection. ViT-B/16 at 224 px: 35.1 GFLOP."""
-    if name == contract.IMAGE_ENCODER:
-        v = model_cfg.vision
-        patches = (v.image_size // v.patch_size) ** 2
-        t, w, layers, hidden = patches + 1, v.width, v.layers, int(v.width * v.mlp_ratio)
-        stem = 2 * patches * 3 * v.patch_size**2 * w
-    else:
-        x = model_cfg.text
-        t, w, layers, hidden = x.context_length, x.width, x.layers, int(x.width * x.mlp_ratio)
-        stem = 0
-    per_layer = 2 * t * (4 * w * w + 2 * w * hidden) + 2 * 2 * t * t * w
-    return float(stem + layers * per_layer + 2 * w * model_cfg.embed_dim)
-
-
 def _random_feeds(io: contract.ModelIO, model_cfg, batch: int, device) -> dict:
     import torch
 
@@ -195,6 +192,8 @@ def bench_towers(plan: Plan, ckpt, inputs: dict, peak_tflops: float, log: Callab
             f"{precision} vs fp32 cosine {parity:.6f}"
         )
         for batch in plan.tower_batches:
+            if out_of_time(plan):
+                break
             feeds = _random_feeds(io, ckpt.model_cfg, batch, device)
             encoders = {"eager": eager} | ({"graphs": graphs} if graphs is not None else {})
             fns = {mode: functools.partial(_forward, enc, feeds) for mode, enc in encoders.items()}
@@ -270,6 +269,8 @@ def bench_knn(plan: Plan, hbm_tbps: float, log: Callable[[str], None]) -> tuple[
     method, and one summary per cell (ours against torch.topk(q @ g.T), fraction of the floor, or why skipped)."""
     from .knn_bench import bench_gpu
 
+    # The step's own deadline (run_all sets it from plan.budget_s): bench_gpu skips what would not fit in it.
+    budget = plan.deadline - time.monotonic() if plan.deadline is not None else dict(plan.budget_s).get("knn", 90.0)
     return bench_gpu(
         plan.knn_n,
         plan.knn_batches,
@@ -278,6 +279,7 @@ def bench_knn(plan: Plan, hbm_tbps: float, log: Callable[[str], None]) -> tuple[
         min_time=plan.min_time,
         min_reps=plan.min_reps,
         hbm_tbps=hbm_tbps,
+        budget_s=budget,
         log=log,
     )
 
@@ -303,7 +305,7 @@ def unavailable_reason(repository: Path | None = None) -> str | None:
     if repository is not None:
         for model in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER):
             if not (repository / model / "configs" / f"{GPU_CONFIG}.pbtxt").is_file():
-                return f"{model}/configs/{GPU_CONFIG}.pbtxt missing (python -m mim.serving.repository --write)"
+                return f"{model}/configs/{GPU_CONFIG}.pbtxt missing (mimsearch repository --write)"
             weights = layout.version_dir(repository, model) / layout.TORCH_WEIGHTS
             if not weights.is_file():
                 return f"{weights.relative_to(repository)} missing: install an export (make engines)"
@@ -341,11 +343,13 @@ def _has_matplotlib() -> bool:
 
 
 def bench_serving(plan: Plan, ckpt_dir: Path, images, work: Path, out: Path, log) -> dict[str, Any]:
-    """Export `ckpt_dir`, install it into a freshly generated repository, sweep the ensembles."""
-    from export.engines import install
-    from export.onnx_export import export_checkpoint
-    from mim.checkpoint import load_checkpoint
+    """Serve `ckpt_dir`'s towers in torch from a freshly generated repository (no ONNX needed) with a gallery of
+    the photos installed; check every ensemble against the in-process model; sweep the embedding ensembles
+    under perf_analyzer; then make sure no python-backend stub died on the way."""
+    from export.install import export_torch, install
+    from mim.model.checkpoint import load_checkpoint
     from mim.serving.repository import write_repository
+    from mim.serving.server import TritonServer, TritonServerError
 
     reason = serving_unavailable_reason()
     if reason is not None:
@@ -357,15 +361,90 @@ def bench_serving(plan: Plan, ckpt_dir: Path, images, work: Path, out: Path, log
         shutil.rmtree(repo)
     ck = load_checkpoint(ckpt_dir)
     write_repository(repo, ck.model_cfg, ck.pre_cfg)  # configs only; the export brings the artifacts
-    export_checkpoint(ckpt_dir, work / "export", fp16=False, check=False)
-    install(work / "export", repo)
+    export_torch(ckpt_dir, work / "export")
+    install(work / "export", repo, onnx=False)
+    install_photo_gallery(ck, images, repo, work)
     samples = [perf.Sample(data, TITLES[i % len(TITLES)], name) for i, (name, data) in enumerate(images)]
     inputs = perf.prepare_inputs(list(perf.ENSEMBLES), samples, repo, work / "inputs")
     settings = perf.PerfSettings(
         concurrencies=plan.concurrencies, interval_ms=plan.perf_interval_ms, stability_pct=30.0, max_trials=4
     )
-    result = run(perf.locate(), repo, inputs, settings, out, config=config, log=log)
-    return {"config": config, "rows": result.rows, "errors": result.errors, "commands": result.commands}
+    found: dict[str, Any] = {"config": config}
+    with TritonServer(repo, config=config, log_path=out / "tritonserver.log") as server:
+        found["parity"] = served_parity(server.grpc_url, ck, images, log)
+        pa = perf.locate()
+        result = perf.run_sweeps(
+            pa, server.grpc_url, list(inputs), inputs, settings, out / "logs", log=log, deadline=plan.deadline
+        )
+        try:
+            server.check_health()
+        except TritonServerError as e:
+            found["health"] = str(e)
+            log(f"  {e}")
+        found["stub_environment"] = stub_environment(server.log_text())
+    found.update(rows=result.rows, errors=result.errors, commands=result.commands, skipped_models=result.skipped)
+    if _has_matplotlib():
+        perf.write_outputs(result, out, {"config": config})
+    else:  # a GPU machine may lack matplotlib: the figures matter, the plot does not
+        write_rows_csv(result.rows, out / "perf.csv", perf.PERF_FIELDS)
+        write_json({"config": config, "results": result.rows, "errors": result.errors}, out / "perf.json")
+    return found
+
+
+def stub_environment(log_text: str) -> list[str]:
+    """The distinct "numpy ... from ...; Python ..." lines the python-backend models print at `initialize`
+    (mim.serving.python_backend.environment_line): which numpy each stub really imported."""
+    lines = {line.split("] ", 1)[1] for line in log_text.splitlines() if line.startswith("[") and "] numpy " in line}
+    return sorted(line.split("; sys.path")[0] for line in lines)
+
+
+def install_photo_gallery(ck, images, repo: Path, work: Path, seed: int = 0) -> None:
+    """A gallery of the photos themselves (id = position, in-process embeddings), padded with random unit rows
+    (ids from 1000) up to the search models' default k, as the served `knn` model's: the search ensembles load,
+    and a photo's search must find the photo first."""
+    from mim.search.embedding import TorchEmbedder
+    from mim.search.knn import KnnIndex
+    from mim.serving.gallery import encoders_model_id, install_gallery
+
+    photos = TorchEmbedder(ck).embed_images([b for _, b in images])
+    pad = max(0, contract.DEFAULT_K - len(images))
+    noise = np.random.default_rng(seed).standard_normal((pad, photos.shape[1])).astype(np.float32)
+    vectors = np.concatenate([photos, noise / np.linalg.norm(noise, axis=1, keepdims=True)])
+    ids = np.concatenate([np.arange(len(images)), 1000 + np.arange(pad)]).astype(np.int64)
+    names = [n for n, _ in images] + [f"random-{i}" for i in range(pad)]
+    meta = [{"title": TITLES[i % len(TITLES)], "category": "photo", "image": n} for i, n in enumerate(names)]
+    index = KnnIndex(ck.model_cfg.embed_dim, device="cpu", model_id=encoders_model_id(repo))
+    index.add(ids, vectors, meta)
+    index.save(work / "photos.safetensors")
+    install_gallery(work / "photos.safetensors", repo)
+
+
+def served_parity(url: str, ck, images, log) -> dict[str, Any]:
+    """The served ensembles against the in-process torch model on the same photos and titles: the smallest
+    cosine per embedding ensemble, and for `search_image` the share of photos whose top result is the photo."""
+    from client.search_client import SearchClient
+    from mim.search.embedding import TorchEmbedder
+
+    data = [b for _, b in images]
+    titles = [TITLES[i % len(TITLES)] for i in range(len(data))]
+    local = TorchEmbedder(ck)
+    with SearchClient(url) as client:
+        client.wait_ready()
+        served = {
+            contract.EMBED_IMAGE: client.embed_images(data),
+            contract.EMBED_TEXT: client.embed_texts(titles),
+            contract.EMBED_MULTIMODAL: client.embed_multimodal(data, titles),
+        }
+        hits = client.search_images(data, k=1)
+    expected = {
+        contract.EMBED_IMAGE: local.embed_images(data),
+        contract.EMBED_TEXT: local.embed_texts(titles),
+        contract.EMBED_MULTIMODAL: local.embed_multimodal(data, titles),
+    }
+    found: dict[str, Any] = {m: float(ranking.parity(served[m], expected[m]).min_cosine) for m in served}
+    found[contract.SEARCH_IMAGE] = float(np.mean([bool(h) and h[0].id == i for i, h in enumerate(hits)]))
+    log("  served vs in-process: " + ", ".join(f"{m} {v:.6f}" for m, v in found.items()))
+    return found
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -444,6 +523,13 @@ def summary(result: dict[str, Any]) -> str:
         ]
     elif "skipped" in serving:
         lines += ["", f"serving: skipped ({serving['skipped']})"]
+    if serving.get("parity"):
+        lines += ["", "served vs in-process: " + ", ".join(f"{m} {v:.6f}" for m, v in serving["parity"].items())]
+    for what in ("errors", "health"):
+        if serving.get(what):
+            lines += [f"serving {what}: {serving[what]}"]
+    for step, why in result.get("cut_short", {}).items():
+        lines += [f"{step}: {why}"]
     return "\n".join(lines)
 
 
@@ -466,7 +552,7 @@ def run_all(
     steps: Sequence[str] = ("towers", "knn", "serving"),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    from mim.checkpoint import load_checkpoint
+    from mim.model.checkpoint import load_checkpoint
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -491,30 +577,42 @@ def run_all(
         "topk_choice": [],
         "seconds": {},
     }
-    result["errors"] = {}
+    result.update(errors={}, tracebacks={}, cut_short={})
+    nonlocal_plan = [plan]  # the running step's plan, with its deadline
 
     def towers() -> None:
         inputs = real_inputs(ckpt, [b for _, b in images], TITLES)
-        result["towers"], result["copy"] = bench_towers(plan, ckpt, inputs, peak_tflops, log)
+        result["towers"], result["copy"] = bench_towers(nonlocal_plan[0], ckpt, inputs, peak_tflops, log)
+        # benchmarks.towers_peer: a CLIP with the plan's image tower against transformers on the same weights.
+        p = nonlocal_plan[0]
+        result["towers_peer"] = towers_peer.for_gpu_script(
+            p.size, p.tower_batches, p.min_time, p.min_reps, peak_tflops, log, p.deadline, [b for _, b in images]
+        )
 
     def knn() -> None:
-        result["knn"], result["topk_choice"] = bench_knn(plan, hbm_tbps, log)
+        result["knn"], result["topk_choice"] = bench_knn(nonlocal_plan[0], hbm_tbps, log)
 
     def serving() -> None:
-        result["serving"] = bench_serving(plan, ckpt_dir, images, work, out, log)
+        result["serving"] = bench_serving(nonlocal_plan[0], ckpt_dir, images, work, out, log)
 
     # One step failing (a GPU machine is lent for minutes) must not lose the others' figures: each step's
-    # error is recorded and the files are rewritten after every step.
+    # error and traceback are recorded and the files are rewritten after every step.
+    budgets = dict(plan.budget_s)
     for name, step in (("towers", towers), ("knn", knn), ("serving", serving)):
         if name not in steps:
             continue
-        log(f"== {name}")
+        log(f"== {name} (budget {budgets.get(name, 0):.0f} s)")
         t = time.perf_counter()
+        nonlocal_plan[0] = replace(plan, deadline=time.monotonic() + budgets[name]) if name in budgets else plan
         try:
             step()
         except Exception as e:  # recorded in gpu.json and printed; the next step still runs
             log(f"  {name} failed: {type(e).__name__}: {e}")
             result["errors"][name] = f"{type(e).__name__}: {e}"
+            result["tracebacks"][name] = traceback.format_exc()
+        if out_of_time(nonlocal_plan[0]):
+            result["cut_short"][name] = f"budget of {budgets[name]:.0f} s spent; cells after it were not run"
+            log(f"  {name}: {result['cut_short'][name]}")
         result["seconds"][name] = time.perf_counter() - t
         result["seconds"]["total"] = time.perf_counter() - t0
         _write(result, out)

@@ -1,4 +1,4 @@
-"""Exact top-k: mim.knn.KnnIndex (CPU, float32) against faiss-cpu IndexFlatIP, side by side on the same data.
+"""Exact top-k: mim.search.knn.KnnIndex (CPU, float32) against faiss-cpu IndexFlatIP, side by side on the same data.
 
 For every (N, d, batch, k) both engines search the same query batch, warm up once, then alternate timed calls
 until each has run for --min-time seconds (and at least min_reps calls); queries/s = batch / median call time.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mim.knn import KnnIndex, cuda_unavailable_reason, default_topk_method
+from mim.search.knn import KnnIndex, cuda_unavailable_reason, default_topk_method
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HBM_BYTES_PER_S = 4.3e12  # H200 HBM3e peak; an exact scan can't beat reading the fp16 gallery once per batch
@@ -324,7 +324,7 @@ def bench_gpu(
     and recorded as such. Returns (rows: one per cell and method, cells: one summary per cell)."""
     import torch
 
-    from mim.knn import KnnIndex, cuda_unavailable_reason
+    from mim.search.knn import KnnIndex, cuda_unavailable_reason
 
     t0 = time.perf_counter()
     reason = cuda_unavailable_reason()

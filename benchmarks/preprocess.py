@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mim.config import PreprocessConfig
-from mim.preprocess import JPEG_DRAFT_MARGIN, preprocess_image_bytes
-from mim.ranking import parity
+from mim.model.config import PreprocessConfig
+from mim.model.preprocess import JPEG_DRAFT_MARGIN, preprocess_image_bytes
+from mim.search.ranking import parity
 
 from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
 
@@ -149,7 +149,7 @@ def throughput_rows(photos: Sequence[Photo], cfg: PreprocessConfig, min_time: fl
 def checkpoint_embedder(ckpt_dir: Path) -> tuple[PreprocessConfig, Callable[[np.ndarray], np.ndarray]]:
     import torch
 
-    from mim.checkpoint import load_checkpoint
+    from mim.model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(ckpt_dir)
 
@@ -161,12 +161,12 @@ def checkpoint_embedder(ckpt_dir: Path) -> tuple[PreprocessConfig, Callable[[np.
 
 
 def random_embedder(size: str, seed: int = 0) -> tuple[PreprocessConfig, Callable[[np.ndarray], np.ndarray]]:
-    """A random-init image tower of a named size (mim.config.SIZES): the gate at a size no checkpoint has yet
+    """A random-init image tower of a named size (mim.model.config.SIZES): the gate at a size no checkpoint has yet
     (`base`, 224 px). Random weights respond to pixel detail too, so the gate still means something."""
     import torch
 
-    from mim.config import get_size
-    from mim.model import ImageTower
+    from mim.model.config import get_size
+    from mim.model.towers import ImageTower
 
     spec = get_size(size)
     torch.manual_seed(seed)

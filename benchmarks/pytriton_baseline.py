@@ -4,7 +4,7 @@
 
 Binds `embed_image`, `embed_text` and `embed_multimodal` with the same tensor names, dtypes and batch limit as
 our ensembles (mim.contract), so perf_analyzer sends both servers the same input-data files. Each is one
-`@batch` inference callable that runs the in-process torch embedder (`mim.embedding.TorchEmbedder`: Python
+`@batch` inference callable that runs the in-process torch embedder (`mim.search.embedding.TorchEmbedder`: Python
 preprocessing, the checkpoint's tokenizer, the torch model in eager mode) under PyTriton's default dynamic batcher.
 PyTriton launches the same bundled tritonserver binary (nvidia-pytriton) and proxies requests to this process;
 every listener is bound to 127.0.0.1.
@@ -51,8 +51,8 @@ def make_infer_functions(checkpoint: Path, threads: int | None = None) -> dict:
     from pytriton.decorators import batch
     from pytriton.model_config import Tensor
 
-    from mim.checkpoint import load_checkpoint
-    from mim.embedding import TorchEmbedder
+    from mim.model.checkpoint import load_checkpoint
+    from mim.search.embedding import TorchEmbedder
 
     if threads:
         torch.set_num_threads(threads)
@@ -261,7 +261,7 @@ def _http_ok(url: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pytriton_baseline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (python -m mim.train)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (mimsearch train)")
     p.add_argument("--grpc-port", type=int, default=8101)
     p.add_argument("--http-port", type=int, default=8100)
     p.add_argument("--metrics-port", type=int, default=8102)

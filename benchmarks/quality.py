@@ -3,13 +3,13 @@
     python -m benchmarks.quality --url 127.0.0.1:8001 --checkpoint artifacts/checkpoints/3tower \
         --catalog artifacts/catalog --out benchmarks/results
 
-`mim.evaluate.evaluate` runs twice on the same catalog split: with the in-process torch model
-(`mim.embedding.TorchEmbedder`) and with the served one (client/triton_client.EmbeddingClient -> preprocessing
+`mim.training.evaluate.evaluate` runs twice on the same catalog split: with the in-process torch model
+(`mim.search.embedding.TorchEmbedder`) and with the served one (client/triton_client.EmbeddingClient -> preprocessing
 models -> ONNX Runtime towers). Both are wrapped in a `Recording` embedder that keeps what they returned, so
 besides the metric differences the report gives the embeddings' worst cosine and largest absolute difference,
-row for row (`mim.ranking.parity`).
+row for row (`mim.search.ranking.parity`).
 
-The DML / 3-tower / 4-tower table is trained and written by `python -m mim.compare` (`make quality`) into
+The DML / 3-tower / 4-tower table is trained and written by `mimsearch compare` (`make quality`) into
 benchmarks/results/quality.{md,json}; this module only reads it for RESULTS.md and never retrains.
 
 Writes <out>/quality_served.json and <out>/quality_served.md.
@@ -29,16 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from mim.atomic import atomic_write_text
-from mim.checkpoint import load_checkpoint
-from mim.embedding import Embedder, TorchEmbedder
-from mim.evaluate import evaluate, markdown_table
 from mim.layout import MODEL_ID, model_id_of_checkpoint
-from mim.ranking import parity
+from mim.model.checkpoint import load_checkpoint
+from mim.search.embedding import Embedder, TorchEmbedder
+from mim.search.ranking import parity
+from mim.training.evaluate import evaluate, markdown_table
 
 from .common import now_utc, write_json
 
-TRAINED_TABLE = Path(__file__).resolve().parent / "results" / "quality"  # mim.compare's --out default
-TRAINED_COMMAND = "python -m mim.compare --catalog artifacts/catalog --steps 600 --out benchmarks/results/quality"
+TRAINED_TABLE = Path(__file__).resolve().parent / "results" / "quality"  # mim.training.compare's --out default
+TRAINED_COMMAND = "mimsearch compare --catalog artifacts/catalog --steps 600 --out benchmarks/results/quality"
 # Served and in-process embeddings are the same FP32 math in two runtimes (torch vs ONNX Runtime).
 MIN_COSINE = 0.9999
 METRIC_TOLERANCE = 1e-6  # metrics are shares of queries: any flipped ranking moves them by >= 1/queries
@@ -148,12 +148,12 @@ def served_markdown(report: dict) -> str:
 
 
 def trained_table(base: Path = TRAINED_TABLE) -> str | None:
-    """mim.compare's table (quality.md without its header), or None when `make quality` has not run."""
+    """mim.training.compare's table (quality.md without its header), or None when `make quality` has not run."""
     md, js = base.with_suffix(".md"), base.with_suffix(".json")
     if not (md.is_file() and js.is_file()):
         return None
     doc = json.loads(js.read_text())
-    return markdown_table(doc.get("means", doc))  # mim.compare writes means next to intervals and curves
+    return markdown_table(doc.get("means", doc))  # mim.training.compare writes means next to intervals and curves
 
 
 def write_outputs(report: dict, out: Path, command: str) -> list[Path]:
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
-    from mim.catalog import load_catalog
+    from mim.data.catalog import load_catalog
 
     report = served_quality(args.url, args.checkpoint, load_catalog(args.catalog), args.split)
     report["date"] = now_utc()

@@ -132,10 +132,10 @@ def make_random_checkpoint(out: Path, seed: int = 0) -> Path:
     """A random-init `tiny` model with a tokenizer trained on a few titles (as tests/conftest.py makes it)."""
     import torch
 
-    from mim.checkpoint import save_checkpoint
-    from mim.config import get_size
-    from mim.model import MIMModel
-    from mim.tokenizer import TextTokenizer
+    from mim.model.checkpoint import save_checkpoint
+    from mim.model.config import get_size
+    from mim.model.tokenizer import TextTokenizer
+    from mim.model.towers import MIMModel
 
     torch.manual_seed(seed)
     spec = get_size("tiny")
@@ -146,8 +146,8 @@ def make_random_checkpoint(out: Path, seed: int = 0) -> Path:
 
 
 def resolve_checkpoint(run: Run, path: Path) -> Path:
-    from mim.checkpoint import read_config
     from mim.layout import model_id_of_checkpoint
+    from mim.model.checkpoint import read_config
 
     if (path / "config.json").is_file():
         ckpt, note = path, "trained checkpoint"
@@ -180,8 +180,8 @@ def install_repository(run: Run, ckpt: Path) -> Path:
 
 
 def resolve_catalog(run: Run, path: Path):
-    from mim.catalog import load_catalog, summary
-    from mim.synth import ensure_catalog
+    from mim.data.catalog import load_catalog, summary
+    from mim.data.synth import ensure_catalog
 
     try:
         catalog, how = load_catalog(path), "existing"

@@ -54,7 +54,7 @@ E2E_FIELDS += ["seconds"]
 def bench_gallery(embed_images: Callable, catalog, size: int, model_id: str, path: Path, seed: int = 0):
     """The catalog's test products embedded by the server, then random unit vectors up to `size` items."""
     from client.indexing import catalog_items
-    from mim.knn import KnnIndex
+    from mim.search.knn import KnnIndex
 
     items = catalog_items(catalog, "test")
     emb = embed_images([i.image.read_bytes() for i in items])  # the client splits at the max batch
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from client.search_client import SearchClient
-    from mim.catalog import load_catalog
+    from mim.data.catalog import load_catalog
     from mim.serving.backends import limit_threads
     from mim.serving.gallery import encoders_model_id, install_gallery
     from mim.serving.repository import KNN_THREADS

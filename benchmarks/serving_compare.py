@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from mim import contract
-from mim.embedding import Embedder, OnnxEmbedder
-from mim.ranking import parity
+from mim.search.embedding import Embedder, OnnxEmbedder
+from mim.search.ranking import parity
 
 from . import perf
 from .common import markdown_table, ratio, write_json, write_rows_csv

@@ -132,7 +132,7 @@ class Traffic:
 
     async def prepare(self) -> None:
         """The gallery for search requests: the photos themselves, ids 0..n-1."""
-        from mim.knn import KnnIndex
+        from mim.search.knn import KnnIndex
 
         emb = await self.client.embed_images(self.images)
         self.index = KnnIndex(emb.shape[1], device="cpu")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mim.knn import KnnIndex
+from mim.search.knn import KnnIndex
 
 from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
 
@@ -105,7 +105,7 @@ def queries_per_s(search: Callable[[np.ndarray], object], q: np.ndarray, batch: 
 
 
 def bench_size(n: int, grid: Grid, folder: Path, log: Callable[[str], None]) -> list[dict]:
-    from mim.milvus_store import MilvusIndexConfig, MilvusStore
+    from mim.search.stores.milvus import MilvusIndexConfig, MilvusStore
 
     gallery = clustered(n, grid.dim, seed=n)
     q = near_queries(gallery, grid.queries, seed=n + 1)

@@ -12,7 +12,7 @@
 
 `index` embeds every gallery image with the `embed_image` ensemble and saves a gallery holding the ids, the
 embeddings, each item's title/category/image path, and the identity of the embedding model. `--store` picks
-where (`mim.store`): a KnnIndex file (*.safetensors, the exact in-process index), a Milvus Lite folder (*.db)
+where (`mim.search.stores`): a KnnIndex file (*.safetensors, the exact in-process index), a Milvus Lite folder (*.db)
 or a Milvus server/cluster URI (http://host:19530#collection, token from $MILVUS_TOKEN). `--out` and `--index`
 are older names of `--store`. Indexing is resumable: the partial gallery is saved every few batches, and
 rerunning the same command continues where it stopped. `--url` takes several Triton replicas separated by
@@ -35,14 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from mim import contract, layout
-from mim.catalog import load_catalog
-from mim.milvus_store import MilvusIndexConfig, MilvusStoreError
-from mim.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
-from mim.store import describe_locations, is_milvus_location, open_store
+from mim.data.catalog import load_catalog
+from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
+from mim.search.stores import StoreError, describe_locations, gallery_file, open_store
 
 from .html import QueryBlock, render_page, write_page
 from .indexing import DEFAULT_SAVE_EVERY, build_index, catalog_items, manifest_items
@@ -89,8 +89,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise UsageError("index: give exactly one gallery: --catalog DIR, or --images DIR --manifest FILE")
     if args.images and not args.manifest:
         raise UsageError("index: --images needs --manifest FILE (CSV or JSONL with id, image[, title, category])")
-    if args.install and is_milvus_location(args.store):
-        raise UsageError("index: --install puts a KnnIndex file in the server's knn model; use a *.safetensors --store")
+    options = store_options(args)
     items = (
         catalog_items(load_catalog(args.catalog), args.split)
         if args.catalog
@@ -113,14 +112,32 @@ def cmd_index(args: argparse.Namespace) -> int:
             save_every=args.save_every,
             max_batches=args.max_batches,
             progress=not args.no_progress,
-            milvus_index=MilvusIndexConfig.parse(args.milvus_index) if args.milvus_index else None,
+            store_options=options,
         )
-    print(report.summary())
-    if not report.complete:
-        return 3
-    if args.install:
-        install_and_reload(Path(args.store), args.install, args.url, args.timeout)
-    return 0
+    try:
+        print(report.summary())
+        if not report.complete:
+            return 3
+        if args.install:  # the served knn model loads a KnnIndex file: the store's own, or a copy of it
+            with tempfile.TemporaryDirectory(prefix="gallery-") as tmp:
+                path = gallery_file(report.index, Path(tmp) / "gallery.safetensors")
+                install_and_reload(path, args.install, args.url, args.timeout)
+        return 0
+    finally:
+        report.index.close()
+
+
+def store_options(args: argparse.Namespace) -> dict[str, str]:
+    """--store-option KEY=VALUE flags (and the --milvus-index shorthand) -> the store's options, untouched."""
+    options = {}
+    for item in args.store_option or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--store-option {item!r}: expected KEY=VALUE (e.g. index=HNSW:ef=128)")
+        options[key.strip()] = value
+    if args.milvus_index:
+        options["index"] = args.milvus_index
+    return options
 
 
 def install_and_reload(index_path: Path, repo: Path, url: str, timeout: float) -> None:
@@ -135,7 +152,7 @@ def install_and_reload(index_path: Path, repo: Path, url: str, timeout: float) -
         except ClientError as e:
             print(
                 f"warning: the server at {url} did not load it ({e.server_message or e}); a server with explicit "
-                "model control (python -m mim.serving.server) loads it now, others at their next start",
+                "model control (mimsearch serve) loads it now, others at their next start",
                 file=sys.stderr,
             )
             return
@@ -193,21 +210,24 @@ def cmd_search(args: argparse.Namespace) -> int:
         expected, _ = resolve_model_id(args, client)
         index = open_store(args.store, expected_model_id=expected)
         service = SearchService(client, index)
-        if image is not None and args.text is not None:
-            results = service.by_image_text(
-                image,
-                args.text,
-                args.k,
-                mode=args.mode,
-                image_weight=args.image_weight,
-                text_weight=args.text_weight,
-                top_n=args.top_n,
-            )
-            mode = args.mode
-        elif image is not None:
-            results, mode = service.by_image(image, args.k, categories=args.category), "image"
-        else:
-            results, mode = service.by_text(args.text, args.k, categories=args.category), "text"
+        try:
+            if image is not None and args.text is not None:
+                results = service.by_image_text(
+                    image,
+                    args.text,
+                    args.k,
+                    mode=args.mode,
+                    image_weight=args.image_weight,
+                    text_weight=args.text_weight,
+                    top_n=args.top_n,
+                )
+                mode = args.mode
+            elif image is not None:
+                results, mode = service.by_image(image, args.k, categories=args.category), "image"
+            else:
+                results, mode = service.by_text(args.text, args.k, categories=args.category), "text"
+        finally:
+            index.close()
     query = {
         "image": args.image,
         "text": args.text,
@@ -217,7 +237,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         "model_id": index.model_id,
     }
     return _report(
-        args, query, results, image, mode, f"gallery {args.store} ({len(index)} items, model {index.model_id})"
+        args, query, results, image, mode, f"gallery {args.store} ({index.count} items, model {index.model_id})"
     )
 
 
@@ -242,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ix = sub.add_parser("index", help="embed a gallery through the server into a store (resumable)")
     _common(ix)
-    ix.add_argument("--catalog", help="synthetic catalog folder (python -m mim.synth)")
+    ix.add_argument("--catalog", help="synthetic catalog folder (mimsearch catalog)")
     ix.add_argument(
         "--split", default="test", choices=["train", "val", "test", "all"], help="catalog products to index"
     )
@@ -250,9 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--manifest", help="CSV/JSONL with id, image[, title, category] (with --images)")
     ix.add_argument("--store", "--out", dest="store", required=True, help=f"where: {describe_locations()}")
     ix.add_argument(
+        "--store-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option handed to the store as it is (repeatable); see mim.search.stores.REGISTRY's classes",
+    )
+    ix.add_argument(
         "--milvus-index",
-        help="index of a new Milvus collection: FLAT (default, exact), HNSW[:ef=64,M=16], "
-        "IVF_FLAT[:nlist=N,nprobe=16], GPU_CAGRA (Milvus server with GPUs)",
+        help="shorthand for --store-option index=SPEC, the index of a new Milvus collection: FLAT (default, exact), "
+        "HNSW[:ef=64,M=16], IVF_FLAT[:nlist=N,nprobe=16], GPU_CAGRA (Milvus server with GPUs)",
     )
     ix.add_argument("--batch-size", type=int, default=contract.MAX_BATCH_SIZE, help="images per request")
     ix.add_argument(
@@ -298,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ClientError, ValueError, FileNotFoundError, MilvusStoreError) as e:
+    except (ClientError, ValueError, FileNotFoundError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

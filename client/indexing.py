@@ -1,5 +1,5 @@
 """Build a gallery by embedding product images through the served `embed_image` ensemble, into any
-`mim.store.VectorStore`: a KnnIndex file (`gallery.safetensors`) or a Milvus collection (`gallery.db`,
+`mim.search.stores.VectorStore`: a KnnIndex file (`gallery.safetensors`) or a Milvus collection (`gallery.db`,
 `http://host:19530#name`).
 
 Resumable: the partial gallery is saved every `save_every` batches (KnnIndex: temp file, fsync, rename; Milvus:
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from mim import contract
-from mim.catalog import Catalog
+from mim.data.catalog import Catalog
 from mim.progress import progress_bar
-from mim.store import VectorStore, is_milvus_location, open_store, store_exists
+from mim.search.stores import VectorStore, open_store, store_exists
 
 EmbedImages = Callable[[Sequence[bytes]], np.ndarray]
 DEFAULT_SAVE_EVERY = 4  # batches between checkpoints of the partial index: 4 x 64 images
@@ -58,7 +58,7 @@ class IndexReport:
     def summary(self) -> str:
         state = "complete" if self.complete else "PARTIAL (rerun the same command to continue)"
         return (
-            f"{self.path}: {len(self.index)} items ({self.resumed_from} resumed, {self.added} embedded now), "
+            f"{self.path}: {self.index.count} items ({self.resumed_from} resumed, {self.added} embedded now), "
             f"dim {self.index.dim}, model_id {self.index.model_id}, {state}"
         )
 
@@ -126,12 +126,14 @@ def _manifest_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 # --- building ---------------------------------------------------------------------------------------------------
-def open_partial(out: str | Path, items: Sequence[GalleryItem], model_id: str | None) -> VectorStore | None:
+def open_partial(
+    out: str | Path, items: Sequence[GalleryItem], model_id: str | None, store_options: Mapping[str, Any] | None = None
+) -> VectorStore | None:
     """The gallery saved at `out` by an earlier run over the same items and model, or None if there is none."""
     if not store_exists(out):
         return None
     try:
-        index = open_store(out, expected_model_id=model_id, device="cpu")
+        index = open_store(out, expected_model_id=model_id, options=store_options)
     except ValueError as e:
         raise ValueError(f"cannot resume from {out}: {e}. Delete it to rebuild, or choose another --out") from None
     stray = np.setdiff1d(index.ids, np.array([it.id for it in items], dtype=np.int64))
@@ -154,23 +156,19 @@ def build_index(
     max_batches: int | None = None,
     on_batch: Callable[[int, VectorStore], None] | None = None,
     progress: bool = True,
-    device: str = "cpu",
-    milvus_index: Any = None,
+    store_options: Mapping[str, Any] | None = None,
 ) -> IndexReport:
-    """Embed every item not yet in the gallery at `out` (a store location, see `mim.store`) and save it.
+    """Embed every item not yet in the gallery at `out` (a store location, see `mim.search.stores`) and save it.
 
     `on_batch(batches_done, index)` runs after each batch is added (tests use it to simulate a crash).
-    `max_batches` stops cleanly after that many batches (saved, `complete=False`). `milvus_index` (a
-    `mim.milvus_store.MilvusIndexConfig`) sets the index of a Milvus collection this call creates.
+    `max_batches` stops cleanly after that many batches (saved, `complete=False`). `store_options` go to the
+    store as they are (`mim.search.stores.open_store`), e.g. the index of a Milvus collection this call creates.
     """
-    if not is_milvus_location(out):
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
     if batch_size < 1 or save_every < 1:
         raise ValueError(f"batch_size={batch_size} and save_every={save_every} must be >= 1")
     if not items:
         raise ValueError("the gallery is empty: nothing to index")
-    index = open_partial(out, items, model_id)
+    index = open_partial(out, items, model_id, store_options)
     if index is not None and model_id is None:
         model_id = index.model_id
     have = set(index.ids.tolist()) if index is not None else set()
@@ -183,19 +181,19 @@ def build_index(
             part = todo[start : start + batch_size]
             emb = np.asarray(embed_images([it.image.read_bytes() for it in part]))  # (n, D) L2-normalised
             if index is None:
-                index = open_store(out, dim=emb.shape[1], model_id=model_id, device=device, milvus_index=milvus_index)
+                index = open_store(out, dim=emb.shape[1], model_id=model_id, options=store_options)
             index.add([it.id for it in part], emb, [it.metadata() for it in part])
             batches, added = batches + 1, added + len(part)
             bar.update(len(part))
             if batches % save_every == 0:
-                index.save(out)
+                index.save()
             if on_batch is not None:
                 on_batch(batches, index)
             if max_batches is not None and batches >= max_batches and added < len(todo):
-                index.save(out)
+                index.save()
                 return IndexReport(index, out, added, resumed, complete=False)
     finally:
         bar.close()
     assert index is not None  # items is non-empty, so either it was loaded or a batch created it
-    index.save(out)
+    index.save()
     return IndexReport(index, out, added, resumed, complete=True)

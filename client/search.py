@@ -1,4 +1,4 @@
-"""Search over a gallery (`mim.store.VectorStore`: a KnnIndex or a Milvus collection) with query embeddings
+"""Search over a gallery (`mim.search.stores.VectorStore`: a KnnIndex or a Milvus collection) with query embeddings
 from an embedding client.
 
     service = SearchService(EmbeddingClient(url), open_store("gallery.safetensors"))
@@ -10,10 +10,10 @@ from an embedding client.
 The two multimodal modes (docs/METHOD.md, "Multimodal search"):
 - fusion: one kNN on normalize(a * image + (1 - a) * text), the embedding the server's `embed_multimodal`
   ensemble computes (its `fuse` model);
-- refine: image kNN for the top N, re-ranked by cos(q, p) + b * cos(s, p) with `mim.ranking.refine`, the same
+- refine: image kNN for the top N, re-ranked by cos(q, p) + b * cos(s, p) with `mim.search.ranking.refine`, the same
   function the offline evaluation uses.
 
-`client` is any `mim.embedding.Embedder`: `EmbeddingClient`, or an in-process embedder for tests and offline
+`client` is any `mim.search.embedding.Embedder`: `EmbeddingClient`, or an in-process embedder for tests and offline
 use. Results carry the metadata the index was built with (title, category, image path). Nothing here imports
 torch: the search path runs where only NumPy, the gRPC client and the index are installed.
 """
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from mim import contract
-from mim.embedding import Embedder
-from mim.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine, refine_scores
-from mim.store import VectorStore
+from mim.search.embedding import Embedder
+from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine, refine_scores
+from mim.search.stores import VectorStore
 
 MODES = ("fusion", "refine")
 
@@ -66,7 +66,6 @@ def results_from(index: VectorStore, scores: np.ndarray, ids: np.ndarray) -> lis
 class SearchService:
     def __init__(self, client: Embedder, index: VectorStore) -> None:
         self.client, self.index = client, index
-        self._gallery: tuple[np.ndarray, np.ndarray] | None = None  # (ids, embeddings fp32) host copy for refine
 
     # --- queries ----------------------------------------------------------------------------------------------
     def by_image(
@@ -115,11 +114,11 @@ class SearchService:
         text_weight: float = DEFAULT_REFINE_WEIGHT,
         top_n: int = REFINE_TOP_N,
     ) -> list[SearchResult]:
-        """Image kNN for `top_n` candidates from the index, re-ranked by `mim.ranking.refine`."""
+        """Image kNN for `top_n` candidates from the index, re-ranked by `mim.search.ranking.refine`."""
         if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
             raise ValueError(f"top_n={top_n!r}; expected a positive int (candidates re-ranked by refine)")
         k = self._k(k)
-        n = min(max(int(top_n), k), len(self.index))
+        n = min(max(int(top_n), k), self.index.count)
         _, cand = self.index.search(q_img, n)  # (1, n) best first
         # Candidates in ascending id order, so refine's "ties by lower row" is "ties by lower id", as in search.
         cand_ids = np.sort(cand[0])
@@ -132,16 +131,10 @@ class SearchService:
     def _k(self, k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r}; expected a positive int")
-        if len(self.index) == 0:
+        if self.index.count == 0:
             raise ValueError("the index is empty; build it first (python -m client.cli index ...)")
-        return min(int(k), len(self.index))
+        return min(int(k), self.index.count)
 
     def _embeddings_of(self, ids: np.ndarray) -> np.ndarray:
-        fetch = getattr(self.index, "vectors", None)
-        if fetch is not None:  # a store that fetches rows by id (Milvus): only the candidates travel
-            return np.asarray(fetch(ids), dtype=np.float32)
-        if self._gallery is None or len(self._gallery[0]) != len(self.index):
-            # KnnIndex keeps rows sorted by id: one host copy, then rows are found by binary search.
-            self._gallery = (self.index.ids, self.index.embeddings().astype(np.float32, copy=False))
-        all_ids, emb = self._gallery
-        return emb[np.searchsorted(all_ids, ids)]
+        # Only the candidates' rows: fetched by id from a server, or taken from the exact index's host copy.
+        return np.asarray(self.index.vectors(ids), dtype=np.float32)

@@ -12,7 +12,7 @@ retried, because every other failure (a bad image, a wrong tensor, a timeout) wo
 repeated blindly. Failures raise `ClientError`, whose message names the model, the tensor, what was sent and
 what was expected, and carries the server's own message verbatim.
 
-`EmbeddingClient` is a `mim.embedding.Embedder`, like the in-process torch and ONNX embedders, so evaluation
+`EmbeddingClient` is a `mim.search.embedding.Embedder`, like the in-process torch and ONNX embedders, so evaluation
 and search take it unchanged. `AsyncEmbeddingClient` has the same methods as coroutines (tritonclient.grpc.aio)
 and runs the chunks of one call concurrently, at most `max_concurrency` in flight.
 
@@ -37,7 +37,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
-from mim import contract, embedding
+from mim import contract
+from mim.search import embedding
 
 from .replicas import PROBE_TIMEOUT_S, UNAVAILABLE, ReplicaPool, ReplicaStats, parse_urls
 
@@ -299,7 +300,7 @@ def _validate_settings(timeout_s: float, retries: int, max_batch: int) -> None:
 
 # --- the synchronous client ------------------------------------------------------------------------------------
 class EmbeddingClient:
-    """Blocking client, the served implementation of `mim.embedding.Embedder`. `retries` is the number of extra
+    """Blocking client, the served implementation of `mim.search.embedding.Embedder`. `retries` is the number of extra
     attempts on UNAVAILABLE (0 = try once); with several replicas an attempt sent to another replica after a
     failover counts as one of them."""
 

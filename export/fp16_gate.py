@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from mim import contract
-from mim.catalog import Catalog, load_catalog
-from mim.checkpoint import load_checkpoint
-from mim.embedding import OnnxEmbedder, TorchEmbedder
-from mim.evaluate import evaluate
-from mim.ranking import parity
+from mim.data.catalog import Catalog, load_catalog
+from mim.model.checkpoint import load_checkpoint
+from mim.search.embedding import OnnxEmbedder, TorchEmbedder
+from mim.search.ranking import parity
+from mim.training.evaluate import evaluate
 
 from .onnx_export import onnx_filename
 

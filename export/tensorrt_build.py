@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from mim import contract, layout
-from mim.config import ModelConfig, dumps
 from mim.layout import PLAN_META_SUFFIX
-from mim.ranking import parity
+from mim.model.config import ModelConfig, dumps
+from mim.search.ranking import parity
+
+from .install import plan_filename
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,6 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]
 
 class TensorRTError(RuntimeError):
     pass
-
-
-def plan_filename(tower_name: str) -> str:
-    return f"{tower_name}.plan"
 
 
 # --- availability ------------------------------------------------------------------------------------------

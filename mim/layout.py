@@ -24,7 +24,7 @@ The identity of a served model is `model_id`: the first 16 hex digits of the SHA
 weights file, so it is the same for every copy of the weights and changes with any retraining. It is written
 (1) into `export.json` and `model.plan.json` under the key `MODEL_ID` when the checkpoint is exported, and
 (2) as the config parameter `MODEL_ID` of both encoders when the checkpoint is installed. A client reads (2)
-through Triton's model-config API (`served_model_id`), and a gallery (`mim.knn.KnnIndex`) stores the id it was
+through Triton's model-config API (`served_model_id`), and a gallery (`mim.search.knn.KnnIndex`) stores the id it was
 embedded with and refuses to load against another one. The committed repository holds no checkpoint, so its
 configs carry no `MODEL_ID` parameter.
 """
@@ -96,7 +96,7 @@ def installed_files(repository: str | Path, *, fp16: bool = True, plan: bool = F
 
 # --- model identity -------------------------------------------------------------------------------------------
 MODEL_ID = "model_id"  # key in export.json / model.plan.json, and the encoders' config parameter
-CHECKPOINT_WEIGHTS = "model.safetensors"  # the weights file of a checkpoint folder (mim.checkpoint)
+CHECKPOINT_WEIGHTS = "model.safetensors"  # the weights file of a checkpoint folder (mim.model.checkpoint)
 MODEL_ID_DIGITS = 16
 
 

@@ -29,17 +29,25 @@ class Subcommand:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "catalog": Subcommand("mim.synth", "generate the synthetic street-to-shop catalog"),
-    "dataset": Subcommand("mim.dataset", "write a catalog as a JSON Lines dataset (the format for your own data)"),
-    "import-clip": Subcommand("mim.import_clip", "convert a pretrained CLIP (Hugging Face / OpenCLIP) to a checkpoint"),
-    "train": Subcommand("mim.train", "train a DML / 3-tower / 4-tower model into a checkpoint"),
-    "evaluate": Subcommand("mim.evaluate", "offline retrieval metrics of a checkpoint on a catalog split"),
-    "compare": Subcommand("mim.compare", "train and compare DML vs 3-tower vs 4-tower on the same data"),
-    "diagnose": Subcommand("mim.diagnose", "what a model's image matches share: attribute precision, top-1 mistakes"),
+    "catalog": Subcommand("mimsearch.commands.catalog", "generate the synthetic street-to-shop catalog"),
+    "dataset": Subcommand(
+        "mimsearch.commands.dataset", "write a catalog as a JSON Lines dataset (the format for your own data)"
+    ),
+    "import-clip": Subcommand(
+        "mimsearch.commands.import_clip", "convert a pretrained CLIP (Hugging Face / OpenCLIP) to a checkpoint"
+    ),
+    "train": Subcommand("mimsearch.commands.train", "train a DML / 3-tower / 4-tower model into a checkpoint"),
+    "evaluate": Subcommand(
+        "mimsearch.commands.evaluate", "offline retrieval metrics of a checkpoint on a catalog split"
+    ),
+    "compare": Subcommand("mimsearch.commands.compare", "train and compare DML vs 3-tower vs 4-tower on the same data"),
+    "diagnose": Subcommand(
+        "mimsearch.commands.diagnose", "what a model's image matches share: attribute precision, top-1 mistakes"
+    ),
     "export": Subcommand("export.onnx_export", "export a checkpoint's towers to ONNX (no install)"),
     "engines": Subcommand("export.engines", "export, gate, build TensorRT engines where possible, and install"),
-    "repository": Subcommand("mim.serving.repository", "write or check the generated Triton repository configs"),
-    "serve": Subcommand("mim.serving.server", "run the bundled tritonserver on a model repository"),
+    "repository": Subcommand("mimsearch.commands.repository", "write or check the generated Triton repository configs"),
+    "serve": Subcommand("mimsearch.commands.serve", "run the bundled tritonserver on a model repository"),
     "index": Subcommand("client.cli", "embed a gallery through the server into a kNN index", ("index",)),
     "search": Subcommand("client.cli", "search an index by image, text, or image + text", ("search",)),
     "demo": Subcommand("mimsearch.demo", "the whole pipeline end to end on the CPU (make demo)"),

@@ -33,17 +33,16 @@ from client.indexing import build_index, catalog_items
 from client.search import SearchResult, SearchService
 from client.search_client import SearchClient
 from client.triton_client import EmbeddingClient
-from mim.catalog import Catalog, QueryPhoto
-from mim.checkpoint import Checkpoint, load_checkpoint
-from mim.compare import rank_gallery
-from mim.embedding import TorchEmbedder
-from mim.evaluate import evaluate
-from mim.knn import KnnIndex
+from mim.data.catalog import Catalog, QueryPhoto
+from mim.data.synth import ensure_catalog
+from mim.model.checkpoint import Checkpoint, load_checkpoint
+from mim.search.embedding import TorchEmbedder
+from mim.search.stores import VectorStore, delete_store, gallery_file, open_store, store_exists
 from mim.serving.repository import prepare_repository
 from mim.serving.server import TritonServer
-from mim.store import VectorStore, is_milvus_location, open_store, store_exists
-from mim.synth import ensure_catalog
-from mim.train import train
+from mim.training.compare import rank_gallery
+from mim.training.evaluate import evaluate
+from mim.training.train import train
 
 SHOW_K = 5  # results printed per demo search (the page shows SHOW_K * 2)
 METRICS = (
@@ -129,27 +128,15 @@ def index_gallery(
 ) -> VectorStore:
     if store_exists(location):
         try:
-            _close(open_store(location, expected_model_id=model_id))
+            open_store(location, expected_model_id=model_id).close()
         except ValueError as e:
             print(f"    {location} is from another model or damaged ({e}); rebuilding it")
-            if is_milvus_location(location):
-                old = open_store(location)
-                old.drop()
-                _close(old)
-            else:
-                Path(location).unlink()
+            delete_store(location)
     report = build_index(
         client.embed_images, catalog_items(catalog, "test"), location, model_id=model_id, progress=progress
     )
     print(f"    {report.summary()}")
     return report.index
-
-
-def _close(store: VectorStore) -> None:
-    """Milvus stores hold a connection (and, for Lite, the folder's lock); KnnIndex holds nothing."""
-    close = getattr(store, "close", None)
-    if close is not None:
-        close()
 
 
 @dataclass
@@ -252,18 +239,6 @@ def print_results(s: DemoSearch, results: Sequence[SearchResult]) -> None:
         print(f"    {r.rank:>2}. {r.score:7.4f}  [{r.id:>4}] {r.title}{mark}")
 
 
-def gallery_file(index: VectorStore, store: str | Path, copy_to: Path) -> Path:
-    """A KnnIndex file of the gallery for the server's `knn` model: the store itself when it is one, else a
-    copy of the Milvus collection written to `copy_to`."""
-    if not is_milvus_location(store):
-        return Path(store)
-    ids = index.ids
-    copy = KnnIndex(index.dim, device="cpu", model_id=index.model_id)
-    copy.add(ids, index.vectors(ids), [index.get_metadata(i) for i in ids.tolist()])
-    copy.save(copy_to)
-    return copy_to
-
-
 def install_served_gallery(url: str, repo: Path, index_path: Path) -> None:
     """The index becomes the gallery of the server's `knn` model (a new version, loaded without a restart)."""
     from mim.serving.gallery import install_gallery
@@ -350,9 +325,7 @@ def run(
             step("index: test-split gallery through the embed_image ensemble")
             index = index_gallery(client, catalog, store, model_id, progress)
             service = SearchService(client, index)
-            install_served_gallery(
-                server.grpc_url, repo, gallery_file(index, store, art / "index" / "served.safetensors")
-            )
+            install_served_gallery(server.grpc_url, repo, gallery_file(index, art / "index" / "served.safetensors"))
 
             step("search: image, text, image + text (fusion and refine)")
             blocks, first_of_mode = [], {}

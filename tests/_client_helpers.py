@@ -1,5 +1,5 @@
 """Helpers for the client/search tests: a small catalog and a ranking comparison that tolerates float-level
-ties. The in-process reference the served path is compared with is `mim.embedding.TorchEmbedder`."""
+ties. The in-process reference the served path is compared with is `mim.search.embedding.TorchEmbedder`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mim.catalog import Catalog
-from mim.synth import ensure_catalog
+from mim.data.catalog import Catalog
+from mim.data.synth import ensure_catalog
 
 # 4 categories x 3 patterns x 3 colours = 36 products (one model each, all with street photos), 64 px: generated
 # in a few seconds.

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mim import contract, ranking
-from mim.tokenizer import clip_vocab_from_bpe_file
+from mim import contract
+from mim.model.tokenizer import clip_vocab_from_bpe_file
+from mim.search import ranking
 
 transformers = pytest.importorskip("transformers", reason="transformers (the `dev` extra) builds the reference CLIP")
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mim.checkpoint import save_checkpoint
-from mim.config import get_size
-from mim.model import MIMModel
-from mim.synth import generate_catalog
-from mim.tokenizer import TextTokenizer
+from mim.data.synth import generate_catalog
+from mim.model.checkpoint import save_checkpoint
+from mim.model.config import get_size
+from mim.model.tokenizer import TextTokenizer
+from mim.model.towers import MIMModel
 
 
 def make_small_catalog(root: Path, **overrides):
@@ -74,7 +74,7 @@ def tiny_export(tmp_path_factory, tiny_checkpoint) -> Path:
 def served_repository(tmp_path_factory, tiny_export, tiny_checkpoint) -> Path:
     """A tmp COPY of the committed model_repository/ with the tiny export installed by export.engines.install
     (which also regenerates the configs for the checkpoint's dims and model id)."""
-    from export.engines import install
+    from export.install import install
     from mim.serving.repository import prepare_repository
 
     repo = prepare_repository(tmp_path_factory.mktemp("serving") / "model_repository")
@@ -92,8 +92,8 @@ def install_start_gallery(repo: Path, checkpoint: Path, work: Path) -> Path:
     of real embeddings over it."""
     import numpy as np
 
-    from mim.knn import KnnIndex
     from mim.layout import model_id_of_checkpoint
+    from mim.search.knn import KnnIndex
     from mim.serving.gallery import install_gallery
 
     dim = get_size("tiny").model.embed_dim

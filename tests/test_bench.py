@@ -14,7 +14,7 @@ import pytest
 from benchmarks import perf, serving_compare
 from benchmarks.quality import Recorder
 from mim import contract
-from mim.ranking import parity
+from mim.search.ranking import parity
 
 # --- captured perf_analyzer 2.50 output (bundled tritonserver 2.51, cpu config, 2 cores) ---------------------
 ENSEMBLE_STDOUT = """\
@@ -106,7 +106,7 @@ Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,
 
 
 def _image(fmt: str, colour: str = "red") -> bytes:
-    from mim.render import Look, render_catalog_image
+    from mim.data.render import Look, render_catalog_image
 
     buf = io.BytesIO()
     render_catalog_image("mug", "zebra", colour, 64, Look((0.1, 0.2, 0.3))).save(buf, format=fmt)
@@ -150,7 +150,7 @@ def test_numeric_tensors_are_little_endian_raw_bytes_with_their_shape():
 
 
 def test_input_files_hold_real_images_and_texts_for_every_model(tmp_path, served_repository):
-    from mim.preprocess import preprocess_image_bytes
+    from mim.model.preprocess import preprocess_image_bytes
 
     samples = [
         perf.Sample(_image("PNG"), "red zebra-striped ceramic mug", "shop"),

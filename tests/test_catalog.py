@@ -1,4 +1,4 @@
-"""Tests for the catalog records and manifest (mim.catalog) on a hand-written catalog: no drawing involved."""
+"""Tests for the catalog records and manifest (mim.data.catalog) on a hand-written catalog: no drawing involved."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from mim import catalog
-from mim.catalog import Catalog, Product, QueryPhoto, Reformulation, load_catalog, write_manifest
+from mim.data import catalog
+from mim.data.catalog import Catalog, Product, QueryPhoto, Reformulation, load_catalog, write_manifest
 
 PARAMS = {"seed": 7, "image_size": 32, "categories": ["mug", "hat"]}
 
@@ -77,7 +77,7 @@ def test_path_must_stay_inside_root(cat):
 
 
 def test_missing_manifest_says_how_to_make_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m mim.synth"):
+    with pytest.raises(FileNotFoundError, match="mimsearch catalog"):
         load_catalog(tmp_path)
 
 
@@ -103,7 +103,7 @@ def test_a_version_2_catalog_is_refused_not_misread(cat):
     path.write_text(json.dumps(doc))
     with pytest.raises(
         ValueError,
-        match=rf"format_version=2, expected {catalog.FORMAT_VERSION}: .* regenerate it with `python -m mim.synth",
+        match=rf"format_version=2, expected {catalog.FORMAT_VERSION}: .* regenerate it with `mimsearch catalog",
     ):
         load_catalog(cat.root)
 

@@ -21,9 +21,9 @@ from client.triton_client import (
     request_error,
 )
 from mim import contract
-from mim.checkpoint import load_checkpoint
-from mim.embedding import Embedder, OnnxEmbedder, TorchEmbedder
-from mim.ranking import parity
+from mim.model.checkpoint import load_checkpoint
+from mim.search.embedding import Embedder, OnnxEmbedder, TorchEmbedder
+from mim.search.ranking import parity
 from mim.serving.server import free_port
 
 FAST = Backoff(base_s=0.01, cap_s=0.05)

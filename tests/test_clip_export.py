@@ -15,9 +15,9 @@ from export.fp16_gate import fp16_gate
 from export.onnx_export import export_checkpoint
 from export.tensorrt_build import BatchRange, tower_profile
 from mim import contract
-from mim.config import get_size
-from mim.dataset import load_dataset
-from mim.import_clip import import_hf
+from mim.data.dataset import load_dataset
+from mim.model.config import get_size
+from mim.model.import_clip import import_hf
 from mim.serving import repository as R
 
 

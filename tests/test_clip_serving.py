@@ -10,9 +10,9 @@ from _clip_helpers import TITLES, HFEmbeddings, more_photos, random_clip, save_h
 
 from client.search import SearchService
 from client.triton_client import EmbeddingClient
-from mim.import_clip import import_hf
-from mim.knn import KnnIndex
-from mim.ranking import row_cosines as cosines
+from mim.model.import_clip import import_hf
+from mim.search.ranking import row_cosines as cosines
+from mim.search.stores.exact import ExactStore
 
 pytestmark = pytest.mark.server
 
@@ -61,7 +61,7 @@ def test_search_through_the_client(clip_served):
     client, ref = clip_served
     photos = more_photos()
     ids = np.arange(100, 100 + len(photos))
-    served_index, ref_index = KnnIndex(client.embed_dim(), device="cpu"), KnnIndex(client.embed_dim(), device="cpu")
+    served_index, ref_index = ExactStore(client.embed_dim(), device="cpu"), ExactStore(client.embed_dim(), device="cpu")
     served_index.add(ids, client.embed_images(photos), normalize=True)
     ref_index.add(ids, ref.embed_images(photos), normalize=True)
     served, want = SearchService(client, served_index), SearchService(ref, ref_index)

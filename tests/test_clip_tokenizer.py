@@ -10,9 +10,9 @@ import pytest
 from _clip_helpers import TITLES, hf_image_processor, real_photos, write_clip_vocab
 from PIL import Image
 
-from mim.config import PreprocessConfig
-from mim.preprocess import preprocess_image_bytes
-from mim.tokenizer import ClipTokenizer, load_tokenizer
+from mim.model.config import PreprocessConfig
+from mim.model.preprocess import preprocess_image_bytes
+from mim.model.tokenizer import ClipTokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,7 +90,7 @@ def test_clip_tokenizer_roundtrips_through_its_file(tokenizers, tmp_path):
     # Every piece ends a "word" in CLIP's BPE, so decoding spaces out punctuation, as CLIP's own decoder does.
     assert again.decode(again.encode_batch(["Red polka-dot mug"])[0][0]) == "red polka - dot mug"
     with pytest.raises(ValueError, match=r"not a CLIP tokenizer"):
-        from mim.tokenizer import TextTokenizer
+        from mim.model.tokenizer import TextTokenizer
 
         TextTokenizer.train(["a b c"], vocab_size=64, context_length=8).save(tmp_path / "wp.json")
         load_tokenizer(tmp_path / "wp.json", "clip_bpe", 77)

@@ -1,4 +1,4 @@
-"""The model comparison (mim.compare, `make quality` / `make quality-full`) end to end on a tiny catalog."""
+"""The model comparison (mim.training.compare, `make quality` / `make quality-full`) end to end on a tiny catalog."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import make_small_catalog
 
-from mim import compare
+from mim.training import compare
+from mimsearch.commands import compare as compare_cmd
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def test_two_seeds_with_intervals_differences_and_curves(tiny_catalog, tmp_path,
     args = ["--catalog", str(tiny_catalog.root), "--checkpoints", str(tmp_path / "ck"), "--runs", "dml,3tower"]
     args += ["--seeds", "0,1", "--steps", "2", "--eval-every", "1", "--batch-size", "4", "--catalog-rows", "2"]
     args += ["--hard-negatives", "--out", str(tmp_path / "res" / "q"), "--no-progress"]
-    assert compare.main(args) == 0
+    assert compare_cmd.main(args) == 0
     md = (tmp_path / "res" / "q.md").read_text()
     assert "| 3tower - dml |" in md and "seeds [0, 1]" in md and "hard negatives on" in md
     doc = json.loads((tmp_path / "res" / "q.json").read_text())
@@ -36,7 +37,7 @@ def test_two_seeds_with_intervals_differences_and_curves(tiny_catalog, tmp_path,
     # A rerun reuses the trained checkpoints and their curves.
     weights = tmp_path / "ck" / "seed1" / "3tower" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    assert compare.main(args) == 0
+    assert compare_cmd.main(args) == 0
     assert weights.stat().st_mtime_ns == before
     assert json.loads((tmp_path / "res" / "q.json").read_text())["means"] == doc["means"]
     assert "Reused checkpoints trained by earlier calls" in (tmp_path / "res" / "q.md").read_text()
@@ -44,15 +45,15 @@ def test_two_seeds_with_intervals_differences_and_curves(tiny_catalog, tmp_path,
 
     # Other settings on the same checkpoints are refused, not mixed in.
     capsys.readouterr()
-    assert compare.main([*args[:-4], "--no-hard-negatives", *args[-3:]]) == 2
+    assert compare_cmd.main([*args[:-4], "--no-hard-negatives", *args[-3:]]) == 2
     assert "holds a run with other settings (hard_negatives: True != False)" in capsys.readouterr().err
 
 
 def test_bad_arguments(tiny_catalog, tmp_path):
     with pytest.raises(SystemExit):
-        compare.main(["--catalog", str(tiny_catalog.root), "--seeds", "0,x"])
+        compare_cmd.main(["--catalog", str(tiny_catalog.root), "--seeds", "0,x"])
     with pytest.raises(SystemExit):
-        compare.main(["--catalog", str(tiny_catalog.root), "--runs", "dml,5tower"])
+        compare_cmd.main(["--catalog", str(tiny_catalog.root), "--runs", "dml,5tower"])
     with pytest.raises(ValueError, match="starts from '3tower', which must be trained before it"):
         compare.run_comparison(tiny_catalog, tmp_path, seeds=[0], steps=1, runs=[compare.RUNS[3]])
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 from _client_helpers import small_catalog
 
-from mim.checkpoint import load_checkpoint
-from mim.config import get_size
-from mim.dataset import DatasetError, load_dataset, main, write_dataset
-from mim.evaluate import main as evaluate_main
-from mim.model import MIMModel
-from mim.tokenizer import TextTokenizer
-from mim.train import batch_loss, load_split, train
+from mim.data.dataset import DatasetError, load_dataset, write_dataset
+from mim.model.checkpoint import load_checkpoint
+from mim.model.config import get_size
+from mim.model.tokenizer import TextTokenizer
+from mim.model.towers import MIMModel
+from mim.training.train import batch_loss, load_split, train
+from mimsearch.commands.dataset import main
+from mimsearch.commands.evaluate import main as evaluate_main
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_train_product_without_query_photo_is_title_only(catalog, tmp_path):
 def imported_clip(tmp_path_factory):
     from _clip_helpers import random_clip, save_hf_folder
 
-    from mim.import_clip import import_hf
+    from mim.model.import_clip import import_hf
 
     root = tmp_path_factory.mktemp("clip")
     return import_hf(save_hf_folder(random_clip(seed=5), root / "hf"), root / "ckpt")

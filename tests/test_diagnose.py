@@ -1,4 +1,4 @@
-"""What an embedding matches on (mim.diagnose): outcomes and precisions on hand-made cases, then whole catalogs
+"""What an embedding matches on (mim.training.diagnose): outcomes and precisions on hand-made cases, then whole catalogs
 ranked by embedders whose behaviour is known (an exact one and one that sees colour only)."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import make_small_catalog
 
-from mim import diagnose
-from mim.catalog import Product
+from mim.data.catalog import Product
+from mim.training import diagnose
+from mimsearch.commands import diagnose as diagnose_cmd
 
 
 def _p(pid: int, category: str, pattern: str, colour: str, title: str | None = None) -> Product:
@@ -86,10 +87,10 @@ def test_an_exact_embedder_and_a_colour_only_one(small_catalog):
 def test_cli_on_a_checkpoint(small_catalog, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "d" / "diag"
     argv = ["--checkpoint", f"random={tiny_checkpoint}", "--catalog", str(small_catalog.root), "--out", str(out)]
-    assert diagnose.main(argv) == 0
+    assert diagnose_cmd.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| random |" in printed and "other category, same pattern and colour" in printed
     doc = json.loads(out.with_suffix(".json").read_text())
     assert set(doc["random"]) == {"street", "catalog", "top1"}
-    assert diagnose.main(["--checkpoint", str(tiny_checkpoint), "--catalog", str(tmp_path / "none")]) == 2
+    assert diagnose_cmd.main(["--checkpoint", str(tiny_checkpoint), "--catalog", str(tmp_path / "none")]) == 2
     assert "no catalog manifest" in capsys.readouterr().err

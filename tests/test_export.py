@@ -18,7 +18,7 @@ import torch
 from conftest import make_tiny_checkpoint
 
 from export import engines
-from export.engines import InstallError, install
+from export.install import InstallError, install
 from export.onnx_export import (
     FP16_MIN_COSINE,
     FP32_MIN_COSINE,
@@ -33,9 +33,9 @@ from export.onnx_export import (
 from export.surgery import DEFAULT_PASSES
 from export.tensorrt_build import tensorrt_unavailable_reason
 from mim import contract
-from mim.checkpoint import load_checkpoint
-from mim.config import ModelConfig, PreprocessConfig
 from mim.layout import model_id_of_checkpoint
+from mim.model.checkpoint import load_checkpoint
+from mim.model.config import ModelConfig, PreprocessConfig
 
 ENCODERS = (contract.IMAGE_ENCODER, contract.TEXT_ENCODER)
 ONNX_TYPES = {"FP32": onnx.TensorProto.FLOAT, "INT64": onnx.TensorProto.INT64}
@@ -354,7 +354,7 @@ def test_export_checkpoint_without_fp16_or_checks(tiny_checkpoint, tmp_path):
 # --- GPU tower benchmark (runs only where CUDA is; its pure parts here) ---------------------------------------
 def test_bench_flop_counts_match_the_known_figures():
     from export.bench_towers import image_flops, text_flops
-    from mim.config import get_size
+    from mim.model.config import get_size
 
     base = get_size("base").model
     assert image_flops(base.vision, base.embed_dim) == pytest.approx(35.1e9, rel=0.01)  # ViT-B/16 at 224 px

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export.fp16 import KEEP_FP32_OPS, convert_to_fp16, pinned_node_names
-from mim.ranking import parity
+from mim.search.ranking import parity
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 W = 8

@@ -6,7 +6,7 @@ import pytest
 
 from export import fp16_gate as G
 from export.engines import main as engines_main
-from mim.synth import CATEGORIES, COLOURS, PATTERNS, generate_catalog
+from mim.data.synth import CATEGORIES, COLOURS, PATTERNS, generate_catalog
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from mim import contract, layout
 from mim.atomic import atomic_write_dir
-from mim.knn import KnnIndex
+from mim.search.knn import KnnIndex
 from mim.serving import backends as B
 from mim.serving import gallery as G
 from mim.serving.repository import write_repository
@@ -204,7 +204,7 @@ def test_server_loads_servable_models_explicitly(repo, tmp_path):
 
 @pytest.mark.gpu
 def test_the_knn_model_loads_its_gallery_on_the_gpu_and_answers_as_on_the_cpu(repo, tmp_path):
-    from mim.knn import cuda_unavailable_reason
+    from mim.search.knn import cuda_unavailable_reason
 
     reason = cuda_unavailable_reason()
     if reason is not None:

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import gpu
 from mim import contract
-from mim.config import get_size
+from mim.model.config import get_size
 
 pytest.importorskip("skimage", reason="scikit-image (dev extra) ships the photos the script uses")
 
@@ -32,6 +32,9 @@ def test_tiny_run_measures_towers_and_knn_and_checks_them(tiny_checkpoint, tmp_p
         (t, b) for t in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER) for b in gpu.TINY.tower_batches
     }
     assert all(r["min_cosine_vs_fp32"] >= 0.999 and r["eager_items_per_s"] > 0 for r in towers)
+    # The towers step also compares a CLIP of the same size with transformers on the same weights.
+    peer = result["towers_peer"]
+    assert {(s["tower"], s["batch"]) for s in peer["summary"]} == {(r["tower"], r["batch"]) for r in towers}
     cuda = gpu.cuda_reason()
     if cuda is not None:
         assert all(r["graphs_items_per_s"] is None and cuda in r["graphs_note"] for r in towers)

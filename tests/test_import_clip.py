@@ -27,11 +27,12 @@ from _clip_helpers import (
 )
 from safetensors.torch import save_file
 
-from mim.checkpoint import load_checkpoint, read_config
-from mim.config import PreprocessConfig, get_size
-from mim.import_clip import ClipImportError, import_hf, import_openclip, main, openclip_model_config
-from mim.model import MIMModel
-from mim.preprocess import preprocess_image_bytes
+from mim.model.checkpoint import load_checkpoint, read_config
+from mim.model.config import PreprocessConfig, get_size
+from mim.model.import_clip import ClipImportError, import_hf, import_openclip, openclip_model_config
+from mim.model.preprocess import preprocess_image_bytes
+from mim.model.towers import MIMModel
+from mimsearch.commands.import_clip import main
 
 MIN_COSINE = 0.9999
 

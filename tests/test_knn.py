@@ -1,4 +1,4 @@
-"""mim.knn against the reference top-k (mim.ranking.exact_top_k: a float64 full sort, ties by ascending id).
+"""mim.search.knn against the reference top-k (ranking.exact_top_k: a float64 full sort, ties by ascending id).
 
 Two kinds of data:
 * "quantised": rows with four entries of +-0.5 and zeros elsewhere. They are exactly unit norm, every inner
@@ -19,9 +19,9 @@ import struct
 import numpy as np
 import pytest
 
-from mim import knn
-from mim.knn import TOPK_METHODS, KnnIndex, cuda_unavailable_reason
-from mim.ranking import exact_top_k
+from mim.search import knn
+from mim.search.knn import TOPK_METHODS, KnnIndex, cuda_unavailable_reason
+from mim.search.ranking import exact_top_k
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -59,7 +59,7 @@ def gaussian_unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 
 def reference_topk(gallery, ids, queries, k, allowed=None):
-    """mim.ranking.exact_top_k (the project's one reference top-k) in float64 over the rows sorted by id, so
+    """mim.search.ranking.exact_top_k (the project's one reference top-k) in float64 over the rows sorted by id, so
     equal scores come in ascending id; fewer than k allowed items -> pad with -1 / -inf, as KnnIndex does."""
     ids = np.asarray(ids)
     by_id = np.argsort(ids, kind="stable")

@@ -15,8 +15,8 @@ from client.indexing import build_index, catalog_items
 from client.triton_client import EmbeddingClient
 from export.engines import build_and_install
 from mim import contract, layout
-from mim.config import ModelConfig, PreprocessConfig
-from mim.knn import KnnIndex
+from mim.model.config import ModelConfig, PreprocessConfig
+from mim.search.knn import KnnIndex
 from mim.serving.repository import (
     DEFAULT_REPOSITORY,
     check_repository,

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mim.evaluate import category_precision_at_k, category_precision_per_query, hits_at_k, markdown_table, recall_at_k
-from mim.ranking import fuse, refine, top_k
+from mim.search.ranking import fuse, refine, top_k
+from mim.training.evaluate import (
+    category_precision_at_k,
+    category_precision_per_query,
+    hits_at_k,
+    markdown_table,
+    recall_at_k,
+)
 
 
 def test_recall_at_k_on_a_hand_made_ranking():

@@ -73,7 +73,7 @@ def test_help_lists_the_subcommands(capsys):
 
 
 def test_a_subcommand_runs_the_module_main(capsys):
-    # `mimsearch repository --check` is `python -m mim.serving.repository --check` on the committed tree.
+    # `mimsearch repository --check` is `mimsearch repository --check` on the committed tree.
     assert cli.main(["repository", "--check"]) == 0
     assert "is up to date" in capsys.readouterr().out
     with pytest.raises(SystemExit):

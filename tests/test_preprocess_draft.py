@@ -1,4 +1,4 @@
-"""JPEG draft decoding (mim.preprocess): large JPEGs decode at a reduced DCT scale that keeps the shorter side at
+"""JPEG draft decoding (mim.model.preprocess): large JPEGs decode at a reduced DCT scale that keeps the shorter side at
 least JPEG_DRAFT_MARGIN x image_size, other images are untouched, and the embeddings of real photos stay within
 the gate (benchmarks/preprocess.py) of full decoding."""
 
@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from benchmarks import preprocess as bench
-from mim.config import PreprocessConfig
-from mim.preprocess import JPEG_DRAFT_MARGIN, decode_image, preprocess_image_bytes
+from mim.model.config import PreprocessConfig
+from mim.model.preprocess import JPEG_DRAFT_MARGIN, decode_image, preprocess_image_bytes
 
 pytest.importorskip("skimage", reason="scikit-image (dev extra) ships the photos the gate uses")
 

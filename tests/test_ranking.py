@@ -1,4 +1,4 @@
-"""mim.ranking on hand-computed values, the parity helper, and the search path loading without torch."""
+"""mim.search.ranking on hand-computed values, the parity helper, and the search path loading without torch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mim import contract
-from mim.ranking import (
+from mim.search.ranking import (
     DEFAULT_REFINE_WEIGHT,
     exact_top_k,
     fuse,
@@ -35,7 +35,7 @@ def test_l2_normalize_by_hand():
     got = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0], [0.0, -2.0]]))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, 0.0], [0.0, -1.0]], rtol=1e-7)  # a zero row stays zero
-    # The floor is on the squared norm (as in mim.model.l2_normalize): a row of norm 1e-7 is divided by 1e-6.
+    # The floor is on the squared norm (as in mim.model.towers.l2_normalize): a row of norm 1e-7 is divided by 1e-6.
     np.testing.assert_allclose(l2_normalize(np.array([[1e-7, 0.0]])), [[0.1, 0.0]], rtol=1e-5)
 
 
@@ -136,7 +136,15 @@ def test_the_blocker_really_blocks_torch():
 
 
 @pytest.mark.parametrize(
-    "module", ["client.search", "client.cli", "mimsearch.cli", "mim.ranking", "mim.embedding", "mim.evaluate"]
+    "module",
+    [
+        "client.search",
+        "client.cli",
+        "mimsearch.cli",
+        "mim.search.ranking",
+        "mim.search.embedding",
+        "mim.training.evaluate",
+    ],
 )
 def test_search_path_imports_without_torch(module):
     r = _run_without_torch(f"import {module}")
@@ -147,7 +155,7 @@ def test_search_cli_and_a_search_run_without_torch():
     code = """
         import numpy as np
         from client.search import SearchService
-        from mim.knn import KnnIndex
+        from mim.search.stores.exact import ExactStore
         from mimsearch import cli
 
         for command in (["search", "--help"], ["index", "--help"]):  # `mimsearch search --help`: parses every flag
@@ -166,7 +174,7 @@ def test_search_cli_and_a_search_run_without_torch():
             def embed_multimodal(self, images, texts, image_weight=None):
                 raise AssertionError("refine does not fuse")
 
-        index = KnnIndex(3, device="cpu")
+        index = ExactStore(3, device="cpu")
         gallery = [[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0], [0.6, 0.8, 0.0]]
         index.add([10, 11, 12, 13], np.array(gallery, np.float32))
         results = SearchService(Fixed(), index).by_image_text(b"", "", k=2, mode="refine", top_n=3)

@@ -16,9 +16,9 @@ from _client_helpers import small_catalog
 
 from client.replicas import ReplicaPool, parse_urls
 from client.triton_client import AsyncEmbeddingClient, Backoff, ClientError, EmbeddingClient
-from mim.checkpoint import load_checkpoint
-from mim.embedding import TorchEmbedder
-from mim.ranking import row_cosines as cosines
+from mim.model.checkpoint import load_checkpoint
+from mim.search.embedding import TorchEmbedder
+from mim.search.ranking import row_cosines as cosines
 from mim.serving.server import TritonServer, free_port
 
 FAST = Backoff(base_s=0.02, cap_s=0.2)

@@ -12,8 +12,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from mim import contract
-from mim.config import get_size
+from mim.model.config import get_size
 from mim.serving import repository as R
+from mimsearch.commands import repository as repository_cmd
 
 
 @pytest.fixture(scope="module")
@@ -184,17 +185,17 @@ def test_model_py_files_are_thin_entry_points():
 
 def test_cli_write_then_check(tmp_path, capsys):
     repo = tmp_path / "repo"
-    assert R.main(["--write", "--repository", str(repo), "--size", "base"]) == 0
-    assert R.main(["--check", "--repository", str(repo)]) == 1  # written for base, checked against tiny
+    assert repository_cmd.main(["--write", "--repository", str(repo), "--size", "base"]) == 0
+    assert repository_cmd.main(["--check", "--repository", str(repo)]) == 1  # written for base, checked against tiny
     out = capsys.readouterr()
     assert "differs from the generator's output" in out.out
-    assert "run `python -m mim.serving.repository --write" in out.err
-    assert R.main(["--check", "--repository", str(repo), "--size", "base"]) == 0
+    assert "run `mimsearch repository --write" in out.err
+    assert repository_cmd.main(["--check", "--repository", str(repo), "--size", "base"]) == 0
 
 
 def test_cli_takes_dims_from_a_checkpoint(tmp_path, tiny_checkpoint):
     repo = tmp_path / "repo"
-    assert R.main(["--write", "--repository", str(repo), "--checkpoint", str(tiny_checkpoint)]) == 0
+    assert repository_cmd.main(["--write", "--repository", str(repo), "--checkpoint", str(tiny_checkpoint)]) == 0
     # The tiny checkpoint only changes the vocabulary, which no config mentions.
     assert R.check_repository(repo) == []
     bigger = dataclasses.replace(get_size("tiny").model, embed_dim=64)

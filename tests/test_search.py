@@ -12,10 +12,10 @@ from client import cli
 from client.indexing import GalleryItem, build_index, catalog_items, manifest_items
 from client.search import SearchService
 from client.triton_client import EmbeddingClient
-from mim.checkpoint import load_checkpoint
-from mim.embedding import TorchEmbedder
-from mim.knn import KnnIndex
 from mim.layout import model_id_of_checkpoint
+from mim.model.checkpoint import load_checkpoint
+from mim.search.embedding import TorchEmbedder
+from mim.search.knn import KnnIndex
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,9 @@ from client.search import SearchService
 from client.search_client import AsyncSearchClient, SearchClient
 from client.triton_client import ClientError, EmbeddingClient
 from mim import contract
-from mim.knn import KnnIndex
 from mim.layout import model_id_of_checkpoint
+from mim.search.knn import KnnIndex
+from mim.search.stores.exact import ExactStore
 from mim.serving import gallery
 
 pytestmark = pytest.mark.server
@@ -62,7 +63,7 @@ def search(triton_server, gallery_path):
 def local(triton_server, gallery_path):
     """The client-side path: embeddings from the embed_* ensembles, kNN in this process."""
     with EmbeddingClient(triton_server.grpc_url, timeout_s=60) as c:
-        yield SearchService(c, KnnIndex.load(gallery_path, device="cpu"))
+        yield SearchService(c, ExactStore.load(gallery_path, device="cpu"))
 
 
 def assert_same_results(got, want) -> None:

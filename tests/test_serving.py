@@ -19,9 +19,9 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
-from mim.checkpoint import load_checkpoint
-from mim.embedding import TorchEmbedder
-from mim.ranking import parity
+from mim.model.checkpoint import load_checkpoint
+from mim.search.embedding import TorchEmbedder
+from mim.search.ranking import parity
 from mim.serving.repository import DEFAULT_REPOSITORY
 from mim.serving.server import TritonServer, TritonServerError
 

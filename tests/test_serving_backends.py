@@ -15,10 +15,10 @@ from google.protobuf import json_format
 from PIL import Image
 
 from mim import contract
-from mim.checkpoint import load_checkpoint
-from mim.config import get_size
-from mim.preprocess import InputError, preprocess_image_bytes
-from mim.ranking import fuse, l2_normalize, parity
+from mim.model.checkpoint import load_checkpoint
+from mim.model.config import get_size
+from mim.model.preprocess import InputError, preprocess_image_bytes
+from mim.search.ranking import fuse, l2_normalize, parity
 from mim.serving import backends as B
 from mim.serving import python_backend
 from mim.serving.repository import build_configs

@@ -11,8 +11,8 @@ from test_serving import TEXTS, array_input, embed, photo
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
-from mim.ranking import parity
-from mim.serving.repository import TORCH
+from mim.search.ranking import parity
+from mim.serving.runtimes import TORCH
 from mim.serving.server import TritonServer
 
 pytestmark = pytest.mark.server

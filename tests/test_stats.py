@@ -1,11 +1,11 @@
-"""Bootstrap intervals over seeds and queries (mim.stats), on hand-made per-query values."""
+"""Bootstrap intervals over seeds and queries (mim.training.stats), on hand-made per-query values."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mim.stats import Interval, bootstrap_interval, paired_difference
+from mim.training.stats import Interval, bootstrap_interval, paired_difference
 
 
 def test_constant_values_give_a_point_interval():

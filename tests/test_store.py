@@ -11,12 +11,13 @@ import time
 import numpy as np
 import pytest
 
-from mim.knn import KnnIndex
+from mim.search.knn import KnnIndex
+from mim.search.stores import VectorStore, open_store, store_exists, upsert
+from mim.search.stores.exact import ExactStore
 from mim.serving.server import free_port
-from mim.store import VectorStore, open_store, store_exists, upsert
 
 pytest.importorskip("pymilvus", reason="the Milvus store needs pymilvus + milvus-lite (pip install -e '.[milvus]')")
-from mim.milvus_store import MilvusIndexConfig, MilvusStore, MilvusStoreError, category_filter  # noqa: E402
+from mim.search.stores.milvus import MilvusIndexConfig, MilvusStore, MilvusStoreError, category_filter  # noqa: E402
 
 DIM, N = 32, 600
 CATS = ("mug", "shirt", "shoe", 'odd "cat" \\ name')
@@ -65,7 +66,7 @@ def assert_same_up_to_ties(got, want, q: np.ndarray, exact: KnnIndex) -> None:
 @pytest.fixture()
 def pair(tmp_path):
     ids, emb, meta = gallery()
-    exact = KnnIndex(DIM, device="cpu", model_id="model-a")
+    exact = ExactStore(DIM, device="cpu", model_id="model-a")  # a KnnIndex with the store interface
     exact.add(ids, emb, meta)
     milvus = open_store(tmp_path / "g.db", dim=DIM, model_id="model-a")
     milvus.add(ids, emb, meta)
@@ -210,7 +211,7 @@ def test_category_filter_is_a_quoted_literal():
 
 
 def test_location_picks_the_implementation(tmp_path):
-    assert isinstance(open_store(tmp_path / "g.safetensors", dim=4, device="cpu"), KnnIndex)
+    assert isinstance(open_store(tmp_path / "g.safetensors", dim=4, options={"device": "cpu"}), KnnIndex)
     with pytest.raises(ValueError, match=r"is not a KnnIndex file \(\*\.safetensors\), a Milvus Lite folder"):
         open_store(tmp_path / "g.npz", dim=4)
     with pytest.raises(FileNotFoundError, match=r"no gallery collection 'gallery'"):
@@ -234,7 +235,7 @@ def test_a_lite_folder_in_use_names_the_file_and_the_fix(pair):
     _, _, path = pair  # held open by this process
     code = textwrap.dedent(
         f"""
-        from mim.milvus_store import MilvusStore, MilvusStoreError
+        from mim.search.stores.milvus import MilvusStore, MilvusStoreError
         try:
             MilvusStore.open({str(path)!r})
         except MilvusStoreError as e:
@@ -265,7 +266,7 @@ def test_the_lite_server_shares_one_folder_between_processes(tmp_path):
         with store:
             store.add(ids, emb, meta)
             store.save()
-        code = f"""from mim.store import open_store
+        code = f"""from mim.search.stores import open_store
 s = open_store("http://127.0.0.1:{port}#shared", expected_model_id="m")
 print(len(s), s.search(s.vectors([3]), 1)[1][0, 0])"""
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

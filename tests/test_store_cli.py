@@ -13,11 +13,11 @@ from client.indexing import build_index, catalog_items
 from client.search import SearchService
 from client.triton_client import EmbeddingClient
 from mim.layout import model_id_of_checkpoint
+from mim.search.stores import open_store
 from mim.serving.server import free_port
-from mim.store import open_store
 
 pytest.importorskip("pymilvus", reason="the Milvus store needs pymilvus + milvus-lite (extra 'milvus')")
-from mim.milvus_store import MilvusStore  # noqa: E402
+from mim.search.stores.milvus import MilvusStore  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,8 @@ def test_index_stop_resume_and_search_on_milvus_equal_the_exact_index(
 def test_indexing_into_milvus_resumes_after_a_crash(catalog, tiny_checkpoint, model_id, tmp_path):
     """A crash after the third batch (each batch saved): the rerun embeds only what is missing, and the gallery
     equals one built without a crash (same ids, same search results)."""
-    from mim.checkpoint import load_checkpoint
-    from mim.embedding import TorchEmbedder
+    from mim.model.checkpoint import load_checkpoint
+    from mim.search.embedding import TorchEmbedder
 
     local = TorchEmbedder(load_checkpoint(tiny_checkpoint))
     items = catalog_items(catalog, "all")

@@ -1,4 +1,4 @@
-"""Tests for generating the synthetic street-to-shop catalog (mim.synth), on a 3 x 3 x 3 subset at 64 px with 2
+"""Tests for generating the synthetic street-to-shop catalog (mim.data.synth), on a 3 x 3 x 3 subset at 64 px with 2
 models per combination."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mim import catalog, synth
-from mim.synth import CATEGORIES, COLOURS, PATTERN_WORDS, PATTERNS
+from mim.data import catalog, synth
+from mim.data.synth import CATEGORIES, COLOURS, PATTERN_WORDS, PATTERNS
+from mimsearch.commands import catalog as catalog_cmd
 
 SMALL = {
     "image_size": 64,
@@ -183,7 +184,7 @@ def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         synth.generate_catalog(tmp_path, seed=3, **SMALL)
     assert not (tmp_path / catalog.MANIFEST).exists()
-    with pytest.raises(FileNotFoundError, match="python -m mim.synth"):
+    with pytest.raises(FileNotFoundError, match="mimsearch catalog"):
         catalog.load_catalog(tmp_path)
 
 
@@ -239,7 +240,7 @@ def test_cli(tmp_path, capsys):
         "--sheet",
         str(sheet),
     ]
-    assert synth.main(argv) == 0
+    assert catalog_cmd.main(argv) == 0
     printed = capsys.readouterr().out
     assert "train:" in printed and "test :" in printed
     cat = catalog.load_catalog(out)
@@ -247,7 +248,7 @@ def test_cli(tmp_path, capsys):
     assert cat.paired("train") == cat.products_in("train")
     with Image.open(sheet) as im:
         assert im.format == "PNG"
-    assert synth.main(["--out", str(out), "--categories", "rocket", "--no-progress"]) == 2
+    assert catalog_cmd.main(["--out", str(out), "--categories", "rocket", "--no-progress"]) == 2
     assert "unknown categories" in capsys.readouterr().err
 
 

@@ -16,7 +16,7 @@ import pytest
 from export import tensorrt_build as tb
 from export.tensorrt_build import BatchRange, engine_is_current, engine_staleness, profile_for, tower_profile
 from mim import contract
-from mim.config import get_size
+from mim.model.config import get_size
 
 TINY = get_size("tiny").model
 BASE = get_size("base").model
@@ -170,7 +170,7 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("tower", [contract.IMAGE_ENCODER, contract.TEXT_ENCODER])
 def test_build_engine_and_parity(tiny_export, tower):
-    from mim.config import ModelConfig
+    from mim.model.config import ModelConfig
 
     out, report = tiny_export
     model_cfg = ModelConfig.from_dict(json.loads((out / "model.json").read_text()))

@@ -7,11 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mim import checkpoint as ckpt
-from mim.embedding import TorchEmbedder
-from mim.evaluate import evaluate
-from mim.synth import CATEGORIES, COLOURS, PATTERNS, generate_catalog
-from mim.train import HARD_GROUP, batch_loss, compose_batch, load_split, main, train
+from mim.data.synth import CATEGORIES, COLOURS, PATTERNS, generate_catalog
+from mim.model import checkpoint as ckpt
+from mim.search.embedding import TorchEmbedder
+from mim.training.evaluate import evaluate
+from mim.training.train import HARD_GROUP, batch_loss, compose_batch, load_split, train
+from mimsearch.commands.train import main
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_evaluate_reports_every_metric(small_catalog, tmp_path):
 
 
 def test_augment_moves_pixels_but_keeps_shape_dtype_and_range():
-    from mim.train import augment
+    from mim.training.train import augment
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 3, 48, 48)).astype(np.float32)
@@ -130,7 +131,7 @@ def test_augment_moves_pixels_but_keeps_shape_dtype_and_range():
 
 
 def test_load_split_keeps_title_only_products(small_catalog):
-    from mim.config import get_size
+    from mim.model.config import get_size
 
     data = load_split(small_catalog, "train", get_size("tiny").preprocess, progress=False)
     assert len(data.product_ids) == len(small_catalog.products_in("train"))
@@ -177,7 +178,7 @@ def test_compose_batch_random_and_hard():
 
 @pytest.mark.parametrize("objective", ["dml", "3tower", "4tower"])
 def test_title_only_products_reach_only_the_photo_title_term(small_catalog, tiny_checkpoint, objective):
-    from mim.config import get_size
+    from mim.model.config import get_size
 
     c = ckpt.load_checkpoint(tiny_checkpoint)
     data = load_split(small_catalog, "train", get_size("tiny").preprocess, progress=False)

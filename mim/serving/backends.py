@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 
 from mim import contract
-from mim.config import ModelConfig, PreprocessConfig
 from mim.layout import MODEL_JSON, ONNX_FP32, PREPROCESS_JSON
-from mim.preprocess import InputError, decode_text, preprocess_image_bytes
-from mim.ranking import fuse
-from mim.tokenizer import Tokenizers, load_tokenizer
+from mim.model.config import ModelConfig, PreprocessConfig
+from mim.model.preprocess import InputError, decode_text, preprocess_image_bytes
+from mim.model.tokenizer import Tokenizers, load_tokenizer
+from mim.search.ranking import fuse
+from mim.serving import runtimes
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +430,7 @@ class EncoderHandler(Handler):
         raise_row_errors(contract.ATTENTION_MASK.name, ["must hold only 0 and 1" if b else None for b in bad])
 
 
-# --- fusion (the arithmetic is mim.ranking.fuse, shared with evaluation and the client) ---------------------
+# --- fusion (the arithmetic is mim.search.ranking.fuse, shared with evaluation and the client) ---------------------
 def parse_image_weight(params: Mapping[str, Any], default: float) -> float:
     """The fusion weight from a request's parameters, `default` if absent; refuses non-numbers and values
     outside [0, 1] with a message naming the parameter."""
@@ -522,7 +523,7 @@ def parse_categories(params: Mapping[str, Any], known: frozenset[str]) -> frozen
 
 
 class KnnHandler(Handler):
-    """Exact top-k over the gallery (`mim.knn.KnnIndex`, the client's search code) for a batch of queries.
+    """Exact top-k over the gallery (`mim.search.knn.KnnIndex`, the client's search code) for a batch of queries.
 
     Requests of one batch may ask for different k and filters: requests with the same filter are searched
     together at their largest k, and each gets the first k columns (KnnIndex orders ties by id, so that prefix
@@ -648,21 +649,20 @@ def make_handler(name: str, version_dir: str | Path, model_config: Mapping[str, 
     """Build the handler of model `name` from its version folder (artifacts) and its config (JSON form, as
     Triton passes it to `initialize`): parameters and concrete dims come from the config. `device_id` is the
     GPU Triton gave a KIND_GPU instance."""
-    if name not in BUILDERS:
-        raise ValueError(f"no python-backend handler for model {name!r}; expected one of {sorted(BUILDERS)}")
+    known = sorted([*BUILDERS, *ENCODERS])
+    if name not in known:
+        raise ValueError(f"no python-backend handler for model {name!r}; expected one of {known}")
     params, dims = config_params(model_config), config_dims(model_config)
-    if name in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER) and params.get(ENCODER_BACKEND) == TORCH_BACKEND:
-        from mim.serving import torch_backend  # lazily: torch is needed only by this variant
-
-        return torch_backend.build_handler(name, Path(version_dir), params, dims, device_id)
+    if name in ENCODERS:  # the runtime named by the config variant builds it (imported only now)
+        build = runtimes.encoder_builder(params.get(runtimes.RUNTIME_PARAM, runtimes.DEFAULT_RUNTIME))
+        return build(name, Path(version_dir), params, dims, device_id)
     if name == contract.KNN:
         return _knn(name, Path(version_dir), params, dims, device_id)
     return BUILDERS[name](name, Path(version_dir), params, dims)
 
 
 Dims = dict[str, tuple[int, ...]]
-# Config parameter choosing the encoders' runtime: absent or "onnx" (ONNX Runtime), "torch" (torch_backend).
-ENCODER_BACKEND, TORCH_BACKEND = "encoder_backend", "torch"
+ENCODERS = (contract.IMAGE_ENCODER, contract.TEXT_ENCODER)  # built by their runtime (mim.serving.runtimes)
 
 
 def _preprocess_image(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -> Handler:
@@ -677,7 +677,9 @@ def _preprocess_text(name: str, version_dir: Path, params: dict[str, str], dims:
     return PreprocessTextHandler(pre, dims)
 
 
-def _encoder(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -> Handler:
+def build_onnx_encoder(
+    name: str, version_dir: Path, params: Mapping[str, str], dims: Dims, device_id: int = 0
+) -> EncoderHandler:
     """Parameters (configs/<variant>.pbtxt): onnx_file, execution_providers (comma-separated, in order of
     preference), intra_op_threads."""
     io = contract.MODELS[name]
@@ -696,7 +698,7 @@ def _fuse(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -> H
 def _knn(name: str, version_dir: Path, params: dict[str, str], dims: Dims, device_id: int = 0) -> Handler:
     """Parameters (config.pbtxt): default_k, device (auto | cpu | cuda, as KnnIndex), threads (BLAS / OpenMP
     threads of the CPU search). On a GPU the gallery goes to `device_id`, the GPU of the KIND_GPU instance."""
-    from mim.knn import resolve_device
+    from mim.search.knn import resolve_device
     from mim.serving.gallery import load_gallery  # only this model needs the gallery code
 
     (dim,) = dims[contract.EMBEDDING.name]
@@ -727,8 +729,6 @@ def limit_threads(n: int) -> None:
 BUILDERS: dict[str, Callable[[str, Path, dict[str, str], Dims], Handler]] = {
     contract.PREPROCESS_IMAGE: _preprocess_image,
     contract.PREPROCESS_TEXT: _preprocess_text,
-    contract.IMAGE_ENCODER: _encoder,
-    contract.TEXT_ENCODER: _encoder,
     contract.FUSE: _fuse,
     contract.KNN: _knn,
 }

@@ -1,7 +1,7 @@
 """The gallery the `knn` model serves: where it lives in a repository, how it is checked, and how a new one is
 installed while the server keeps answering.
 
-    <repo>/knn/<version>/gallery.safetensors    a KnnIndex file (mim.knn), one per version folder
+    <repo>/knn/<version>/gallery.safetensors    a KnnIndex file (mim.search.knn), one per version folder
     <repo>/knn/<version>/model.py               the generated python-backend entry point
 
 The repository's generator writes `knn/1/` with `model.py` only. `install_gallery` adds each gallery as a NEW
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from mim import contract
 from mim.atomic import atomic_write_dir
-from mim.knn import KnnIndex, read_model_id
 from mim.layout import GALLERY_FILE, MODEL_PY, VERSION, installed_model_id
+from mim.search.knn import KnnIndex, read_model_id
 from mim.serving.repository import MODEL_PY_TEMPLATE, WRITE_COMMAND
 
 SEARCH_ENSEMBLES = (contract.SEARCH_IMAGE, contract.SEARCH_TEXT, contract.SEARCH_MULTIMODAL)

@@ -1,8 +1,8 @@
 """The Triton model repository, generated from the tensor contract (`mim.contract`).
 
-    python -m mim.serving.repository --write                 # (re)write model_repository/ for the tiny size
-    python -m mim.serving.repository --check                 # list differences, exit 1 if any
-    python -m mim.serving.repository --write --checkpoint artifacts/ckpt --repository /srv/repo
+    mimsearch repository --write                 # (re)write model_repository/ for the tiny size
+    mimsearch repository --check                 # list differences, exit 1 if any
+    mimsearch repository --write --checkpoint artifacts/ckpt --repository /srv/repo
 
 Every `config.pbtxt` is built as Triton's own protobuf (`tritonclient.grpc.model_config_pb2.ModelConfig`),
 checked against the contract, written with `google.protobuf.text_format` and parsed back, so a config that
@@ -29,9 +29,8 @@ parameter `default_image_weight` as the default. No extra input tensor is needed
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,6 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from mim import contract
 from mim.atomic import atomic_write_text
-from mim.config import ModelConfig, PreprocessConfig, get_size
 
 # File and folder names of the repository are mim.layout's. Ensembles have no files of their own, but Triton
 # refuses one without a version folder ("at least one version must be available"): git keeps it by KEEP_FILE.
@@ -51,20 +49,18 @@ from mim.layout import (
     KEEP_FILE,
     MODEL_ID,
     MODEL_PY,
-    ONNX_FP16,
-    ONNX_FP32,
     PREPROCESS_JSON,
-    TRT_PLAN,
     VERSION,
 )
+from mim.model.config import ModelConfig, PreprocessConfig, get_size
+from mim.serving.runtimes import DEFAULT as DEFAULT_VARIANT
+from mim.serving.runtimes import GPU_TORCH, PLATFORMS, VARIANTS, Variant
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 DEFAULT_SIZE = "tiny"
-WRITE_COMMAND = "python -m mim.serving.repository --write"
+WRITE_COMMAND = "mimsearch repository --write"
 
-# Config variants: the `--model-config-name` that selects `configs/<variant>.pbtxt` (the default is
-# layout.DEFAULT_CONFIG).
-CPU, GPU_ONNX, TORCH, GPU_TORCH = "cpu", "gpu_onnx", "torch", "gpu_torch"
+# The encoders' config variants, their runtimes and knobs are mim.serving.runtimes's VARIANTS table.
 
 
 # --- serving knobs, each with its reason ------------------------------------------------------------------
@@ -89,32 +85,6 @@ KNN_THREADS = 1
 # Python models: no queue delay. Under load, requests queue while an instance is busy and are batched anyway;
 # a delay would only add latency to an idle server.
 PYTHON_QUEUE_DELAY_US = 0
-# TensorRT engines: wait up to 1 ms for a fuller batch (small against a GPU batch, and batch 1 wastes the
-# engine). Preferred sizes: the engine profile's opt batch (16, export.tensorrt_build.BatchRange: the shape
-# its kernels are tuned for) and its max.
-TRT_QUEUE_DELAY_US = 1000
-TRT_PREFERRED_BATCH_SIZES = (16, contract.MAX_BATCH_SIZE)
-TRT_INSTANCES = 1  # one execution context per GPU; two overlap copies and compute at twice the memory
-# ONNX Runtime on the CPU: one instance whose intra-op threads use the cores (2 here); a second instance
-# would compete for the same cores. A 1 ms delay lets concurrent requests share one ORT call.
-CPU_ENCODER_INSTANCES = 1
-CPU_ENCODER_THREADS = 2
-CPU_QUEUE_DELAY_US = 1000
-# ONNX Runtime FP16 on a GPU (no TensorRT): CUDA provider, CPU provider as the fallback for unsupported ops.
-GPU_ONNX_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
-# The towers in torch (mim.serving.torch_backend). CPU: one instance with ONE intra-op thread per tower: torch's
-# OpenMP threads spin while they wait, and with two towers on 2 threads each on 2 shared cores a descheduled
-# thread stalled requests by 300-700 ms (measured; 3-10 ms with one thread).
-# GPU: FP16 with one CUDA graph per preferred batch size, and GPU tensors handed over through DLPack
-# (FORCE_CPU_ONLY_INPUT_TENSORS=no; the python backend's default copies every input to the host first).
-TORCH_PARAMS = {"encoder_backend": "torch", "device": "cpu", "precision": "fp32", "intra_op_threads": "1"}
-GPU_TORCH_PARAMS = {
-    "encoder_backend": "torch",
-    "device": "cuda",
-    "precision": "fp16",
-    "cuda_graph_batch_sizes": ",".join(map(str, contract.GRAPH_BATCH_SIZES)),
-    "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
-}
 
 
 @dataclass(frozen=True)
@@ -206,118 +176,46 @@ def preprocess_text_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -
 def encoder_configs(
     name: str, model_cfg: ModelConfig, pre_cfg: PreprocessConfig, model_id: str | None = None
 ) -> list[GeneratedConfig]:
-    """TensorRT default plus the ONNX Runtime variants of one encoder. With `model_id` (an installed checkpoint),
-    every variant carries it as the parameter `mim.layout.MODEL_ID`, which clients read through the model-config
-    API to learn which model the server runs."""
+    """One config per row of `runtimes.VARIANTS` for one encoder (the TensorRT default and the python-backend
+    variants). With `model_id` (an installed checkpoint), every variant carries it as the parameter
+    `mim.layout.MODEL_ID`, which clients read through the model-config API to learn which model the server runs."""
     identity = {MODEL_ID: model_id} if model_id else {}
-    trt = _base(name, model_cfg, pre_cfg)
-    trt.platform = "tensorrt_plan"
-    trt.default_model_filename = TRT_PLAN
-    trt.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU, count=TRT_INSTANCES)
-    trt.dynamic_batching.preferred_batch_size.extend(TRT_PREFERRED_BATCH_SIZES)
-    trt.dynamic_batching.max_queue_delay_microseconds = TRT_QUEUE_DELAY_US
-    for key, value in identity.items():
-        trt.parameters[key].string_value = value
-    cpu = _python_model(
-        name,
-        model_cfg,
-        pre_cfg,
-        instances=CPU_ENCODER_INSTANCES,
-        queue_delay_us=CPU_QUEUE_DELAY_US,
-        params={
-            "onnx_file": ONNX_FP32,
-            "execution_providers": "CPUExecutionProvider",
-            "intra_op_threads": str(CPU_ENCODER_THREADS),
-            **identity,
-        },
-    )
-    gpu = _python_model(
-        name,
-        model_cfg,
-        pre_cfg,
-        instances=TRT_INSTANCES,
-        kind=pb.ModelInstanceGroup.KIND_GPU,
-        queue_delay_us=TRT_QUEUE_DELAY_US,
-        params={
-            "onnx_file": ONNX_FP16,
-            "execution_providers": GPU_ONNX_PROVIDERS,
-            "intra_op_threads": "1",
-            **identity,
-        },
-    )
-    torch_cpu = _python_model(
-        name,
-        model_cfg,
-        pre_cfg,
-        instances=CPU_ENCODER_INSTANCES,
-        queue_delay_us=CPU_QUEUE_DELAY_US,
-        params={**TORCH_PARAMS, **identity},
-    )
-    gpu_torch = _python_model(
-        name,
-        model_cfg,
-        pre_cfg,
-        instances=TRT_INSTANCES,
-        kind=pb.ModelInstanceGroup.KIND_GPU,
-        queue_delay_us=TRT_QUEUE_DELAY_US,
-        params={**GPU_TORCH_PARAMS, **identity},
-    )
-    gpu_torch.dynamic_batching.preferred_batch_size.extend(contract.GRAPH_BATCH_SIZES)
     return [
-        GeneratedConfig(
-            name,
-            DEFAULT_CONFIG,
-            trt,
-            (
-                f"Production: TensorRT FP16 engine {VERSION}/{TRT_PLAN} built by `make engines` "
-                "(NGC Triton container).",
-                f"Preferred batches {list(TRT_PREFERRED_BATCH_SIZES)} within the engine's profile, "
-                f"{TRT_QUEUE_DELAY_US} us queue delay.",
-                f"Other machines: --model-config-name={CPU} (ONNX Runtime, CPU), {GPU_ONNX} (ONNX Runtime, CUDA),",
-                f"{TORCH} (torch, CPU) or {GPU_TORCH} (torch, CUDA).",
-            ),
-        ),
-        GeneratedConfig(
-            name,
-            f"configs/{CPU}.pbtxt",
-            cpu,
-            (
-                f"Selected by --model-config-name={CPU}: python backend running {VERSION}/{ONNX_FP32} on ONNX Runtime.",
-                f"{CPU_ENCODER_INSTANCES} instance x {CPU_ENCODER_THREADS} intra-op threads = the 2 CI cores; "
-                f"{CPU_QUEUE_DELAY_US} us queue delay.",
-            ),
-        ),
-        GeneratedConfig(
-            name,
-            f"configs/{GPU_ONNX}.pbtxt",
-            gpu,
-            (
-                f"Selected by --model-config-name={GPU_ONNX}: GPU without TensorRT, {VERSION}/{ONNX_FP16} "
-                "(FP32 I/O) on ONNX Runtime's CUDA provider (needs onnxruntime-gpu; falls back to the CPU provider).",
-            ),
-        ),
-        GeneratedConfig(
-            name,
-            f"configs/{TORCH}.pbtxt",
-            torch_cpu,
-            (
-                f"Selected by --model-config-name={TORCH}: python backend running the tower in torch (FP32, CPU) "
-                f"from {VERSION}/model.safetensors + model.json.",
-            ),
-        ),
-        GeneratedConfig(
-            name,
-            f"configs/{GPU_TORCH}.pbtxt",
-            gpu_torch,
-            (
-                f"Selected by --model-config-name={GPU_TORCH}: the tower in torch on the GPU, FP16 with LayerNorm, "
-                "softmax and L2 norm in FP32,",
-                f"one CUDA graph per preferred batch size {list(contract.GRAPH_BATCH_SIZES)}; inputs and outputs "
-                "stay GPU tensors (DLPack).",
-                "The preprocessing models still produce host tensors: the encoder copies them to the GPU.",
-            ),
-        ),
+        GeneratedConfig(name, v.relpath, _variant_config(name, v, model_cfg, pre_cfg, identity), _variant_notes(v))
+        for v in VARIANTS
     ]
+
+
+def _variant_config(
+    name: str, v: Variant, model_cfg: ModelConfig, pre_cfg: PreprocessConfig, identity: dict[str, str]
+) -> pb.ModelConfig:
+    kind = pb.ModelInstanceGroup.KIND_GPU if v.gpu else pb.ModelInstanceGroup.KIND_CPU
+    params = {**v.config_params, **identity}
+    if v.runtime in PLATFORMS:  # a Triton backend of its own: the engine file, no python model
+        cfg = _base(name, model_cfg, pre_cfg)
+        cfg.platform, cfg.default_model_filename = PLATFORMS[v.runtime]
+        cfg.instance_group.add(kind=kind, count=v.instances)
+        cfg.dynamic_batching.max_queue_delay_microseconds = v.queue_delay_us
+        for key, value in params.items():
+            cfg.parameters[key].string_value = value
+    else:
+        cfg = _python_model(
+            name, model_cfg, pre_cfg, instances=v.instances, kind=kind, queue_delay_us=v.queue_delay_us, params=params
+        )
+    cfg.dynamic_batching.preferred_batch_size.extend(v.preferred_batch_sizes)
+    return cfg
+
+
+# The variant list in the default config's header wraps where the other header lines end (within 100 columns).
+_NOTE_WIDTH = 96
+
+
+def _variant_notes(v: Variant) -> tuple[str, ...]:
+    if v.name != DEFAULT_VARIANT:
+        return v.notes
+    others = [f"{o.name} ({o.label})" for o in VARIANTS if o.name != DEFAULT_VARIANT]
+    listing = f"Other machines: --model-config-name={', '.join(others[:-1])} or {others[-1]}."
+    return (*v.notes, *textwrap.wrap(listing, _NOTE_WIDTH, break_on_hyphens=False))
 
 
 def fuse_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[GeneratedConfig]:
@@ -404,7 +302,7 @@ def knn_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[Gener
         params={**params, **GPU_KNN_PARAMS},
     )
     notes = (
-        "Exact top-k (mim.knn.KnnIndex) over the gallery of the latest version folder, installed by "
+        "Exact top-k (mim.search.knn.KnnIndex) over the gallery of the latest version folder, installed by "
         "`python -m client.cli index ... --install REPO`.",
         f"Request parameters {contract.K_PARAM!r} (default {contract.DEFAULT_K}) and {contract.CATEGORIES_PARAM!r} "
         "(JSON list); one instance, batched queries are one matrix product.",
@@ -665,50 +563,12 @@ def check_repository(
     return problems
 
 
-# --- CLI ---------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mim.serving.repository", description=__doc__.split("\n\n")[0])
-    action = p.add_mutually_exclusive_group(required=True)
-    action.add_argument("--write", action="store_true", help="write all generated files")
-    action.add_argument("--check", action="store_true", help="list differences from the generator; exit 1 if any")
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository folder")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--size", default=DEFAULT_SIZE, help="named size from mim.config.SIZES (default: tiny)")
-    src.add_argument("--checkpoint", type=Path, help="take the dims from this checkpoint's config.json")
-    return p
+def configs_for(size: str = DEFAULT_SIZE, checkpoint: str | Path | None = None) -> tuple[ModelConfig, PreprocessConfig]:
+    """The (model, preprocessing) configs whose dims a repository is written with: a checkpoint's, else a size's."""
+    if checkpoint is not None:
+        from mim.model.checkpoint import read_config
 
-
-def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, PreprocessConfig]:
-    if args.checkpoint is not None:
-        from mim.checkpoint import read_config
-
-        raw = read_config(args.checkpoint)
+        raw = read_config(checkpoint)
         return ModelConfig.from_dict(raw["model"]), PreprocessConfig.from_dict(raw["preprocess"])
-    spec = get_size(args.size)
+    spec = get_size(size)
     return spec.model, spec.preprocess
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        model_cfg, pre_cfg = configs_from_args(args)
-        # Dims only: the model identity is written by `export.engines.install`, with the artifacts it names.
-        if args.write:
-            paths = write_repository(args.repository, model_cfg, pre_cfg)
-            print(f"wrote {len(paths)} files under {args.repository}")
-            return 0
-        problems = check_repository(args.repository, model_cfg, pre_cfg)
-    except (RepositoryError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for line in problems:
-        print(line)
-    if problems:
-        print(f"{len(problems)} difference(s); run `{WRITE_COMMAND} --repository {args.repository}`", file=sys.stderr)
-        return 1
-    print(f"{args.repository} is up to date")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,529 @@
+"""Train the DML baseline, the 3-tower and the 4-tower models on the same data and seeds, evaluate each on the
+test split, and write one comparison: means with 95% bootstrap intervals over queries and seeds, paired
+differences, and learning curves (markdown + JSON + PNG).
+
+    mimsearch compare --catalog artifacts/catalog --steps 600 --jobs 2 --out benchmarks/results/quality
+    mimsearch compare --seeds 0,1,2 --steps 1500 --eval-every 250 --jobs 2 --checkpoints artifacts/checkpoints/full
+        --out benchmarks/results/quality_full                                       # make quality-full (one line)
+
+`--jobs N` trains in N worker processes, each chain of runs (a run and those initialised from it) in one of them
+with its share of the cores; the results are then evaluated in this process from the checkpoints.
+
+4-tower is trained twice: from scratch, and initialised from the 3-tower weights of the same seed (which the paper
+reports as better; it has then seen twice the steps, and `--controls` adds DML and 3-tower runs of twice the steps
+to separate the start from the extra steps). Checkpoints already trained with the same settings are reused, with
+the learning curve recorded while they were trained.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mim.atomic import atomic_write_text
+from mim.data.catalog import Catalog, load_catalog
+from mim.data.synth import ensure_catalog
+from mim.model.checkpoint import Checkpoint, load_checkpoint
+from mim.model.config import PreprocessConfig, get_size
+from mim.model.preprocess import preprocess_image_bytes
+from mim.model.tokenizer import TextTokenizer
+from mim.model.towers import MIMModel
+from mim.progress import progress_bar
+from mim.search.embedding import LocalEmbedder, TorchEmbedder
+from mim.search.ranking import top_k
+from mim.training.evaluate import COLUMNS, evaluate_per_query
+from mim.training.stats import bootstrap_interval, paired_difference
+from mim.training.train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES, train
+
+# (name, objective, initialised from, training steps as a multiple of --steps)
+RUNS = (
+    ("dml", "dml", None, 1),
+    ("3tower", "3tower", None, 1),
+    ("4tower", "4tower", None, 1),
+    ("4tower-from-3tower", "4tower", "3tower", 1),
+)
+CONTROLS = (("dml-2x", "dml", None, 2), ("3tower-2x", "3tower", None, 2))
+# Paired differences reported (a minus b): the paper's claims.
+DIFFERENCES = (("3tower", "dml"), ("4tower", "3tower"), ("4tower-from-3tower", "3tower"), ("4tower", "dml"))
+DIFF_METRICS = ("image R@1", "image R@10", "image catP@10", "mm-fusion R@10", "mm-refine R@10")
+CURVE_METRICS = ("image R@1", "image catP@10")
+CURVE_FILE = "curve.json"  # next to each checkpoint: the learning curve recorded while it was trained
+# Checkpoint meta that must match for a trained checkpoint to be reused.
+SETTINGS = ("objective", "seed", "batch_size", "catalog_rows", "hard_negatives", "align_weight", "catalog", "steps")
+_OLD_DEFAULTS = {"align_weight": DEFAULT_ALIGN_WEIGHT}  # settings added later: what older checkpoints trained with
+
+
+class PixelCache:
+    """Preprocessed pixels per image (keyed by its bytes): a learning curve evaluates the same images many times."""
+
+    def __init__(self, pre: PreprocessConfig):
+        self.pre = pre
+        self._cache: dict[bytes, np.ndarray] = {}
+
+    def __call__(self, images: Sequence[bytes]) -> np.ndarray:
+        for b in images:
+            if b not in self._cache:
+                self._cache[b] = preprocess_image_bytes(b, self.pre)
+        return np.stack([self._cache[b] for b in images])
+
+
+class ModelEmbedder(LocalEmbedder):
+    """A model being trained, in process, as an Embedder (what TorchEmbedder is for a loaded checkpoint), reading
+    images through a PixelCache."""
+
+    def __init__(self, model: MIMModel, tok: TextTokenizer, pixels: PixelCache, batch: int = 256):
+        super().__init__(model.cfg.embed_dim, pixels.pre, tok, batch, 2 * batch)
+        self.model, self.pixels = model, pixels
+
+    def _images_batch(self, images: list[bytes]) -> np.ndarray:
+        return self.encode_pixels(self.pixels(images))
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model.encode_image(torch.from_numpy(pixels)).numpy()
+
+    def encode_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model.encode_text(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
+
+
+def rank_gallery(
+    ck: Checkpoint, catalog: Catalog, images: Sequence[bytes], k: int, split: str = "test"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Product ids (Q, k) and inner-product scores (Q, k) of the split's gallery for each query image, ranked by the
+    in-process model: one model's side of a side-by-side view."""
+    products = catalog.products_in(split)
+    emb = TorchEmbedder(ck)
+    gallery = emb.embed_images([catalog.read_bytes(p.image) for p in products])
+    queries = emb.embed_images(list(images))
+    rows = top_k(queries, gallery, min(k, len(products)))
+    pid = np.array([p.product_id for p in products])
+    return pid[rows], np.take_along_axis(queries @ gallery.T, rows, axis=1)
+
+
+def _reusable(out: Path, want: dict[str, Any]) -> bool:
+    """True when `out` holds a finished run with these settings and its curve; raises if it holds another run."""
+    config = out / "config.json"
+    if not config.is_file():
+        return False
+    meta = json.loads(config.read_text()).get("meta", {})
+    # A checkpoint written before a setting existed was trained with its default.
+    had = {k: meta.get(k, _OLD_DEFAULTS.get(k)) for k in want}
+    differ = {k: (had[k], v) for k, v in want.items() if had[k] != v}
+    if differ:
+        found = ", ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"{out} holds a run with other settings ({found}); remove it or pass another --checkpoints folder"
+        )
+    return meta.get("step") == want["steps"] and (out / CURVE_FILE).is_file()
+
+
+def train_with_curve(
+    catalog: Catalog, out: Path, *, eval_every: int, pixels: PixelCache, **train_kwargs: Any
+) -> list[dict[str, float]]:
+    """Train (or reuse) one run, evaluating the test split every `eval_every` steps; returns the curve."""
+    want = {k: str(catalog.root) if k == "catalog" else train_kwargs[k] for k in SETTINGS}
+    if _reusable(out, want):
+        print(f"{out}: reusing the checkpoint trained earlier with these settings", file=sys.stderr)
+        return json.loads((out / CURVE_FILE).read_text())
+    curve: list[dict[str, float]] = []
+
+    def on_eval(step: int, model: MIMModel, tok: TextTokenizer) -> None:
+        per = evaluate_per_query(ModelEmbedder(model, tok, pixels), catalog, "test")
+        curve.append({"step": step, **{m: float(per[m].mean()) for m in CURVE_METRICS}})
+
+    train(catalog=str(catalog.root), out=str(out), resume=True, eval_every=eval_every, on_eval=on_eval, **train_kwargs)
+    atomic_write_text(out / CURVE_FILE, json.dumps(curve, indent=1))
+    return curve
+
+
+# Relative CPU cost of a training step per objective (tiny towers, batch 64 + 32 title-only rows, one thread:
+# about 0.28, 0.43 and 0.46 s measured), so the longest chains can be handed out first.
+_STEP_COST = {"dml": 1.0, "3tower": 1.5, "4tower": 1.65}
+
+
+def _chains(runs: Sequence[tuple[str, str, str | None, int]]) -> list[list[tuple[str, str, str | None, int]]]:
+    """The runs grouped so that a run initialised from another follows it in one chain; chains are independent.
+    Most expensive chain first (steps x cost per step), so a pool of workers finishes them at about the same
+    time."""
+    chains: list[list[tuple[str, str, str | None, int]]] = []
+    for run in runs:
+        home = next((c for c in chains if any(r[0] == run[2] for r in c)), None) if run[2] else None
+        if home is None:
+            chains.append([run])
+        else:
+            home.append(run)
+    return sorted(chains, key=lambda c: -sum(r[3] * _STEP_COST.get(r[1], 1.0) for r in c))
+
+
+def _train_chain(
+    catalog_root: str, checkpoints: str, seed: int, chain: list, threads: int, kwargs: dict[str, Any]
+) -> list[tuple[str, int, float, float]]:
+    """Worker: train one chain of one seed (in its own process, with `threads` torch threads); returns
+    (name, seed, wall seconds, CPU seconds) per run. Evaluation happens afterwards in the parent, from the files."""
+    torch.set_num_threads(threads)
+    catalog = load_catalog(catalog_root)
+    pixels = PixelCache(get_size(kwargs["size"]).preprocess)
+    done = []
+    for run in chain:
+        t0, c0 = time.time(), time.process_time()
+        train_with_curve(
+            catalog,
+            _run_dir(Path(checkpoints), seed, run[0]),
+            pixels=pixels,
+            **_run_kwargs(Path(checkpoints), seed, run, **kwargs),
+        )
+        done.append((run[0], seed, time.time() - t0, time.process_time() - c0))
+    return done
+
+
+def _run_dir(checkpoints: Path, seed: int, name: str) -> Path:
+    return checkpoints / f"seed{seed}" / name
+
+
+def _run_kwargs(
+    checkpoints: Path,
+    seed: int,
+    run: tuple[str, str, str | None, int],
+    *,
+    steps: int,
+    batch_size: int,
+    catalog_rows: int,
+    hard_negatives: bool,
+    align_weight: float,
+    size: str,
+    eval_every: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """train_with_curve's arguments (besides catalog, out and pixels) for one run of one seed."""
+    name, objective, init, mult = run
+    return {
+        "eval_every": eval_every or mult * steps,
+        "objective": objective,
+        "size": size,
+        "steps": mult * steps,
+        "batch_size": batch_size,
+        # DML has no image-text term, so title-only rows and the text weight never reach it: its runs are shared
+        # across their values.
+        "catalog_rows": 0 if objective == "dml" else catalog_rows,
+        "align_weight": DEFAULT_ALIGN_WEIGHT if objective == "dml" else align_weight,
+        "hard_negatives": hard_negatives,
+        "seed": seed,
+        "no_progress": not progress,
+        "init_from": str(_run_dir(checkpoints, seed, init)) if init else None,
+    }
+
+
+def run_comparison(
+    catalog: Catalog,
+    checkpoints: Path,
+    *,
+    seeds: Sequence[int],
+    steps: int,
+    runs: Sequence[tuple[str, str, str | None, int]] = RUNS,
+    batch_size: int = 64,
+    catalog_rows: int = DEFAULT_CATALOG_ROWS,
+    hard_negatives: bool = DEFAULT_HARD_NEGATIVES,
+    align_weight: float = DEFAULT_ALIGN_WEIGHT,
+    size: str = "tiny",
+    eval_every: int = 0,
+    progress: bool = False,
+    jobs: int = 1,
+) -> dict[str, Any]:
+    """Train and evaluate every run for every seed; returns per-query values, curves and timings.
+
+    With jobs > 1 the runs are first trained in that many worker processes (independent chains of runs, one torch
+    thread share each), then evaluated here from their checkpoints. per_query[name][metric] is (S, n) with one row
+    per seed; curves[name][seed] the recorded learning curve, its steps counted from scratch (a run initialised
+    from another starts where that one ended)."""
+    names = [r[0] for r in runs]
+    for name, _, init, _ in runs:
+        if init is not None and init not in names[: names.index(name)]:
+            raise ValueError(f"run {name!r} starts from {init!r}, which must be trained before it in the same call")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r}; expected a positive int (processes that train in parallel)")
+    kwargs = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "catalog_rows": catalog_rows,
+        "hard_negatives": hard_negatives,
+        "align_weight": align_weight,
+        "size": size,
+        "eval_every": eval_every,
+    }
+    pixels = PixelCache(get_size(size).preprocess)  # what train() uses for a fresh run
+    per_query: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
+    curves: dict[str, dict[str, list]] = {n: {} for n in names}
+    seconds: dict[str, float] = dict.fromkeys(names, 0.0)
+    cpu_seconds: dict[str, float] = dict.fromkeys(names, 0.0)  # all threads: extrapolates to an idle machine
+    reused: list[str] = []  # runs trained by an earlier call: their training time is not in seconds / cpu_seconds
+    worker_cpu = 0.0  # CPU seconds spent in worker processes (not in this process's clock)
+    t_start = time.time()
+    if jobs > 1:
+        for name, _seed, wall, cpu in _train_in_workers(catalog, checkpoints, seeds, runs, jobs, kwargs):
+            seconds[name] += wall
+            cpu_seconds[name] += cpu
+            worker_cpu += cpu
+    for seed in seeds:
+        for run in runs:
+            name, _, init, _ = run
+            out = _run_dir(checkpoints, seed, name)
+            t0, c0 = time.time(), time.process_time()
+            curve = train_with_curve(
+                catalog, out, pixels=pixels, **_run_kwargs(checkpoints, seed, run, **kwargs, progress=progress)
+            )
+            # A run started from another counts that run's steps too: its curve continues the other's.
+            offset = next(m * steps for n, _, _, m in runs if n == init) if init else 0
+            curves[name][str(seed)] = [{**p, "step": p["step"] + offset} for p in curve]
+            trained = (out / CURVE_FILE).stat().st_mtime >= t_start
+            if not trained:
+                reused.append(f"seed{seed}/{name}")
+            ck = load_checkpoint(out)
+            for metric, values in evaluate_per_query(ModelEmbedder(ck.model, ck.tokenizer, pixels), catalog).items():
+                per_query[name].setdefault(metric, []).append(values)
+            seconds[name] += time.time() - t0
+            cpu_seconds[name] += time.process_time() - c0
+            print(
+                f"seed {seed} {name}: image R@1 {per_query[name]['image R@1'][-1].mean():.3f}, "
+                f"catP@10 {per_query[name]['image catP@10'][-1].mean():.3f} ({time.time() - t0:.0f}s)",
+                file=sys.stderr,
+            )
+    stacked = {n: {m: np.stack(v) for m, v in ms.items()} for n, ms in per_query.items()}
+    return {
+        "per_query": stacked,
+        "curves": curves,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "worker_cpu_seconds": worker_cpu,
+        "reused": reused,
+    }
+
+
+def _train_in_workers(
+    catalog: Catalog,
+    checkpoints: Path,
+    seeds: Sequence[int],
+    runs: Sequence[tuple[str, str, str | None, int]],
+    jobs: int,
+    kwargs: dict[str, Any],
+) -> list[tuple[str, int, float, float]]:
+    """Train every (seed, chain) in a pool of `jobs` processes; the cores are shared out as torch threads."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    chains = _chains(runs)
+    tasks = [(seed, chain) for chain in chains for seed in seeds]
+    # spawn, not fork: torch's thread pools do not survive a fork of a process that has used them.
+    ctx = multiprocessing.get_context("spawn")
+    done: list[tuple[str, int, float, float]] = []
+    names = ", ".join(" + ".join(r[0] for r in c) for c in chains)
+    print(
+        f"training {len(tasks)} chains of runs ({len(seeds)} seed(s) x [{names}]) in {jobs} processes with "
+        f"{threads} torch thread(s) each",
+        file=sys.stderr,
+    )
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(
+                _train_chain, str(catalog.root), str(checkpoints), seed, chain, threads, {**kwargs, "progress": False}
+            )
+            for seed, chain in tasks
+        ]
+        bar = progress_bar(total=len(futures), desc=f"train in {jobs} processes", unit="chain")
+        for f in as_completed(futures):
+            done.extend(f.result())
+            bar.update(1)
+        bar.close()
+    return done
+
+
+def summarize(per_query: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Means, 95% bootstrap intervals and paired differences from run_comparison's per-query values."""
+    intervals = {
+        name: {m: bootstrap_interval(v).as_dict() for m, v in metrics.items()} for name, metrics in per_query.items()
+    }
+    diffs = {}
+    for a, b in DIFFERENCES:
+        if a in per_query and b in per_query:
+            diffs[f"{a} - {b}"] = {
+                m: paired_difference(per_query[a][m], per_query[b][m]).as_dict()
+                for m in DIFF_METRICS
+                if m in per_query[a] and m in per_query[b]
+            }
+    means = {name: {m: v["mean"] for m, v in metrics.items()} for name, metrics in intervals.items()}
+    return {"means": means, "intervals": intervals, "differences": diffs}
+
+
+def _cell(iv: dict[str, float] | None) -> str:
+    return "-" if iv is None else f"{iv['mean']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]"
+
+
+def markdown(summary: dict[str, Any], columns: Sequence[str] = COLUMNS) -> str:
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, metrics in summary["intervals"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(c)) for c in columns) + " |")
+    if summary["differences"]:
+        lines += ["", "Paired differences (same seeds and queries; 95% bootstrap interval of the mean difference):", ""]
+        lines += ["| difference | " + " | ".join(DIFF_METRICS) + " |", "|---|" + "---:|" * len(DIFF_METRICS)]
+        for name, metrics in summary["differences"].items():
+            lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(c)) for c in DIFF_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, dict[str, list]], out: Path, title: str) -> Path | None:
+    """R@1 and category precision@10 vs training step, mean over seeds, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5.5 * len(CURVE_METRICS), 4))
+    drawn = False
+    for name, by_seed in curves.items():
+        points = [c for c in by_seed.values() if len(c) > 1]
+        if not points:
+            continue
+        steps = [p["step"] for p in points[0]]
+        for ax, metric in zip(axes, CURVE_METRICS):
+            values = np.array([[p[metric] for p in c[: len(steps)]] for c in points if len(c) >= len(steps)])
+            ax.plot(steps, values.mean(axis=0), marker="o", ms=3, label=name)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, metric in zip(axes, CURVE_METRICS):
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"test {metric}")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(out: Path, header: str, result: dict[str, Any], settings: dict[str, Any]) -> list[Path]:
+    """OUT.md (header, table, differences), OUT.json (everything but the per-query values), OUT.png (curves)."""
+    summary = summarize(result["per_query"])
+    png = plot_curves(
+        result["curves"], out.with_suffix(".png"), f"test split, mean of {len(settings['seeds'])} seed(s)"
+    )
+    body = header.rstrip() + "\n\n" + markdown(summary) + "\n"
+    if png is not None:
+        body += f"\n![learning curves]({png.name})\n"
+    doc = {**summary, **{k: result[k] for k in ("curves", "seconds", "cpu_seconds", "reused")}, "settings": settings}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1, sort_keys=True))
+    atomic_write_text(out.with_suffix(".md"), body)
+    return [out.with_suffix(".md"), out.with_suffix(".json")] + ([png] if png else [])
+
+
+def parse_seeds(text: str) -> list[int]:
+    """ "0,1,2" -> [0, 1, 2]: distinct non-negative training seeds."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated ints such as 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds {text!r}: expected distinct non-negative ints such as 0,1,2")
+    return seeds
+
+
+def select_runs(names: str | None, controls: bool = False) -> tuple[tuple[str, str, str | None, int], ...]:
+    """The runs to train: all of RUNS (+ CONTROLS), or those named in "dml,3tower" (any of both tuples)."""
+    if not names:
+        return RUNS + (CONTROLS if controls else ())
+    known = {r[0]: r for r in RUNS + CONTROLS}
+    wanted = names.split(",")
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise ValueError(f"--runs: unknown {unknown}; expected names from {list(known)}")
+    return tuple(known[w] for w in wanted)
+
+
+def open_or_generate(catalog: str | Path) -> Catalog:
+    """The catalog at that folder, generated with the default parameters when it has none."""
+    cat_dir = Path(catalog)
+    return load_catalog(cat_dir) if (cat_dir / "catalog.json").is_file() else ensure_catalog(cat_dir)
+
+
+def describe(
+    catalog: Catalog,
+    result: dict[str, Any],
+    *,
+    command: str,
+    seeds: Sequence[int],
+    steps: int,
+    batch_size: int,
+    catalog_rows: int,
+    hard_negatives: bool,
+    align_weight: float,
+    jobs: int,
+    size: str,
+    wall: float,
+    cpu: float,
+) -> tuple[str, dict[str, Any]]:
+    """The report's header paragraph and the settings recorded in its JSON, for a `run_comparison` result."""
+    p = catalog.params
+    n_test = {
+        "products": len(catalog.products_in("test")),
+        "queries": len(catalog.queries_in("test")),
+        "reformulations": len(catalog.reformulations_in("test")),
+    }
+    settings = {
+        "command": command,
+        "seeds": list(seeds),
+        "steps": steps,
+        "batch_size": batch_size,
+        "catalog_rows": catalog_rows,
+        "hard_negatives": hard_negatives,
+        "align_weight": align_weight,
+        "jobs": jobs,
+        "size": size,
+        "catalog": {
+            k: p.get(k)
+            for k in ("seed", "variants", "street_fraction", "street_layout", "n_train_queries", "image_size")
+        },
+        "test_split": n_test,
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch_threads": torch.get_num_threads(),
+        "date": date.today().isoformat(),
+    }
+    header = (
+        f"# Retrieval quality: DML vs 3-tower vs 4-tower\n\n"
+        f"Measured {settings['date']} on {settings['machine']} CPU ({settings['torch_threads']} torch threads), "
+        f"`{size}` towers, {steps} steps, batches of {batch_size} street-to-shop pairs"
+        f" + {catalog_rows} title-only catalog products (photo-title term only), hard negatives "
+        f"{'on' if hard_negatives else 'off'}, image-text terms at weight {align_weight:g}; seeds "
+        f"{list(seeds)}; wall time {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min, {jobs} training process(es)). "
+        f"Catalog: seed {p.get('seed')}, {p.get('variants')} models per (category, pattern, colour), street photos "
+        f"for {p.get('street_fraction')} of the training products, street layout {p.get('street_layout')!r}. "
+        f"Test split: {n_test['products']} gallery products, "
+        f"{n_test['queries']} query photos, {n_test['reformulations']} reformulations.\n\n"
+        f"Command: `{command}`\n\n"
+        + (
+            f"Reused checkpoints trained by earlier calls with the same settings (their training time is not in the "
+            f"wall time above): {', '.join(result['reused'])}.\n\n"
+            if result["reused"]
+            else ""
+        )
+        + "Cells: mean over seeds and queries [95% bootstrap interval, resampling seeds and queries]. image R@k = the "
+        "exact product (not another model of the same title) in the top k for a street photo; catP@10 = share of "
+        "the top 10 in the query product's category (false positives lower it); title R@1 = the title retrieves a "
+        "product carrying it; mm-fusion / mm-refine R@k = photo of X + reformulation text retrieves the changed "
+        "product. 4tower-from-3tower continues from the 3-tower checkpoint, so it has seen twice the steps."
+    )
+    return header, settings
