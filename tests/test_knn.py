@@ -752,3 +752,21 @@ def test_the_gpu_branches_give_the_cpu_results():
         gpu.search(torch.from_numpy(np.where(np.arange(40)[:, None] == 2, 7e4, q).astype(np.float32)), 10)
     with pytest.raises(ValueError, match="queries row 0 has values beyond the FP16 range"):
         gpu.search(np.full((1, 16), 1e5, np.float32), 10)  # a host query is checked on the host
+
+
+def test_filtered_searches_from_several_threads_share_the_cache():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(30)
+    x = quantised_unit(rng, 2000)
+    cats = "abcdefghij"
+    index = KnnIndex(16, device="cpu")
+    index.add(np.arange(2000), x, [{"category": cats[i % 10]} for i in range(2000)])
+    q = quantised_unit(rng, 4)
+    filters = [frozenset(rng.choice(list(cats), size=rng.integers(1, 4), replace=False)) for _ in range(60)]
+    want = [index.search(q, 15, categories=set(f))[1] for f in filters]
+    index.add([5000], quantised_unit(rng, 1), [{"category": "k"}])  # empties the cache; "k" is in no filter
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda f: index.search(q, 15, categories=set(f))[1], filters))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

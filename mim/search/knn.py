@@ -41,6 +41,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -726,6 +727,7 @@ class KnnIndex:
         self._cat_vocab: dict[str, int] = {}
         self._codes_on_device: Any = None  # (N,) int32 copy of _cat_codes, made on first filter
         self._views: dict[frozenset[int], _View] = {}  # filter (category codes) -> rows to scan, LRU order
+        self._views_lock = threading.Lock()
         self._all_rows = _View(self._emb, 0)  # the view without a filter
 
     # ---- properties -------------------------------------------------------------------------------------
@@ -1025,14 +1027,15 @@ class KnnIndex:
         if categories is None:
             return self._all_rows
         codes = frozenset(self._cat_vocab[c] for c in _check_categories(categories) if c in self._cat_vocab)
-        cached = self._views.pop(codes, None)
-        view = cached if cached is not None else self._build_view(codes)
-        self._views[codes] = view  # most recently used last
-        while len(self._views) > _CACHED_FILTERS or sum(v.compact_rows for v in self._views.values()) > n // 2:
-            oldest = next(iter(self._views))
-            if oldest == codes:
-                break
-            del self._views[oldest]
+        with self._views_lock:  # searches from several threads share the cache
+            cached = self._views.pop(codes, None)
+            view = cached if cached is not None else self._build_view(codes)
+            self._views[codes] = view  # most recently used last
+            while len(self._views) > _CACHED_FILTERS or sum(v.compact_rows for v in self._views.values()) > n // 2:
+                oldest = next(iter(self._views))
+                if oldest == codes:
+                    break
+                del self._views[oldest]
         return view
 
     def _build_view(self, codes: frozenset[int]) -> _View:
