@@ -64,14 +64,14 @@ test-all: setup ## every test
 catalog: setup ## generate the synthetic street-to-shop catalog
 	$(MIMSEARCH) catalog --out $(CATALOG)
 
-train: setup ## train the tiny 3-tower model (STEPS=..., CKPT=...)
+train: catalog ## train the tiny 3-tower model (STEPS=..., CKPT=...)
 	$(MIMSEARCH) train --catalog $(CATALOG) --objective 3tower --steps $(STEPS) --out $(CKPT) --resume
 
-quality: setup ## train DML / 3-tower / 4-tower on the same data and seed (JOBS processes); write the comparison table
+quality: catalog ## train DML / 3-tower / 4-tower on the same data and seed (JOBS processes); write the comparison table
 	$(MIMSEARCH) compare --catalog $(CATALOG) --steps $(STEPS) --eval-every 150 --jobs $(JOBS) --no-progress \
 		--out benchmarks/results/quality
 
-quality-full: setup ## the comparison over 3 seeds (FULL_STEPS=1500 each, JOBS processes), 95% bootstrap intervals, curves
+quality-full: catalog ## the comparison over 3 seeds (FULL_STEPS=1500 each, JOBS processes), 95% bootstrap intervals, curves
 	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full --seeds $(FULL_SEEDS) \
 		--steps $(FULL_STEPS) --eval-every 250 --catalog-rows 32 --no-hard-negatives --jobs $(JOBS) --no-progress \
 		--out benchmarks/results/quality_full

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mim.commandline import CommandParser
 from mim.search.knn import KnnIndex, cuda_unavailable_reason, default_topk_method
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -330,7 +331,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = CommandParser(prog="mimsearch knn-bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small grid for CI (< 60 s on 2 cores)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory (default: %(default)s)")
     p.add_argument("--sizes", type=_ints, help="override gallery sizes, e.g. 1e4,1e5")

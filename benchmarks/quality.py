@@ -17,7 +17,6 @@ Writes <out>/quality_served.json and <out>/quality_served.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mim.atomic import atomic_write_text
+from mim.commandline import CommandParser
 from mim.layout import MODEL_ID, model_id_of_checkpoint
 from mim.model.checkpoint import load_checkpoint
 from mim.search.embedding import Embedder, TorchEmbedder
@@ -167,7 +167,7 @@ def write_outputs(report: dict, out: Path, command: str) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="mimsearch quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of a server running the checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint the server was exported from")
     p.add_argument("--catalog", type=Path, default=Path("artifacts/catalog"))

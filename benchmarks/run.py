@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mim import contract
+from mim.commandline import CommandParser
 
 from . import gpu, knn_bench, perf, quality, serving_compare, store_bench
 from .common import hardware, markdown_table, now_utc, versions, write_json
@@ -501,7 +502,7 @@ def _number(text: str) -> Any:
 
 # --- driver ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="mimsearch bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="bounded (< 3 min) run into benchmarks/results/quick")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)

@@ -39,10 +39,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mim import contract, layout
+from mim.commandline import CommandParser
 from mim.data.catalog import load_catalog
+from mim.errors import MimError, MimInputError, one_line
 from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
 from mim.search.stores import describe_locations, is_milvus_location, open_store
-from mim.search.stores.milvus import MilvusIndexConfig, MilvusStoreError
+from mim.search.stores.milvus import MilvusIndexConfig
 
 from .html import QueryBlock, render_page, write_page
 from .indexing import DEFAULT_SAVE_EVERY, build_index, catalog_items, manifest_items
@@ -51,7 +53,7 @@ from .search_client import SearchClient
 from .triton_client import DEFAULT_URL, ClientError, EmbeddingClient
 
 
-class UsageError(ValueError):
+class UsageError(MimInputError):
     """Flags that do not make a command; reported as `error: ...` with exit code 2."""
 
 
@@ -113,7 +115,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             save_every=args.save_every,
             max_batches=args.max_batches,
             progress=not args.no_progress,
-            milvus_index=MilvusIndexConfig.parse(args.milvus_index) if args.milvus_index else None,
+            milvus_index=args.milvus_index,
         )
     print(report.summary())
     if not report.complete:
@@ -234,9 +236,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-id", help="identity of the embedding model (default: the served model's, from the server)")
 
 
+def _milvus_index(text: str) -> MilvusIndexConfig:
+    try:
+        return MilvusIndexConfig.parse(text)
+    except ValueError as e:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="mimsearch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = CommandParser(
+        prog="mimsearch",
+        description=__doc__,
     )
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -251,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--store", "--out", dest="store", required=True, help=f"where: {describe_locations()}")
     ix.add_argument(
         "--milvus-index",
+        type=_milvus_index,
         help="index of a new Milvus collection: FLAT (default, exact), HNSW[:ef=64,M=16], "
         "IVF_FLAT[:nlist=N,nprobe=16], GPU_CAGRA (Milvus server with GPUs)",
     )
@@ -298,7 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ClientError, ValueError, FileNotFoundError, MilvusStoreError) as e:
+    except MimError as e:  # the library's errors: 2 for wrong input, 1 for a failure (e.g. no server)
+        print(one_line(e), file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

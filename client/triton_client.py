@@ -38,6 +38,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
+from mim.errors import MimFailure
 from mim.search import embedding
 
 from .replicas import PROBE_TIMEOUT_S, UNAVAILABLE, ReplicaPool, ReplicaStats, parse_urls
@@ -48,7 +49,7 @@ ENSEMBLES = (contract.EMBED_IMAGE, contract.EMBED_TEXT, contract.EMBED_MULTIMODA
 T = TypeVar("T")
 
 
-class ClientError(RuntimeError):
+class ClientError(MimFailure):
     """A request that could not be answered. `status` is the gRPC status (e.g. "StatusCode.INVALID_ARGUMENT")
     when the server or the channel gave one, `server_message` the server's own words."""
 
@@ -493,7 +494,9 @@ def _give_up_waiting(pool: ReplicaPool, pending: dict[str, Any], last: dict[str,
     if len(pending) == len(pool.replicas):
         if len(pending) == 1:
             url = next(iter(pending))
-            raise ClientError(f"server at {url} not ready within {timeout:g}s (last: {last[url]})")
+            # Nothing listening is the common first mistake: say how to get a server.
+            hint = "; start one with `mimsearch serve` or give its --url" if "UNAVAILABLE" in str(last[url]) else ""
+            raise ClientError(f"server at {url} not ready within {timeout:g}s (last: {last[url]}){hint}")
         why = "; ".join(f"{u}: {last[u]}" for u in pending)
         raise ClientError(f"no replica ready within {timeout:g}s (last: {why})")
     for r in pending.values():

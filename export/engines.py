@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mim import contract, layout
+from mim.commandline import CommandParser
 from mim.model.config import ModelConfig
 
 from .install import install, read_json
@@ -158,7 +159,7 @@ def build_engines(export_dir: str | Path, batches: BatchRange, *, check: bool = 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mimsearch engines", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="mimsearch engines", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (mimsearch train)")
     p.add_argument("--repository", required=True, type=Path, help="Triton model repository to install into")
     p.add_argument("--export-dir", type=Path, default=DEFAULT_EXPORT_DIR, help="where ONNX/engines are built")

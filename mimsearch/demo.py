@@ -21,7 +21,6 @@ they are current. `--quick` uses a small catalog and a short training run (tests
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,8 +32,10 @@ from client.indexing import build_index, catalog_items
 from client.search import SearchResult, SearchService
 from client.search_client import SearchClient
 from client.triton_client import EmbeddingClient
+from mim.commandline import CommandParser
 from mim.data.catalog import Catalog, QueryPhoto
 from mim.data.synth import ensure_catalog
+from mim.errors import MimInputError
 from mim.model.checkpoint import Checkpoint, load_checkpoint
 from mim.search.embedding import TorchEmbedder
 from mim.search.knn import KnnIndex
@@ -310,6 +311,8 @@ def run(
     startup_timeout: float = 120.0,
 ) -> dict:
     """`store`: the gallery's location (default art/index/test.safetensors, the exact KnnIndex)."""
+    if art.exists() and not art.is_dir():
+        raise MimInputError(f"--artifacts {art} is a file; expected a folder (new or from an earlier demo run)")
     art.mkdir(parents=True, exist_ok=True)
     store = store or art / "index" / "test.safetensors"
     step = Steps(8)
@@ -402,8 +405,9 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="mimsearch demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = CommandParser(
+        prog="mimsearch demo",
+        description=__doc__,
     )
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where everything is written")
     ap.add_argument("--steps", type=int, help="training steps (default 600; 20 with --quick)")

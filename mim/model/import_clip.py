@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from mim.errors import ModelError
 from mim.layout import model_id_of_checkpoint
 from mim.model import checkpoint as ckpt
 from mim.model.config import ModelConfig, PreprocessConfig, TextConfig, VisionConfig, get_size
@@ -80,7 +81,7 @@ _OPENCLIP_VISION = {"image_size", "layers", "width", "patch_size", "head_width",
 _OPENCLIP_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 
 
-class ClipImportError(ValueError):
+class ClipImportError(ModelError):
     """A checkpoint that cannot be imported; the message names the file, key or field and what was expected."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mim import contract
 from mim.atomic import atomic_write_dir
+from mim.errors import ServingInputError
 from mim.layout import GALLERY_FILE, MODEL_PY, VERSION, installed_model_id
 from mim.search.knn import KnnIndex, read_model_id
 from mim.serving.repository import MODEL_PY_TEMPLATE, WRITE_COMMAND
@@ -30,7 +31,7 @@ SEARCH_ENSEMBLES = (contract.SEARCH_IMAGE, contract.SEARCH_TEXT, contract.SEARCH
 INSTALL_HINT = "build one with `mimsearch index ... --install REPO` (or mim.serving.gallery.install_gallery)"
 
 
-class GalleryError(ValueError):
+class GalleryError(ServingInputError):
     pass
 
 

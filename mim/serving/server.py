@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from mim.errors import ServingError
 from mim.serving import stub_env
 from mim.serving.runtimes import CPU, variant_names
 
@@ -52,8 +53,14 @@ LOG_TAIL_LINES = 25
 HEALTH_POLL_S = 2.0  # how often `serve` checks the server process and its stubs
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(ServingError):
     pass
+
+
+class RepositoryNotFound(TritonServerError):
+    """The repository given is not a folder: wrong input (exit code 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -315,7 +322,10 @@ class TritonServer:
         if self.process is not None:
             raise TritonServerError("server already started")
         if not self.repository.is_dir():
-            raise TritonServerError(f"model repository {self.repository} is not a directory")
+            raise RepositoryNotFound(
+                f"model repository {self.repository} is not a directory; expected one installed by `mimsearch "
+                "engines` (give it as --repository)"
+            )
         paths = triton_paths()
         try:
             env_dir = stub_env.build_stub_env(self.cache_dir or default_cache_dir(), stub_env.numpy_source(paths.home))

@@ -7,12 +7,13 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mim.commandline import CommandParser
 from mim.data import synth
 from mim.data.catalog import summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mimsearch catalog", description=synth.__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="mimsearch catalog", description=synth.__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="catalog root directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=128)

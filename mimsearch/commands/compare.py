@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mim.commandline import CommandParser
+from mim.data.dataset import open_catalog
 from mim.training import compare as lib
 from mim.training.train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES
 
@@ -21,11 +23,14 @@ def _seeds(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="mimsearch compare", description=lib.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = CommandParser(
+        prog="mimsearch compare",
+        description=lib.__doc__,
     )
     ap.add_argument(
-        "--catalog", default="artifacts/catalog", help="catalog folder (generated with defaults if missing)"
+        "--catalog",
+        default="artifacts/catalog",
+        help="catalog folder (make one with `mimsearch catalog`) or JSON Lines dataset manifest",
     )
     ap.add_argument("--checkpoints", default="artifacts/checkpoints", help="where each run's checkpoint goes")
     ap.add_argument("--steps", type=int, default=600)
@@ -61,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = lib.select_runs(args.runs, args.controls)
     except ValueError as e:
         ap.error(str(e))
-    catalog = lib.open_or_generate(args.catalog)
+    catalog = open_catalog(args.catalog)  # never generated here: `mimsearch catalog` makes one
     t0, c0 = time.time(), time.process_time()
     settings = {
         "steps": args.steps,

@@ -6,16 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mim.commandline import CommandParser
 from mim.data.dataset import open_catalog
 from mim.training import evaluate as lib
 from mimsearch.commands import named_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(
         prog="mimsearch evaluate",
         description=lib.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
         "--checkpoint",

@@ -7,14 +7,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mim.commandline import CommandParser
 from mim.model import import_clip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(
         prog="mimsearch import-clip",
         description=import_clip.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", type=Path, help="Hugging Face CLIPModel folder (config.json, model.safetensors, ...)")

@@ -9,12 +9,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mim.commandline import CommandParser
 from mim.serving import server as lib
 from mim.serving.runtimes import VARIANTS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mimsearch serve", description=lib.__doc__.split("\n\n")[0])
+    p = CommandParser(prog="mimsearch serve", description=lib.__doc__.split("\n\n")[0])
     p.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository folder")
     p.add_argument(
         "--config",
@@ -75,7 +76,7 @@ def serve(args: argparse.Namespace) -> int:
         server.start()
     except lib.TritonServerError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except _Stop:
         return 0  # start() has stopped the server already
     print(

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from mim.errors import SearchError, SearchInputError
 from mim.search.knn import DEFAULT_NORM_TOL, _check_categories, _check_ids, _check_matrix, _check_metadata
 
 # Locations: a local ``.db`` folder runs Milvus Lite in-process; an http(s):// or tcp:// URI reaches a server.
@@ -77,8 +78,12 @@ CONNECT_TIMEOUT_S = 10.0
 INDEX_WAIT_S = 1800.0  # how long `save` waits for the index build to catch up (HNSW on 1e7 rows takes long)
 
 
-class MilvusStoreError(RuntimeError):
+class MilvusStoreError(SearchError):
     """Milvus could not be reached or opened; the message names the URI and what to do."""
+
+
+class MilvusIndexError(SearchInputError):
+    """An index type or parameter Milvus would not take, or another index than the collection's."""
 
 
 # --- index configuration -----------------------------------------------------------------------------------
@@ -108,8 +113,13 @@ class MilvusIndexConfig:
         """A preset with overrides, e.g. named("HNSW", ef=128) or named("IVF_FLAT", nlist=256, nprobe=8)."""
         kind = index_type.upper()
         if kind not in PRESETS:
-            raise ValueError(f"index type {index_type!r} is not one of {sorted(PRESETS)}")
+            raise MilvusIndexError(f"index type {index_type!r} is not one of {sorted(PRESETS)}")
         build, search = dict(PRESETS[kind][0]), dict(PRESETS[kind][1])
+        allowed = {*build, *search} | ({"search_width"} if kind == "GPU_CAGRA" else set())
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            known = sorted(allowed) or "none"
+            raise MilvusIndexError(f"{kind} takes no parameter {', '.join(unknown)}; expected one of: {known}")
         for key, value in params.items():
             (search if key in SEARCH_KEYS else build)[key] = value
         return cls(kind, build, search)
@@ -122,7 +132,7 @@ class MilvusIndexConfig:
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
-                raise ValueError(f"index parameter {item!r} in {text!r}; expected key=value (e.g. HNSW:ef=128)")
+                raise MilvusIndexError(f"index parameter {item!r} in {text!r}; expected key=value (e.g. HNSW:ef=128)")
             params[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
         return cls.named(kind.strip(), **params)
 
@@ -335,7 +345,14 @@ class MilvusStore:
         model_id = json.loads(props.get(PROP_MODEL_ID, "null"))
         built = client.describe_index(name, VECTOR) or {}
         kind = str(built.get("index_type", "FLAT")).upper()
-        if index is None or index.index_type != kind:
+        if index is not None and index.index_type != kind:
+            # Keeping the old index silently would measure another index than the one asked for.
+            raise MilvusIndexError(
+                f"collection {name!r} at {uri} has a {kind} index, not the {index.index_type} asked for; "
+                f"expected the same type: give --milvus-index {kind}, or another collection (uri#name) for "
+                f"{index.index_type}"
+            )
+        if index is None:
             # The search parameters must suit the index the collection was built with.
             index = MilvusIndexConfig.named(kind) if kind in PRESETS else MilvusIndexConfig(kind)
         client.load_collection(name)
