@@ -88,8 +88,39 @@ def test_free_ports_differ():
 
 
 def test_cli_reports_a_missing_repository(tmp_path, capsys):
-    assert serve_cmd.main(["--repository", str(tmp_path / "nope"), "--grpc-port", "0"]) == 1
+    assert serve_cmd.main(["--repository", str(tmp_path / "nope"), "--grpc-port", "0"]) == 2
     assert f"model repository {tmp_path / 'nope'} is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port", "--metrics-port"])
+def test_serve_refuses_a_taken_port_before_starting(tmp_path, capsys, flag):
+    import socket
+
+    with socket.socket() as other:  # another server listening on the port
+        other.bind((S.HOST, 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert serve_cmd.main(["--repository", str(tmp_path), flag, str(port), "--log", str(tmp_path / "log")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: port {port} on {S.HOST}") and f"give another {flag}" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "log").exists()  # refused before tritonserver ran
+    assert not S.port_taken(port)
+
+
+def test_readiness_counts_only_the_started_process_s_own_port():
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind((S.HOST, 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert port in S.listening_ports(os.getpid())
+        child = subprocess.Popen(["sleep", "5"])
+        try:
+            assert port not in (S.listening_ports(child.pid) or set())
+        finally:
+            child.kill()
+            child.wait()
 
 
 def test_cli_restores_signal_handlers(tmp_path):
