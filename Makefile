@@ -8,7 +8,7 @@ ART       ?= artifacts
 SIZE      ?= tiny
 CATALOG   ?= $(ART)/catalog
 CKPT      ?= $(ART)/checkpoints/3tower
-REPO      ?= model_repository
+REPO      ?= $(ART)/model_repository
 CONFIG    ?= cpu
 STEPS     ?= 600
 FULL_STEPS ?= 1500
@@ -76,7 +76,7 @@ quality-full: catalog ## the comparison over 3 seeds (FULL_STEPS=1500 each, JOBS
 		--steps $(FULL_STEPS) --eval-every 250 --catalog-rows 32 --no-hard-negatives --jobs $(JOBS) --no-progress \
 		--out benchmarks/results/quality_full
 
-engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where TensorRT and a GPU exist) into $(REPO)
+engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where possible) into $(REPO) (a copy of model_repository/)
 	$(MIMSEARCH) engines --checkpoint $(CKPT) --repository $(REPO) $(if $(wildcard $(CATALOG)/catalog.json),--catalog $(CATALOG))
 
 serve: setup ## run the bundled tritonserver on 127.0.0.1 with $(REPO) (CONFIG=cpu|default)
@@ -103,4 +103,5 @@ gpu-check: ## on a lent GPU: unpack the bundle, GPU tests, towers/kNN/served ens
 
 clean: ## remove generated artifacts (keeps the virtualenv)
 	rm -rf $(ART) .pytest_cache
-	find $(REPO) -name '*.onnx' -o -name '*.plan' | xargs -r rm -f
+	@# Installs of older versions went into the committed repository itself.
+	find model_repository -name '*.onnx' -o -name '*.plan' | xargs -r rm -f

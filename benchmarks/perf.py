@@ -845,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repository",
         type=Path,
-        default=Path("model_repository"),
+        default=Path("artifacts/model_repository"),
         help="the served repository (its preprocess.json/tokenizer build the towers' inputs)",
     )
     p.add_argument("--catalog", type=Path, default=Path("artifacts/catalog"), help="images and titles to send")

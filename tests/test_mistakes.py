@@ -165,3 +165,28 @@ def test_every_error_base_is_a_mim_error():
 
     assert [e.exit_code for e in (MilvusIndexError, GalleryError, RepositoryError, errors.DataError)] == [2] * 4
     assert errors.SearchError.exit_code == errors.ServingError.exit_code == 1
+
+
+def test_engines_refuses_the_committed_repository(scratch, monkeypatch, capsys):
+    from mim.serving.repository import DEFAULT_REPOSITORY
+
+    monkeypatch.chdir(scratch)
+    before = listing(DEFAULT_REPOSITORY)
+    rc = cli.main(["engines", "--checkpoint", "ckpt", "--repository", str(DEFAULT_REPOSITORY), "--export-dir", "x"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "is the committed reference repository" in err, err
+    assert listing(DEFAULT_REPOSITORY) == before and not (scratch / "x").exists()
+
+
+def test_engines_fills_a_new_repository_from_the_committed_one(tmp_path):
+    from export.engines import DEFAULT_INSTALL_REPOSITORY, build_parser, prepare_install_target
+    from mim.serving.repository import DEFAULT_REPOSITORY, check_repository
+
+    assert build_parser().parse_args(["--checkpoint", "c"]).repository == DEFAULT_INSTALL_REPOSITORY
+    assert DEFAULT_INSTALL_REPOSITORY.parts[0] == "artifacts"  # ignored by git
+    prepare_install_target(tmp_path / "repo")
+    assert check_repository(tmp_path / "repo") == []  # the committed tree, configs as generated
+    (tmp_path / "repo" / "knn" / "mine.txt").write_text("kept\n")
+    prepare_install_target(tmp_path / "repo")  # an existing repository is installed into as it is
+    assert (tmp_path / "repo" / "knn" / "mine.txt").read_text() == "kept\n"
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == sorted(p.name for p in DEFAULT_REPOSITORY.iterdir())

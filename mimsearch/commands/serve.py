@@ -16,7 +16,12 @@ from mim.serving.runtimes import VARIANTS
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="mimsearch serve", description=lib.__doc__.split("\n\n")[0])
-    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository folder")
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("artifacts/model_repository"),
+        help="model repository folder, installed by `mimsearch engines`",
+    )
     p.add_argument(
         "--config",
         choices=lib.CONFIGS,
