@@ -484,9 +484,33 @@ def _readiness(client: Any, models: Sequence[str]) -> str | None:
         pending = [m for m in models if not client.is_model_ready(m, client_timeout=2.0)]
         if client.is_server_ready(client_timeout=2.0) and not pending:
             return None
-        return f"models not ready: {pending}" if pending else "server not ready"
+        if not pending:
+            return "server not ready"
+        return f"models not ready: {pending}" + _why_not_ready(pending, client.get_model_repository_index(as_json=True))
     except InferenceServerException as e:
         return f"{e.status()}: {e.message()}"
+
+
+GALLERY_MODELS = (contract.KNN, contract.SEARCH_IMAGE, contract.SEARCH_TEXT, contract.SEARCH_MULTIMODAL)
+
+
+def _why_not_ready(pending: Sequence[str], index: Any) -> str:
+    """What the server's repository index says of the pending models (state and reason of a failed load), and
+    the usual cause when the gallery's models are among them: no gallery of the served encoders' model."""
+    rows = {m.get("name"): m for m in (index or {}).get("models", [])}
+    said = [
+        f"{name}: {rows[name].get('state') or 'not loaded'}"
+        + (f" ({rows[name]['reason']})" if rows[name].get("reason") else "")
+        for name in pending
+        if name in rows
+    ]
+    text = f"; {'; '.join(said)}" if said else ""
+    if set(pending) & set(GALLERY_MODELS):
+        text += (
+            "; the knn model and the search ensembles load only with a gallery built with the served model "
+            "(`mimsearch serve` prints why not): run `mimsearch index ... --install REPO`"
+        )
+    return text
 
 
 def _give_up_waiting(pool: ReplicaPool, pending: dict[str, Any], last: dict[str, str | None], timeout: float) -> None:
@@ -682,6 +706,9 @@ async def _readiness_async(client: Any, models: Sequence[str]) -> str | None:
         pending = [m for m in models if not await client.is_model_ready(m, client_timeout=2.0)]
         if await client.is_server_ready(client_timeout=2.0) and not pending:
             return None
-        return f"models not ready: {pending}" if pending else "server not ready"
+        if not pending:
+            return "server not ready"
+        index = await client.get_model_repository_index(as_json=True)
+        return f"models not ready: {pending}" + _why_not_ready(pending, index)
     except InferenceServerException as e:
         return f"{e.status()}: {e.message()}"

@@ -144,3 +144,44 @@ def test_load_failures_are_read_from_the_log():
         "text_encoder": "Invalid argument: no file",
         "embed_text": "at least one version must be",
     }
+
+
+@pytest.mark.server
+def test_serve_says_which_models_wait_for_a_gallery_and_the_client_says_why(tmp_path, tiny_export):
+    """A real `mimsearch serve` on a fresh install without a gallery: it is ready (its own process listening),
+    names the models it did not load and the fix, and a client waiting for them gets the same reason."""
+    import signal
+    import sys
+    import time
+
+    from client.triton_client import ClientError, EmbeddingClient
+    from export.install import install
+    from mim.serving.repository import prepare_repository
+
+    repo = prepare_repository(tmp_path / "repo")
+    install(tiny_export, repo)
+    ports = [str(S.free_port()) for _ in range(3)]
+    cmd = [sys.executable, "-m", "mimsearch", "serve", "--repository", str(repo), "--log", str(tmp_path / "log")]
+    cmd += ["--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, deadline = [], time.monotonic() + 240
+        while time.monotonic() < deadline and not any(line.startswith("not loaded") for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        text = "".join(lines)
+        assert text.startswith("tritonserver ready (cpu)"), text
+        assert (
+            f"not loaded: knn, search_image, search_text, search_multimodal: no gallery installed in {repo}/knn; "
+            in text
+        )
+        assert f"--install {repo}`" in text, text
+        with EmbeddingClient(f"127.0.0.1:{ports[0]}") as client:
+            client.wait_ready(5.0, models=["embed_image"])  # the encoders serve
+            with pytest.raises(ClientError, match=r"models not ready: \['search_image'\].*mimsearch index"):
+                client.wait_ready(1.0, models=["search_image"])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)

@@ -73,13 +73,23 @@ def servable_models(repo: str | Path) -> list[str]:
 
 def gallery_fits(repo: str | Path) -> bool:
     """Whether the latest gallery exists and records the encoders' model id (header only)."""
+    return gallery_problem(repo) is None
+
+
+def gallery_problem(repo: str | Path) -> str | None:
+    """Why `knn` and the search ensembles cannot load from `repo` now, with the command that fixes it; None when
+    they can (the latest gallery records the encoders' model id)."""
     path = latest_gallery(repo)
+    fix = f"run `mimsearch index --catalog ... --store GALLERY.safetensors --install {repo}` with this model"
     if path is None:
-        return False
+        return f"no gallery installed in {Path(repo) / contract.KNN}; {fix}"
     try:
-        return read_model_id(path) == encoders_model_id(repo)
-    except ValueError:  # GalleryError included
-        return False
+        built_with, encoders = read_model_id(path), encoders_model_id(repo)
+    except ValueError as e:  # GalleryError included
+        return f"{path} cannot be checked ({e}); {fix}"
+    if built_with != encoders:
+        return f"the gallery {path} was built with model {built_with}, the encoders are model {encoders}: {fix}"
+    return None
 
 
 def load_gallery(version_dir: str | Path, *, dim: int | None = None, device: str = "auto") -> KnnIndex:

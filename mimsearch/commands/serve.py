@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mim.commandline import CommandParser
+from mim.contract import KNN
+from mim.serving import gallery
 from mim.serving import server as lib
 from mim.serving.runtimes import VARIANTS
 
@@ -89,6 +91,10 @@ def serve(args: argparse.Namespace) -> int:
         f"metrics {server.metrics_url}\nlog: {server.log_path}   (Ctrl-C to stop)",
         flush=True,
     )
+    if args.model_control == "explicit":
+        problem = gallery.gallery_problem(args.repository)
+        if problem is not None:  # the encoders serve; server-side search waits for a gallery of their model
+            print(f"not loaded: {', '.join((KNN, *gallery.SEARCH_ENSEMBLES))}: {problem}", flush=True)
     try:
         # A stub that dies leaves its model READY but unable to answer: say so, and stop, rather than serve errors.
         while True:
