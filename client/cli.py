@@ -116,6 +116,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             max_batches=args.max_batches,
             progress=not args.no_progress,
             milvus_index=args.milvus_index,
+            skip_bad=args.skip_bad,
         )
     print(report.summary())
     if not report.complete:
@@ -270,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-every", type=int, default=DEFAULT_SAVE_EVERY, help="batches between saves of the partial index"
     )
     ix.add_argument("--max-batches", type=int, help="stop (saved, exit 3) after this many batches; rerun to continue")
-    ix.add_argument("--no-progress", action="store_true")
+    ix.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ix.add_argument(
+        "--skip-bad", action="store_true", help="leave out images the server refuses and list them (default: stop)"
+    )
     ix.add_argument(
         "--install",
         type=Path,

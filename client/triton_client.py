@@ -268,7 +268,8 @@ def request_error(chunk: Chunk, exc: InferenceServerException, url: str, attempt
         for n in chunk.inputs
     )
     return ClientError(
-        f"{head} ({chunk.describe()}; expected {expected}): {status}: {msg}{hint}",
+        # The cause first (the server's words), then what was sent and what the contract takes.
+        f"{head}: {msg}{hint} ({status}; {chunk.describe()}; expected {expected})",
         model=chunk.model,
         tensor=tensor,
         status=status,

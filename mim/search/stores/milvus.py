@@ -31,6 +31,7 @@ time; to share one, run `python -m milvus_lite server --data-dir FOLDER --port P
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -176,16 +177,24 @@ def connect(uri: str, collection: str = "gallery", timeout_s: float = CONNECT_TI
     if _is_lite(uri):
         folder = Path(uri).resolve()
         folder.parent.mkdir(parents=True, exist_ok=True)  # Milvus Lite creates the folder, not its parents
+        locked = MilvusStoreError(
+            f"{folder} is in use by another process: Milvus Lite opens a data folder in one process only. "
+            f"Serve it with `python -m milvus_lite server --data-dir {folder} --port 19530` and connect "
+            f"every process by URI (http://127.0.0.1:19530#{collection})"
+        )
+        # Milvus Lite logs its own traceback when it cannot start (a held lock, most often) before pymilvus
+        # raises; the error below says what happened and what to do, so that log is muted meanwhile.
+        lite_log = logging.getLogger("milvus_lite")
+        level = lite_log.level
+        lite_log.setLevel(logging.CRITICAL + 1)  # setLevel: clears the level cache of its child loggers
         try:
             return MilvusClient(uri=str(folder))
         except MilvusException as exc:
             if _lite_locked(folder):
-                raise MilvusStoreError(
-                    f"{folder} is in use by another process: Milvus Lite opens a data folder in one process only. "
-                    f"Serve it with `python -m milvus_lite server --data-dir {folder} --port 19530` and connect "
-                    f"every process by URI (http://127.0.0.1:19530#{collection})"
-                ) from None
+                raise locked from None
             raise MilvusStoreError(f"cannot open Milvus Lite folder {folder}: {exc}") from None
+        finally:
+            lite_log.setLevel(level)
     try:
         return MilvusClient(uri=uri, token=os.environ.get(MILVUS_TOKEN_ENV, ""), timeout=timeout_s)
     except MilvusException as exc:
