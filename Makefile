@@ -86,10 +86,10 @@ demo: setup ## the main job end to end on CPU: data, training, export, Triton, i
 	$(MIMSEARCH) demo --artifacts $(ART) --steps $(STEPS)
 
 bench: setup ## quick CPU benchmarks (bounded time) into benchmarks/results/quick
-	$(MIMSEARCH) bench --quick
+	$(MIMSEARCH) bench --quick --out benchmarks/results/quick
 
 bench-full: setup ## the full CPU benchmark set into benchmarks/results
-	$(MIMSEARCH) bench
+	$(MIMSEARCH) bench --out benchmarks/results
 
 bench-search: setup ## search in one request vs embed + client-side kNN (after `make demo`) into benchmarks/results/search
 	$(MIMSEARCH) search-bench --repository $(ART)/model_repository --catalog $(CATALOG) --out benchmarks/results/search

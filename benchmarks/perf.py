@@ -852,12 +852,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated; default: towers + ensembles")
     p.add_argument("--concurrency", type=_ints, help="e.g. 1,2,4,8 (default: 1,4 with --quick, else 1,2,4,8)")
     p.add_argument("--batch", type=int, default=1, help="rows per request (-b)")
-    p.add_argument("--mode", choices=("time_windows", "count_windows"), default="time_windows")
+    p.add_argument(
+        "--mode", choices=("time_windows", "count_windows"), default="time_windows", help="perf_analyzer's measurement"
+    )
     p.add_argument("--interval-ms", type=int, help="time window length")
     p.add_argument("--request-count", type=int, default=50, help="requests per count window")
     p.add_argument("--samples", type=int, default=16, help="distinct requests in the input-data file")
     p.add_argument("--quick", action="store_true", help="short windows, concurrency 1 and 4")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/perf"), help="output folder")
+    p.add_argument("--out", type=Path, default=Path("artifacts/benchmarks/perf"), help="output folder")
     return p
 
 

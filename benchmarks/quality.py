@@ -170,9 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = CommandParser(prog="mimsearch quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of a server running the checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint the server was exported from")
-    p.add_argument("--catalog", type=Path, default=Path("artifacts/catalog"))
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--catalog", type=Path, default=Path("artifacts/catalog"), help="catalog folder or dataset")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate on")
+    p.add_argument("--out", type=Path, default=Path("artifacts/benchmarks"), help="writes quality_served.{md,json}")
     args = p.parse_args(argv)
     from mim.data.catalog import load_catalog
 

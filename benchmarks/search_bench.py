@@ -188,12 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, required=True, help="repository with an installed export (copied)")
     p.add_argument("--catalog", type=Path, required=True, help="catalog: test-split gallery and query samples")
     p.add_argument("--gallery-size", type=int, default=100_000, help="items in the served gallery")
-    p.add_argument("--concurrency", type=perf._ints, default=SETTINGS.concurrencies)
+    p.add_argument(
+        "--concurrency", type=perf._ints, default=SETTINGS.concurrencies, help="client concurrencies, e.g. 1,4"
+    )
     p.add_argument("--interval-ms", type=int, default=SETTINGS.interval_ms, help="perf_analyzer window")
     p.add_argument("--seconds", type=float, default=3.0, help="length of each end-to-end level")
     p.add_argument("--samples", type=int, default=16, help="distinct queries")
     p.add_argument("--work", type=Path, default=Path("artifacts/search_bench"), help="scratch folder")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/search"))
+    p.add_argument("--out", type=Path, default=Path("artifacts/benchmarks/search"), help="results folder")
     return p
 
 

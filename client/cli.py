@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mim import contract, layout
-from mim.commandline import CommandParser
+from mim.commandline import CommandParser, at_least
 from mim.data.catalog import load_catalog
 from mim.errors import MimError, MimInputError, one_line
 from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
@@ -251,7 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    ix = sub.add_parser("index", help="embed a gallery through the server into a store (resumable)")
+    ix = sub.add_parser(
+        "index",
+        help="embed a gallery through the server into a store (resumable)",
+        description="Embed a gallery (a catalog split, or a folder of images with a manifest) through the server's "
+        "embed_image ensemble into a store: a KnnIndex file or a Milvus collection. Rerun the same command to "
+        "continue an interrupted run; --install makes the index the server's gallery for server-side search.",
+    )
     _common(ix)
     ix.add_argument("--catalog", help="synthetic catalog folder (mimsearch catalog)")
     ix.add_argument(
@@ -266,11 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="index of a new Milvus collection: FLAT (default, exact), HNSW[:ef=64,M=16], "
         "IVF_FLAT[:nlist=N,nprobe=16], GPU_CAGRA (Milvus server with GPUs)",
     )
-    ix.add_argument("--batch-size", type=int, default=contract.MAX_BATCH_SIZE, help="images per request")
+    ix.add_argument("--batch-size", type=at_least(1), default=contract.MAX_BATCH_SIZE, help="images per request")
     ix.add_argument(
-        "--save-every", type=int, default=DEFAULT_SAVE_EVERY, help="batches between saves of the partial index"
+        "--save-every", type=at_least(1), default=DEFAULT_SAVE_EVERY, help="batches between saves of the partial index"
     )
-    ix.add_argument("--max-batches", type=int, help="stop (saved, exit 3) after this many batches; rerun to continue")
+    ix.add_argument(
+        "--max-batches", type=at_least(1), help="stop (saved, exit 3) after this many batches; rerun to continue"
+    )
     ix.add_argument("--no-progress", action="store_true", help="no progress bar")
     ix.add_argument(
         "--skip-bad", action="store_true", help="leave out images the server refuses and list them (default: stop)"
@@ -283,7 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ix.set_defaults(func=cmd_index)
 
-    se = sub.add_parser("search", help="search a gallery by image, text, or image + text")
+    se = sub.add_parser(
+        "search",
+        help="search a gallery by image, text, or image + text",
+        description="Search a gallery by image, by text, or by image + text (fusion, or refine: image candidates "
+        "re-ranked by the text), embedding the query through the server; --server-side searches the server's "
+        "installed gallery in one request instead.",
+    )
     _common(se)
     se.add_argument(
         "--store", "--index", dest="store", help=f"the gallery: {describe_locations()}; not with --server-side"
@@ -294,14 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--image", help="query image file")
     se.add_argument("--text", help="query text; with --image, the reformulation ('in blue')")
     se.add_argument("--mode", choices=MODES, default="fusion", help="image + text: fusion or refine")
-    se.add_argument("-k", type=int, default=10)
+    se.add_argument("-k", type=at_least(1), default=10, help="results to return")
     se.add_argument(
         "--image-weight", type=float, default=contract.DEFAULT_IMAGE_WEIGHT, help="fusion: weight a of the image"
     )
     se.add_argument(
         "--text-weight", type=float, default=DEFAULT_REFINE_WEIGHT, help="refine: weight b of cos(text, product)"
     )
-    se.add_argument("--top-n", type=int, default=REFINE_TOP_N, help="refine: image candidates re-ranked")
+    se.add_argument("--top-n", type=at_least(1), default=REFINE_TOP_N, help="refine: image candidates re-ranked")
     se.add_argument("--category", action="append", help="only this category (repeatable; image or text queries)")
     se.add_argument("--json", action="store_true", help="print JSON (query + results) instead of a table")
     se.add_argument("--html", type=Path, help="also write a self-contained HTML results page")

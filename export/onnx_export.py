@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="mimsearch export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (mimsearch train)")
     p.add_argument("--out", required=True, type=Path, help="output folder for the ONNX artifacts")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the exported graphs")
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 ONNX variant")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs torch parity checks")
     return p

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--checkpoint", action="append", required=True, help="checkpoint folder (name=path); repeat")
     ap.add_argument("--catalog", default="artifacts/catalog", help="catalog folder or JSON Lines dataset manifest")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="catalog split to evaluate on")
     ap.add_argument("--out", help="also write OUT.md and OUT.json")
     return ap
 

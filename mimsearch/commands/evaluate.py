@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint folder; repeat to compare (name=path also works)",
     )
     ap.add_argument("--catalog", default="artifacts/catalog", help="catalog folder or JSON Lines dataset manifest")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="catalog split to evaluate on")
     ap.add_argument("--out", help="write OUT.md and OUT.json")
     return ap
 

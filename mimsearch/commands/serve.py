@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mim.commandline import CommandParser
+from mim.commandline import CommandParser, at_least
 from mim.contract import KNN
 from mim.serving import gallery
 from mim.serving import server as lib
@@ -30,12 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=lib.DEFAULT_CONFIG,
         help="config variant: " + ", ".join(f"{v.name} ({v.label})" for v in VARIANTS),
     )
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--grpc-port", type=at_least(0), default=8001, help="gRPC port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--http-port", type=at_least(0), default=8000, help="HTTP port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--metrics-port", type=at_least(0), default=8002, help="Prometheus metrics port (0: a free one)")
     p.add_argument("--log", type=Path, default=None, help="log file (default: a temporary file)")
-    p.add_argument("--log-verbose", type=int, default=0)
-    p.add_argument("--startup-timeout", type=float, default=lib.STARTUP_TIMEOUT_S)
+    p.add_argument("--log-verbose", type=at_least(0), default=0, help="tritonserver's --log-verbose level")
+    p.add_argument(
+        "--startup-timeout",
+        type=at_least(1.0, float),
+        default=lib.STARTUP_TIMEOUT_S,
+        help="seconds to wait for every model to load",
+    )
     p.add_argument(
         "--model-control",
         choices=lib.MODEL_CONTROL,
