@@ -23,6 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch",
         help=f"OpenCLIP architecture: one of {sorted(import_clip.OPENCLIP_ARCHS)} or an OpenCLIP model-config JSON",
     )
+    ap.add_argument(
+        "--tokenizer",
+        choices=import_clip.TOKENIZERS,
+        default="folder",
+        help="--hf only: the folder's tokenizer files, or CLIP's published vocabulary shipped with this package "
+        "(for a folder saved without tokenizer files)",
+    )
     ap.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
     return ap
 
@@ -34,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--openclip needs --arch (e.g. ViT-B-32-quickgelu for OpenAI's weights)")
     try:
         if args.hf is not None:
-            out = import_clip.import_hf(args.hf, args.out)
+            out = import_clip.import_hf(args.hf, args.out, tokenizer=args.tokenizer)
         else:
             out = import_clip.import_openclip(args.openclip, args.arch, args.out)
     except import_clip.ClipImportError as e:
