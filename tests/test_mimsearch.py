@@ -43,6 +43,14 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert page.count('<section class="query-block comparison">') == 4
     assert page.count('data-model="DML (image only)"') == page.count('data-model="3-tower"') == 4
     assert len(re.findall(r"another category in the top 10: DML \(image only\) \d+, 3-tower \d+", out)) == 4
+    # The page explains itself: an intro, the metrics table, the model in words, expected products, a caption.
+    assert "What this page shows" in page and "Retrieval quality on the whole test split" in page
+    assert re.search(r"<td>image R@1</td><td>[\d.]+</td><td>[\d.]+</td>", page)
+    assert re.search(r"model: 3tower trained here for 4 steps on the synthetic catalog \(.*\), id [0-9a-f]{16}", page)
+    assert page.count('<div class="expected">expected product: ') == 6  # every search block
+    assert page.count("<p>Counted below: results of another category") == 1  # the comparison's caption
+    assert re.search(r"95% paired bootstrap interval [+-][\d.]+ to [+-][\d.]+\) after 4 training steps: the", page)
+    assert "street/q" not in page.split("<body>")[1].split("<img")[0]  # headings are words, not file paths
     assert (art / "index" / "test.safetensors").is_file() and "server stopped" in out
 
 
