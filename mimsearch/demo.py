@@ -32,7 +32,7 @@ from client.indexing import build_index, catalog_items
 from client.search import SearchResult, SearchService
 from client.search_client import SearchClient
 from client.triton_client import EmbeddingClient
-from mim.commandline import CommandParser
+from mim.commandline import CommandParser, at_least
 from mim.data.catalog import Catalog, QueryPhoto
 from mim.data.synth import ensure_catalog
 from mim.errors import MimInputError
@@ -516,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
     )
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where everything is written")
-    ap.add_argument("--steps", type=int, help="training steps (default 600; 20 with --quick)")
+    ap.add_argument("--steps", type=at_least(1), help="training steps (default 600; 20 with --quick)")
     ap.add_argument("--quick", action="store_true", help="small catalog and short training (tests, smoke checks)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument(

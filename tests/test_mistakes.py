@@ -102,6 +102,13 @@ MISTAKES = [
         1,
         "no server answers|perf_analyzer not found",
     ),  # fmt: skip
+    (
+        "quality: no server",
+        ["quality", "--url", "{url}", "--checkpoint", "ckpt", "--catalog", "cat", "--wait", "0.5", "--out", "q"],
+        1,
+        "not ready within .*mimsearch serve",
+    ),  # fmt: skip
+    ("demo: --steps 0", ["demo", "--artifacts", "d", "--steps", "0"], 2, "argument --steps: expected an integer >= 1"),
     ("import-clip: missing folder", ["import-clip", "--hf", "nope", "--out", "c"], 2, "nope"),
     ("dataset: missing catalog", ["dataset", "--catalog", "typo", "--out", "typo/d.jsonl"], 2, "no catalog manifest"),
     ("serve: missing repository", ["serve", "--repository", "nope"], 2, "nope"),
