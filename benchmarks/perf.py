@@ -1,6 +1,6 @@
 """Latency and throughput of the served models with the real `perf_analyzer`, against a running server.
 
-    python -m benchmarks.perf --url 127.0.0.1:8001 --repository model_repository --catalog artifacts/catalog
+    mimsearch perf --url 127.0.0.1:8001 --repository artifacts/model_repository --catalog artifacts/catalog
     python -m benchmarks.perf --url 127.0.0.1:8001 --models embed_image --concurrency 1,4 --quick
 
 For each model (the three ensembles and the two tower models) and each concurrency, one perf_analyzer run:

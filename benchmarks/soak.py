@@ -1,6 +1,6 @@
 """Soak: mixed traffic against one tritonserver for a long while, watching its memory and every answer.
 
-    python -m benchmarks.soak --repository model_repository --minutes 10        # after `make engines`
+    python -m benchmarks.soak --repository artifacts/model_repository --minutes 10        # after `make engines`
     python -m benchmarks.soak --repository REPO --minutes 2 --out /tmp/soak     # a shorter run
 
 `--concurrency` asyncio workers (default 16) send, in a fixed rotation, requests of these kinds:

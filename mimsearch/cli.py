@@ -3,8 +3,8 @@
     mimsearch catalog --out artifacts/catalog
     mimsearch import-clip --hf path/to/clip-vit-base-patch32 --out artifacts/checkpoints/clip
     mimsearch train --catalog artifacts/catalog --objective 3tower --steps 600 --out artifacts/checkpoints/3tower
-    mimsearch engines --checkpoint artifacts/checkpoints/3tower --repository model_repository
-    mimsearch serve --repository model_repository --config cpu
+    mimsearch engines --checkpoint artifacts/checkpoints/3tower      # into artifacts/model_repository
+    mimsearch serve --repository artifacts/model_repository --config cpu
     mimsearch index --catalog artifacts/catalog --store gallery.safetensors     # or gallery.db, http://milvus:19530
     mimsearch search --store gallery.safetensors --text "zebra mug"
     mimsearch demo --artifacts artifacts

@@ -1,7 +1,7 @@
 """Launch the tritonserver bundled in the `nvidia-pytriton` wheel, without Docker.
 
-    mimsearch serve --repository model_repository --config cpu          # `make serve`
-    mimsearch serve --repository model_repository --config cpu --grpc-port 8001
+    mimsearch serve --repository artifacts/model_repository --config cpu          # `make serve`
+    mimsearch serve --repository artifacts/model_repository --config cpu --grpc-port 8001
 
 The wheel carries `pytriton/tritonserver/bin/tritonserver` (Triton 2.51) with its shared libraries in
 `nvidia_pytriton.libs/`, the python backend, and one backend stub per Python version. The python backend
