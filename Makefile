@@ -8,7 +8,7 @@ ART       ?= artifacts
 SIZE      ?= tiny
 CATALOG   ?= $(ART)/catalog
 CKPT      ?= $(ART)/checkpoints/3tower
-REPO      ?= model_repository
+REPO      ?= $(ART)/model_repository
 CONFIG    ?= cpu
 STEPS     ?= 600
 FULL_STEPS ?= 1500
@@ -64,19 +64,19 @@ test-all: setup ## every test
 catalog: setup ## generate the synthetic street-to-shop catalog
 	$(MIMSEARCH) catalog --out $(CATALOG)
 
-train: setup ## train the tiny 3-tower model (STEPS=..., CKPT=...)
+train: catalog ## train the tiny 3-tower model (STEPS=..., CKPT=...)
 	$(MIMSEARCH) train --catalog $(CATALOG) --objective 3tower --steps $(STEPS) --out $(CKPT) --resume
 
-quality: setup ## train DML / 3-tower / 4-tower on the same data and seed (JOBS processes); write the comparison table
+quality: catalog ## train DML / 3-tower / 4-tower on the same data and seed (JOBS processes); write the comparison table
 	$(MIMSEARCH) compare --catalog $(CATALOG) --steps $(STEPS) --eval-every 150 --jobs $(JOBS) --no-progress \
 		--out benchmarks/results/quality
 
-quality-full: setup ## the comparison over 3 seeds (FULL_STEPS=1500 each, JOBS processes), 95% bootstrap intervals, curves
+quality-full: catalog ## the comparison over 3 seeds (FULL_STEPS=1500 each, JOBS processes), 95% bootstrap intervals, curves
 	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full --seeds $(FULL_SEEDS) \
 		--steps $(FULL_STEPS) --eval-every 250 --catalog-rows 32 --no-hard-negatives --jobs $(JOBS) --no-progress \
 		--out benchmarks/results/quality_full
 
-engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where TensorRT and a GPU exist) into $(REPO)
+engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where possible) into $(REPO) (a copy of model_repository/)
 	$(MIMSEARCH) engines --checkpoint $(CKPT) --repository $(REPO) $(if $(wildcard $(CATALOG)/catalog.json),--catalog $(CATALOG))
 
 serve: setup ## run the bundled tritonserver on 127.0.0.1 with $(REPO) (CONFIG=cpu|default)
@@ -86,10 +86,10 @@ demo: setup ## the main job end to end on CPU: data, training, export, Triton, i
 	$(MIMSEARCH) demo --artifacts $(ART) --steps $(STEPS)
 
 bench: setup ## quick CPU benchmarks (bounded time) into benchmarks/results/quick
-	$(MIMSEARCH) bench --quick
+	$(MIMSEARCH) bench --quick --out benchmarks/results/quick
 
 bench-full: setup ## the full CPU benchmark set into benchmarks/results
-	$(MIMSEARCH) bench
+	$(MIMSEARCH) bench --out benchmarks/results
 
 bench-search: setup ## search in one request vs embed + client-side kNN (after `make demo`) into benchmarks/results/search
 	$(MIMSEARCH) search-bench --repository $(ART)/model_repository --catalog $(CATALOG) --out benchmarks/results/search
@@ -103,4 +103,5 @@ gpu-check: ## on a lent GPU: unpack the bundle, GPU tests, towers/kNN/served ens
 
 clean: ## remove generated artifacts (keeps the virtualenv)
 	rm -rf $(ART) .pytest_cache
-	find $(REPO) -name '*.onnx' -o -name '*.plan' | xargs -r rm -f
+	@# Installs of older versions went into the committed repository itself.
+	find model_repository -name '*.onnx' -o -name '*.plan' | xargs -r rm -f

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mim.commandline import CommandParser
 from mim.search.knn import KnnIndex, cuda_unavailable_reason, default_topk_method
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HBM_BYTES_PER_S = 4.3e12  # H200 HBM3e peak; an exact scan can't beat reading the fp16 gallery once per batch
 SCORE_ATOL = 1e-5  # fp32 vs fp64 inner products of unit vectors differ by ~1e-7
 GPU_SCORE_ATOL = 2e-3  # fp16 storage rounds each embedding entry by up to 2^-11 relative
@@ -484,9 +484,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = CommandParser(prog="mimsearch knn-bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small grid for CI (< 60 s on 2 cores)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("artifacts/benchmarks"), help="output directory")
     p.add_argument("--sizes", type=_ints, help="override gallery sizes, e.g. 1e4,1e5")
     p.add_argument("--dims", type=_ints, help="override embedding dims, e.g. 256,512")
     p.add_argument("--batches", type=_ints, help="override query batch sizes, e.g. 1,32,256")
@@ -494,7 +494,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, help="timed seconds per engine per combination")
     p.add_argument("--threads", type=int, default=None, help="threads for faiss, OpenBLAS and torch (default: all)")
     p.add_argument("--topk", default="auto", help="KnnIndex top-k selector (auto|argpartition|torch|two_stage)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random galleries and queries")
     return p.parse_args(argv)
 
 

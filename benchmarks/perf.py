@@ -1,6 +1,6 @@
 """Latency and throughput of the served models with the real `perf_analyzer`, against a running server.
 
-    python -m benchmarks.perf --url 127.0.0.1:8001 --repository model_repository --catalog artifacts/catalog
+    mimsearch perf --url 127.0.0.1:8001 --repository artifacts/model_repository --catalog artifacts/catalog
     python -m benchmarks.perf --url 127.0.0.1:8001 --models embed_image --concurrency 1,4 --quick
 
 For each model (the three ensembles and the two tower models) and each concurrency, one perf_analyzer run:
@@ -45,7 +45,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import BenchError
 from mim import contract, layout
+from mim.commandline import CommandParser
+from mim.errors import MimError, one_line
 
 from .common import hardware, now_utc, versions, write_json, write_rows_csv
 
@@ -62,7 +65,7 @@ LIBRARY_FIXES = {
 _MISSING_LIB = re.compile(r"error while loading shared libraries: (\S+?): cannot open shared object file")
 
 
-class PerfAnalyzerError(RuntimeError):
+class PerfAnalyzerError(BenchError):
     pass
 
 
@@ -837,24 +840,26 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="mimsearch perf", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address host:port")
     p.add_argument(
         "--repository",
         type=Path,
-        default=Path("model_repository"),
+        default=Path("artifacts/model_repository"),
         help="the served repository (its preprocess.json/tokenizer build the towers' inputs)",
     )
     p.add_argument("--catalog", type=Path, default=Path("artifacts/catalog"), help="images and titles to send")
     p.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated; default: towers + ensembles")
     p.add_argument("--concurrency", type=_ints, help="e.g. 1,2,4,8 (default: 1,4 with --quick, else 1,2,4,8)")
     p.add_argument("--batch", type=int, default=1, help="rows per request (-b)")
-    p.add_argument("--mode", choices=("time_windows", "count_windows"), default="time_windows")
+    p.add_argument(
+        "--mode", choices=("time_windows", "count_windows"), default="time_windows", help="perf_analyzer's measurement"
+    )
     p.add_argument("--interval-ms", type=int, help="time window length")
     p.add_argument("--request-count", type=int, default=50, help="requests per count window")
     p.add_argument("--samples", type=int, default=16, help="distinct requests in the input-data file")
     p.add_argument("--quick", action="store_true", help="short windows, concurrency 1 and 4")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/perf"), help="output folder")
+    p.add_argument("--out", type=Path, default=Path("artifacts/benchmarks/perf"), help="output folder")
     return p
 
 
@@ -868,6 +873,28 @@ def settings_from_args(args: argparse.Namespace) -> PerfSettings:
         interval_ms=args.interval_ms or base.interval_ms,
         request_count=args.request_count,
     )
+
+
+def require_server(url: str, models: Sequence[str], timeout_s: float = 5.0) -> None:
+    """BenchError unless a server at `url` is ready with every model of `models` (checked before anything is
+    written: a sweep of nothing would leave empty result files)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        if not client.is_server_ready(client_timeout=timeout_s):
+            raise BenchError(f"the server at {url} is not ready; wait for `mimsearch serve` to say ready")
+        missing = [m for m in models if not client.is_model_ready(m, client_timeout=timeout_s)]
+    except InferenceServerException as e:
+        raise BenchError(
+            f"no server answers at {url} ({e.status()}); expected a running one: start it with `mimsearch serve` "
+            "or give its --url. Nothing was written"
+        ) from None
+    finally:
+        client.close()
+    if missing:
+        raise BenchError(f"the server at {url} has not loaded {missing}; see its log (`mimsearch serve` names it)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -884,7 +911,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
         pa = locate()
         samples = catalog_samples(load_catalog(args.catalog), args.samples)
-    except (PerfAnalyzerError, ValueError, FileNotFoundError) as e:
+        require_server(args.url, models)
+    except MimError as e:
+        print(one_line(e), file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     inputs = prepare_inputs(models, samples, args.repository, args.out / "inputs")

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mim.commandline import CommandParser
 from mim.model.config import PreprocessConfig
 from mim.model.preprocess import JPEG_DRAFT_MARGIN, preprocess_image_bytes
 from mim.search.ranking import parity
@@ -237,7 +238,7 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="python -m benchmarks.preprocess", description=__doc__.split("\n\n")[0])
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", type=Path, help="checkpoint whose image tower gates the embeddings")
     model.add_argument("--size", help="gate with a random-init image tower of this named size (e.g. base)")

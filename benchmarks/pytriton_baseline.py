@@ -15,7 +15,6 @@ share the benchmark driver's) and waits, bounded, until it is ready.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mim import contract
+from mim.commandline import CommandParser
 from mim.serving.server import python_library_dir
 
 HOST = "127.0.0.1"
@@ -260,7 +260,7 @@ def _http_ok(url: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.pytriton_baseline", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="python -m benchmarks.pytriton_baseline", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (mimsearch train)")
     p.add_argument("--grpc-port", type=int, default=8101)
     p.add_argument("--http-port", type=int, default=8100)

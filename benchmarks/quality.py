@@ -17,7 +17,6 @@ Writes <out>/quality_served.json and <out>/quality_served.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mim.atomic import atomic_write_text
+from mim.commandline import CommandParser, at_least
 from mim.layout import MODEL_ID, model_id_of_checkpoint
 from mim.model.checkpoint import load_checkpoint
 from mim.search.embedding import Embedder, TorchEmbedder
@@ -82,13 +82,13 @@ class Recording:
         return self.inner.embed_multimodal(images, texts, image_weight)
 
 
-def served_quality(url: str, checkpoint: Path, catalog, split: str = "test") -> dict:
+def served_quality(url: str, checkpoint: Path, catalog, split: str = "test", wait_s: float = 60.0) -> dict:
     """Both evaluations, their metric differences and the embedding differences."""
     from client.triton_client import EmbeddingClient  # lazily: a client import error fails this step only
 
     local_rec = Recording(TorchEmbedder(load_checkpoint(checkpoint)))
     with EmbeddingClient(url, timeout_s=120.0) as client:
-        client.wait_ready(60)
+        client.wait_ready(wait_s)
         served_rec = Recording(client)
         served_metrics = evaluate(served_rec, catalog, split)
     local_metrics = evaluate(local_rec, catalog, split)
@@ -167,16 +167,17 @@ def write_outputs(report: dict, out: Path, command: str) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="mimsearch quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of a server running the checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint the server was exported from")
-    p.add_argument("--catalog", type=Path, default=Path("artifacts/catalog"))
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--catalog", type=Path, default=Path("artifacts/catalog"), help="catalog folder or dataset")
+    p.add_argument("--wait", type=at_least(0.0, float), default=60.0, help="seconds to wait for the server to be ready")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate on")
+    p.add_argument("--out", type=Path, default=Path("artifacts/benchmarks"), help="writes quality_served.{md,json}")
     args = p.parse_args(argv)
     from mim.data.catalog import load_catalog
 
-    report = served_quality(args.url, args.checkpoint, load_catalog(args.catalog), args.split)
+    report = served_quality(args.url, args.checkpoint, load_catalog(args.catalog), args.split, args.wait)
     report["date"] = now_utc()
     command = "python -m benchmarks.quality " + shlex.join(argv)
     write_outputs(report, args.out, command)

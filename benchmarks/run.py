@@ -36,12 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from mim import contract
+from mim.commandline import CommandParser
 
 from . import gpu, knn_bench, perf, quality, serving_compare, store_bench
 from .common import hardware, markdown_table, now_utc, versions, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "benchmarks" / "results"  # the committed results (`make bench` / `make bench-full` write there)
+DEFAULT_OUT = Path("artifacts/benchmarks")  # a run without --out never touches the committed results
 DEFAULT_CHECKPOINT = Path("artifacts/checkpoints/3tower")
 DEFAULT_CATALOG = Path("artifacts/catalog")
 DEFAULT_WORK = Path("artifacts/bench")
@@ -501,12 +503,14 @@ def _number(text: str) -> Any:
 
 # --- driver ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="bounded (< 3 min) run into benchmarks/results/quick")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    p = CommandParser(prog="mimsearch bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="bounded (< 3 min) run")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the checkpoint exported and served")
+    p.add_argument(
+        "--catalog", type=Path, default=DEFAULT_CATALOG, help="catalog of the requests (generated if missing)"
+    )
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="exports, repository copy, logs, inputs")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results[/quick])")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: artifacts/benchmarks[/quick])")
     p.add_argument("--concurrency", type=perf._ints, help="override the sweep, e.g. 1,2,4,8")
     p.add_argument("--skip", default="", help="comma-separated steps to leave out: perf,compare,quality,knn,store,gpu")
     return p
@@ -523,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: --skip {sorted(unknown)}; expected some of perf,compare,quality,knn,store,gpu", file=sys.stderr)
         return 2
-    out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
     run = Run(mode, argv, out, args.work)
     out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)

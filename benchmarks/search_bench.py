@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from mim import contract
+from mim.commandline import CommandParser
 
 from . import perf
 from .common import hardware, now_utc, versions, write_json, write_rows_csv
@@ -183,16 +184,18 @@ def plot_end_to_end(rows: Sequence[dict], path: Path) -> Path:
 
 # --- CLI -------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.search_bench", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="mimsearch search-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--repository", type=Path, required=True, help="repository with an installed export (copied)")
     p.add_argument("--catalog", type=Path, required=True, help="catalog: test-split gallery and query samples")
     p.add_argument("--gallery-size", type=int, default=100_000, help="items in the served gallery")
-    p.add_argument("--concurrency", type=perf._ints, default=SETTINGS.concurrencies)
+    p.add_argument(
+        "--concurrency", type=perf._ints, default=SETTINGS.concurrencies, help="client concurrencies, e.g. 1,4"
+    )
     p.add_argument("--interval-ms", type=int, default=SETTINGS.interval_ms, help="perf_analyzer window")
     p.add_argument("--seconds", type=float, default=3.0, help="length of each end-to-end level")
     p.add_argument("--samples", type=int, default=16, help="distinct queries")
     p.add_argument("--work", type=Path, default=Path("artifacts/search_bench"), help="scratch folder")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/search"))
+    p.add_argument("--out", type=Path, default=Path("artifacts/benchmarks/search"), help="results folder")
     return p
 
 

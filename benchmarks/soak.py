@@ -1,6 +1,6 @@
 """Soak: mixed traffic against one tritonserver for a long while, watching its memory and every answer.
 
-    python -m benchmarks.soak --repository model_repository --minutes 10        # after `make engines`
+    python -m benchmarks.soak --repository artifacts/model_repository --minutes 10        # after `make engines`
     python -m benchmarks.soak --repository REPO --minutes 2 --out /tmp/soak     # a shorter run
 
 `--concurrency` asyncio workers (default 16) send, in a fixed rotation, requests of these kinds:
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from mim import contract
+from mim.commandline import CommandParser
 
 from .common import hardware, now_utc, versions, write_json, write_rows_csv
 
@@ -280,7 +281,7 @@ def plot(samples: list[dict], path: Path, warmup_s: float) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--repository", type=Path, default=Path("model_repository"), help="installed model repository")
     p.add_argument("--minutes", type=float, default=10.0, help="length of the traffic (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=16)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mim.commandline import CommandParser
 from mim.search.knn import KnnIndex
 
 from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
@@ -212,7 +213,7 @@ def markdown(rows: Sequence[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.store_bench", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="python -m benchmarks.store_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="N = 2,000 only (CI smoke)")
     p.add_argument("--sizes", help="comma-separated gallery sizes (default: 10000,20000; --quick: 2000)")
     p.add_argument("--min-time", type=float, help="seconds of timed calls per engine, setting and batch size")

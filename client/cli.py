@@ -40,9 +40,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mim import contract, layout
+from mim.commandline import CommandParser, at_least
 from mim.data.catalog import load_catalog
+from mim.errors import MimError, MimInputError, one_line
 from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
-from mim.search.stores import StoreError, describe_locations, gallery_file, open_store
+from mim.search.stores import check_options, describe_locations, gallery_file, open_store
 
 from .html import QueryBlock, render_page, write_page
 from .indexing import DEFAULT_SAVE_EVERY, build_index, catalog_items, manifest_items
@@ -51,7 +53,7 @@ from .search_client import SearchClient
 from .triton_client import DEFAULT_URL, ClientError, EmbeddingClient
 
 
-class UsageError(ValueError):
+class UsageError(MimInputError):
     """Flags that do not make a command; reported as `error: ...` with exit code 2."""
 
 
@@ -89,7 +91,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise UsageError("index: give exactly one gallery: --catalog DIR, or --images DIR --manifest FILE")
     if args.images and not args.manifest:
         raise UsageError("index: --images needs --manifest FILE (CSV or JSONL with id, image[, title, category])")
-    options = store_options(args)
+    options = check_options(args.store, store_options(args))  # a bad option is refused before the server is asked
     items = (
         catalog_items(load_catalog(args.catalog), args.split)
         if args.catalog
@@ -113,6 +115,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             max_batches=args.max_batches,
             progress=not args.no_progress,
             store_options=options,
+            skip_bad=args.skip_bad,
         )
     try:
         print(report.summary())
@@ -255,12 +258,19 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="mimsearch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = CommandParser(
+        prog="mimsearch",
+        description=__doc__,
     )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    ix = sub.add_parser("index", help="embed a gallery through the server into a store (resumable)")
+    ix = sub.add_parser(
+        "index",
+        help="embed a gallery through the server into a store (resumable)",
+        description="Embed a gallery (a catalog split, or a folder of images with a manifest) through the server's "
+        "embed_image ensemble into a store: a KnnIndex file or a Milvus collection. Rerun the same command to "
+        "continue an interrupted run; --install makes the index the server's gallery for server-side search.",
+    )
     _common(ix)
     ix.add_argument("--catalog", help="synthetic catalog folder (mimsearch catalog)")
     ix.add_argument(
@@ -280,12 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="shorthand for --store-option index=SPEC, the index of a new Milvus collection: FLAT (default, exact), "
         "HNSW[:ef=64,M=16], IVF_FLAT[:nlist=N,nprobe=16], GPU_CAGRA (Milvus server with GPUs)",
     )
-    ix.add_argument("--batch-size", type=int, default=contract.MAX_BATCH_SIZE, help="images per request")
+    ix.add_argument("--batch-size", type=at_least(1), default=contract.MAX_BATCH_SIZE, help="images per request")
     ix.add_argument(
-        "--save-every", type=int, default=DEFAULT_SAVE_EVERY, help="batches between saves of the partial index"
+        "--save-every", type=at_least(1), default=DEFAULT_SAVE_EVERY, help="batches between saves of the partial index"
     )
-    ix.add_argument("--max-batches", type=int, help="stop (saved, exit 3) after this many batches; rerun to continue")
-    ix.add_argument("--no-progress", action="store_true")
+    ix.add_argument(
+        "--max-batches", type=at_least(1), help="stop (saved, exit 3) after this many batches; rerun to continue"
+    )
+    ix.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ix.add_argument(
+        "--skip-bad", action="store_true", help="leave out images the server refuses and list them (default: stop)"
+    )
     ix.add_argument(
         "--install",
         type=Path,
@@ -294,7 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ix.set_defaults(func=cmd_index)
 
-    se = sub.add_parser("search", help="search a gallery by image, text, or image + text")
+    se = sub.add_parser(
+        "search",
+        help="search a gallery by image, text, or image + text",
+        description="Search a gallery by image, by text, or by image + text (fusion, or refine: image candidates "
+        "re-ranked by the text), embedding the query through the server; --server-side searches the server's "
+        "installed gallery in one request instead.",
+    )
     _common(se)
     se.add_argument(
         "--store", "--index", dest="store", help=f"the gallery: {describe_locations()}; not with --server-side"
@@ -305,14 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--image", help="query image file")
     se.add_argument("--text", help="query text; with --image, the reformulation ('in blue')")
     se.add_argument("--mode", choices=MODES, default="fusion", help="image + text: fusion or refine")
-    se.add_argument("-k", type=int, default=10)
+    se.add_argument("-k", type=at_least(1), default=10, help="results to return")
     se.add_argument(
         "--image-weight", type=float, default=contract.DEFAULT_IMAGE_WEIGHT, help="fusion: weight a of the image"
     )
     se.add_argument(
         "--text-weight", type=float, default=DEFAULT_REFINE_WEIGHT, help="refine: weight b of cos(text, product)"
     )
-    se.add_argument("--top-n", type=int, default=REFINE_TOP_N, help="refine: image candidates re-ranked")
+    se.add_argument("--top-n", type=at_least(1), default=REFINE_TOP_N, help="refine: image candidates re-ranked")
     se.add_argument("--category", action="append", help="only this category (repeatable; image or text queries)")
     se.add_argument("--json", action="store_true", help="print JSON (query + results) instead of a table")
     se.add_argument("--html", type=Path, help="also write a self-contained HTML results page")
@@ -324,7 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ClientError, ValueError, FileNotFoundError, StoreError) as e:
+    except MimError as e:  # the library's errors: 2 for wrong input, 1 for a failure (e.g. no server)
+        print(one_line(e), file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

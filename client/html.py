@@ -5,7 +5,9 @@ the file opens anywhere (a laptop, a CI artifact, an e-mail attachment) without 
     write_page("results.html", page)
 
 A `ComparisonBlock` shows one query's rankings by several models side by side (DML next to 3-tower), with the
-results of another category than the query's product marked, so the false positives can be counted by eye.
+results of another category than the query's product marked, so the false positives can be counted by eye; its
+caption says what is counted. A `TextBlock` (an introduction, a legend) and a `TableBlock` (e.g. metrics) let a
+page explain itself. Results sit in a grid of five per row (ten results: two rows).
 
 All text (titles, query text, categories, paths) is HTML-escaped; nothing from the index or the query reaches
 the page as markup.
@@ -57,6 +59,25 @@ class QueryBlock:
     mode: str | None = None
     expected_id: int | None = None
     notes: list[str] = field(default_factory=list)
+    expected: str | None = None  # the product the query should find, in words ("red zebra mug, id 12")
+
+
+@dataclass
+class TextBlock:
+    """A heading and paragraphs of plain text (escaped): an introduction or a legend."""
+
+    heading: str
+    paragraphs: Sequence[str]
+
+
+@dataclass
+class TableBlock:
+    """A table of text cells under a heading, with an optional caption below it."""
+
+    heading: str
+    header: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    caption: str | None = None
 
 
 @dataclass
@@ -69,6 +90,7 @@ class ComparisonBlock:
     expected_id: int | None = None
     expected_category: str | None = None  # results of any other category are marked as false positives
     notes: list[str] = field(default_factory=list)
+    caption: str | None = None  # what is counted, and what the counts can tell
 
 
 def _read_image(path: str | None) -> bytes | None:
@@ -118,6 +140,8 @@ def _block(b: QueryBlock, load: Callable[[str | None], bytes | None]) -> str:
         query.append(f'<div class="query-text">&ldquo;{e(b.text)}&rdquo;</div>')
     if b.mode:
         query.append(f'<div class="mode">mode: {e(b.mode)}</div>')
+    if b.expected:
+        query.append(f'<div class="expected">expected product: {e(b.expected)}</div>')
     query += [f'<div class="note">{e(n)}</div>' for n in b.notes]
     items = "".join(_result(r, b.expected_id, load) for r in b.results)
     return (
@@ -142,10 +166,32 @@ def _comparison(b: ComparisonBlock, load: Callable[[str | None], bytes | None]) 
             f'<div class="column" data-model="{e(name)}"><h3>{e(name)}{summary}</h3>'
             f'<ol class="results">{items}</ol></div>'
         )
+    caption = f'<p class="caption">{e(b.caption)}</p>' if b.caption else ""
     return (
         f'<section class="query-block comparison"><h2>{e(b.label)}</h2>'
-        f'<div class="query">{"".join(query)}</div><div class="columns">{"".join(cols)}</div></section>'
+        f'<div class="query">{"".join(query)}</div><div class="columns">{"".join(cols)}</div>{caption}</section>'
     )
+
+
+def _text(b: TextBlock, load: Callable[[str | None], bytes | None]) -> str:
+    e = html.escape
+    paragraphs = "".join(f"<p>{e(p)}</p>" for p in b.paragraphs)
+    return f'<section class="text-block"><h2>{e(b.heading)}</h2>{paragraphs}</section>'
+
+
+def _table(b: TableBlock, load: Callable[[str | None], bytes | None]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(c)}</th>" for c in b.header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+    caption = f'<p class="caption">{e(b.caption)}</p>' if b.caption else ""
+    return (
+        f'<section class="table-block"><h2>{e(b.heading)}</h2>'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{caption}</section>"
+    )
+
+
+_RENDER = {QueryBlock: _block, ComparisonBlock: _comparison, TextBlock: _text, TableBlock: _table}
+Block = QueryBlock | ComparisonBlock | TextBlock | TableBlock
 
 
 _CSS = """
@@ -156,7 +202,7 @@ h1{font-size:22px;margin:0 0 4px} .subtitle{color:#666;margin-bottom:16px}
 .query{display:flex;gap:16px;align-items:center;margin-bottom:10px}
 .query-image{width:128px;height:128px;object-fit:contain;border:2px solid #444;border-radius:4px}
 .query-text{font-size:18px;font-style:italic} .mode,.note{color:#666;font-size:13px}
-.results{display:flex;flex-wrap:wrap;gap:10px;list-style:none;padding:0;margin:0}
+.results{display:grid;grid-template-columns:repeat(5,144px);gap:10px;list-style:none;padding:0;margin:0}
 .result{box-sizing:border-box;width:144px;border:1px solid #e3e3e3;border-radius:6px;padding:6px}
 .result{font-size:12px;background:#fff}
 .result.hit{border:2px solid #2a9d3a;background:#effaf0}
@@ -164,13 +210,18 @@ h1{font-size:22px;margin:0 0 4px} .subtitle{color:#666;margin-bottom:16px}
 .missing{display:flex;align-items:center;justify-content:center;background:#eee;color:#999}
 .rank{font-weight:bold} .title{margin:2px 0;overflow-wrap:anywhere} .meta{color:#666}
 .result.off-category{border:2px solid #c62828;background:#fdeeee}
-.columns{display:grid;grid-template-columns:repeat(auto-fit,minmax(360px,1fr));gap:16px}
+.columns{display:flex;flex-wrap:wrap;gap:24px}
 .column h3{font-size:14px;margin:0 0 6px}
+.expected{font-size:13px;color:#1b6e2a} .caption{color:#444;font-size:13px;max-width:1100px;margin:10px 0 0}
+.text-block,.table-block{background:#fff;border:1px solid #ddd;border-radius:8px;padding:12px 16px;margin-bottom:20px}
+.text-block h2,.table-block h2{font-size:16px;margin:0 0 8px} .text-block p{max-width:1100px;margin:6px 0}
+table{border-collapse:collapse;font-size:13px} th,td{border:1px solid #ddd;padding:4px 10px;text-align:right}
+th:first-child,td:first-child{text-align:left}
 """
 
 
 def render_page(
-    blocks: Sequence[QueryBlock | ComparisonBlock],
+    blocks: Sequence[Block],
     *,
     title: str = "Visual search results",
     subtitle: str | None = None,
@@ -178,9 +229,7 @@ def render_page(
 ) -> str:
     """The whole page as a string. `load_image(path)` reads a result's image (None = show a placeholder)."""
     e = html.escape
-    body = "".join(
-        _comparison(b, load_image) if isinstance(b, ComparisonBlock) else _block(b, load_image) for b in blocks
-    )
+    body = "".join(_RENDER[type(b)](b, load_image) for b in blocks)
     sub = f'<div class="subtitle">{e(subtitle)}</div>' if subtitle else ""
     return (
         "<!DOCTYPE html>\n"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,11 @@ import numpy as np
 
 from mim import contract
 from mim.data.catalog import Catalog
+from mim.errors import MimInputError
 from mim.progress import progress_bar
 from mim.search.stores import VectorStore, open_store, store_exists
+
+from .triton_client import ClientError
 
 EmbedImages = Callable[[Sequence[bytes]], np.ndarray]
 DEFAULT_SAVE_EVERY = 4  # batches between checkpoints of the partial index: 4 x 64 images
@@ -37,6 +40,10 @@ class GalleryItem:
     image: Path  # absolute path of the image file
     title: str | None = None
     category: str | None = None
+    source: str | None = field(default=None, compare=False)  # where it was listed: "manifest.jsonl:12", "product 7"
+
+    def where(self) -> str:
+        return f"{self.image} ({self.source})" if self.source else str(self.image)
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"image": str(self.image)}
@@ -54,20 +61,35 @@ class IndexReport:
     added: int  # items embedded by this run
     resumed_from: int  # items already in the saved index when this run started
     complete: bool  # False when stopped early by max_batches
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item's file and source, why), with skip_bad
 
     def summary(self) -> str:
         state = "complete" if self.complete else "PARTIAL (rerun the same command to continue)"
-        return (
+        text = (
             f"{self.path}: {self.index.count} items ({self.resumed_from} resumed, {self.added} embedded now), "
             f"dim {self.index.dim}, model_id {self.index.model_id}, {state}"
         )
+        if self.skipped:
+            text += f"\nskipped {len(self.skipped)} bad image(s):" + "".join(
+                f"\n  {w}: {why}" for w, why in self.skipped
+            )
+        return text
+
+
+class BadImageError(MimInputError):
+    """A gallery image the server refused (or that cannot be read): names its file and manifest line."""
 
 
 # --- galleries --------------------------------------------------------------------------------------------------
 def catalog_items(catalog: Catalog, split: str = "test") -> list[GalleryItem]:
     """The catalog ("shop") images of one split's products, or of every product with split="all"."""
     products = catalog.products if split == "all" else catalog.products_in(split)
-    return [GalleryItem(p.product_id, catalog.path(p.image).resolve(), p.title, p.category) for p in products]
+    return [
+        GalleryItem(
+            p.product_id, catalog.path(p.image).resolve(), p.title, p.category, f"catalog product {p.product_id}"
+        )
+        for p in products
+    ]
 
 
 def manifest_items(images_dir: str | Path, manifest: str | Path) -> list[GalleryItem]:
@@ -100,7 +122,9 @@ def manifest_items(images_dir: str | Path, manifest: str | Path) -> list[Gallery
             raise ValueError(f"{where}: image file {path} does not exist")
         title, cat = row.get("title"), row.get("category")
         items.append(
-            GalleryItem(pid, path, None if title in (None, "") else str(title), None if cat in (None, "") else str(cat))
+            GalleryItem(
+                pid, path, None if title in (None, "") else str(title), None if cat in (None, "") else str(cat), where
+            )
         )
     return items
 
@@ -157,12 +181,15 @@ def build_index(
     on_batch: Callable[[int, VectorStore], None] | None = None,
     progress: bool = True,
     store_options: Mapping[str, Any] | None = None,
+    skip_bad: bool = False,
 ) -> IndexReport:
     """Embed every item not yet in the gallery at `out` (a store location, see `mim.search.stores`) and save it.
 
     `on_batch(batches_done, index)` runs after each batch is added (tests use it to simulate a crash).
     `max_batches` stops cleanly after that many batches (saved, `complete=False`). `store_options` go to the
     store as they are (`mim.search.stores.open_store`), e.g. the index of a Milvus collection this call creates.
+    An image the server refuses raises BadImageError naming its file and manifest line; with `skip_bad` it is
+    left out and listed in the report's `skipped`.
     """
     if batch_size < 1 or save_every < 1:
         raise ValueError(f"batch_size={batch_size} and save_every={save_every} must be >= 1")
@@ -176,10 +203,12 @@ def build_index(
     resumed = len(have)
     bar = progress_bar(total=len(items), initial=resumed, desc="index", unit="img", enabled=progress)
     batches = added = 0
+    skipped: list[tuple[str, str]] = []
     try:
         for start in range(0, len(todo), batch_size):
-            part = todo[start : start + batch_size]
-            emb = np.asarray(embed_images([it.image.read_bytes() for it in part]))  # (n, D) L2-normalised
+            part, emb = _embed_batch(embed_images, todo[start : start + batch_size], skip_bad, skipped)
+            if not part:
+                continue
             if index is None:
                 index = open_store(out, dim=emb.shape[1], model_id=model_id, options=store_options)
             index.add([it.id for it in part], emb, [it.metadata() for it in part])
@@ -191,9 +220,47 @@ def build_index(
                 on_batch(batches, index)
             if max_batches is not None and batches >= max_batches and added < len(todo):
                 index.save()
-                return IndexReport(index, out, added, resumed, complete=False)
+                return IndexReport(index, out, added, resumed, complete=False, skipped=skipped)
     finally:
         bar.close()
-    assert index is not None  # items is non-empty, so either it was loaded or a batch created it
+    if index is None:
+        raise BadImageError(f"every image was refused, nothing to index: {skipped[0][0]}: {skipped[0][1]}, ...")
     index.save()
-    return IndexReport(index, out, added, resumed, complete=True)
+    return IndexReport(index, out, added, resumed, complete=True, skipped=skipped)
+
+
+def _refused(e: Exception) -> str | None:
+    """The reason when `e` says the image itself is bad (the server's INVALID_ARGUMENT, or an unreadable file);
+    None for any other failure, which is raised as it is."""
+    if isinstance(e, ClientError):
+        return (e.server_message or str(e)) if e.status == "StatusCode.INVALID_ARGUMENT" else None
+    return f"cannot read the file ({e})" if isinstance(e, OSError) else None
+
+
+def _embed_batch(
+    embed_images: EmbedImages, part: list[GalleryItem], skip_bad: bool, skipped: list[tuple[str, str]]
+) -> tuple[list[GalleryItem], np.ndarray | None]:
+    """(the items embedded, their (n, D) embeddings). A refused batch is retried one image at a time, so the
+    bad image is found and named (or skipped) and the others are embedded."""
+    try:
+        return part, np.asarray(embed_images([it.image.read_bytes() for it in part]))
+    except (ClientError, OSError) as e:
+        if _refused(e) is None:
+            raise
+    good, embs = [], []
+    for it in part:
+        try:
+            emb = np.asarray(embed_images([it.image.read_bytes()]))
+        except (ClientError, OSError) as e:
+            why = _refused(e)
+            if why is None:
+                raise
+            if not skip_bad:
+                raise BadImageError(
+                    f"{it.where()}: {why}; expected an image the server decodes: fix or remove it, or pass --skip-bad"
+                ) from None
+            skipped.append((it.where(), why))
+            continue
+        good.append(it)
+        embs.append(emb)
+    return good, (np.concatenate(embs) if embs else None)

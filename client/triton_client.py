@@ -38,6 +38,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
+from mim.errors import MimFailure
 from mim.search import embedding
 
 from .replicas import PROBE_TIMEOUT_S, UNAVAILABLE, ReplicaPool, ReplicaStats, parse_urls
@@ -48,7 +49,7 @@ ENSEMBLES = (contract.EMBED_IMAGE, contract.EMBED_TEXT, contract.EMBED_MULTIMODA
 T = TypeVar("T")
 
 
-class ClientError(RuntimeError):
+class ClientError(MimFailure):
     """A request that could not be answered. `status` is the gRPC status (e.g. "StatusCode.INVALID_ARGUMENT")
     when the server or the channel gave one, `server_message` the server's own words."""
 
@@ -267,7 +268,8 @@ def request_error(chunk: Chunk, exc: InferenceServerException, url: str, attempt
         for n in chunk.inputs
     )
     return ClientError(
-        f"{head} ({chunk.describe()}; expected {expected}): {status}: {msg}{hint}",
+        # The cause first (the server's words), then what was sent and what the contract takes.
+        f"{head}: {msg}{hint} ({status}; {chunk.describe()}; expected {expected})",
         model=chunk.model,
         tensor=tensor,
         status=status,
@@ -483,9 +485,33 @@ def _readiness(client: Any, models: Sequence[str]) -> str | None:
         pending = [m for m in models if not client.is_model_ready(m, client_timeout=2.0)]
         if client.is_server_ready(client_timeout=2.0) and not pending:
             return None
-        return f"models not ready: {pending}" if pending else "server not ready"
+        if not pending:
+            return "server not ready"
+        return f"models not ready: {pending}" + _why_not_ready(pending, client.get_model_repository_index(as_json=True))
     except InferenceServerException as e:
         return f"{e.status()}: {e.message()}"
+
+
+GALLERY_MODELS = (contract.KNN, contract.SEARCH_IMAGE, contract.SEARCH_TEXT, contract.SEARCH_MULTIMODAL)
+
+
+def _why_not_ready(pending: Sequence[str], index: Any) -> str:
+    """What the server's repository index says of the pending models (state and reason of a failed load), and
+    the usual cause when the gallery's models are among them: no gallery of the served encoders' model."""
+    rows = {m.get("name"): m for m in (index or {}).get("models", [])}
+    said = [
+        f"{name}: {rows[name].get('state') or 'not loaded'}"
+        + (f" ({rows[name]['reason']})" if rows[name].get("reason") else "")
+        for name in pending
+        if name in rows
+    ]
+    text = f"; {'; '.join(said)}" if said else ""
+    if set(pending) & set(GALLERY_MODELS):
+        text += (
+            "; the knn model and the search ensembles load only with a gallery built with the served model "
+            "(`mimsearch serve` prints why not): run `mimsearch index ... --install REPO`"
+        )
+    return text
 
 
 def _give_up_waiting(pool: ReplicaPool, pending: dict[str, Any], last: dict[str, str | None], timeout: float) -> None:
@@ -493,7 +519,9 @@ def _give_up_waiting(pool: ReplicaPool, pending: dict[str, Any], last: dict[str,
     if len(pending) == len(pool.replicas):
         if len(pending) == 1:
             url = next(iter(pending))
-            raise ClientError(f"server at {url} not ready within {timeout:g}s (last: {last[url]})")
+            # Nothing listening is the common first mistake: say how to get a server.
+            hint = "; start one with `mimsearch serve` or give its --url" if "UNAVAILABLE" in str(last[url]) else ""
+            raise ClientError(f"server at {url} not ready within {timeout:g}s (last: {last[url]}){hint}")
         why = "; ".join(f"{u}: {last[u]}" for u in pending)
         raise ClientError(f"no replica ready within {timeout:g}s (last: {why})")
     for r in pending.values():
@@ -679,6 +707,9 @@ async def _readiness_async(client: Any, models: Sequence[str]) -> str | None:
         pending = [m for m in models if not await client.is_model_ready(m, client_timeout=2.0)]
         if await client.is_server_ready(client_timeout=2.0) and not pending:
             return None
-        return f"models not ready: {pending}" if pending else "server not ready"
+        if not pending:
+            return "server not ready"
+        index = await client.get_model_repository_index(as_json=True)
+        return f"models not ready: {pending}" + _why_not_ready(pending, index)
     except InferenceServerException as e:
         return f"{e.status()}: {e.message()}"

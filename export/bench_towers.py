@@ -26,6 +26,7 @@ import torch
 
 from mim import contract
 from mim.atomic import atomic_write_text
+from mim.commandline import CommandParser
 from mim.model.config import ModelConfig, TextConfig, VisionConfig, get_size
 from mim.model.towers import MIMModel
 from mim.search.ranking import parity
@@ -164,7 +165,7 @@ def table(rows: list[Row]) -> str:
 
 # --- CLI ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export.bench_towers", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="python -m export.bench_towers", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="base", help="model size from mim.model.config.SIZES")
     p.add_argument("--tower", choices=["both", contract.IMAGE_ENCODER, contract.TEXT_ENCODER], default="both")
     p.add_argument("--batches", type=lambda s: tuple(int(x) for x in s.split(",")), default=DEFAULT_BATCHES)

@@ -1,7 +1,8 @@
 """`make engines` (`mimsearch engines`): export a checkpoint's towers, build TensorRT FP16 engines where
-TensorRT and a GPU exist, and install everything into the Triton model repository.
+TensorRT and a GPU exist, and install everything into a Triton model repository: by default
+artifacts/model_repository, a copy of the committed model_repository/ (which stays untouched, the reference).
 
-    mimsearch engines --checkpoint CKPT --repository model_repository [--export-dir artifacts/export]
+    mimsearch engines --checkpoint CKPT [--repository artifacts/model_repository] [--export-dir artifacts/export]
                       [--no-tensorrt] [--min-batch 1 --opt-batch 16 --max-batch 64] [--catalog DIR]
 
 The library call is `build_and_install(checkpoint, repository, ...) -> InstallReport`; `main` only parses flags
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from mim import contract, layout
+from mim.commandline import CommandParser
 from mim.model.config import ModelConfig
+from mim.serving.repository import DEFAULT_REPOSITORY, prepare_repository
 
-from .install import install, read_json
+from .install import InstallError, install, read_json
 from .onnx_export import export_checkpoint, onnx_filename, summary_lines
 from .tensorrt_build import (
     BatchRange,
@@ -87,6 +90,31 @@ class InstallReport:
 
 
 # --- the pipeline --------------------------------------------------------------------------------------------
+DEFAULT_INSTALL_REPOSITORY = Path("artifacts/model_repository")
+
+
+class InstallTargetError(InstallError):
+    """A --repository that must not or cannot be installed into: wrong input (exit code 2)."""
+
+    exit_code = 2
+
+
+def prepare_install_target(repository: Path) -> None:
+    """Refuse the committed repository (the reference its tests check, tracked by git: an install would rewrite
+    its configs); give a new or empty folder the committed tree (configs, model.py files) to install into."""
+    if repository.resolve() == DEFAULT_REPOSITORY.resolve():
+        raise InstallTargetError(
+            f"--repository {repository} is the committed reference repository; expected a copy to install into: "
+            f"leave --repository out (default {DEFAULT_INSTALL_REPOSITORY}) or name another folder"
+        )
+    if repository.exists() and not repository.is_dir():
+        raise InstallTargetError(
+            f"--repository {repository} is a file; expected a model repository folder (new or copied)"
+        )
+    if not repository.is_dir() or not any(repository.iterdir()):
+        prepare_repository(repository)
+
+
 def build_and_install(
     checkpoint: str | Path,
     repository: str | Path,
@@ -106,6 +134,7 @@ def build_and_install(
     checkpoint, repository, export_dir = Path(checkpoint), Path(repository), Path(export_dir)
     batches = batches or BatchRange()
     model_id = layout.model_id_of_checkpoint(checkpoint)
+    prepare_install_target(repository)
     previous = read_json(export_dir / layout.EXPORT_JSON)
     reused = reuse_export and previous is not None and previous.get(layout.MODEL_ID) == model_id
     report = export_checkpoint(checkpoint, export_dir, check=check) if not reused else previous
@@ -158,9 +187,15 @@ def build_engines(export_dir: str | Path, batches: BatchRange, *, check: bool = 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mimsearch engines", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="mimsearch engines", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (mimsearch train)")
-    p.add_argument("--repository", required=True, type=Path, help="Triton model repository to install into")
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=DEFAULT_INSTALL_REPOSITORY,
+        help="Triton model repository to install into (a new folder gets a copy of the committed model_repository/,"
+        " which itself is never written)",
+    )
     p.add_argument("--export-dir", type=Path, default=DEFAULT_EXPORT_DIR, help="where ONNX/engines are built")
     p.add_argument("--no-tensorrt", action="store_true", help="install the ONNX artifacts only")
     p.add_argument("--min-batch", type=int, default=1, help="smallest batch the engine accepts")

@@ -13,14 +13,15 @@ retrieval on the images and titles the model is for:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from export import ExportError
 from mim import contract
+from mim.commandline import CommandParser
 from mim.data.catalog import Catalog, load_catalog
 from mim.model.checkpoint import load_checkpoint
 from mim.search.embedding import OnnxEmbedder, TorchEmbedder
@@ -33,7 +34,7 @@ MIN_COSINE = 0.999
 MAX_RECALL_DROP = 0.005  # 0.5 points of Recall@10
 
 
-class GateError(RuntimeError):
+class GateError(ExportError):
     pass
 
 
@@ -83,8 +84,9 @@ def fp16_gate(ckpt_dir: str | Path, export_dir: str | Path, catalog: Catalog, sp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m export.fp16_gate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = CommandParser(
+        prog="python -m export.fp16_gate",
+        description=__doc__,
     )
     ap.add_argument("--checkpoint", required=True, type=Path)
     ap.add_argument("--export-dir", default=Path("artifacts/export"), type=Path)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from export import ExportError
 from mim import contract, layout
 from mim.atomic import atomic_write, atomic_write_bytes
 from mim.model.config import ModelConfig, PreprocessConfig, dumps
@@ -22,7 +23,7 @@ from mim.serving.repository import write_repository
 log = logging.getLogger(__name__)
 
 
-class InstallError(RuntimeError):
+class InstallError(ExportError):
     pass
 
 

@@ -38,8 +38,10 @@ import onnx
 import torch
 from torch import nn
 
+from export import ExportError
 from mim import contract, layout
 from mim.atomic import atomic_write_bytes
+from mim.commandline import CommandParser
 from mim.model.checkpoint import load_checkpoint
 from mim.model.config import ModelConfig, dumps
 from mim.model.towers import explicit_attention
@@ -68,10 +70,6 @@ _ONNX_DTYPES = {
     "INT64": onnx.TensorProto.INT64,
     "INT32": onnx.TensorProto.INT32,
 }
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 class ParityError(ExportError):
@@ -298,10 +296,10 @@ def _export_one(tower: Tower, model_cfg: ModelConfig, out_dir: Path, *, opset: i
 
 # --- CLI ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export.onnx_export", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="mimsearch export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (mimsearch train)")
     p.add_argument("--out", required=True, type=Path, help="output folder for the ONNX artifacts")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the exported graphs")
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 ONNX variant")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs torch parity checks")
     return p

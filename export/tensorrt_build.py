@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from export import ExportError
 from mim import contract, layout
 from mim.layout import PLAN_META_SUFFIX
 from mim.model.config import ModelConfig, dumps
@@ -41,7 +42,7 @@ Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 
 
-class TensorRTError(RuntimeError):
+class TensorRTError(ExportError):
     pass
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mim import contract
+from mim.errors import ModelError
 
 # --- folders and files ---------------------------------------------------------------------------------------
 VERSION = "1"  # the one version folder of every model; Triton serves the highest version found
@@ -102,8 +103,15 @@ MODEL_ID_DIGITS = 16
 
 def model_id_of_checkpoint(ckpt_dir: str | Path) -> str:
     """The identity of the model in the checkpoint folder `ckpt_dir`: a hash of its weights file."""
+    weights = Path(ckpt_dir) / CHECKPOINT_WEIGHTS
+    if not weights.is_file():
+        what = "not a folder" if not Path(ckpt_dir).is_dir() else "the folder has no weights"
+        raise ModelError(
+            f"{weights} not found ({what}); expected a checkpoint folder written by `mimsearch train` or "
+            "`mimsearch import-clip`: give that folder as --checkpoint"
+        )
     h = hashlib.sha256()
-    with open(Path(ckpt_dir) / CHECKPOINT_WEIGHTS, "rb") as f:
+    with open(weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:MODEL_ID_DIGITS]

@@ -3,13 +3,14 @@
     mimsearch catalog --out artifacts/catalog
     mimsearch import-clip --hf path/to/clip-vit-base-patch32 --out artifacts/checkpoints/clip
     mimsearch train --catalog artifacts/catalog --objective 3tower --steps 600 --out artifacts/checkpoints/3tower
-    mimsearch engines --checkpoint artifacts/checkpoints/3tower --repository model_repository
-    mimsearch serve --repository model_repository --config cpu
+    mimsearch engines --checkpoint artifacts/checkpoints/3tower      # into artifacts/model_repository
+    mimsearch serve --repository artifacts/model_repository --config cpu
     mimsearch index --catalog artifacts/catalog --store gallery.safetensors     # or gallery.db, http://milvus:19530
     mimsearch search --store gallery.safetensors --text "zebra mug"
     mimsearch demo --artifacts artifacts
 
-`mimsearch SUBCOMMAND --help` shows the subcommand's own flags. `python -m MODULE ...` runs the same code.
+`mimsearch SUBCOMMAND --help` shows the subcommand's own flags. A mistake is reported as one `error:` line (exit
+code 2 for wrong input, 1 for a failure); `mimsearch --debug SUBCOMMAND ...` (or MIM_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from mim.commandline import CommandParser
+from mim.errors import MimError, debug_wanted, one_line
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="mimsearch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = CommandParser(
+        prog="mimsearch",
+        description=__doc__,
     )
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also: MIM_DEBUG=1)")
     sub = ap.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     for name, cmd in SUBCOMMANDS.items():
         # add_help=False: `mimsearch NAME --help` reaches the module's own parser with every flag it takes.
@@ -72,13 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_wanted(argv)
+    argv = [a for a in argv if a != "--debug"]  # anywhere: `mimsearch train ... --debug` works too
     parser = build_parser()
     if not argv or argv[0] not in SUBCOMMANDS:
         parser.parse_args(argv)  # prints help or the "invalid choice" error and exits
         return 2
     cmd = SUBCOMMANDS[argv[0]]
-    module = importlib.import_module(cmd.module)
-    rc = module.main([*cmd.prefix, *argv[1:]])
+    try:
+        module = importlib.import_module(cmd.module)
+        rc = module.main([*cmd.prefix, *argv[1:]])
+    except MimError as e:
+        if debug:
+            raise
+        print(one_line(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

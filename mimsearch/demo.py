@@ -21,27 +21,29 @@ they are current. `--quick` uses a small catalog and a short training run (tests
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.html import ComparisonBlock, QueryBlock, render_page, write_page
+from client.html import ComparisonBlock, QueryBlock, TableBlock, TextBlock, render_page, write_page
 from client.indexing import build_index, catalog_items
 from client.search import SearchResult, SearchService
 from client.search_client import SearchClient
 from client.triton_client import EmbeddingClient
+from mim.commandline import CommandParser, at_least
 from mim.data.catalog import Catalog, QueryPhoto
 from mim.data.synth import ensure_catalog
+from mim.errors import MimInputError
 from mim.model.checkpoint import Checkpoint, load_checkpoint
 from mim.search.embedding import TorchEmbedder
 from mim.search.stores import VectorStore, delete_store, gallery_file, open_store, store_exists
 from mim.serving.repository import prepare_repository
 from mim.serving.server import TritonServer
 from mim.training.compare import rank_gallery
-from mim.training.evaluate import evaluate
+from mim.training.evaluate import evaluate_per_query
+from mim.training.stats import paired_difference
 from mim.training.train import train
 
 SHOW_K = 5  # results printed per demo search (the page shows SHOW_K * 2)
@@ -147,6 +149,12 @@ class DemoSearch:
     text: str | None = None
     mode: str | None = None
     expected_id: int | None = None
+    expected: str | None = None  # the expected product in words, shown on the page
+
+
+def _product_words(catalog: Catalog, product_id: int) -> str:
+    p = catalog.product(product_id)
+    return f"{p.title} (id {p.product_id}); marked green when it is among the results"
 
 
 def demo_searches(service: SearchService, catalog: Catalog, k: int) -> list[DemoSearch]:
@@ -163,17 +171,28 @@ def demo_searches(service: SearchService, catalog: Catalog, k: int) -> list[Demo
         p = catalog.product(q.product_id)
         out.append(
             DemoSearch(
-                f"street photo {q.image} of {p.title!r}",
+                f"Street photo of a {p.category}: find it in the catalog",
                 lambda img=img: service.by_image(img, k),
                 img,
                 None,
                 "image",
                 q.product_id,
+                _product_words(catalog, q.product_id),
             )
         )
     texts = list(dict.fromkeys(q.short_text for q in reversed(queries)))[:2]
     for t in texts:
-        out.append(DemoSearch(f"typed query {t!r}", lambda t=t: service.by_text(t, k), None, t, "text", None))
+        out.append(
+            DemoSearch(
+                f"Typed query {t!r}",
+                lambda t=t: service.by_text(t, k),
+                None,
+                t,
+                "text",
+                None,
+                "no single one; every product whose title fits the words is a right answer",
+            )
+        )
     if refs:
         r = refs[0]
         q = next(x for x in queries if x.query_id == r.query_id)
@@ -181,12 +200,13 @@ def demo_searches(service: SearchService, catalog: Catalog, k: int) -> list[Demo
         for mode in ("fusion", "refine"):
             out.append(
                 DemoSearch(
-                    f"photo of {catalog.product(r.source_product_id).title!r} + {r.text!r} ({mode})",
+                    f"Photo of a {catalog.product(r.source_product_id).title} + {r.text!r} ({mode})",
                     lambda img=img, t=r.text, m=mode: service.by_image_text(img, t, k, mode=m),
                     img,
                     r.text,
                     mode,
                     r.target_product_id,
+                    _product_words(catalog, r.target_product_id),
                 )
             )
     return out
@@ -216,7 +236,7 @@ def comparison_blocks(
         p = catalog.product(q.product_id)
         blocks.append(
             ComparisonBlock(
-                f"same street photo, two models: {q.image} of {p.title!r}",
+                f"The same street photo of a {p.category}, ranked by each model",
                 [(name, columns[m][j]) for m, (name, _) in enumerate(checkpoints)],
                 image=images[j],
                 expected_id=p.product_id,
@@ -275,6 +295,79 @@ def quality_table(served: dict[str, float], local: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def means(per_query: dict, catalog: Catalog) -> dict[str, float]:
+    """`mim.training.evaluate.evaluate`'s summary from per-query values (kept: the caption's interval needs them)."""
+    out = {name: float(v.mean()) for name, v in per_query.items()}
+    out["n_gallery"] = len(catalog.products_in("test"))
+    out["n_queries"] = len(catalog.queries_in("test"))
+    return out
+
+
+def describe_model(ck: Checkpoint, path: Path) -> str:
+    """The model in words: what it is, where it came from, and its id (the hash the server and galleries carry)."""
+    meta = ck.meta
+    if meta.get("source"):  # an imported pretrained model
+        what = f"{meta['source']} import of {meta.get('source_path', '?')}"
+    else:
+        what = f"{meta.get('objective', '?')} trained here for {meta.get('step', '?')} steps on the synthetic catalog"
+    return f"{what} ({path}), id {ck.model_id}"
+
+
+def intro_block(catalog: Catalog, n_gallery: int) -> TextBlock:
+    return TextBlock(
+        "What this page shows",
+        [
+            f"A search engine over the {n_gallery} products of the test split of a synthetic street-to-shop "
+            "catalog: each product has one catalog (shop) photo and a title; street photos show it in a scene. "
+            "The model embeds photos and text into one space; the server (tritonserver) runs it, and a search "
+            "returns the nearest catalog photos.",
+            "Queries: street photos (find the photographed product), typed text, and a photo plus a reformulation "
+            "such as 'in blue' (fusion: the two embeddings mixed; refine: photo candidates re-ranked by the text).",
+            "Legend: a green border marks the expected product; in the model comparison at the end, a red border "
+            "marks a result of another category than the photographed product. Scores are cosine similarities.",
+        ],
+    )
+
+
+def metrics_block(served: dict[str, float], local: dict[str, float]) -> TableBlock:
+    rows = [[m, f"{served[m]:.3f}", f"{local[m]:.3f}"] for m in METRICS if m in served and m in local]
+    return TableBlock(
+        "Retrieval quality on the whole test split: served vs in-process",
+        ["metric", "served (Triton)", "in-process (torch)"],
+        rows,
+        caption=f"{int(served['n_queries'])} street photos searched over {int(served['n_gallery'])} products. "
+        "R@k: share of queries whose expected product is in the top k; catP@10: share of the top 10 in the "
+        "query product's category; title: a product's own title as the query; mm-: photo + reformulation. "
+        "Equal columns mean serving (ONNX in Triton) loses nothing against the trained model.",
+    )
+
+
+def comparison_caption(side: Sequence[ComparisonBlock], dml_catp, three_catp, steps: int) -> str:
+    """What the DML vs 3-tower blocks count, and whether the difference means anything at this budget: the
+    paired bootstrap interval of catP@10 over every test photo, not the few photos shown."""
+    k = len(side[0].columns[0][1]) if side else 0
+    shown: dict[str, int] = {}  # model -> results of another category over the photos shown
+    for block in side:
+        for name, results in block.columns:
+            shown[name] = shown.get(name, 0) + sum(r.category != block.expected_category for r in results)
+    diff = paired_difference(three_catp, dml_catp)
+    verdict = (
+        "the interval excludes 0, so the difference is real at this budget"
+        if diff.lo > 0 or diff.hi < 0
+        else "the interval includes 0, so at this budget the two are not told apart"
+    )
+    counts = ", ".join(f"{name} {n}/{k * len(side)}" for name, n in shown.items())
+    return (
+        f"Counted below: results of another category than the photographed product in each model's top {k} (red "
+        f"borders); over the {len(side)} photos shown: {counts}. The photos are the first test photo of each of "
+        f"the first {len(side)} categories, not picked by result, and are too few to decide alone. Over all "
+        f"{len(three_catp)} test photos, the share of the top 10 in the right category (catP@10) is DML "
+        f"{float(dml_catp.mean()):.2f} and 3-tower {float(three_catp.mean()):.2f}; 3-tower minus DML "
+        f"{diff.mean:+.2f} (95% paired bootstrap interval {diff.lo:+.2f} to {diff.hi:+.2f}) after {steps} "
+        f"training steps: {verdict}."
+    )
+
+
 # --- main ---------------------------------------------------------------------------------------------------------
 def run(
     art: Path,
@@ -285,6 +378,8 @@ def run(
     startup_timeout: float = 120.0,
 ) -> dict:
     """`store`: the gallery's location (default art/index/test.safetensors, the exact KnnIndex)."""
+    if art.exists() and not art.is_dir():
+        raise MimInputError(f"--artifacts {art} is a file; expected a folder (new or from an earlier demo run)")
     art.mkdir(parents=True, exist_ok=True)
     store = store or art / "index" / "test.safetensors"
     step = Steps(8)
@@ -333,7 +428,15 @@ def run(
                 results = s.run()
                 print_results(s, results)
                 blocks.append(
-                    QueryBlock(s.label, results, image=s.image, text=s.text, mode=s.mode, expected_id=s.expected_id)
+                    QueryBlock(
+                        s.label,
+                        results,
+                        image=s.image,
+                        text=s.text,
+                        mode=s.mode,
+                        expected_id=s.expected_id,
+                        expected=s.expected,
+                    )
                 )
                 if s.mode in ("image", "text", "fusion"):
                     first_of_mode.setdefault(s.mode, (s, results))
@@ -342,8 +445,9 @@ def run(
                 same = [served_side_by_side(search_client, s, r) for s, r in first_of_mode.values()]
 
             step("quality: served path vs in-process torch on the test queries")
-            served = evaluate(client, catalog, "test")
-        local = evaluate(TorchEmbedder(ck), catalog, "test")
+            served = means(evaluate_per_query(client, catalog, "test"), catalog)
+        local_per_query = evaluate_per_query(TorchEmbedder(ck), catalog, "test")
+        local = means(local_per_query, catalog)
     print(quality_table(served, local))
     print(
         f"    served image Recall@1 {served['image R@1']:.3f} / Recall@10 {served['image R@10']:.3f} vs in-process "
@@ -352,17 +456,22 @@ def run(
     )
 
     step("page: self-contained HTML results, DML vs 3-tower side by side")
-    side = comparison_blocks(catalog, [("DML (image only)", load_checkpoint(dml_dir)), ("3-tower", ck)], 4, 2 * SHOW_K)
+    dml = load_checkpoint(dml_dir)
+    side = comparison_blocks(catalog, [("DML (image only)", dml), ("3-tower", ck)], 4, 2 * SHOW_K)
     for b in side:
         counts = ", ".join(f"{name} {sum(r.category != b.expected_category for r in rs)}" for name, rs in b.columns)
         print(f"    {b.label}: results of another category in the top {2 * SHOW_K}: {counts}")
+    dml_catp = evaluate_per_query(TorchEmbedder(dml), catalog, "test")["image catP@10"]
+    caption = comparison_caption(side, dml_catp, local_per_query["image catP@10"], settings.steps)
+    print(f"    {caption}")
+    legend = TextBlock("DML (image only) vs 3-tower: the same street photos ranked by each model", [caption])
     page = art / "results.html"
     write_page(
         page,
         render_page(
-            blocks + side,
+            [intro_block(catalog, len(index)), metrics_block(served, local), *blocks, legend, *side],
             title="Multimodal visual search demo",
-            subtitle=f"{len(index)} test products, model {model_id}, served by tritonserver (CPU)",
+            subtitle=f"{len(index)} test products; model: {describe_model(ck, ckpt_dir)}; served by tritonserver (CPU)",
         ),
     )
     total = step.done()
@@ -375,11 +484,12 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="mimsearch demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = CommandParser(
+        prog="mimsearch demo",
+        description=__doc__,
     )
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where everything is written")
-    ap.add_argument("--steps", type=int, help="training steps (default 600; 20 with --quick)")
+    ap.add_argument("--steps", type=at_least(1), help="training steps (default 600; 20 with --quick)")
     ap.add_argument("--quick", action="store_true", help="small catalog and short training (tests, smoke checks)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument(

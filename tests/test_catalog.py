@@ -77,7 +77,7 @@ def test_path_must_stay_inside_root(cat):
 
 
 def test_missing_manifest_says_how_to_make_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mimsearch catalog"):
+    with pytest.raises(catalog.CatalogError, match="mimsearch catalog"):
         load_catalog(tmp_path)
 
 

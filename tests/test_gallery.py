@@ -143,6 +143,29 @@ def test_install_adds_versions_and_keeps_the_served_and_previous_one(repo, tmp_p
     for tower in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER):
         (repo / tower / "1" / layout.EXPORT_JSON).write_text(json.dumps({layout.MODEL_ID: "model-b"}))
     assert contract.KNN not in G.servable_models(repo) and not G.gallery_fits(repo)
+    # ... and says why, with the command that fixes it (printed by `mimsearch serve`).
+    problem = G.gallery_problem(repo)
+    assert re.fullmatch(
+        rf"the gallery {repo}/knn/5/gallery.safetensors was built with model {MODEL}, the encoders are model "
+        rf"model-b: run `mimsearch index --catalog \.\.\. --store GALLERY.safetensors --install {repo}` .*",
+        problem,
+    ), problem
+
+
+def test_no_gallery_is_named_as_the_reason(repo):
+    assert G.gallery_problem(repo).startswith(f"no gallery installed in {repo}/knn; run `mimsearch index")
+
+
+def test_the_client_s_not_ready_error_says_why():
+    from client.triton_client import _why_not_ready
+
+    index = {"models": [{"name": "knn", "state": "UNAVAILABLE", "reason": "gallery refused: built with x"}]}
+    text = _why_not_ready(["knn", "search_image"], index)
+    assert text.startswith("; knn: UNAVAILABLE (gallery refused: built with x); the knn model and the search")
+    assert text.endswith("run `mimsearch index ... --install REPO`")
+    assert _why_not_ready(["embed_image"], {"models": [{"name": "embed_image", "state": ""}]}) == (
+        "; embed_image: not loaded"
+    )
 
 
 def test_missing_corrupt_foreign_and_misfit_galleries_are_refused(repo, tmp_path):

@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.html import ComparisonBlock, QueryBlock, data_uri, render_page, sniff_mime, write_page
+from client.html import (
+    ComparisonBlock,
+    QueryBlock,
+    TableBlock,
+    TextBlock,
+    data_uri,
+    render_page,
+    sniff_mime,
+    write_page,
+)
 from client.search import SearchResult
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
@@ -172,3 +181,64 @@ def test_page_renders_in_headless_chromium(tmp_path):
     # The query image's red square is drawn in the first block (left of the text), not just referenced.
     red = (pixels[..., 0] > 150) & (pixels[..., 1] < 90) & (pixels[..., 2] < 90)
     assert red.sum() > 500
+
+
+def test_text_table_expected_and_caption_are_escaped(tmp_path):
+    page = render_page(
+        [
+            TextBlock("What this page shows", [f"intro {NASTY}", "legend"]),
+            TableBlock("metrics", ["metric", "served"], [["image R@1", "0.500"], [NASTY, "1"]], caption=NASTY),
+            QueryBlock("q", _results(tmp_path, 2), expected=f"the mug {NASTY}"),
+            ComparisonBlock("c", [("DML", _results(tmp_path, 2))], caption=f"counted {NASTY}"),
+        ]
+    )
+    assert "<script>" not in page and page.count("&lt;script&gt;") == 5
+    assert "<p>intro &lt;script&gt;" in page and "<td>image R@1</td><td>0.500</td>" in page
+    assert '<div class="expected">expected product: the mug &lt;script&gt;' in page
+    assert '<p class="caption">counted &lt;script&gt;' in page
+
+
+@pytest.mark.browser
+def test_a_page_that_explains_itself_in_headless_chromium(tmp_path):
+    """The demo page's parts drawn by a real browser: read back by content, and ten results laid out as two rows
+    of five (found in the screenshot by the colours of results 1, 5 and 6). The screenshot stays in tmp_path
+    (results-explained.png) for a person to look at."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"chromium not found at {CHROMIUM}; `make system-deps` installs it (apt-get install chromium)")
+    results = _results(tmp_path, 10)
+    marks = {0: (230, 20, 20), 4: (20, 20, 230), 5: (20, 200, 20)}  # results 1, 5, 6: red, blue, green
+    for i, colour in marks.items():
+        Path(results[i].image).write_bytes(_image(colour))
+    blocks = [
+        TextBlock("What this page shows", ["A search over the test products.", "Legend: green marks the expected."]),
+        TableBlock("Served vs in-process", ["metric", "served", "in-process"], [["image R@1", "0.500", "0.500"]]),
+        QueryBlock("Street photo of a mug", results, image=_image((90, 90, 90), "JPEG"), expected="a mug (id 100)"),
+        ComparisonBlock("DML vs 3-tower", [("DML", results[1:3]), ("3-tower", results[1:3])], caption="Counted: x"),
+    ]
+    page = write_page(tmp_path / "results.html", render_page(blocks, subtitle="model: tiny (trained here), id ab"))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars"]
+    flags += ["--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'p'}"]
+    dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=90)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for text in ("What this page shows", "<td>image R@1</td>", "expected product: a mug (id 100)", "Counted: x"):
+        assert text in dom.stdout, text
+    shot = tmp_path / "results-explained.png"
+    run = subprocess.run(
+        flags + ["--window-size=1200,1400", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int32)
+
+    def centre(colour):
+        r, g, b = colour
+        mask = (np.abs(pixels - np.array([r, g, b])) < 25).all(axis=-1)
+        ys, xs = np.nonzero(mask)
+        assert len(ys) > 500, colour  # drawn (a 40 px square scaled into the thumbnail)
+        return ys.mean(), xs.mean()
+
+    (y1, x1), (y5, x5), (y6, x6) = centre(marks[0]), centre(marks[4]), centre(marks[5])
+    assert abs(y5 - y1) < 5 and x5 > x1 + 400  # results 1..5 on one row
+    assert y6 > y1 + 100 and abs(x6 - x1) < 5  # result 6 starts the second row, under result 1

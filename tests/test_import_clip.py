@@ -14,6 +14,7 @@ import pytest
 import torch
 from _clip_helpers import (
     TINY_EMBED,
+    TINY_TEXT,
     TITLES,
     hf_image_embeddings,
     hf_text_embeddings,
@@ -214,6 +215,28 @@ def test_refuses_folder_without_tokenizer(tmp_path, hf_clip):
     model.save_pretrained(tmp_path / "hf")
     with pytest.raises(ClipImportError, match=r"has no tokenizer \(tokenizer.json, or vocab.json \+ merges.txt\)"):
         import_hf(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_clip_uses_the_shipped_vocabulary_for_a_folder_without_one(tmp_path, hf_clip, capsys):
+    model, with_files = hf_clip
+    model.save_pretrained(tmp_path / "hf")  # weights and config only
+    assert main(["--hf", str(tmp_path / "hf"), "--tokenizer", "clip", "--out", str(tmp_path / "out")]) == 0
+    assert main(["--hf", str(with_files), "--out", str(tmp_path / "ref")]) == 0
+    capsys.readouterr()
+    texts = ["a red zebra-striped mug", "Blue Shoes!", "x" * 300]
+    ours, ref = load_checkpoint(tmp_path / "out").tokenizer, load_checkpoint(tmp_path / "ref").tokenizer
+    assert ours.vocab_size == ref.vocab_size
+    for a, b in zip(ours.encode_batch(texts), ref.encode_batch(texts), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same ids as the folder's own CLIP files
+
+
+def test_tokenizer_clip_is_refused_for_another_vocabulary_size(tmp_path):
+    small = random_clip(text={**TINY_TEXT, "vocab_size": 1000})
+    small.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ClipImportError, match=r"CLIP's vocabulary has 49408 tokens but .*config.json gives the text "
+                       r"tower 1000; expected the same"):  # fmt: skip
+        import_hf(tmp_path / "hf", tmp_path / "out", tokenizer="clip")
     assert not (tmp_path / "out").exists()
 
 

@@ -3,6 +3,8 @@ a real tritonserver), and the `mimsearch` command."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import importlib.util
 import os
 import re
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mim.commandline import CommandParser
 from mimsearch import cli, demo
 
 
@@ -40,6 +43,14 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert page.count('<section class="query-block comparison">') == 4
     assert page.count('data-model="DML (image only)"') == page.count('data-model="3-tower"') == 4
     assert len(re.findall(r"another category in the top 10: DML \(image only\) \d+, 3-tower \d+", out)) == 4
+    # The page explains itself: an intro, the metrics table, the model in words, expected products, a caption.
+    assert "What this page shows" in page and "Retrieval quality on the whole test split" in page
+    assert re.search(r"<td>image R@1</td><td>[\d.]+</td><td>[\d.]+</td>", page)
+    assert re.search(r"model: 3tower trained here for 4 steps on the synthetic catalog \(.*\), id [0-9a-f]{16}", page)
+    assert page.count('<div class="expected">expected product: ') == 6  # every search block
+    assert page.count("<p>Counted below: results of another category") == 1  # the comparison's caption
+    assert re.search(r"95% paired bootstrap interval [+-][\d.]+ to [+-][\d.]+\) after 4 training steps: the", page)
+    assert "street/q" not in page.split("<body>")[1].split("<img")[0]  # headings are words, not file paths
     assert (art / "index" / "test.safetensors").is_file() and "server stopped" in out
 
 
@@ -92,3 +103,57 @@ def test_the_real_command_runs(how):
     assert done.returncode == 0 and "engines" in done.stdout, done.stderr
     done = subprocess.run([*head, "repository", "--check"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "is up to date" in done.stdout, done.stderr
+
+
+# --- help ------------------------------------------------------------------------------------------------------
+def command_parser(name: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser `mimsearch NAME --help` prints: caught as it prints, so commands that build theirs inside
+    main() are read too."""
+    seen = []
+    monkeypatch.setattr(CommandParser, "print_help", lambda self, file=None: seen.append(self))
+    cmd = cli.SUBCOMMANDS[name]
+    with pytest.raises(SystemExit):
+        importlib.import_module(cmd.module).main([*cmd.prefix, "--help"])
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", list(cli.SUBCOMMANDS))
+def test_every_command_and_flag_is_described(name, monkeypatch):
+    parser = command_parser(name, monkeypatch)
+    assert parser.prog == f"mimsearch {name}"  # one program name in every usage line
+    assert (parser.description or "").strip(), f"mimsearch {name} has no description"
+    undescribed = [a.option_strings or a.dest for a in parser._actions if not a.help]
+    assert undescribed == [], f"mimsearch {name}: flags without help {undescribed}"
+    formatter = parser._get_formatter()  # what --help prints for each flag
+    silent = [
+        a.option_strings
+        for a in parser._actions
+        if a.option_strings
+        and a.default not in (None, False, [], argparse.SUPPRESS)
+        and "default" not in formatter._get_help_string(a)
+    ]
+    assert silent == [], f"mimsearch {name}: defaults not shown for {silent}"
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """(subcommand, flags) of every `mimsearch NAME ...` command line in the README's code blocks."""
+    text = (ROOT / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ")
+    found = []
+    for line in blocks.splitlines():
+        for m in re.finditer(r"mimsearch (\S+)([^&#|]*)", line):
+            found.append((m.group(1), re.findall(r"(?<!\S)(--?[a-z][\w-]*)", m.group(2))))
+    return found
+
+
+def test_readme_lists_every_command_and_uses_only_real_flags(monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    table_text = text.split("| command | what it does |", 1)[1].split("\n\n", 1)[0]
+    table = set(re.findall(r"^\| `([a-z-]+)` \|", table_text, flags=re.M))
+    assert table == set(cli.SUBCOMMANDS), f"README command table differs: {table ^ set(cli.SUBCOMMANDS)}"
+    used = _readme_commands()
+    assert len(used) > 10  # the walk found the quick start
+    for name, flags in used:
+        assert name in cli.SUBCOMMANDS, f"README runs `mimsearch {name}`, which does not exist"
+        known = {o for a in command_parser(name, monkeypatch)._actions for o in a.option_strings}
+        assert set(flags) <= known, f"README: `mimsearch {name}` with unknown flags {set(flags) - known}"

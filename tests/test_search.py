@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,29 @@ def test_cli_index_folder_with_manifest(triton_server, catalog, model_id, tmp_pa
     assert cli.main(argv + ["--model-id", "folder-model"]) == 0
     index = KnnIndex.load(override, expected_model_id="folder-model")
     assert index.ids.tolist() == [0, 1, 2, 3, 4] and index.get_metadata(0)["title"] == catalog.products[0].title
+
+
+@pytest.mark.server
+def test_a_bad_gallery_image_is_named_by_file_and_line_or_skipped(triton_server, catalog, model_id, tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    # Images relative to one folder: three catalog images linked beside the broken one, which is on line 2.
+    rows = []
+    for p in catalog.products[:3]:
+        (tmp_path / Path(p.image).name).symlink_to(catalog.root / p.image)
+        rows.append({"id": p.product_id, "image": Path(p.image).name})
+    rows.insert(1, {"id": 99, "image": "broken.jpg"})
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "g.safetensors"
+    argv = ["index", "--url", triton_server.grpc_url, "--images", str(tmp_path), "--manifest", str(manifest)]
+    argv += ["--out", str(out), "--no-progress", "--batch-size", "4"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {tmp_path / 'broken.jpg'} ({manifest}:2): ") and "--skip-bad" in err[-1], err
+    assert "could not decode" in err[-1] and not out.exists()
+    assert cli.main(argv + ["--skip-bad"]) == 0
+    text = capsys.readouterr().out
+    assert f"skipped 1 bad image(s):\n  {tmp_path / 'broken.jpg'} ({manifest}:2): " in text, text
+    assert sorted(KnnIndex.load(out, expected_model_id=model_id).ids.tolist()) == sorted(
+        p.product_id for p in catalog.products[:3]
+    )

@@ -88,8 +88,39 @@ def test_free_ports_differ():
 
 
 def test_cli_reports_a_missing_repository(tmp_path, capsys):
-    assert serve_cmd.main(["--repository", str(tmp_path / "nope"), "--grpc-port", "0"]) == 1
+    assert serve_cmd.main(["--repository", str(tmp_path / "nope"), "--grpc-port", "0"]) == 2
     assert f"model repository {tmp_path / 'nope'} is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port", "--metrics-port"])
+def test_serve_refuses_a_taken_port_before_starting(tmp_path, capsys, flag):
+    import socket
+
+    with socket.socket() as other:  # another server listening on the port
+        other.bind((S.HOST, 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert serve_cmd.main(["--repository", str(tmp_path), flag, str(port), "--log", str(tmp_path / "log")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: port {port} on {S.HOST}") and f"give another {flag}" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "log").exists()  # refused before tritonserver ran
+    assert not S.port_taken(port)
+
+
+def test_readiness_counts_only_the_started_process_s_own_port():
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind((S.HOST, 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert port in S.listening_ports(os.getpid())
+        child = subprocess.Popen(["sleep", "5"])
+        try:
+            assert port not in (S.listening_ports(child.pid) or set())
+        finally:
+            child.kill()
+            child.wait()
 
 
 def test_cli_restores_signal_handlers(tmp_path):
@@ -113,3 +144,44 @@ def test_load_failures_are_read_from_the_log():
         "text_encoder": "Invalid argument: no file",
         "embed_text": "at least one version must be",
     }
+
+
+@pytest.mark.server
+def test_serve_says_which_models_wait_for_a_gallery_and_the_client_says_why(tmp_path, tiny_export):
+    """A real `mimsearch serve` on a fresh install without a gallery: it is ready (its own process listening),
+    names the models it did not load and the fix, and a client waiting for them gets the same reason."""
+    import signal
+    import sys
+    import time
+
+    from client.triton_client import ClientError, EmbeddingClient
+    from export.install import install
+    from mim.serving.repository import prepare_repository
+
+    repo = prepare_repository(tmp_path / "repo")
+    install(tiny_export, repo)
+    ports = [str(S.free_port()) for _ in range(3)]
+    cmd = [sys.executable, "-m", "mimsearch", "serve", "--repository", str(repo), "--log", str(tmp_path / "log")]
+    cmd += ["--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, deadline = [], time.monotonic() + 240
+        while time.monotonic() < deadline and not any(line.startswith("not loaded") for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        text = "".join(lines)
+        assert text.startswith("tritonserver ready (cpu)"), text
+        assert (
+            f"not loaded: knn, search_image, search_text, search_multimodal: no gallery installed in {repo}/knn; "
+            in text
+        )
+        assert f"--install {repo}`" in text, text
+        with EmbeddingClient(f"127.0.0.1:{ports[0]}") as client:
+            client.wait_ready(5.0, models=["embed_image"])  # the encoders serve
+            with pytest.raises(ClientError, match=r"models not ready: \['search_image'\].*mimsearch index"):
+                client.wait_ready(1.0, models=["search_image"])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)

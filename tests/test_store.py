@@ -221,6 +221,23 @@ def test_location_picks_the_implementation(tmp_path):
         assert len(fresh) == 0 and store_exists(fresh.location)
     with pytest.raises(ValueError, match=r"expected key=value"):
         MilvusIndexConfig.parse("HNSW:ef")
+    with pytest.raises(
+        ValueError, match=r"HNSW takes no parameter foo; expected one of: \['M', 'ef', 'efConstruction'\]"
+    ):
+        MilvusIndexConfig.parse("HNSW:foo=1")
+    with pytest.raises(ValueError, match=r"FLAT takes no parameter nlist; expected one of: none"):
+        MilvusIndexConfig.parse("FLAT:nlist=4")
+    assert MilvusIndexConfig.parse("GPU_CAGRA:search_width=4").search["search_width"] == 4
+
+
+def test_another_index_type_on_an_existing_collection_is_refused(tmp_path):
+    location = str(tmp_path / "g.db")
+    with MilvusStore.open(location, dim=4):  # FLAT
+        pass
+    with pytest.raises(ValueError, match=r"has a FLAT index, not the HNSW asked for; .*--milvus-index FLAT"):
+        MilvusStore.open(location, index=MilvusIndexConfig.named("HNSW"))
+    with MilvusStore.open(location, index=MilvusIndexConfig.named("FLAT")) as same:
+        assert same.index.index_type == "FLAT"
 
 
 def test_a_uri_that_does_not_answer_fails_in_bounded_time():
@@ -245,6 +262,7 @@ def test_a_lite_folder_in_use_names_the_file_and_the_fix(pair):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert f"REFUSED: {path.resolve()} is in use by another process" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "python -m milvus_lite server --data-dir" in out.stdout
+    assert "Traceback" not in out.stderr, out.stderr  # only our message: Milvus Lite is not even asked
 
 
 def test_the_lite_server_shares_one_folder_between_processes(tmp_path):

@@ -184,7 +184,7 @@ def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         synth.generate_catalog(tmp_path, seed=3, **SMALL)
     assert not (tmp_path / catalog.MANIFEST).exists()
-    with pytest.raises(FileNotFoundError, match="mimsearch catalog"):
+    with pytest.raises(catalog.CatalogError, match="mimsearch catalog"):
         catalog.load_catalog(tmp_path)
 
 

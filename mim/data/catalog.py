@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mim.atomic import atomic_write_text
+from mim.errors import DataError
 
 # 2: larger products in street photos, 8 street photos per training product
 # 3: several products (model variants) per attribute triple; street photos for only a fraction of training products
@@ -32,6 +33,12 @@ from mim.atomic import atomic_write_text
 #    the "crowded" layout
 FORMAT_VERSION = 4
 MANIFEST = "catalog.json"
+
+
+class CatalogError(DataError):
+    """A catalog folder that cannot be read: none there, or written by another version of the generator."""
+
+
 SPLITS = ("train", "val", "test")
 # The attributes a product's title names (Product fields); a JSON Lines dataset may leave all but the category empty.
 ATTRIBUTES = ("category", "pattern", "colour")
@@ -170,21 +177,22 @@ def _records(cls: type, rows: list[dict[str, Any]], where: Path) -> list[Any]:
     try:
         return [cls(**{k: row[k] for k in names}) for row in rows]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{where}: malformed {cls.__name__} record ({e}); regenerate with ensure_catalog") from None
+        raise CatalogError(f"{where}: malformed {cls.__name__} record ({e}); regenerate with ensure_catalog") from None
 
 
 def load_catalog(root: str | os.PathLike) -> Catalog:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no catalog manifest at {path}; create one with `mimsearch catalog --out {root}` "
-            "or mim.data.synth.ensure_catalog(root)"
+        what = "a file" if root.is_file() else ("a folder without one" if root.is_dir() else "nothing there")
+        raise CatalogError(
+            f"no catalog manifest at {path} ({what}); expected a catalog folder or a "
+            f"JSON Lines dataset: create one with `mimsearch catalog --out {root}`"
         )
     doc = json.loads(path.read_text(encoding="utf-8"))
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(
+        raise CatalogError(
             f"{path} has format_version={version!r}, expected {FORMAT_VERSION}: it was written by another version of "
             f"the generator and would be misread; regenerate it with `mimsearch catalog --out {root} --force` "
             "(or mim.data.synth.ensure_catalog)"

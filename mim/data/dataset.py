@@ -33,13 +33,14 @@ from PIL import Image
 
 from mim.atomic import atomic_write_text
 from mim.data.catalog import SPLITS, Catalog, Product, QueryPhoto, load_catalog
+from mim.errors import DataError
 
 REQUIRED = ("product_id", "product_image", "title")
 OPTIONAL = ("query_image", "query_text", "category", "split")
 DEFAULT_TEST_FRACTION = 0.2
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """A dataset that cannot be used; the message names the manifest row and field."""
 
 

@@ -8,5 +8,5 @@ preprocess   image decoding and resizing, text decoding: the same code in traini
 checkpoint   a checkpoint folder: weights, configs, tokenizer files, the model identity
 import_clip  pretrained CLIP (Hugging Face / OpenCLIP) converted to a checkpoint (`mimsearch import-clip`)
 
-May import: `mim.atomic`, `mim.layout` and itself; never data, training, search or serving.
+May import: `mim.atomic`, `mim.errors`, `mim.layout` and itself; never data, training, search or serving.
 """

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mim.atomic import atomic_write, atomic_write_text
+from mim.errors import ModelError
 from mim.layout import CHECKPOINT_WEIGHTS, model_id_of_checkpoint
 from mim.model.config import ModelConfig, PreprocessConfig, dumps
 from mim.model.tokenizer import Tokenizers, load_tokenizer
@@ -30,7 +31,7 @@ WEIGHTS, CONFIG, TOKENIZER, TRAIN_STATE = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     pass
 
 
@@ -111,6 +112,11 @@ def load_checkpoint(ckpt_dir: str | Path, expected: ModelConfig | None = None) -
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise CheckpointError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the text tower embeds only {model_cfg.text.vocab_size}"
+        )
+    if not (ckpt_dir / WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{ckpt_dir / WEIGHTS} not found; expected the weights beside {CONFIG} in a checkpoint folder written by "
+            "`mimsearch train` or `mimsearch import-clip`"
         )
     model = MIMModel(model_cfg)
     state = load_file(str(ckpt_dir / WEIGHTS))

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from mim.errors import ModelError
+
 # Feed-forward activations the towers implement. "gelu" is the exact (erf) GELU our own models train with;
 # "quick_gelu" is x * sigmoid(1.702 x), which OpenAI's CLIP weights were trained with (a checkpoint run with the
 # other one drifts measurably, so the choice travels with the weights).
@@ -217,7 +219,7 @@ def get_size(name: str) -> SizeSpec:
     try:
         return SIZES[name]
     except KeyError:
-        raise ValueError(f"unknown model size {name!r}; expected one of {sorted(SIZES)}") from None
+        raise ModelError(f"unknown model size {name!r}; expected one of {sorted(SIZES)}") from None
 
 
 def dumps(obj: dict[str, Any]) -> str:

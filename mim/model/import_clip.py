@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from mim.errors import ModelError
 from mim.layout import model_id_of_checkpoint
 from mim.model import checkpoint as ckpt
 from mim.model.config import ModelConfig, PreprocessConfig, TextConfig, VisionConfig, get_size
@@ -80,7 +81,7 @@ _OPENCLIP_VISION = {"image_size", "layers", "width", "patch_size", "head_width",
 _OPENCLIP_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 
 
-class ClipImportError(ValueError):
+class ClipImportError(ModelError):
     """A checkpoint that cannot be imported; the message names the file, key or field and what was expected."""
 
 
@@ -388,7 +389,8 @@ def hf_tokenizer(folder: Path, context_length: int) -> ClipTokenizer:
     else:
         raise ClipImportError(
             f"{folder} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); copy the tokenizer files "
-            "from where the model came from into the folder"
+            "from where the model came from into the folder, or pass --tokenizer clip for CLIP's own vocabulary "
+            "(shipped with this package)"
         )
     try:
         return ClipTokenizer.from_vocab(vocab, merges, context_length)
@@ -425,8 +427,15 @@ def hf_preprocess(folder: Path, image_size: int, context_length: int) -> Preproc
 
 
 # --- import ------------------------------------------------------------------------------------------------
-def import_hf(folder: str | Path, out: str | Path) -> Path:
-    """Convert a Hugging Face CLIPModel folder into a checkpoint at `out`."""
+TOKENIZERS = ("folder", "clip")  # where import_hf takes the vocabulary from
+
+
+def import_hf(folder: str | Path, out: str | Path, *, tokenizer: str = "folder") -> Path:
+    """Convert a Hugging Face CLIPModel folder into a checkpoint at `out`. `tokenizer`: "folder" reads the
+    folder's tokenizer files; "clip" uses CLIP's published vocabulary shipped with this package (for a folder
+    saved without them), refused when the text tower's vocabulary is of another size."""
+    if tokenizer not in TOKENIZERS:
+        raise ClipImportError(f"tokenizer {tokenizer!r}; expected one of {TOKENIZERS}")
     folder = Path(folder)
     cfg_path = folder / "config.json"
     # model.safetensors, or the older pytorch_model.bin (read with weights_only=True, like any .bin here).
@@ -438,7 +447,15 @@ def import_hf(folder: str | Path, out: str | Path) -> Path:
         )
     cfg = hf_model_config(json.loads(cfg_path.read_text()), name=folder.name)
     state = hf_to_ours(load_state_dict(weights), cfg)
-    tok = hf_tokenizer(folder, cfg.text.context_length)
+    if tokenizer == "clip":
+        tok = ClipTokenizer.bundled(cfg.text.context_length)
+        if tok.vocab_size != cfg.text.vocab_size:
+            raise ClipImportError(
+                f"--tokenizer clip: CLIP's vocabulary has {tok.vocab_size} tokens but {cfg_path} gives the text "
+                f"tower {cfg.text.vocab_size}; expected the same: copy the model's own tokenizer files into {folder}"
+            )
+    else:
+        tok = hf_tokenizer(folder, cfg.text.context_length)
     pre = hf_preprocess(folder, cfg.vision.image_size, cfg.text.context_length)
     return _write(out, cfg, state, pre, tok, {"source": "huggingface", "source_path": str(folder)})
 

@@ -13,10 +13,11 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from mim.errors import ModelError
 from mim.model.config import PreprocessConfig
 
 
-class InputError(ValueError):
+class InputError(ModelError):
     """A request input that cannot be used; the message is safe to return to the caller."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mim import contract
 from mim.atomic import atomic_write_dir
+from mim.errors import ServingInputError
 from mim.layout import GALLERY_FILE, MODEL_PY, VERSION, installed_model_id
 from mim.search.knn import KnnIndex, read_model_id
 from mim.serving.repository import MODEL_PY_TEMPLATE, WRITE_COMMAND
@@ -30,7 +31,7 @@ SEARCH_ENSEMBLES = (contract.SEARCH_IMAGE, contract.SEARCH_TEXT, contract.SEARCH
 INSTALL_HINT = "build one with `mimsearch index ... --install REPO` (or mim.serving.gallery.install_gallery)"
 
 
-class GalleryError(ValueError):
+class GalleryError(ServingInputError):
     pass
 
 
@@ -72,13 +73,23 @@ def servable_models(repo: str | Path) -> list[str]:
 
 def gallery_fits(repo: str | Path) -> bool:
     """Whether the latest gallery exists and records the encoders' model id (header only)."""
+    return gallery_problem(repo) is None
+
+
+def gallery_problem(repo: str | Path) -> str | None:
+    """Why `knn` and the search ensembles cannot load from `repo` now, with the command that fixes it; None when
+    they can (the latest gallery records the encoders' model id)."""
     path = latest_gallery(repo)
+    fix = f"run `mimsearch index --catalog ... --store GALLERY.safetensors --install {repo}` with this model"
     if path is None:
-        return False
+        return f"no gallery installed in {Path(repo) / contract.KNN}; {fix}"
     try:
-        return read_model_id(path) == encoders_model_id(repo)
-    except ValueError:  # GalleryError included
-        return False
+        built_with, encoders = read_model_id(path), encoders_model_id(repo)
+    except ValueError as e:  # GalleryError included
+        return f"{path} cannot be checked ({e}); {fix}"
+    if built_with != encoders:
+        return f"the gallery {path} was built with model {built_with}, the encoders are model {encoders}: {fix}"
+    return None
 
 
 def load_gallery(version_dir: str | Path, *, dim: int | None = None, device: str = "auto") -> KnnIndex:

@@ -40,6 +40,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from mim import contract
 from mim.atomic import atomic_write_text
+from mim.errors import ServingInputError
 
 # File and folder names of the repository are mim.layout's. Ensembles have no files of their own, but Triton
 # refuses one without a version folder ("at least one version must be available"): git keeps it by KEEP_FILE.
@@ -101,7 +102,7 @@ class GeneratedConfig:
         return f"{self.model}/{self.relpath}"
 
 
-class RepositoryError(ValueError):
+class RepositoryError(ServingInputError):
     pass
 
 

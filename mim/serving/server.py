@@ -1,7 +1,7 @@
 """Launch the tritonserver bundled in the `nvidia-pytriton` wheel, without Docker.
 
-    mimsearch serve --repository model_repository --config cpu          # `make serve`
-    mimsearch serve --repository model_repository --config cpu --grpc-port 8001
+    mimsearch serve --repository artifacts/model_repository --config cpu          # `make serve`
+    mimsearch serve --repository artifacts/model_repository --config cpu --grpc-port 8001
 
 The wheel carries `pytriton/tritonserver/bin/tritonserver` (Triton 2.51) with its shared libraries in
 `nvidia_pytriton.libs/`, the python backend, and one backend stub per Python version. The python backend
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from mim.errors import ServingError
 from mim.serving import stub_env
 from mim.serving.runtimes import CPU, variant_names
 
@@ -52,8 +53,20 @@ LOG_TAIL_LINES = 25
 HEALTH_POLL_S = 2.0  # how often `serve` checks the server process and its stubs
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(ServingError):
     pass
+
+
+class PortTaken(TritonServerError):
+    """A port the server would listen on is in use: wrong input (exit code 2)."""
+
+    exit_code = 2
+
+
+class RepositoryNotFound(TritonServerError):
+    """The repository given is not a folder: wrong input (exit code 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -215,6 +228,46 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
+def port_taken(port: int, host: str = HOST) -> bool:
+    """Whether something listens on host:port now (a bind test; SO_REUSEADDR so that connections of a stopped
+    server lingering in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+def listening_ports(pid: int) -> set[int] | None:
+    """The TCP ports process `pid` itself listens on (Linux /proc); None where /proc cannot tell. Readiness
+    counts only on our own process's port: another server on it must not make ours look ready."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    inodes = set()
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile (listdir's own descriptor, for one)
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()  # sl local_address rem_address st ... inode (10th column)
+            if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def config_name_args(config: str) -> list[str]:
     if config not in CONFIGS:
         raise ValueError(f"config {config!r}; expected one of {list(CONFIGS)}")
@@ -315,7 +368,11 @@ class TritonServer:
         if self.process is not None:
             raise TritonServerError("server already started")
         if not self.repository.is_dir():
-            raise TritonServerError(f"model repository {self.repository} is not a directory")
+            raise RepositoryNotFound(
+                f"model repository {self.repository} is not a directory; expected one installed by `mimsearch "
+                "engines` (give it as --repository)"
+            )
+        self.check_ports()
         paths = triton_paths()
         try:
             env_dir = stub_env.build_stub_env(self.cache_dir or default_cache_dir(), stub_env.numpy_source(paths.home))
@@ -343,6 +400,15 @@ class TritonServer:
             raise
         return self
 
+    def check_ports(self) -> None:
+        """PortTaken naming the port and the flag that moves it, before anything starts."""
+        for name, port in (("grpc", self.grpc_port), ("http", self.http_port), ("metrics", self.metrics_port)):
+            if port_taken(port):
+                raise PortTaken(
+                    f"port {port} on {HOST} ({name}) is in use by another process; expected a free port: stop "
+                    f"that process (another `mimsearch serve`?) or give another --{name}-port"
+                )
+
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         url = f"http://{self.http_url}/v2/health/ready"
@@ -353,7 +419,8 @@ class TritonServer:
                     f"tritonserver exited with code {code} while starting (repository {self.repository}, "
                     f"config {self.config!r}){self._diagnosis()}"
                 )
-            if _http_ok(url):
+            ports = listening_ports(self.process.pid)
+            if (ports is None or self.http_port in ports) and _http_ok(url):
                 self._seen_stubs.update(stub_processes(self.process.pid))
                 return
             if time.monotonic() > deadline:

@@ -41,6 +41,8 @@ import venv
 from dataclasses import dataclass
 from pathlib import Path
 
+from mim.errors import ServingError
+
 STUB_NUMPY_ENV = "MIM_STUB_NUMPY"  # a folder holding numpy 1.x (package + dist-info) for this Python
 BUNDLE_STUB_SITE = "stub-site"  # that folder inside an unpacked `make gpu-bundle`
 PTH_NAME = "zz_mim_stub_parents.pth"  # processed after anything else in the stub env's site-packages
@@ -48,7 +50,7 @@ FORMAT = 1  # bump when the layout of a stub env changes, so cached ones are reb
 PYBIND11_OF_STUB = "2.10"  # the pybind11 the bundled stub was built with (python_backend r24.10)
 
 
-class StubEnvError(RuntimeError):
+class StubEnvError(ServingError):
     pass
 
 

@@ -34,7 +34,6 @@ import torch
 
 from mim.atomic import atomic_write_text
 from mim.data.catalog import Catalog, load_catalog
-from mim.data.synth import ensure_catalog
 from mim.model.checkpoint import Checkpoint, load_checkpoint
 from mim.model.config import PreprocessConfig, get_size
 from mim.model.preprocess import preprocess_image_bytes
@@ -450,12 +449,6 @@ def select_runs(names: str | None, controls: bool = False) -> tuple[tuple[str, s
     if unknown:
         raise ValueError(f"--runs: unknown {unknown}; expected names from {list(known)}")
     return tuple(known[w] for w in wanted)
-
-
-def open_or_generate(catalog: str | Path) -> Catalog:
-    """The catalog at that folder, generated with the default parameters when it has none."""
-    cat_dir = Path(catalog)
-    return load_catalog(cat_dir) if (cat_dir / "catalog.json").is_file() else ensure_catalog(cat_dir)
 
 
 def describe(

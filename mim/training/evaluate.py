@@ -19,6 +19,7 @@ import numpy as np
 
 from mim.atomic import atomic_write_text
 from mim.data.catalog import Catalog
+from mim.errors import TrainingError
 from mim.search.embedding import Embedder
 from mim.search.ranking import fuse, refine, top_k
 
@@ -59,12 +60,25 @@ def category_precision_at_k(ranked_categories: np.ndarray, query_categories: np.
     return float(category_precision_per_query(ranked_categories, query_categories, k).mean())
 
 
+def require_split(catalog: Catalog, split: str) -> None:
+    """Refuse a split with no products or no query photos, naming the splits that have both."""
+    if catalog.products_in(split) and catalog.queries_in(split):
+        return
+    usable = [s for s in ("train", "val", "test") if catalog.products_in(s) and catalog.queries_in(s)]
+    raise TrainingError(
+        f"the {split} split of {catalog.root} has {len(catalog.products_in(split))} products and "
+        f"{len(catalog.queries_in(split))} query photos; expected some of both: use --split "
+        + (" or ".join(usable) if usable else "of a catalog that has query photos")
+    )
+
+
 def evaluate_per_query(embedder: Embedder, catalog: Catalog, split: str = "test") -> dict[str, np.ndarray]:
     """Every metric of the module docstring per query, {name: (n,) float array}, for one embedder (in-process,
     ONNX or served) on a catalog split; `evaluate` reports their means.
 
     image R@k and image catP@10 have one entry per query photo, title R@k one per product, mm-* R@k one per
     reformulation."""
+    require_split(catalog, split)
     products = catalog.products_in(split)
     queries = catalog.queries_in(split)
     refs = catalog.reformulations_in(split)
@@ -137,4 +151,5 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], catalog: Catalog
     from mim.model.checkpoint import load_checkpoint  # torch: only checkpoints need it, the metrics above do not
     from mim.search.embedding import TorchEmbedder
 
+    require_split(catalog, split)
     return {name: evaluate(TorchEmbedder(load_checkpoint(path)), catalog, split) for name, path in checkpoints.items()}

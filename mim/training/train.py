@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from mim.data.catalog import ATTRIBUTES, Catalog
-from mim.data.dataset import is_dataset, open_catalog
-from mim.data.synth import ensure_catalog
+from mim.data.dataset import open_catalog
+from mim.errors import TrainingError
 from mim.model import checkpoint as ckpt
 from mim.model.config import PreprocessConfig, get_size
 from mim.model.losses import OBJECTIVES, LossWeights, mim_loss
@@ -61,7 +61,7 @@ def load_split(catalog: Catalog, split: str, pre: PreprocessConfig, progress: bo
     row = {p.product_id: i for i, p in enumerate(products)}
     queries = [q for q in catalog.queries_in(split) if q.product_id in row]
     if not queries:
-        raise ValueError(f"the {split} split of the catalog at {catalog.root} has no query photos to train on")
+        raise TrainingError(f"the {split} split of the catalog at {catalog.root} has no query photos to train on")
     it = progress_bar(products + queries, desc=f"preprocess {split}", enabled=progress, leave=False)
     arrays = [preprocess_image_bytes(catalog.read_bytes(x.image), pre) for x in it]
     qof: list[list[int]] = [[] for _ in products]
@@ -93,7 +93,9 @@ def compose_batch(
     the time, its colour) but are of another category. In-batch negatives then look like the positive on the cues
     a distractor shares, so only the category (shape) tells them apart."""
     if size > len(pool):
-        raise ValueError(f"a batch of {size} distinct rows needs at least {size} products; the pool holds {len(pool)}")
+        raise TrainingError(
+            f"a batch of {size} distinct rows needs at least {size} products; the pool holds {len(pool)}"
+        )
     if not hard:
         return rng.choice(pool, size=size, replace=False)
     attrs = attributes[pool]  # (N, 3)
@@ -198,8 +200,25 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        raise TrainingError("--device cuda asked for, but torch sees no CUDA device; use --device cpu (or auto)")
     return torch.device(name)
+
+
+def check_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds files unless asked: `resume` continues the checkpoint there,
+    `overwrite` trains from scratch over it. Nothing is written either way."""
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"--out {out_dir} is a file; expected a checkpoint folder (new, empty or to resume)")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if resume and not (out_dir / ckpt.CONFIG).is_file():
+        raise TrainingError(f"--resume: {out_dir} holds files but no checkpoint ({ckpt.CONFIG}); give another --out")
+    if not resume and not overwrite:
+        raise TrainingError(
+            f"--out {out_dir} is not empty; expected a new or empty folder: add --resume to continue its "
+            "checkpoint, --overwrite to train from scratch over it, or give another --out"
+        )
 
 
 def train(
@@ -229,22 +248,20 @@ def train(
     """Train and checkpoint into `out`; returns it. With `eval_every` and `on_eval`, calls on_eval(step, model,
     tokenizer) (model in eval mode, no grad) after every eval_every-th step and the last, for learning curves."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+        raise TrainingError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
     progress = not no_progress
     dev = pick_device(device)
     torch.manual_seed(seed)
     cat_path = Path(catalog)
-    if is_dataset(cat_path) or (cat_path / "catalog.json").is_file():
-        cat = open_catalog(cat_path)
-    else:
-        cat = ensure_catalog(cat_path, seed=catalog_seed)
+    # Never generated here: a mistyped path of one's own dataset must not train on toy products (`mimsearch catalog`).
+    cat = open_catalog(cat_path)
     out_dir = Path(out)
 
     start_step = 0
     if resume and (out_dir / ckpt.CONFIG).is_file():
         state = ckpt.load_checkpoint(out_dir)
         if state.meta.get("objective") != objective:
-            raise ValueError(
+            raise TrainingError(
                 f"--resume: {out_dir} was trained with objective {state.meta.get('objective')!r}, not {objective!r}"
             )
         model, pre, tok = state.model, state.pre_cfg, state.tokenizer
@@ -270,8 +287,9 @@ def train(
     data = load_split(cat, "train", pre, progress)
     n_pairs = len(data.paired)
     if batch_size > n_pairs:
-        raise ValueError(
-            f"--batch-size {batch_size} is larger than the {n_pairs} training products with street photos; lower it"
+        raise TrainingError(
+            f"--batch-size {batch_size} is larger than the {n_pairs} training products with street photos; "
+            f"expected at most {n_pairs}: lower it"
         )
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]

@@ -7,15 +7,16 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mim.commandline import CommandParser, at_least
 from mim.data import synth
 from mim.data.catalog import summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mimsearch catalog", description=synth.__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="mimsearch catalog", description=synth.__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="catalog root directory")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the products, photos and splits")
+    ap.add_argument("--image-size", type=at_least(32), default=128, help="side of the square images, in pixels")
     ap.add_argument(
         "--n-train-queries", type=int, default=synth.DEFAULT_TRAIN_QUERIES, help="query photos per paired train product"
     )
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--force", action="store_true", help="regenerate even if a matching catalog exists")
     ap.add_argument("--sheet", default=None, help="also save a contact sheet PNG of test products here")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 

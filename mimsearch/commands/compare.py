@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mim.commandline import CommandParser, at_least
+from mim.data.dataset import open_catalog
 from mim.training import compare as lib
 from mim.training.train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES
 
@@ -21,17 +23,30 @@ def _seeds(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="mimsearch compare", description=lib.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = CommandParser(
+        prog="mimsearch compare",
+        description=lib.__doc__,
     )
     ap.add_argument(
-        "--catalog", default="artifacts/catalog", help="catalog folder (generated with defaults if missing)"
+        "--catalog",
+        default="artifacts/catalog",
+        help="catalog folder (make one with `mimsearch catalog`) or JSON Lines dataset manifest",
     )
     ap.add_argument("--checkpoints", default="artifacts/checkpoints", help="where each run's checkpoint goes")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--catalog-rows", type=int, default=DEFAULT_CATALOG_ROWS)
-    ap.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=DEFAULT_HARD_NEGATIVES)
+    ap.add_argument("--steps", type=at_least(1), default=600, help="optimizer steps of each run")
+    ap.add_argument("--batch-size", type=at_least(2), default=64, help="street-to-shop pairs per batch")
+    ap.add_argument(
+        "--catalog-rows",
+        type=at_least(0),
+        default=DEFAULT_CATALOG_ROWS,
+        help="products without street photos added per batch to the photo-title term",
+    )
+    ap.add_argument(
+        "--hard-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_HARD_NEGATIVES,
+        help="compose batches of look-alikes of other categories",
+    )
     ap.add_argument(
         "--align-weight",
         type=float,
@@ -40,17 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--jobs",
-        type=int,
+        type=at_least(1),
         default=1,
         help="train in this many processes at once (the CPU cores are shared out among them); 1: in this one",
     )
     ap.add_argument("--seeds", type=_seeds, default=[0], help="training seeds, e.g. 0,1,2")
     ap.add_argument("--runs", default=None, help=f"subset of {','.join(r[0] for r in lib.RUNS + lib.CONTROLS)}")
     ap.add_argument("--controls", action="store_true", help="add DML and 3-tower runs of twice the steps")
-    ap.add_argument("--eval-every", type=int, default=0, help="learning-curve points every N steps (0: at the end)")
-    ap.add_argument("--size", default="tiny")
-    ap.add_argument("--out", default="benchmarks/results/quality", help="writes OUT.md, OUT.json and OUT.png")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--eval-every", type=at_least(0), default=0, help="learning-curve points every N steps (0: at the end)"
+    )
+    ap.add_argument("--size", default="tiny", help="named model size (mim.model.config.SIZES)")
+    ap.add_argument("--out", default="artifacts/quality", help="writes OUT.md, OUT.json and OUT.png")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
 
@@ -61,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = lib.select_runs(args.runs, args.controls)
     except ValueError as e:
         ap.error(str(e))
-    catalog = lib.open_or_generate(args.catalog)
+    catalog = open_catalog(args.catalog)  # never generated here: `mimsearch catalog` makes one
     t0, c0 = time.time(), time.process_time()
     settings = {
         "steps": args.steps,

@@ -6,13 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mim.commandline import CommandParser
 from mim.data import dataset
 from mim.data.catalog import load_catalog
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="mimsearch dataset", description=dataset.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = CommandParser(
+        prog="mimsearch dataset",
+        description=dataset.__doc__,
     )
     ap.add_argument("--catalog", required=True, help="synthetic catalog folder to export")
     ap.add_argument("--out", required=True, help="JSON Lines file to write inside the catalog folder")

@@ -6,16 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mim.commandline import CommandParser
 from mim.data.dataset import open_catalog
 from mim.training import evaluate as lib
 from mimsearch.commands import named_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(
         prog="mimsearch evaluate",
         description=lib.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
         "--checkpoint",
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint folder; repeat to compare (name=path also works)",
     )
     ap.add_argument("--catalog", default="artifacts/catalog", help="catalog folder or JSON Lines dataset manifest")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="catalog split to evaluate on")
     ap.add_argument("--out", help="write OUT.md and OUT.json")
     return ap
 

@@ -7,14 +7,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mim.commandline import CommandParser
 from mim.model import import_clip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(
         prog="mimsearch import-clip",
         description=import_clip.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", type=Path, help="Hugging Face CLIPModel folder (config.json, model.safetensors, ...)")
@@ -22,6 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--arch",
         help=f"OpenCLIP architecture: one of {sorted(import_clip.OPENCLIP_ARCHS)} or an OpenCLIP model-config JSON",
+    )
+    ap.add_argument(
+        "--tokenizer",
+        choices=import_clip.TOKENIZERS,
+        default="folder",
+        help="--hf only: the folder's tokenizer files, or CLIP's published vocabulary shipped with this package "
+        "(for a folder saved without tokenizer files)",
     )
     ap.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
     return ap
@@ -34,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--openclip needs --arch (e.g. ViT-B-32-quickgelu for OpenAI's weights)")
     try:
         if args.hf is not None:
-            out = import_clip.import_hf(args.hf, args.out)
+            out = import_clip.import_hf(args.hf, args.out, tokenizer=args.tokenizer)
         else:
             out = import_clip.import_openclip(args.openclip, args.arch, args.out)
     except import_clip.ClipImportError as e:

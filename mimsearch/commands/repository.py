@@ -7,11 +7,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mim.commandline import CommandParser
 from mim.serving import repository as lib
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mimsearch repository", description=lib.__doc__.split("\n\n")[0])
+    p = CommandParser(prog="mimsearch repository", description=lib.__doc__.split("\n\n")[0])
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument("--write", action="store_true", help="write all generated files")
     action.add_argument("--check", action="store_true", help="list differences from the generator; exit 1 if any")

@@ -9,25 +9,38 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mim.commandline import CommandParser, at_least
+from mim.contract import KNN
+from mim.serving import gallery
 from mim.serving import server as lib
 from mim.serving.runtimes import VARIANTS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mimsearch serve", description=lib.__doc__.split("\n\n")[0])
-    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository folder")
+    p = CommandParser(prog="mimsearch serve", description=lib.__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("artifacts/model_repository"),
+        help="model repository folder, installed by `mimsearch engines`",
+    )
     p.add_argument(
         "--config",
         choices=lib.CONFIGS,
         default=lib.DEFAULT_CONFIG,
         help="config variant: " + ", ".join(f"{v.name} ({v.label})" for v in VARIANTS),
     )
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--grpc-port", type=at_least(0), default=8001, help="gRPC port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--http-port", type=at_least(0), default=8000, help="HTTP port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--metrics-port", type=at_least(0), default=8002, help="Prometheus metrics port (0: a free one)")
     p.add_argument("--log", type=Path, default=None, help="log file (default: a temporary file)")
-    p.add_argument("--log-verbose", type=int, default=0)
-    p.add_argument("--startup-timeout", type=float, default=lib.STARTUP_TIMEOUT_S)
+    p.add_argument("--log-verbose", type=at_least(0), default=0, help="tritonserver's --log-verbose level")
+    p.add_argument(
+        "--startup-timeout",
+        type=at_least(1.0, float),
+        default=lib.STARTUP_TIMEOUT_S,
+        help="seconds to wait for every model to load",
+    )
     p.add_argument(
         "--model-control",
         choices=lib.MODEL_CONTROL,
@@ -75,7 +88,7 @@ def serve(args: argparse.Namespace) -> int:
         server.start()
     except lib.TritonServerError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except _Stop:
         return 0  # start() has stopped the server already
     print(
@@ -83,6 +96,10 @@ def serve(args: argparse.Namespace) -> int:
         f"metrics {server.metrics_url}\nlog: {server.log_path}   (Ctrl-C to stop)",
         flush=True,
     )
+    if args.model_control == "explicit":
+        problem = gallery.gallery_problem(args.repository)
+        if problem is not None:  # the encoders serve; server-side search waits for a gallery of their model
+            print(f"not loaded: {', '.join((KNN, *gallery.SEARCH_ENSEMBLES))}: {problem}", flush=True)
     try:
         # A stub that dies leaves its model READY but unable to answer: say so, and stop, rather than serve errors.
         while True:

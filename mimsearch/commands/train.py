@@ -6,34 +6,44 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mim.commandline import CommandParser, at_least
+from mim.model.config import SIZES
 from mim.model.losses import OBJECTIVES
 from mim.training import train as lib
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="mimsearch train", description=lib.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = CommandParser(
+        prog="mimsearch train",
+        description=lib.__doc__,
     )
     ap.add_argument(
         "--catalog",
         default="artifacts/catalog",
-        help="catalog folder (generated if missing), or a JSON Lines dataset manifest (mim/data/dataset.py)",
+        help="catalog folder (make one with `mimsearch catalog`), or a JSON Lines dataset manifest (`mimsearch "
+        "dataset` writes an example)",
     )
-    ap.add_argument("--catalog-seed", type=int, default=0)
-    ap.add_argument("--size", default="tiny", help="named model size (mim.model.config.SIZES)")
-    ap.add_argument("--objective", choices=OBJECTIVES, default="3tower")
-    ap.add_argument("--out", required=True, help="checkpoint folder to write")
+    ap.add_argument("--size", default="tiny", choices=sorted(SIZES), help="named model size for a new model")
+    ap.add_argument("--objective", choices=OBJECTIVES, default="3tower", help="training objective")
+    ap.add_argument("--out", required=True, help="checkpoint folder to write (refused if not empty, see --resume)")
     ap.add_argument(
         "--init-from",
         help="start from this checkpoint's weights, tokenizer and preprocessing (e.g. 4-tower from 3-tower, or an "
         "imported CLIP: mimsearch import-clip)",
     )
-    ap.add_argument("--resume", action="store_true", help="continue from --out if it holds a checkpoint")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=64, help="street-to-shop pairs per batch")
+    again = ap.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    again.add_argument("--overwrite", action="store_true", help="train from scratch over a non-empty --out")
+    ap.add_argument("--steps", type=at_least(1), default=600, help="optimizer steps in all (with --resume too)")
+    ap.add_argument(
+        "--batch-size",
+        type=at_least(2),
+        default=64,
+        help="street-to-shop pairs per batch (at most the training products with street photos)",
+    )
     ap.add_argument(
         "--catalog-rows",
-        type=int,
+        type=at_least(0),
         default=lib.DEFAULT_CATALOG_ROWS,
         help="products without street photos added per batch to the photo-title term (0: pairs only)",
     )
@@ -45,23 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--align-weight",
-        type=float,
+        type=at_least(0.0, float),
         default=lib.DEFAULT_ALIGN_WEIGHT,
         help="weight of every image-text term (q-t, p-t, q-s, p-s) next to the image-image term's 1.0",
     )
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save-every", type=int, default=200)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--lr", type=at_least(0.0, float), default=1e-3, help="peak learning rate (AdamW)")
+    ap.add_argument("--weight-decay", type=at_least(0.0, float), default=0.05, help="AdamW weight decay")
+    ap.add_argument("--warmup", type=at_least(0), default=50, help="linear warm-up steps before the cosine decay")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the batches")
+    ap.add_argument("--save-every", type=at_least(1), default=200, help="write the checkpoint every N steps")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees it")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    lib.train(**{k.replace("-", "_"): v for k, v in vars(args).items()})
+    args = vars(build_parser().parse_args(argv))
+    lib.check_out_dir(args["out"], resume=args["resume"], overwrite=args.pop("overwrite"))
+    lib.train(**args)
     return 0
 
 

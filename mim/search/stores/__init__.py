@@ -36,8 +36,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from mim.errors import SearchError
 
-class StoreError(RuntimeError):
+
+class StoreError(SearchError):
     """A store that cannot be reached or used (a server that does not answer, a folder in use); its message
     says why and what to do. Input errors stay ValueError / KeyError / FileNotFoundError."""
 
@@ -180,6 +182,16 @@ def open_store(
             refused with a ValueError listing those it does.
     """
     cls = store_class(location)
+    options = check_options(location, options)
+    return cls.open(str(location), dim=dim, model_id=model_id, expected_model_id=expected_model_id, **options)
+
+
+def check_options(location: str | os.PathLike, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`options` for the store at `location`, checked without touching it: one the implementation does not
+    take is refused (ValueError listing those it does), and an implementation with a `check_options` class
+    method validates the values (e.g. a Milvus index spec). Lets a command refuse a bad option before it
+    contacts a server or writes anything."""
+    cls = store_class(location)
     options = dict(options or {})
     accepted = [
         p.name for p in inspect.signature(cls.open).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
@@ -191,7 +203,9 @@ def open_store(
             f"store option(s) {unknown} are not understood by the {implementation(location)} store of "
             f"{str(location)!r}; it takes {own}"
         )
-    return cls.open(str(location), dim=dim, model_id=model_id, expected_model_id=expected_model_id, **options)
+    if hasattr(cls, "check_options"):
+        cls.check_options(**options)
+    return options
 
 
 def delete_store(location: str | os.PathLike) -> None:

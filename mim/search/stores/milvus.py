@@ -31,6 +31,7 @@ time; to share one, run `python -m milvus_lite server --data-dir FOLDER --port P
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from mim.errors import SearchInputError
 from mim.search.knn import DEFAULT_NORM_TOL, _check_categories, _check_ids, _check_matrix, _check_metadata
 from mim.search.stores import StoreError
 
@@ -75,6 +77,10 @@ class MilvusStoreError(StoreError):
     """Milvus could not be reached or opened; the message names the URI and what to do."""
 
 
+class MilvusIndexError(SearchInputError):
+    """An index type or parameter Milvus would not take, or another index than the collection's."""
+
+
 # --- index configuration -----------------------------------------------------------------------------------
 # Build and search parameters per index type. HNSW: M (graph degree) and efConstruction at build, ef (>= k) at
 # search. IVF_FLAT: nlist cells (about sqrt(N) up to 4*sqrt(N)), nprobe cells searched. GPU_CAGRA: graph
@@ -102,8 +108,13 @@ class MilvusIndexConfig:
         """A preset with overrides, e.g. named("HNSW", ef=128) or named("IVF_FLAT", nlist=256, nprobe=8)."""
         kind = index_type.upper()
         if kind not in PRESETS:
-            raise ValueError(f"index type {index_type!r} is not one of {sorted(PRESETS)}")
+            raise MilvusIndexError(f"index type {index_type!r} is not one of {sorted(PRESETS)}")
         build, search = dict(PRESETS[kind][0]), dict(PRESETS[kind][1])
+        allowed = {*build, *search} | ({"search_width"} if kind == "GPU_CAGRA" else set())
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            known = sorted(allowed) or "none"
+            raise MilvusIndexError(f"{kind} takes no parameter {', '.join(unknown)}; expected one of: {known}")
         for key, value in params.items():
             (search if key in SEARCH_KEYS else build)[key] = value
         return cls(kind, build, search)
@@ -116,7 +127,7 @@ class MilvusIndexConfig:
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
-                raise ValueError(f"index parameter {item!r} in {text!r}; expected key=value (e.g. HNSW:ef=128)")
+                raise MilvusIndexError(f"index parameter {item!r} in {text!r}; expected key=value (e.g. HNSW:ef=128)")
             params[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
         return cls.named(kind.strip(), **params)
 
@@ -160,16 +171,24 @@ def connect(uri: str, collection: str = "gallery", timeout_s: float = CONNECT_TI
     if _is_lite(uri):
         folder = Path(uri).resolve()
         folder.parent.mkdir(parents=True, exist_ok=True)  # Milvus Lite creates the folder, not its parents
+        locked = MilvusStoreError(
+            f"{folder} is in use by another process: Milvus Lite opens a data folder in one process only. "
+            f"Serve it with `python -m milvus_lite server --data-dir {folder} --port 19530` and connect "
+            f"every process by URI (http://127.0.0.1:19530#{collection})"
+        )
+        # Milvus Lite logs its own traceback when it cannot start (a held lock, most often) before pymilvus
+        # raises; the error below says what happened and what to do, so that log is muted meanwhile.
+        lite_log = logging.getLogger("milvus_lite")
+        level = lite_log.level
+        lite_log.setLevel(logging.CRITICAL + 1)  # setLevel: clears the level cache of its child loggers
         try:
             return MilvusClient(uri=str(folder))
         except MilvusException as exc:
             if _lite_locked(folder):
-                raise MilvusStoreError(
-                    f"{folder} is in use by another process: Milvus Lite opens a data folder in one process only. "
-                    f"Serve it with `python -m milvus_lite server --data-dir {folder} --port 19530` and connect "
-                    f"every process by URI (http://127.0.0.1:19530#{collection})"
-                ) from None
+                raise locked from None
             raise MilvusStoreError(f"cannot open Milvus Lite folder {folder}: {exc}") from None
+        finally:
+            lite_log.setLevel(level)
     try:
         return MilvusClient(uri=uri, token=os.environ.get(MILVUS_TOKEN_ENV, ""), timeout=timeout_s)
     except MilvusException as exc:
@@ -275,6 +294,12 @@ class MilvusStore:
 
     # ---- opening --------------------------------------------------------------------------------------------
     @classmethod
+    def check_options(cls, index: MilvusIndexConfig | str | None = None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """The options' values checked without a server: an index spec that does not parse is refused."""
+        if isinstance(index, str):
+            MilvusIndexConfig.parse(index)
+
+    @classmethod
     def open(
         cls,
         location: str,
@@ -347,7 +372,14 @@ class MilvusStore:
         model_id = json.loads(props.get(PROP_MODEL_ID, "null"))
         built = client.describe_index(name, VECTOR) or {}
         kind = str(built.get("index_type", "FLAT")).upper()
-        if index is None or index.index_type != kind:
+        if index is not None and index.index_type != kind:
+            # Keeping the old index silently would measure another index than the one asked for.
+            raise MilvusIndexError(
+                f"collection {name!r} at {uri} has a {kind} index, not the {index.index_type} asked for; "
+                f"expected the same type: give --milvus-index {kind}, or another collection (uri#name) for "
+                f"{index.index_type}"
+            )
+        if index is None:
             # The search parameters must suit the index the collection was built with.
             index = MilvusIndexConfig.named(kind) if kind in PRESETS else MilvusIndexConfig(kind)
         client.load_collection(name)
