@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mim.training import compare as lib
-from mim.training.train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES
+from mim.training.train import TrainConfig
+
+D = TrainConfig()  # the settings' defaults have one owner
 
 
 def _seeds(text: str) -> list[int]:
@@ -28,14 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--catalog", default="artifacts/catalog", help="catalog folder (generated with defaults if missing)"
     )
     ap.add_argument("--checkpoints", default="artifacts/checkpoints", help="where each run's checkpoint goes")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--catalog-rows", type=int, default=DEFAULT_CATALOG_ROWS)
-    ap.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=DEFAULT_HARD_NEGATIVES)
+    ap.add_argument("--steps", type=int, default=D.steps)
+    ap.add_argument("--batch-size", type=int, default=D.batch_size)
+    ap.add_argument("--catalog-rows", type=int, default=D.catalog_rows)
+    ap.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=D.hard_negatives)
     ap.add_argument(
         "--align-weight",
         type=float,
-        default=DEFAULT_ALIGN_WEIGHT,
+        default=D.align_weight,
         help="weight of each image-text term next to the image-image term's 1.0 (3-tower and 4-tower)",
     )
     ap.add_argument(
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", default=None, help=f"subset of {','.join(r[0] for r in lib.RUNS + lib.CONTROLS)}")
     ap.add_argument("--controls", action="store_true", help="add DML and 3-tower runs of twice the steps")
     ap.add_argument("--eval-every", type=int, default=0, help="learning-curve points every N steps (0: at the end)")
-    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--size", default=D.size)
     ap.add_argument("--out", default="benchmarks/results/quality", help="writes OUT.md, OUT.json and OUT.png")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -63,24 +65,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(str(e))
     catalog = lib.open_or_generate(args.catalog)
     t0, c0 = time.time(), time.process_time()
-    settings = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "catalog_rows": args.catalog_rows,
-        "hard_negatives": args.hard_negatives,
-        "align_weight": args.align_weight,
-        "size": args.size,
-    }
     try:
+        base = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            catalog_rows=args.catalog_rows,
+            hard_negatives=args.hard_negatives,
+            align_weight=args.align_weight,
+            size=args.size,
+        )
         result = lib.run_comparison(
             catalog,
             Path(args.checkpoints),
+            base,
             seeds=args.seeds,
             runs=runs,
             eval_every=args.eval_every,
             progress=not args.no_progress,
             jobs=args.jobs,
-            **settings,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall, cpu = time.time() - t0, time.process_time() - c0 + result["worker_cpu_seconds"]
     command = "mimsearch compare " + " ".join(argv if argv is not None else sys.argv[1:])
     header, recorded = lib.describe(
-        catalog, result, command=command, seeds=args.seeds, jobs=args.jobs, wall=wall, cpu=cpu, **settings
+        catalog, result, base, command=command, seeds=args.seeds, jobs=args.jobs, wall=wall, cpu=cpu
     )
     for path in lib.write_report(Path(args.out), header, result, recorded):
         print(f"wrote {path}", file=sys.stderr)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
 from mim.model.losses import OBJECTIVES
 from mim.training import train as lib
+
+D = lib.TrainConfig()  # the settings' defaults have one owner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="catalog folder (generated if missing), or a JSON Lines dataset manifest (mim/data/dataset.py)",
     )
     ap.add_argument("--catalog-seed", type=int, default=0)
-    ap.add_argument("--size", default="tiny", help="named model size (mim.model.config.SIZES)")
-    ap.add_argument("--objective", choices=OBJECTIVES, default="3tower")
+    ap.add_argument("--size", default=D.size, help="named model size (mim.model.config.SIZES)")
+    ap.add_argument("--objective", choices=OBJECTIVES, default=D.objective)
     ap.add_argument("--out", required=True, help="checkpoint folder to write")
     ap.add_argument(
         "--init-from",
@@ -29,30 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
         "imported CLIP: mimsearch import-clip)",
     )
     ap.add_argument("--resume", action="store_true", help="continue from --out if it holds a checkpoint")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=64, help="street-to-shop pairs per batch")
+    ap.add_argument("--steps", type=int, default=D.steps)
+    ap.add_argument("--batch-size", type=int, default=D.batch_size, help="street-to-shop pairs per batch")
     ap.add_argument(
         "--catalog-rows",
         type=int,
-        default=lib.DEFAULT_CATALOG_ROWS,
+        default=D.catalog_rows,
         help="products without street photos added per batch to the photo-title term (0: pairs only)",
     )
     ap.add_argument(
         "--hard-negatives",
         action=argparse.BooleanOptionalAction,
-        default=lib.DEFAULT_HARD_NEGATIVES,
+        default=D.hard_negatives,
         help="compose batches of look-alikes of other categories (same pattern or colour)",
     )
     ap.add_argument(
         "--align-weight",
         type=float,
-        default=lib.DEFAULT_ALIGN_WEIGHT,
+        default=D.align_weight,
         help="weight of every image-text term (q-t, p-t, q-s, p-s) next to the image-image term's 1.0",
     )
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=D.lr)
+    ap.add_argument("--weight-decay", type=float, default=D.weight_decay)
+    ap.add_argument("--warmup", type=int, default=D.warmup)
+    ap.add_argument("--seed", type=int, default=D.seed)
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--no-progress", action="store_true")
@@ -61,7 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    lib.train(**{k.replace("-", "_"): v for k, v in vars(args).items()})
+    config = lib.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(lib.TrainConfig)})
+    lib.train(
+        config,
+        catalog=args.catalog,
+        out=args.out,
+        init_from=args.init_from,
+        resume=args.resume,
+        catalog_seed=args.catalog_seed,
+        save_every=args.save_every,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     return 0
 
 
