@@ -19,7 +19,6 @@ candidates with the gallery's embeddings, which stay in the server; use `SearchS
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -37,6 +36,7 @@ from .triton_client import (
     ClientError,
     EmbeddingClient,
     call_error,
+    gather_bounded,
     plan_images,
     plan_multimodal,
     plan_texts,
@@ -227,18 +227,5 @@ class AsyncSearchClient(AsyncEmbeddingClient):
         return found[0]
 
     async def _search(self, chunks: list[Chunk]) -> list[list[SearchResult]]:
-        gate = asyncio.Semaphore(self.max_concurrency)
-
-        async def one(c: Chunk) -> list[list[SearchResult]]:
-            async with gate:
-                return await self._infer(c, OUTPUTS, parse_results)
-
-        tasks = [asyncio.ensure_future(one(c)) for c in chunks]
-        try:
-            parts = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:  # first failure wins; do not leave the other requests running
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        parts = await gather_bounded(lambda c: self._infer(c, OUTPUTS, parse_results), chunks, self.max_concurrency)
         return [row for part in parts for row in part]

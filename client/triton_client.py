@@ -28,7 +28,7 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -40,7 +40,7 @@ from tritonclient.utils import InferenceServerException
 from mim import contract
 from mim.search import embedding
 
-from .replicas import PROBE_TIMEOUT_S, UNAVAILABLE, ReplicaPool, ReplicaStats, parse_urls
+from .replicas import PROBE_TIMEOUT_S, UNAVAILABLE, Failover, ReplicaPool, ReplicaStats, parse_urls
 
 DEFAULT_URL = "127.0.0.1:8001"
 ENSEMBLES = (contract.EMBED_IMAGE, contract.EMBED_TEXT, contract.EMBED_MULTIMODAL)
@@ -427,30 +427,27 @@ class EmbeddingClient:
         model: str,
         error: Callable[[InferenceServerException, str, int], ClientError] | None = None,
     ) -> T:
-        """`fn(tritonclient)` on a replica; on a replica failure, again on another one (or after a backoff)."""
-        pool, tried, attempts = self.replicas, set(), 0
+        """`fn(tritonclient)` on a replica; on a replica failure, again on another one (or after a backoff). The
+        decisions are `Failover`'s; this loop only sends, probes and sleeps."""
+        call = Failover(self.replicas, self.retries, self.backoff.delay)
         while True:
-            replica = self._replica(tried)
-            attempts += 1
+            replica = self._replica(call)
+            call.sending()
             try:
                 out = fn(replica.client)
-                pool.answered(replica)
+                call.answered(replica)
                 return out
             except InferenceServerException as e:
-                if not pool.failover_status(e.status()) or attempts > self.retries:
-                    raise (error or call_error(model))(e, replica.url, attempts) from None
-                pool.failed(replica)
-                tried.add(replica.url)
-                if pool.has_healthy(tried):
-                    pool.count_failover()
-                else:
-                    tried.clear()
-                    time.sleep(self.backoff.delay(attempts - 1))
+                wait = call.failed(replica, e.status())
+                if wait is None:
+                    raise (error or call_error(model))(e, replica.url, call.attempts) from None
+                if wait:
+                    time.sleep(wait)
 
-    def _replica(self, tried: set[str]) -> Any:
+    def _replica(self, call: Failover) -> Any:
         """The replica for the next attempt; one that is out is first probed with a readiness check."""
         while True:
-            replica, probe = self.replicas.next(tried)
+            replica, probe = call.next()
             if not probe:
                 return replica
             self.replicas.renew(replica).close()
@@ -512,6 +509,25 @@ def _dim_from_metadata(meta: Any) -> int:
 
 
 # --- the asyncio client ----------------------------------------------------------------------------------------
+async def gather_bounded(fn: Callable[[Any], Awaitable[T]], items: Sequence[Any], limit: int) -> list[T]:
+    """`await fn(item)` for every item concurrently, at most `limit` at a time; results in the items' order.
+    The first failure wins: the other calls are cancelled (none is left running) and it is raised."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(item: Any) -> T:
+        async with gate:
+            return await fn(item)
+
+    tasks = [asyncio.ensure_future(one(item)) for item in items]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class AsyncEmbeddingClient:
     """Coroutine twin of `EmbeddingClient`; create and use it inside one running event loop.
 
@@ -602,21 +618,7 @@ class AsyncEmbeddingClient:
     async def _run(self, chunks: list[Chunk]) -> np.ndarray:
         if not chunks:
             return _empty(await self.embed_dim())
-        gate = asyncio.Semaphore(self.max_concurrency)
-
-        async def one(c: Chunk) -> np.ndarray:
-            async with gate:
-                return await self._infer(c)
-
-        tasks = [asyncio.ensure_future(one(c)) for c in chunks]
-        try:
-            parts = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:  # first failure wins; do not leave the other requests running
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        out = np.concatenate(parts)
+        out = np.concatenate(await gather_bounded(self._infer, chunks, self.max_concurrency))
         self._dim = out.shape[1]
         return out
 
@@ -640,29 +642,25 @@ class AsyncEmbeddingClient:
         model: str,
         error: Callable[[InferenceServerException, str, int], ClientError] | None = None,
     ) -> Any:
-        """As `EmbeddingClient._call`, awaiting `fn(tritonclient)`."""
-        pool, tried, attempts = self.replicas, set(), 0
+        """As `EmbeddingClient._call`, awaiting `fn(tritonclient)`: the same `Failover` decisions."""
+        call = Failover(self.replicas, self.retries, self.backoff.delay)
         while True:
-            replica = await self._replica(tried)
-            attempts += 1
+            replica = await self._replica(call)
+            call.sending()
             try:
                 out = await fn(replica.client)
-                pool.answered(replica)
+                call.answered(replica)
                 return out
             except InferenceServerException as e:
-                if not pool.failover_status(e.status()) or attempts > self.retries:
-                    raise (error or call_error(model))(e, replica.url, attempts) from None
-                pool.failed(replica)
-                tried.add(replica.url)
-                if pool.has_healthy(tried):
-                    pool.count_failover()
-                else:
-                    tried.clear()
-                    await asyncio.sleep(self.backoff.delay(attempts - 1))
+                wait = call.failed(replica, e.status())
+                if wait is None:
+                    raise (error or call_error(model))(e, replica.url, call.attempts) from None
+                if wait:
+                    await asyncio.sleep(wait)
 
-    async def _replica(self, tried: set[str]) -> Any:
+    async def _replica(self, call: Failover) -> Any:
         while True:
-            replica, probe = self.replicas.next(tried)
+            replica, probe = call.next()
             if not probe:
                 return replica
             await self.replicas.renew(replica).close()
