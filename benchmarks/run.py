@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mim import contract
+from mim import contract, tables
 
 from . import gpu, knn_bench, perf, quality, serving_compare, store_bench
 from .common import hardware, markdown_table, now_utc, versions, write_json
@@ -301,8 +301,8 @@ def results_markdown(run: Run) -> str:
         ]
     else:
         lines += ["See `gpu/perf.csv` and `gpu/perf.png`.", ""]
-    lines += ["## Run", "", "| step | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {s:.1f} |" for k, s in run.stages.items()]
+    stages = ([k, f"{s:.1f}"] for k, s in run.stages.items())
+    lines += ["## Run", "", tables.markdown_table(["step", "seconds"], stages, label_column=True)]
     if run.errors or run.skipped:
         lines += ["", "## Failed or skipped", ""]
         lines += [f"- **{k}** failed: {e.splitlines()[0]}" for k, e in run.errors.items()]

@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--image", help="query image file")
     se.add_argument("--text", help="query text; with --image, the reformulation ('in blue')")
     se.add_argument("--mode", choices=MODES, default="fusion", help="image + text: fusion or refine")
-    se.add_argument("-k", type=int, default=10)
+    se.add_argument("-k", type=int, default=contract.DEFAULT_K)
     se.add_argument(
         "--image-weight", type=float, default=contract.DEFAULT_IMAGE_WEIGHT, help="fusion: weight a of the image"
     )

@@ -69,18 +69,20 @@ class SearchService:
 
     # --- queries ----------------------------------------------------------------------------------------------
     def by_image(
-        self, image: bytes, k: int = 10, *, categories: str | Iterable[str] | None = None
+        self, image: bytes, k: int = contract.DEFAULT_K, *, categories: str | Iterable[str] | None = None
     ) -> list[SearchResult]:
         return self.search_embedding(self.client.embed_images([image]), k, categories=categories)
 
-    def by_text(self, text: str, k: int = 10, *, categories: str | Iterable[str] | None = None) -> list[SearchResult]:
+    def by_text(
+        self, text: str, k: int = contract.DEFAULT_K, *, categories: str | Iterable[str] | None = None
+    ) -> list[SearchResult]:
         return self.search_embedding(self.client.embed_texts([text]), k, categories=categories)
 
     def by_image_text(
         self,
         image: bytes,
         text: str,
-        k: int = 10,
+        k: int = contract.DEFAULT_K,
         *,
         mode: str = "fusion",
         image_weight: float | None = None,

@@ -137,17 +137,19 @@ class SearchClient(EmbeddingClient):
         return self._search(with_parameters(chunks, search_parameters(m, k, categories)))
 
     # --- one query, as SearchService ---------------------------------------------------------------------------
-    def by_image(self, image: bytes, k: int = 10, *, categories: Categories = None) -> list[SearchResult]:
+    def by_image(
+        self, image: bytes, k: int = contract.DEFAULT_K, *, categories: Categories = None
+    ) -> list[SearchResult]:
         return self.search_images([image], k, categories=categories)[0]
 
-    def by_text(self, text: str, k: int = 10, *, categories: Categories = None) -> list[SearchResult]:
+    def by_text(self, text: str, k: int = contract.DEFAULT_K, *, categories: Categories = None) -> list[SearchResult]:
         return self.search_texts([text], k, categories=categories)[0]
 
     def by_image_text(
         self,
         image: bytes,
         text: str,
-        k: int = 10,
+        k: int = contract.DEFAULT_K,
         *,
         mode: str = "fusion",
         image_weight: float | None = None,
@@ -206,17 +208,21 @@ class AsyncSearchClient(AsyncEmbeddingClient):
         chunks = plan_multimodal(images, texts, image_weight, self.max_batch, m)
         return await self._search(with_parameters(chunks, search_parameters(m, k, categories)))
 
-    async def by_image(self, image: bytes, k: int = 10, *, categories: Categories = None) -> list[SearchResult]:
+    async def by_image(
+        self, image: bytes, k: int = contract.DEFAULT_K, *, categories: Categories = None
+    ) -> list[SearchResult]:
         return (await self.search_images([image], k, categories=categories))[0]
 
-    async def by_text(self, text: str, k: int = 10, *, categories: Categories = None) -> list[SearchResult]:
+    async def by_text(
+        self, text: str, k: int = contract.DEFAULT_K, *, categories: Categories = None
+    ) -> list[SearchResult]:
         return (await self.search_texts([text], k, categories=categories))[0]
 
     async def by_image_text(
         self,
         image: bytes,
         text: str,
-        k: int = 10,
+        k: int = contract.DEFAULT_K,
         *,
         mode: str = "fusion",
         image_weight: float | None = None,

@@ -44,6 +44,7 @@ from mim.model.towers import MIMModel
 from mim.progress import progress_bar
 from mim.search.embedding import LocalEmbedder, TorchEmbedder
 from mim.search.ranking import top_k
+from mim.tables import markdown_table
 from mim.training.evaluate import COLUMNS, evaluate_per_query
 from mim.training.stats import bootstrap_interval, paired_difference
 from mim.training.train import DEFAULT_ALIGN_WEIGHT, TrainConfig, train
@@ -375,14 +376,12 @@ def _cell(iv: dict[str, float] | None) -> str:
 
 
 def markdown(summary: dict[str, Any], columns: Sequence[str] = COLUMNS) -> str:
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for name, metrics in summary["intervals"].items():
-        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(c)) for c in columns) + " |")
+    rows = ([name, *(_cell(m.get(c)) for c in columns)] for name, m in summary["intervals"].items())
+    lines = [markdown_table(["model", *columns], rows, label_column=True)]
     if summary["differences"]:
         lines += ["", "Paired differences (same seeds and queries; 95% bootstrap interval of the mean difference):", ""]
-        lines += ["| difference | " + " | ".join(DIFF_METRICS) + " |", "|---|" + "---:|" * len(DIFF_METRICS)]
-        for name, metrics in summary["differences"].items():
-            lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(c)) for c in DIFF_METRICS) + " |")
+        diffs = ([name, *(_cell(m.get(c)) for c in DIFF_METRICS)] for name, m in summary["differences"].items())
+        lines.append(markdown_table(["difference", *DIFF_METRICS], diffs, label_column=True))
     return "\n".join(lines)
 
 
