@@ -88,15 +88,18 @@ class SearchService:
         image_weight: float | None = None,
         text_weight: float = DEFAULT_REFINE_WEIGHT,
         top_n: int = REFINE_TOP_N,
+        categories: str | Iterable[str] | None = None,
     ) -> list[SearchResult]:
-        """Photo + reformulation text. `image_weight` (a) is fusion's, `text_weight` (b) and `top_n` refine's."""
+        """Photo + reformulation text. `image_weight` (a) is fusion's, `text_weight` (b) and `top_n` refine's;
+        `categories` filters either mode (refine re-ranks only candidates of those categories)."""
         if mode == "fusion":
             w = contract.DEFAULT_IMAGE_WEIGHT if image_weight is None else image_weight
-            return self.search_embedding(self.client.embed_multimodal([image], [text], image_weight=w), k)
+            query = self.client.embed_multimodal([image], [text], image_weight=w)
+            return self.search_embedding(query, k, categories=categories)
         if mode == "refine":
             q = self.client.embed_images([image])
             s = self.client.embed_texts([text])
-            return self.refine_embeddings(q, s, k, text_weight=text_weight, top_n=top_n)
+            return self.refine_embeddings(q, s, k, text_weight=text_weight, top_n=top_n, categories=categories)
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
 
     # --- the embedding-level API (also used for batched evaluation) ----------------------------------------------
@@ -115,15 +118,20 @@ class SearchService:
         *,
         text_weight: float = DEFAULT_REFINE_WEIGHT,
         top_n: int = REFINE_TOP_N,
+        categories: str | Iterable[str] | None = None,
     ) -> list[SearchResult]:
-        """Image kNN for `top_n` candidates from the index, re-ranked by `mim.search.ranking.refine`."""
+        """Image kNN for `top_n` candidates from the index (of `categories` only, when given), re-ranked by
+        `mim.search.ranking.refine`. A filter that leaves fewer than k candidates gives fewer results."""
         if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
             raise ValueError(f"top_n={top_n!r}; expected a positive int (candidates re-ranked by refine)")
         k = self._k(k)
         n = min(max(int(top_n), k), self.index.count)
-        _, cand = self.index.search(q_img, n)  # (1, n) best first
+        _, cand = self.index.search(q_img, n, categories=categories)  # (1, n) best first, -1 padding
         # Candidates in ascending id order, so refine's "ties by lower row" is "ties by lower id", as in search.
-        cand_ids = np.sort(cand[0])
+        cand_ids = np.sort(cand[0][cand[0] >= 0])
+        if cand_ids.size == 0:
+            return []
+        k, n = min(k, cand_ids.size), cand_ids.size
         sub = self._embeddings_of(cand_ids)  # (n, D)
         rows = refine(q_img, q_txt, sub, k, top_n=n, text_weight=text_weight)[0]  # (k,) rows of sub
         score = refine_scores(q_img[:1], q_txt[:1], sub[rows][None], text_weight)[0]  # the score refine ranked by
