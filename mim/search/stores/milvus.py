@@ -192,16 +192,22 @@ def _wait_lite_background(uri: str, collection: str, timeout_s: float = INDEX_WA
     Lite builds the indexes of flushed segments in a background worker and searches them by brute force until
     then (exact, slower, and not what HNSW/IVF will return). Its API has no call that waits for that worker,
     so this reaches the in-process server's collection and drains the worker (milvus-lite 3.2's
-    `Collection._wait_for_bg`). Where that is missing (another milvus-lite), it returns without waiting."""
+    `Collection._wait_for_bg`). Where that is missing (another milvus-lite), it fails loudly rather than return
+    a gallery that silently searches by brute force."""
+    from importlib.metadata import version
+
     from milvus_lite import server_manager_instance
 
-    entry = getattr(server_manager_instance, "_servers", {}).get(str(Path(uri).resolve()))
-    if entry is None:
-        return
     try:
-        entry[1].get_collection(collection)._wait_for_bg(timeout_s)
-    except AttributeError:
-        return
+        entry = server_manager_instance._servers[str(Path(uri).resolve())]
+        wait = entry[1].get_collection(collection)._wait_for_bg
+    except (AttributeError, KeyError, TypeError, IndexError) as e:
+        raise MilvusStoreError(
+            f"cannot wait for Milvus Lite to index {uri}#{collection}: milvus-lite {version('milvus-lite')} lacks "
+            f"what this store uses ({type(e).__name__}: {e}); install the pinned milvus-lite==3.2.2 "
+            "(pip install -e '.[milvus]')"
+        ) from e
+    wait(timeout_s)
 
 
 # --- filter expressions ------------------------------------------------------------------------------------------
