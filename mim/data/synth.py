@@ -116,6 +116,18 @@ PATTERN_PHRASES: dict[str, tuple[str, ...]] = {
 # Stream tags keep the per-product random streams independent: (seed, tag, product_id[, k]).
 _STREAM_STYLE, _STREAM_QUERY, _STREAM_TEXT, _STREAM_REFORM, _STREAM_SPLIT, _STREAM_MODEL, _STREAM_PAIRS = range(7)
 
+# A few texts in the catalog's words (titles, a typed query, reformulations), for what needs text but no
+# catalog: the tokenizer of the random tiny checkpoints the tests and the benchmarks build.
+TOY_TEXTS = (
+    "blue zebra-striped ceramic mug",
+    "red polka-dot cotton shirt",
+    "green plaid leather shoe",
+    "yellow striped canvas bag",
+    "zebra mug",
+    "in red",
+    "with polka dots",
+)
+
 # Defaults of the generation parameters (CatalogParams's).
 DEFAULT_VARIANTS = 3
 DEFAULT_STREET_FRACTION = 0.5
