@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine, refi
 from mim.search.stores import VectorStore
 
 MODES = ("fusion", "refine")
+Categories = str | Iterable[str] | None
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,38 @@ def results_from(index: VectorStore, scores: np.ndarray, ids: np.ndarray) -> lis
     return out
 
 
+@runtime_checkable
+class Searcher(Protocol):
+    """One query at a time, with the same features and results on both front ends: `SearchService` (a store
+    searched here) and `client.search_client.SearchClient` (the server's gallery, one request per query). Every
+    query kind takes a category filter; image + text comes by fusion or by refine (`mode`). A front end that
+    cannot do a mode (the server does fusion only) refuses it with a ValueError that names the other one."""
+
+    def by_image(
+        self, image: bytes, k: int = contract.DEFAULT_K, *, categories: Categories = None
+    ) -> list[SearchResult]: ...
+
+    def by_text(
+        self, text: str, k: int = contract.DEFAULT_K, *, categories: Categories = None
+    ) -> list[SearchResult]: ...
+
+    def by_image_text(
+        self,
+        image: bytes,
+        text: str,
+        k: int = contract.DEFAULT_K,
+        *,
+        mode: str = "fusion",
+        image_weight: float | None = None,
+        text_weight: float = DEFAULT_REFINE_WEIGHT,
+        top_n: int = REFINE_TOP_N,
+        categories: Categories = None,
+    ) -> list[SearchResult]: ...
+
+
 class SearchService:
+    """The `Searcher` over a vector store searched in this process, with query embeddings from `client`."""
+
     def __init__(self, client: Embedder, index: VectorStore) -> None:
         self.client, self.index = client, index
 

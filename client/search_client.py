@@ -28,6 +28,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
+from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
 
 from .search import SearchResult
 from .triton_client import (
@@ -153,8 +154,12 @@ class SearchClient(EmbeddingClient):
         *,
         mode: str = "fusion",
         image_weight: float | None = None,
+        text_weight: float = DEFAULT_REFINE_WEIGHT,
+        top_n: int = REFINE_TOP_N,
         categories: Categories = None,
     ) -> list[SearchResult]:
+        """`client.search.Searcher.by_image_text`; the server fuses, so `text_weight` and `top_n` (refine's) are
+        accepted for the shared signature and a refine `mode` is refused."""
         _check_mode(mode)
         return self.search_multimodal([image], [text], k, image_weight=image_weight, categories=categories)[0]
 
@@ -226,6 +231,8 @@ class AsyncSearchClient(AsyncEmbeddingClient):
         *,
         mode: str = "fusion",
         image_weight: float | None = None,
+        text_weight: float = DEFAULT_REFINE_WEIGHT,
+        top_n: int = REFINE_TOP_N,
         categories: Categories = None,
     ) -> list[SearchResult]:
         _check_mode(mode)

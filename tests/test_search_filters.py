@@ -3,10 +3,13 @@ fusion and by refine), with a fixed embedder over a small exact store: no model,
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
-from client.search import SearchService
+from client.search import Searcher, SearchService
+from client.search_client import AsyncSearchClient, SearchClient
 from mim.search.stores.exact import ExactStore
 
 CATS = ("mug", "shirt")
@@ -55,3 +58,13 @@ def test_every_query_kind_filters_by_category(service, query):
 def test_refine_with_a_filter_that_leaves_few_candidates_returns_fewer(service):
     assert len(service.by_image_text(b"x", "y", k=15, mode="refine", categories="mug")) == 10
     assert service.by_image_text(b"x", "y", mode="refine", categories="hat") == []
+
+
+@pytest.mark.parametrize("front_end", [SearchService, SearchClient, AsyncSearchClient])
+def test_both_front_ends_take_the_searcher_s_arguments(front_end):
+    for method in ("by_image", "by_text", "by_image_text"):
+        want = inspect.signature(getattr(Searcher, method)).parameters
+        got = inspect.signature(getattr(front_end, method)).parameters
+        assert [(p.name, p.kind, p.default) for p in got.values()] == [
+            (p.name, p.kind, p.default) for p in want.values()
+        ], (front_end.__name__, method)
