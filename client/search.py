@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from mim import contract
+from mim.checks import is_positive_int
 from mim.search.embedding import Embedder
 from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine, refine_scores
 from mim.search.stores import VectorStore
@@ -154,7 +155,7 @@ class SearchService:
     ) -> list[SearchResult]:
         """Image kNN for `top_n` candidates from the index (of `categories` only, when given), re-ranked by
         `mim.search.ranking.refine`. A filter that leaves fewer than k candidates gives fewer results."""
-        if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
+        if not is_positive_int(top_n):
             raise ValueError(f"top_n={top_n!r}; expected a positive int (candidates re-ranked by refine)")
         k = self._k(k)
         n = min(max(int(top_n), k), self.index.count)
@@ -171,7 +172,7 @@ class SearchService:
 
     # --- internals ------------------------------------------------------------------------------------------------
     def _k(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if not is_positive_int(k):
             raise ValueError(f"k={k!r}; expected a positive int")
         if self.index.count == 0:
             raise ValueError("the index is empty; build it first (python -m client.cli index ...)")

@@ -28,6 +28,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
+from mim.checks import is_positive_int
 from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
 
 from .search import SearchResult
@@ -50,7 +51,7 @@ Categories = str | Iterable[str] | None
 
 def search_parameters(model: str, k: int, categories: Categories) -> dict[str, Any]:
     """The request parameters of one search; k's upper bound (the gallery size) is the server's to check."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not is_positive_int(k):
         raise ClientError(f"{model}: k={k!r}; expected a positive int (results per query)", model=model)
     params: dict[str, Any] = {contract.K_PARAM: int(k)}
     if categories is not None:

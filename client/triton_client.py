@@ -38,6 +38,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
+from mim.checks import is_int, is_positive_int
 from mim.search import embedding
 
 from .replicas import PROBE_TIMEOUT_S, UNAVAILABLE, Failover, ReplicaPool, ReplicaStats, parse_urls
@@ -292,9 +293,9 @@ def _empty(dim: int | None) -> np.ndarray:
 def _validate_settings(timeout_s: float, retries: int, max_batch: int) -> None:
     if not timeout_s > 0:
         raise ValueError(f"timeout_s={timeout_s!r}; expected a positive number of seconds")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+    if not is_int(retries) or retries < 0:
         raise ValueError(f"retries={retries!r}; expected an int >= 0 (retries after the first attempt)")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= contract.MAX_BATCH_SIZE:
+    if not is_int(max_batch) or not 1 <= max_batch <= contract.MAX_BATCH_SIZE:
         raise ValueError(f"max_batch={max_batch!r}; expected 1..{contract.MAX_BATCH_SIZE} (the models' max_batch_size)")
 
 
@@ -546,7 +547,7 @@ class AsyncEmbeddingClient:
         backoff: Backoff = Backoff(),
     ) -> None:
         _validate_settings(timeout_s, retries, max_batch)
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+        if not is_positive_int(max_concurrency):
             raise ValueError(f"max_concurrency={max_concurrency!r}; expected an int >= 1")
         urls = parse_urls(url)
         self.url, self.timeout_s, self.retries, self.max_batch, self.backoff = (

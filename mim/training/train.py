@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mim.checks import is_positive_int
 from mim.data.catalog import ATTRIBUTES, Catalog
 from mim.data.dataset import is_dataset, open_catalog
 from mim.data.synth import ensure_catalog
@@ -65,7 +66,7 @@ class TrainConfig:
             raise ValueError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"{name}={value!r}; expected a positive int")
 
     @classmethod

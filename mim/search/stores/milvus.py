@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from mim.checks import is_positive_int
 from mim.search.knn import DEFAULT_NORM_TOL, _check_categories, _check_ids, _check_matrix, _check_metadata
 from mim.search.stores import StoreError
 
@@ -365,7 +366,7 @@ class MilvusStore:
     ) -> MilvusStore:
         from pymilvus import DataType, MilvusClient
 
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        if not is_positive_int(dim):
             raise ValueError(f"dim must be a positive int; got {dim!r}")
         if model_id is not None and not isinstance(model_id, str):
             raise TypeError(f"model_id must be a str or None; got {type(model_id).__name__}")
@@ -567,7 +568,7 @@ class MilvusStore:
         n = self.count
         if n == 0:
             raise ValueError(f"the gallery {self.location} is empty; add items before searching")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if not is_positive_int(k):
             raise ValueError(f"k must be a positive int; got {k!r}")
         k = int(k)
         if k > n:
