@@ -14,11 +14,12 @@ STEPS     ?= 600
 FULL_STEPS ?= 1500
 FULL_SEEDS ?= 0,1,2
 JOBS      ?= 2
+GPU_PYTHON ?= 3.12
 PYTEST_ARGS ?=
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps lint format test test-slow test-all demo catalog train quality quality-full engines serve bench bench-full bench-search gpu-bundle clean
+.PHONY: help setup system-deps lint format test test-gpu-env gpu-check test-slow test-all demo catalog train quality quality-full engines serve bench bench-full bench-search gpu-bundle clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,8 +48,12 @@ format: setup ## apply ruff's fixes and formatting
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-test: setup lint ## lint, then the default test suite (CPU, real tritonserver; no slow tests)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+test: setup lint ## lint, the default test suite (CPU, real tritonserver; no slow tests), then test-gpu-env
+	$(PY) -m pytest -m "not slow and not gpu_env" $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-gpu-env
+
+test-gpu-env: setup ## the served path in a replica of a GPU machine's environment (numpy 2, torch, the bundle)
+	$(PY) -m pytest -m gpu_env $(PYTEST_ARGS)
 
 test-slow: setup ## only the slow tests
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
@@ -89,8 +94,12 @@ bench-full: setup ## the full CPU benchmark set into benchmarks/results
 bench-search: setup ## search in one request vs embed + client-side kNN (after `make demo`) into benchmarks/results/search
 	$(MIMSEARCH) search-bench --repository $(ART)/model_repository --catalog $(CATALOG) --out benchmarks/results/search
 
-gpu-bundle: setup ## build/gpu-bundle/mim-gpu.tar.xz: tritonserver, perf_analyzer and packages for a CUDA machine (< 40 MiB)
-	$(PY) -m benchmarks.gpu_bundle --out build/gpu-bundle
+gpu-bundle: setup ## build/gpu-bundle/mim-gpu.tar.xz for a CUDA machine's Python (GPU_PYTHON=3.12): server, perf_analyzer, packages
+	$(PY) -m benchmarks.gpu_bundle --out build/gpu-bundle --python $(GPU_PYTHON)
+
+# On the GPU machine itself: its own python3, no setup (it cannot install this project's packages).
+gpu-check: ## on a lent GPU: unpack the bundle, GPU tests, towers/kNN/served ensembles; <= 9 min, files in $$OUT
+	python3 -m benchmarks.gpu_check --bundle build/gpu-bundle/mim-gpu.tar.xz --out $${OUT:-build/gpu-check}
 
 clean: ## remove generated artifacts (keeps the virtualenv)
 	rm -rf $(ART) .pytest_cache

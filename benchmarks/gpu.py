@@ -4,14 +4,14 @@
     python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny              # any machine, tiny sizes (the tests run this)
 
 1. towers: the `base` towers (ViT-B/16 at 224 px, a 77-token text transformer) through
-   `mim.serving.torch_backend.TorchEncoder` in FP16 (LayerNorm / softmax / L2 norm in FP32), eager against CUDA
+   `mim.serving.torch_backend.TorchEncoder` in FP16 (the whole tower; L2 norm in FP32), eager against CUDA
    graphs, timed side by side per batch; items/s and the fraction of the compute floor (the tower's matmul
    FLOPs / --peak-tflops). Parity: FP16 against FP32 by cosine on real photos and titles. Also the cost of the
    one host copy the serving path keeps (pixels from the preprocessing model to the GPU), pageable and pinned.
-2. knn: `mim.search.knn.KnnIndex` on CuPy over N x 512 FP16 galleries, each top-k selector, against
+2. knn: `mim.search.knn.KnnIndex` over 1M and 10M x 512 FP16 galleries, batch 1/32/256, k 10/100, against
    `torch.mm` + `torch.topk` on the same device memory and against the memory floor (one read of the gallery
-   at --hbm-tbps); ids checked against an FP32 reference. The fastest selector per cell is printed next to
-   `knn.default_topk_method`'s choice, so the default can follow the data.
+   at --hbm-tbps); ids checked against an FP32 reference; at most 90 s of wall time, the cells that would not
+   fit are listed as skipped (`benchmarks.knn_bench.bench_gpu`).
 3. serving (when tritonserver and perf_analyzer are found, e.g. unpacked from `make gpu-bundle`): a random-init
    checkpoint of the size exported and served with the `gpu_torch` config (`torch` on a CPU), the three
    ensembles under perf_analyzer at each concurrency.
@@ -29,6 +29,7 @@ import functools
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,8 +41,8 @@ from mim import contract, layout
 from mim.search import ranking
 from mim.serving.runtimes import GPU_TORCH, TORCH
 
-from . import perf
-from .common import hardware, markdown_table, now_utc, versions, write_json, write_rows_csv
+from . import perf, towers_peer
+from .common import hardware, markdown_table, now_utc, tower_flops, versions, write_json, write_rows_csv
 from .knn_bench import time_side_by_side
 
 GPU_CONFIG, CPU_CONFIG = GPU_TORCH, TORCH  # rows of mim.serving.runtimes.VARIANTS
@@ -75,6 +76,15 @@ class Plan:
     concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     perf_interval_ms: int = 1000
     photos: int = 8
+    # Wall-clock budget of each step (a lent GPU is held for minutes): a step stops starting new cells once its
+    # budget is spent, and gpu.json says so. The defaults keep the three steps under 6 minutes on an H200.
+    budget_s: tuple[tuple[str, float], ...] = (("towers", 130.0), ("knn", 90.0), ("serving", 130.0))
+    deadline: float | None = None  # time.monotonic() at which the running step's budget ends (set by run_all)
+
+
+def out_of_time(plan: Plan) -> bool:
+    """True once the running step has spent its budget: loops check it before each new cell."""
+    return plan.deadline is not None and time.monotonic() > plan.deadline
 
 
 TINY = Plan(
@@ -89,6 +99,7 @@ TINY = Plan(
     concurrencies=(1,),
     perf_interval_ms=500,
     photos=2,
+    budget_s=(("towers", 120.0), ("knn", 120.0), ("serving", 240.0)),
 )
 
 
@@ -141,22 +152,6 @@ def real_inputs(ckpt, images: Sequence[bytes], texts: Sequence[str]) -> dict[str
 
 
 # --- 1. towers ---------------------------------------------------------------------------------------------
-def tower_flops(model_cfg, name: str) -> float:
-    """Matmul FLOPs per item (2 per multiply-add): patch embedding, attention projections, scores and mixing,
-    MLP, final projection. ViT-B/16 at 224 px: 35.1 GFLOP."""
-    if name == contract.IMAGE_ENCODER:
-        v = model_cfg.vision
-        patches = (v.image_size // v.patch_size) ** 2
-        t, w, layers, hidden = patches + 1, v.width, v.layers, int(v.width * v.mlp_ratio)
-        stem = 2 * patches * 3 * v.patch_size**2 * w
-    else:
-        x = model_cfg.text
-        t, w, layers, hidden = x.context_length, x.width, x.layers, int(x.width * x.mlp_ratio)
-        stem = 0
-    per_layer = 2 * t * (4 * w * w + 2 * w * hidden) + 2 * 2 * t * t * w
-    return float(stem + layers * per_layer + 2 * w * model_cfg.embed_dim)
-
-
 def _random_feeds(io: contract.ModelIO, model_cfg, batch: int, device) -> dict:
     import torch
 
@@ -197,6 +192,8 @@ def bench_towers(plan: Plan, ckpt, inputs: dict, peak_tflops: float, log: Callab
             f"{precision} vs fp32 cosine {parity:.6f}"
         )
         for batch in plan.tower_batches:
+            if out_of_time(plan):
+                break
             feeds = _random_feeds(io, ckpt.model_cfg, batch, device)
             encoders = {"eager": eager} | ({"graphs": graphs} if graphs is not None else {})
             fns = {mode: functools.partial(_forward, enc, feeds) for mode, enc in encoders.items()}
@@ -267,106 +264,24 @@ def _copy(dst, src) -> None:
 
 
 # --- 2. kNN ------------------------------------------------------------------------------------------------
-def _gallery(xp, n: int, dim: int, dtype, seed: int = 0, chunk: int = 1 << 20):
-    """(n, dim) unit rows in `dtype`, generated on the device chunk by chunk (no host copy of 10M rows)."""
-    rs = xp.random.RandomState(seed) if hasattr(xp.random, "RandomState") else np.random.RandomState(seed)
-    out = xp.empty((n, dim), dtype=dtype)
-    for a in range(0, n, chunk):
-        x = rs.standard_normal((min(chunk, n - a), dim)).astype(xp.float32)
-        out[a : a + len(x)] = (x / xp.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
-    return out
-
-
-def _reference_topk(tg, tq, k: int, chunk: int = 1 << 20):
-    """FP32 top-k over the stored gallery (torch, chunked): scores (B, k) and rows (B, k)."""
-    import torch
-
-    best_s = best_i = None
-    for a in range(0, tg.shape[0], chunk):
-        s = tq @ tg[a : a + chunk].float().T
-        v, i = torch.topk(s, min(k, s.shape[1]), dim=1)
-        i = i + a
-        if best_s is not None:
-            v, j = torch.topk(torch.cat([best_s, v], 1), k, dim=1)
-            i = torch.gather(torch.cat([best_i, i], 1), 1, j)
-        best_s, best_i = v, i
-    return best_s, best_i
-
-
-def _search(index, method: str, q: np.ndarray, k: int):
-    index.topk = method
-    return index.search(q, k)  # host arrays: synchronous
-
-
-def _torch_mm_topk(tg, tq, k: int):
-    import torch
-
-    _, i = torch.topk(tq.to(tg.dtype) @ tg.T, k, dim=1)  # scores in the gallery's dtype, like our storage
-    return i.cpu()
-
-
 def bench_knn(plan: Plan, hbm_tbps: float, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
-    import torch
+    """`benchmarks.knn_bench.bench_gpu` over the plan's grid within its wall-time budget: rows per cell and
+    method, and one summary per cell (ours against torch.topk(q @ g.T), fraction of the floor, or why skipped)."""
+    from .knn_bench import bench_gpu
 
-    from mim.search import knn
-
-    reason = knn.cuda_unavailable_reason()
-    device = "cuda" if reason is None else "cpu"
-    xp = knn._array_module(device)
-    dtype = np.float16 if device == "cuda" else np.float32
-    tdev = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        log(f"  kNN on the CPU (NumPy, fp32): {reason}")
-    methods = [m for m in knn.TOPK_METHODS if device == "cpu" or m != "torch" or tdev == "cuda"]
-    rows, choices = [], []
-    for n in plan.knn_n:
-        g = _gallery(xp, n, plan.knn_dim, dtype)
-        index = knn.KnnIndex(plan.knn_dim, device=device)
-        index.add(np.arange(n, dtype=np.int64), g)
-        tg = torch.from_dlpack(g) if device == "cuda" else torch.from_numpy(g)
-        tg = tg.to(tdev)
-        del g
-        floor_ms = n * plan.knn_dim * 2 / (hbm_tbps * 1e12) * 1e3  # one FP16 read of the gallery
-        for batch in plan.knn_batches:
-            rng = np.random.default_rng(batch)
-            q = rng.standard_normal((batch, plan.knn_dim)).astype(np.float32)
-            q /= np.linalg.norm(q, axis=1, keepdims=True)
-            tq = torch.from_numpy(q).to(tdev)
-            for k in plan.knn_k:
-                _, ref_i = _reference_topk(tg, tq, k)
-                ref_ids = ref_i.cpu().numpy()
-
-                fns = {m: functools.partial(_search, index, m, q, k) for m in methods}
-                fns["torch_mm_topk"] = functools.partial(_torch_mm_topk, tg, tq, k)
-                secs = time_side_by_side(fns, plan.min_time, plan.min_reps)
-                for name, sec in secs.items():
-                    got = fns[name]()
-                    ids = (got[1] if isinstance(got, tuple) else got.numpy()).astype(np.int64)
-                    same = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids.tolist(), ref_ids.tolist())]))
-                    rows.append(
-                        {
-                            "n": n,
-                            "batch": batch,
-                            "k": k,
-                            "method": name,
-                            "device": device,
-                            "ms": sec * 1e3,
-                            "queries_per_s": batch / sec,
-                            "floor_ms": floor_ms if device == "cuda" else None,
-                            "fraction_of_floor": floor_ms / (sec * 1e3) if device == "cuda" else None,
-                            "recall_vs_fp32": same,
-                        }
-                    )
-                ours = {m: secs[m] for m in methods}
-                fastest = min(ours, key=ours.get)
-                default = knn.default_topk_method(device, k)
-                choices.append({"n": n, "batch": batch, "k": k, "fastest": fastest, "default": default})
-                log(
-                    f"  n={n:,} batch={batch} k={k}: "
-                    + ", ".join(f"{m} {s * 1e3:.2f} ms" for m, s in secs.items())
-                    + f"; fastest selector {fastest}, default {default}"
-                )
-    return rows, choices
+    # The step's own deadline (run_all sets it from plan.budget_s): bench_gpu skips what would not fit in it.
+    budget = plan.deadline - time.monotonic() if plan.deadline is not None else dict(plan.budget_s).get("knn", 90.0)
+    return bench_gpu(
+        plan.knn_n,
+        plan.knn_batches,
+        plan.knn_k,
+        plan.knn_dim,
+        min_time=plan.min_time,
+        min_reps=plan.min_reps,
+        hbm_tbps=hbm_tbps,
+        budget_s=budget,
+        log=log,
+    )
 
 
 # --- 3. the served ensembles -------------------------------------------------------------------------------
@@ -428,11 +343,13 @@ def _has_matplotlib() -> bool:
 
 
 def bench_serving(plan: Plan, ckpt_dir: Path, images, work: Path, out: Path, log) -> dict[str, Any]:
-    """Export `ckpt_dir`, install it into a freshly generated repository, sweep the ensembles."""
-    from export.engines import install
-    from export.onnx_export import export_checkpoint
+    """Serve `ckpt_dir`'s towers in torch from a freshly generated repository (no ONNX needed) with a gallery of
+    the photos installed; check every ensemble against the in-process model; sweep the embedding ensembles
+    under perf_analyzer; then make sure no python-backend stub died on the way."""
+    from export.install import export_torch, install
     from mim.model.checkpoint import load_checkpoint
     from mim.serving.repository import write_repository
+    from mim.serving.server import TritonServer, TritonServerError
 
     reason = serving_unavailable_reason()
     if reason is not None:
@@ -444,15 +361,90 @@ def bench_serving(plan: Plan, ckpt_dir: Path, images, work: Path, out: Path, log
         shutil.rmtree(repo)
     ck = load_checkpoint(ckpt_dir)
     write_repository(repo, ck.model_cfg, ck.pre_cfg)  # configs only; the export brings the artifacts
-    export_checkpoint(ckpt_dir, work / "export", fp16=False, check=False)
-    install(work / "export", repo)
+    export_torch(ckpt_dir, work / "export")
+    install(work / "export", repo, onnx=False)
+    install_photo_gallery(ck, images, repo, work)
     samples = [perf.Sample(data, TITLES[i % len(TITLES)], name) for i, (name, data) in enumerate(images)]
     inputs = perf.prepare_inputs(list(perf.ENSEMBLES), samples, repo, work / "inputs")
     settings = perf.PerfSettings(
         concurrencies=plan.concurrencies, interval_ms=plan.perf_interval_ms, stability_pct=30.0, max_trials=4
     )
-    result = run(perf.locate(), repo, inputs, settings, out, config=config, log=log)
-    return {"config": config, "rows": result.rows, "errors": result.errors, "commands": result.commands}
+    found: dict[str, Any] = {"config": config}
+    with TritonServer(repo, config=config, log_path=out / "tritonserver.log") as server:
+        found["parity"] = served_parity(server.grpc_url, ck, images, log)
+        pa = perf.locate()
+        result = perf.run_sweeps(
+            pa, server.grpc_url, list(inputs), inputs, settings, out / "logs", log=log, deadline=plan.deadline
+        )
+        try:
+            server.check_health()
+        except TritonServerError as e:
+            found["health"] = str(e)
+            log(f"  {e}")
+        found["stub_environment"] = stub_environment(server.log_text())
+    found.update(rows=result.rows, errors=result.errors, commands=result.commands, skipped_models=result.skipped)
+    if _has_matplotlib():
+        perf.write_outputs(result, out, {"config": config})
+    else:  # a GPU machine may lack matplotlib: the figures matter, the plot does not
+        write_rows_csv(result.rows, out / "perf.csv", perf.PERF_FIELDS)
+        write_json({"config": config, "results": result.rows, "errors": result.errors}, out / "perf.json")
+    return found
+
+
+def stub_environment(log_text: str) -> list[str]:
+    """The distinct "numpy ... from ...; Python ..." lines the python-backend models print at `initialize`
+    (mim.serving.python_backend.environment_line): which numpy each stub really imported."""
+    lines = {line.split("] ", 1)[1] for line in log_text.splitlines() if line.startswith("[") and "] numpy " in line}
+    return sorted(line.split("; sys.path")[0] for line in lines)
+
+
+def install_photo_gallery(ck, images, repo: Path, work: Path, seed: int = 0) -> None:
+    """A gallery of the photos themselves (id = position, in-process embeddings), padded with random unit rows
+    (ids from 1000) up to the search models' default k, as the served `knn` model's: the search ensembles load,
+    and a photo's search must find the photo first."""
+    from mim.search.embedding import TorchEmbedder
+    from mim.search.knn import KnnIndex
+    from mim.serving.gallery import encoders_model_id, install_gallery
+
+    photos = TorchEmbedder(ck).embed_images([b for _, b in images])
+    pad = max(0, contract.DEFAULT_K - len(images))
+    noise = np.random.default_rng(seed).standard_normal((pad, photos.shape[1])).astype(np.float32)
+    vectors = np.concatenate([photos, noise / np.linalg.norm(noise, axis=1, keepdims=True)])
+    ids = np.concatenate([np.arange(len(images)), 1000 + np.arange(pad)]).astype(np.int64)
+    names = [n for n, _ in images] + [f"random-{i}" for i in range(pad)]
+    meta = [{"title": TITLES[i % len(TITLES)], "category": "photo", "image": n} for i, n in enumerate(names)]
+    index = KnnIndex(ck.model_cfg.embed_dim, device="cpu", model_id=encoders_model_id(repo))
+    index.add(ids, vectors, meta)
+    index.save(work / "photos.safetensors")
+    install_gallery(work / "photos.safetensors", repo)
+
+
+def served_parity(url: str, ck, images, log) -> dict[str, Any]:
+    """The served ensembles against the in-process torch model on the same photos and titles: the smallest
+    cosine per embedding ensemble, and for `search_image` the share of photos whose top result is the photo."""
+    from client.search_client import SearchClient
+    from mim.search.embedding import TorchEmbedder
+
+    data = [b for _, b in images]
+    titles = [TITLES[i % len(TITLES)] for i in range(len(data))]
+    local = TorchEmbedder(ck)
+    with SearchClient(url) as client:
+        client.wait_ready()
+        served = {
+            contract.EMBED_IMAGE: client.embed_images(data),
+            contract.EMBED_TEXT: client.embed_texts(titles),
+            contract.EMBED_MULTIMODAL: client.embed_multimodal(data, titles),
+        }
+        hits = client.search_images(data, k=1)
+    expected = {
+        contract.EMBED_IMAGE: local.embed_images(data),
+        contract.EMBED_TEXT: local.embed_texts(titles),
+        contract.EMBED_MULTIMODAL: local.embed_multimodal(data, titles),
+    }
+    found: dict[str, Any] = {m: float(ranking.parity(served[m], expected[m]).min_cosine) for m in served}
+    found[contract.SEARCH_IMAGE] = float(np.mean([bool(h) and h[0].id == i for i, h in enumerate(hits)]))
+    log("  served vs in-process: " + ", ".join(f"{m} {v:.6f}" for m, v in found.items()))
+    return found
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -531,6 +523,13 @@ def summary(result: dict[str, Any]) -> str:
         ]
     elif "skipped" in serving:
         lines += ["", f"serving: skipped ({serving['skipped']})"]
+    if serving.get("parity"):
+        lines += ["", "served vs in-process: " + ", ".join(f"{m} {v:.6f}" for m, v in serving["parity"].items())]
+    for what in ("errors", "health"):
+        if serving.get(what):
+            lines += [f"serving {what}: {serving[what]}"]
+    for step, why in result.get("cut_short", {}).items():
+        lines += [f"{step}: {why}"]
     return "\n".join(lines)
 
 
@@ -578,30 +577,42 @@ def run_all(
         "topk_choice": [],
         "seconds": {},
     }
-    result["errors"] = {}
+    result.update(errors={}, tracebacks={}, cut_short={})
+    nonlocal_plan = [plan]  # the running step's plan, with its deadline
 
     def towers() -> None:
         inputs = real_inputs(ckpt, [b for _, b in images], TITLES)
-        result["towers"], result["copy"] = bench_towers(plan, ckpt, inputs, peak_tflops, log)
+        result["towers"], result["copy"] = bench_towers(nonlocal_plan[0], ckpt, inputs, peak_tflops, log)
+        # benchmarks.towers_peer: a CLIP with the plan's image tower against transformers on the same weights.
+        p = nonlocal_plan[0]
+        result["towers_peer"] = towers_peer.for_gpu_script(
+            p.size, p.tower_batches, p.min_time, p.min_reps, peak_tflops, log, p.deadline, [b for _, b in images]
+        )
 
     def knn() -> None:
-        result["knn"], result["topk_choice"] = bench_knn(plan, hbm_tbps, log)
+        result["knn"], result["topk_choice"] = bench_knn(nonlocal_plan[0], hbm_tbps, log)
 
     def serving() -> None:
-        result["serving"] = bench_serving(plan, ckpt_dir, images, work, out, log)
+        result["serving"] = bench_serving(nonlocal_plan[0], ckpt_dir, images, work, out, log)
 
     # One step failing (a GPU machine is lent for minutes) must not lose the others' figures: each step's
-    # error is recorded and the files are rewritten after every step.
+    # error and traceback are recorded and the files are rewritten after every step.
+    budgets = dict(plan.budget_s)
     for name, step in (("towers", towers), ("knn", knn), ("serving", serving)):
         if name not in steps:
             continue
-        log(f"== {name}")
+        log(f"== {name} (budget {budgets.get(name, 0):.0f} s)")
         t = time.perf_counter()
+        nonlocal_plan[0] = replace(plan, deadline=time.monotonic() + budgets[name]) if name in budgets else plan
         try:
             step()
         except Exception as e:  # recorded in gpu.json and printed; the next step still runs
             log(f"  {name} failed: {type(e).__name__}: {e}")
             result["errors"][name] = f"{type(e).__name__}: {e}"
+            result["tracebacks"][name] = traceback.format_exc()
+        if out_of_time(nonlocal_plan[0]):
+            result["cut_short"][name] = f"budget of {budgets[name]:.0f} s spent; cells after it were not run"
+            log(f"  {name}: {result['cut_short'][name]}")
         result["seconds"][name] = time.perf_counter() - t
         result["seconds"]["total"] = time.perf_counter() - t0
         _write(result, out)

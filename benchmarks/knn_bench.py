@@ -1,16 +1,19 @@
-"""Exact top-k: mim.search.knn.KnnIndex (NumPy path) against faiss-cpu IndexFlatIP, side by side on the same data.
+"""Exact top-k: mim.search.knn.KnnIndex (CPU, float32) against faiss-cpu IndexFlatIP, side by side on the same data.
 
 For every (N, d, batch, k) both engines search the same query batch, warm up once, then alternate timed calls
 until each has run for --min-time seconds (and at least min_reps calls); queries/s = batch / median call time.
 Results are checked against each other "up to ties": at every rank the two returned ids must carry the same
 exact (float64) score, so the only swaps allowed are among equal scores. With a usable GPU the same grid also
-times the CuPy path, a torch.mm + torch.topk baseline, and the memory floor (fp16 gallery bytes / 4.3 TB/s,
+times the CUDA path, a torch.mm + torch.topk baseline, and the memory floor (fp16 gallery bytes / 4.3 TB/s,
 the H200's HBM bandwidth).
 
 Writes <out>/knn.csv, <out>/knn.json (rows + hardware, versions, threads, date, command) and <out>/knn.png.
 
     python -m benchmarks.knn_bench --quick      # CI smoke: small N, < 60 s on 2 cores
     python -m benchmarks.knn_bench              # full grid: N up to 1e6, d 256/512 (~GBs of RAM, minutes)
+
+`bench_gpu` is the GPU table (1M and 10M x 512 FP16 against torch.topk(q @ g.T) on the same memory, an FP32
+reference and the memory floor, within a wall-time budget); `python -m benchmarks.gpu --steps knn` runs it.
 """
 
 from __future__ import annotations
@@ -138,11 +141,7 @@ def environment(argv: list[str], threads: dict, gpu_reason: str | None) -> dict:
         "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if gpu_reason is None:
-        import cupy
-
-        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-        env["gpu"]["name"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        env["versions"]["cupy"] = cupy.__version__
+        env["gpu"]["name"] = torch.cuda.get_device_name()
     return env
 
 
@@ -181,20 +180,14 @@ def compare_up_to_ties(gallery: np.ndarray, q: np.ndarray, ids_a, ids_b, atol: f
 
 
 class GpuSide:
-    """CuPy KnnIndex vs torch.mm + torch.topk vs the HBM floor, for one gallery. Only built when CUDA is usable;
-    the gallery is copied to the device once per (N, d)."""
+    """KnnIndex on CUDA vs torch.mm + torch.topk vs the HBM floor, for one gallery. Only built when CUDA is
+    usable; the gallery is copied to the device once per (N, d)."""
 
     def __init__(self, gallery: np.ndarray, ids: np.ndarray, topk: str) -> None:
-        import torch
-
         self.gallery = gallery
         self.index = KnnIndex(gallery.shape[1], device="cuda", topk=topk)
         self.index.add(ids, gallery)
-        self.tg = None
-        if torch.cuda.is_available():
-            self.tg = torch.as_tensor(gallery, device="cuda").half()  # (N, d) fp16, like our storage
-        else:
-            print("  torch.mm+topk GPU baseline skipped: this torch build has no CUDA")
+        self.tg = self.index._emb  # (N, d) fp16: the baseline runs on the index's own device memory
 
     def time(self, q: np.ndarray, k: int, grid: Grid, cpu_ids: np.ndarray) -> dict:
         import torch
@@ -271,6 +264,167 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                     print(_format_row(row), flush=True)
             del ours, flat, gpu, gallery
     return rows
+
+
+# ---- the GPU table ---------------------------------------------------------------------------------------
+
+GPU_BUDGET_S = 90.0  # wall time of the whole GPU kNN table: it has to fit a GPU lent for minutes
+# A second tiling timed beside the default (whole gallery per product up to 1 GiB of scores): 1M-row tiles, so
+# that the GPU table itself says whether a single selection over 10M scores or ten over 1M is faster.
+GPU_TILE_ROWS_VARIANT = 1 << 20
+
+
+def device_gallery(n: int, dim: int, device: str, dtype, seed: int = 0, chunk: int = 1 << 20):
+    """(n, dim) random unit rows made on `device` chunk by chunk (no host copy of 10M rows), in `dtype`."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = torch.empty((n, dim), dtype=dtype, device=device)
+    for a in range(0, n, chunk):
+        x = torch.randn((min(chunk, n - a), dim), generator=gen, device=device)
+        out[a : a + len(x)] = (x / x.norm(dim=1, keepdim=True)).to(dtype)
+    return out
+
+
+def fp32_reference_topk(gallery, queries, k: int, chunk: int = 1 << 20):
+    """Rows (B, k) of the FP32 top-k over the stored gallery (upcast chunk by chunk), queries in FP32."""
+    import torch
+
+    best_s = best_i = None
+    for a in range(0, gallery.shape[0], chunk):
+        s = queries.float() @ gallery[a : a + chunk].float().T
+        v, i = torch.topk(s, min(k, s.shape[1]), dim=1)
+        i = i + a
+        if best_s is not None:
+            v, j = torch.topk(torch.cat([best_s, v], 1), k, dim=1)
+            i = torch.gather(torch.cat([best_i, i], 1), 1, j)
+        best_s, best_i = v, i
+    return best_i.cpu().numpy()
+
+
+def bench_gpu(
+    sizes: tuple[int, ...] = (1_000_000, 10_000_000),
+    batches: tuple[int, ...] = (1, 32, 256),
+    ks: tuple[int, ...] = (10, 100),
+    dim: int = 512,
+    *,
+    min_time: float = 0.2,
+    min_reps: int = 3,
+    hbm_tbps: float = 4.3,
+    budget_s: float = GPU_BUDGET_S,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], list[dict]]:
+    """KnnIndex on the GPU (FP16 gallery) per cell (N, batch, k), side by side with torch.topk(q @ g.T) on
+    the SAME device memory, ids against an FP32 reference, and the fraction of the memory floor (one read of
+    the gallery at `hbm_tbps`). Two ways in for our queries: already on the device (what the served model
+    gets from the encoders) and from host NumPy, and with `GPU_TILE_ROWS_VARIANT`-row tiles. Without CUDA it
+    runs the same on the CPU in FP32 (no floor).
+
+    The whole table stays within `budget_s` of wall time: a gallery or a cell that would not fit is skipped
+    and recorded as such. Returns (rows: one per cell and method, cells: one summary per cell)."""
+    import torch
+
+    from mim.search.knn import KnnIndex, cuda_unavailable_reason
+
+    t0 = time.perf_counter()
+    reason = cuda_unavailable_reason()
+    device = "cuda" if reason is None else "cpu"
+    if reason is not None:
+        log(f"  kNN on the CPU (FP32): {reason}")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows: list[dict] = []
+    cells: list[dict] = []
+    last_build_per_row = last_cell = 0.0
+    for n in sizes:
+        grid = [(b, k) for b in batches for k in ks]
+        left = budget_s - (time.perf_counter() - t0)
+        if last_build_per_row * n + len(grid) * last_cell > left:
+            cells += [_skipped(n, b, k, f"the {budget_s:.0f} s budget would run out") for b, k in grid]
+            log(f"  n={n:,}: skipped, {left:.0f} s of the budget left")
+            continue
+        t_build = time.perf_counter()
+        index = KnnIndex(dim, device=device)
+        index.add(np.arange(n, dtype=np.int64), device_gallery(n, dim, device, dtype))
+        gallery = index._emb  # (n, dim) in the index's storage: the baseline reads the same memory
+        sync()
+        last_build_per_row = (time.perf_counter() - t_build) / n
+        floor_ms = n * dim * 2 / (hbm_tbps * 1e12) * 1e3 if device == "cuda" else None
+        for b, k in grid:
+            if (time.perf_counter() - t0) + 1.5 * last_cell > budget_s:
+                cells.append(_skipped(n, b, k, f"the {budget_s:.0f} s budget ran out"))
+                continue
+            t_cell = time.perf_counter()
+            q = random_unit(np.random.default_rng(b), b, dim)  # (b, dim) float32 on the host
+            tq = torch.from_numpy(q).to(device)
+            tq_store = tq.to(dtype)
+            ref = fp32_reference_topk(gallery, tq, k)
+
+            def torch_topk(tq_store=tq_store, k=k, gallery=gallery):
+                return torch.topk(tq_store @ gallery.T, k, dim=1)[1].cpu()  # scores in the storage dtype
+
+            def ours_tiles(tq=tq, k=k, index=index):
+                index.chunk_size = GPU_TILE_ROWS_VARIANT
+                try:
+                    return index.search(tq, k)
+                finally:
+                    index.chunk_size = None
+
+            fns = {
+                "ours": lambda tq=tq, k=k, index=index: index.search(tq, k),
+                "ours_host_queries": lambda q=q, k=k, index=index: index.search(q, k),
+                "ours_1m_row_tiles": ours_tiles,
+                "torch_mm_topk": torch_topk,
+            }
+            secs = time_side_by_side(fns, min_time, min_reps)
+            got = {"ours": index.search(tq, k)[1], "ours_host_queries": index.search(q, k)[1]}
+            got["ours_1m_row_tiles"] = ours_tiles()[1]
+            got["torch_mm_topk"] = torch_topk().numpy()
+            for method, sec in secs.items():
+                ids = got[method]
+                rows.append(
+                    {
+                        "n": n,
+                        "batch": b,
+                        "k": k,
+                        "method": method,
+                        "device": device,
+                        "ms": sec * 1e3,
+                        "queries_per_s": b / sec,
+                        "floor_ms": floor_ms,
+                        "fraction_of_floor": floor_ms / (sec * 1e3) if floor_ms else None,
+                        "recall_vs_fp32": float(np.mean([len(set(a) & set(r)) / k for a, r in zip(ids, ref)])),
+                        "same_ids_as_fp32": float(np.mean(ids == ref)),
+                        "speedup_vs_torch": secs["torch_mm_topk"] / sec,
+                    }
+                )
+            last_cell = time.perf_counter() - t_cell
+            cells.append(
+                {
+                    "n": n,
+                    "batch": b,
+                    "k": k,
+                    "status": "measured",
+                    "ours_ms": secs["ours"] * 1e3,
+                    "torch_ms": secs["torch_mm_topk"] * 1e3,
+                    "ours_over_torch": secs["torch_mm_topk"] / secs["ours"],
+                    "fraction_of_floor": floor_ms / (secs["ours"] * 1e3) if floor_ms else None,
+                }
+            )
+            log(
+                f"  n={n:,} batch={b} k={k}: "
+                + ", ".join(f"{m} {s * 1e3:.3f} ms" for m, s in secs.items())
+                + (f"; floor {floor_ms:.3f} ms" if floor_ms else "")
+            )
+        del index, gallery
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    log(f"  kNN table: {time.perf_counter() - t0:.1f} s of {budget_s:.0f} s")
+    return rows, cells
+
+
+def _skipped(n: int, batch: int, k: int, why: str) -> dict:
+    return {"n": n, "batch": batch, "k": k, "status": f"skipped: {why}"}
 
 
 # ---- output ----------------------------------------------------------------------------------------------
@@ -360,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = set_threads(n_threads)
     gpu_reason = cuda_unavailable_reason()
     if gpu_reason is not None:
-        print(f"GPU timings (CuPy path, torch.mm+topk, HBM floor) skipped: {gpu_reason}")
+        print(f"GPU timings (CUDA path, torch.mm+topk, HBM floor) skipped: {gpu_reason}")
     print(f"threads: {threads}")
 
     rows = run_grid(grid, args.topk, args.seed, gpu_reason)

@@ -113,10 +113,15 @@ def find_binary() -> Path:
 
 
 def library_dirs() -> list[Path]:
-    """Folders perf_analyzer's libraries come from: the nvidia-cuda-runtime-cu12 wheel's lib/ (libcudart.so.12)
-    and the libraries bundled with the tritonserver of nvidia-pytriton."""
+    """Folders perf_analyzer's libraries come from. From an unpacked `make gpu-bundle`: the `lib/` beside the
+    binary's `bin/` (libcudart.so.12 and libb64.so.0d under the names it asks for), and nothing else. Otherwise
+    the nvidia-cuda-runtime-cu12 wheel's lib/ (libcudart.so.12) and the libraries of nvidia-pytriton's server."""
     import importlib.util
 
+    if os.environ.get(PERF_ANALYZER_ENV):
+        beside = Path(os.environ[PERF_ANALYZER_ENV]).resolve().parent.parent / "lib"
+        if beside.is_dir():
+            return [beside]
     dirs = []
     spec = importlib.util.find_spec("nvidia.cuda_runtime") if importlib.util.find_spec("nvidia") else None
     for loc in (spec.submodule_search_locations or []) if spec else []:
@@ -754,6 +759,7 @@ class SweepResult:
     breakdown: list[dict]
     commands: dict[str, str]  # model -> one perf_analyzer command line (the first concurrency)
     errors: dict[str, str]
+    skipped: list[str] = dataclasses.field(default_factory=list)  # models not swept: the deadline had passed
 
 
 def run_sweeps(
@@ -764,10 +770,16 @@ def run_sweeps(
     settings: PerfSettings,
     workdir: Path,
     log=print,
+    deadline: float | None = None,
 ) -> SweepResult:
-    """Every model's sweep; a model whose runs fail is reported in `errors` and the others still run."""
+    """Every model's sweep; a model whose runs fail is reported in `errors` and the others still run. Past
+    `deadline` (a time.monotonic() value) no further model is started; those are listed in `skipped`."""
     result = SweepResult([], [], {}, {})
     for model in models:
+        if deadline is not None and time.monotonic() > deadline:
+            result.skipped.append(model)
+            log(f"  {model}: not swept, the time budget is spent")
+            continue
         try:
             levels = sweep(pa, model, url, input_files[model], settings, workdir, log=log)
         except PerfAnalyzerError as e:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from mim import contract, layout
-from mim.atomic import atomic_write
-from mim.layout import PLAN_META_SUFFIX
-from mim.model.config import ModelConfig, PreprocessConfig
-from mim.serving.repository import write_repository
+from mim.model.config import ModelConfig
 
-from .onnx_export import export_checkpoint, onnx_filename, summary_lines, weights_filename
+from .install import install, read_json
+from .onnx_export import export_checkpoint, onnx_filename, summary_lines
 from .tensorrt_build import (
     BatchRange,
     build_engine,
@@ -44,10 +41,6 @@ log = logging.getLogger(__name__)
 
 TIMING_CACHE = "timing.cache"
 DEFAULT_EXPORT_DIR = Path("artifacts/export")
-
-
-class InstallError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -113,7 +106,7 @@ def build_and_install(
     checkpoint, repository, export_dir = Path(checkpoint), Path(repository), Path(export_dir)
     batches = batches or BatchRange()
     model_id = layout.model_id_of_checkpoint(checkpoint)
-    previous = _read_json(export_dir / layout.EXPORT_JSON)
+    previous = read_json(export_dir / layout.EXPORT_JSON)
     reused = reuse_export and previous is not None and previous.get(layout.MODEL_ID) == model_id
     report = export_checkpoint(checkpoint, export_dir, check=check) if not reused else previous
     result = InstallReport(model_id, repository, export_dir, report, reused_export=reused, batches=batches)
@@ -132,86 +125,6 @@ def build_and_install(
     result.tensorrt_skipped = reason
     result.files = install(export_dir, repository)
     return result
-
-
-# --- install -------------------------------------------------------------------------------------------------
-def install(export_dir: str | Path, repo_dir: str | Path) -> list[Path]:
-    """Copy the artifacts of `export_dir` (written by `export_checkpoint`, plus any engines) into the Triton
-    repository `repo_dir` (files: `mim.layout.installed_files`), and regenerate its configs with the
-    checkpoint's dims and model id. Returns the files written.
-
-    A plan is installed only when `<tower>.plan` and its `.plan.json` exist in the export folder and were
-    built from the exported checkpoint; a repository plan from another checkpoint is removed.
-    """
-    export_dir, repo_dir = Path(export_dir), Path(repo_dir)
-    meta_path = export_dir / layout.EXPORT_JSON
-    if not meta_path.is_file():
-        raise InstallError(
-            f"{meta_path} not found: {export_dir} is not a finished export; run "
-            "`python -m export.onnx_export --checkpoint CKPT --out DIR` (or `make engines`) first"
-        )
-    model_id = json.loads(meta_path.read_text())[layout.MODEL_ID]
-    written: list[Path] = []
-
-    def put(src: Path, dst: Path) -> None:
-        if not src.is_file():
-            raise InstallError(f"{src} missing from the export folder; re-run the export")
-        _copy(src, dst)
-        written.append(dst)
-
-    for tower in layout.ENCODERS:
-        vdir = layout.version_dir(repo_dir, tower)
-        put(export_dir / onnx_filename(tower), vdir / layout.ONNX_FP32)
-        # The encoder reads its vocabulary size and dims from model.json; the export record travels with it.
-        put(export_dir / layout.MODEL_JSON, vdir / layout.MODEL_JSON)
-        put(meta_path, vdir / layout.EXPORT_JSON)
-        # The torch variants (mim.serving.torch_backend) build the tower from these weights and model.json.
-        put(export_dir / weights_filename(tower), vdir / layout.TORCH_WEIGHTS)
-        fp16_src = export_dir / onnx_filename(tower, fp16=True)
-        if fp16_src.is_file():
-            put(fp16_src, vdir / layout.ONNX_FP16)
-        else:
-            _remove(vdir / layout.ONNX_FP16, "no FP16 ONNX in this export")
-        plan, plan_meta = export_dir / plan_filename(tower), export_dir / (plan_filename(tower) + PLAN_META_SUFFIX)
-        if _plan_model_id(plan_meta) == model_id and plan.is_file():
-            put(plan, vdir / layout.TRT_PLAN)
-            put(plan_meta, vdir / layout.PLAN_META)
-        elif _plan_model_id(vdir / layout.PLAN_META) != model_id:
-            _remove(vdir / layout.TRT_PLAN, f"it was not built from model {model_id}")
-            _remove(vdir / layout.PLAN_META, "its engine was removed")
-
-    for model in (contract.PREPROCESS_IMAGE, contract.PREPROCESS_TEXT):
-        put(export_dir / layout.PREPROCESS_JSON, layout.version_dir(repo_dir, model) / layout.PREPROCESS_JSON)
-    text_dir = layout.version_dir(repo_dir, contract.PREPROCESS_TEXT)
-    put(export_dir / layout.TOKENIZER_JSON, text_dir / layout.TOKENIZER_JSON)
-
-    # Regenerated with this model's concrete dims, and its identity as the encoders' `model_id` parameter.
-    model_cfg = ModelConfig.from_dict(json.loads((export_dir / layout.MODEL_JSON).read_text()))
-    pre_cfg = PreprocessConfig.from_dict(json.loads((export_dir / layout.PREPROCESS_JSON).read_text()))
-    write_repository(repo_dir, model_cfg, pre_cfg, model_id=model_id)
-    return written
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _plan_model_id(meta_path: Path) -> str | None:
-    return (_read_json(meta_path) or {}).get(layout.MODEL_ID)
-
-
-def _copy(src: Path, dst: Path) -> None:
-    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
-
-
-def _remove(path: Path, why: str) -> None:
-    if path.exists():
-        path.unlink()
-        log.info("removed %s: %s", path, why)
 
 
 # --- engines -----------------------------------------------------------------------------------------------

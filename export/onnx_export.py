@@ -36,17 +36,17 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from mim import contract, layout
 from mim.atomic import atomic_write_bytes
-from mim.model.checkpoint import TOKENIZER, load_checkpoint
+from mim.model.checkpoint import load_checkpoint
 from mim.model.config import ModelConfig, dumps
+from mim.model.towers import explicit_attention
 from mim.search.ranking import parity
-from mim.serving.torch_backend import tower_state_dict
 
 from .fp16 import convert_to_fp16
+from .install import onnx_filename, write_torch_artifacts
 from .surgery import DEFAULT_PASSES, count_nodes, run_passes
 
 log = logging.getLogger(__name__)
@@ -99,15 +99,6 @@ def towers_of(model: nn.Module) -> list[Tower]:
     ]
 
 
-def onnx_filename(tower_name: str, fp16: bool = False) -> str:
-    return f"{tower_name}.fp16.onnx" if fp16 else f"{tower_name}.onnx"
-
-
-def weights_filename(tower_name: str) -> str:
-    """The tower's torch weights (safetensors), for the `torch` / `gpu_torch` serving variants."""
-    return f"{tower_name}.safetensors"
-
-
 # --- random inputs -----------------------------------------------------------------------------------------
 def random_inputs(io: contract.ModelIO, model_cfg: ModelConfig, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs for a tower, never zeros: pixels ~ N(0, 1) (roughly what normalised photos look like);
@@ -131,13 +122,14 @@ def random_inputs(io: contract.ModelIO, model_cfg: ModelConfig, batch: int, seed
 
 # --- export ------------------------------------------------------------------------------------------------
 def export_tower(tower: Tower, model_cfg: ModelConfig, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Trace one tower with the TorchScript exporter into an in-memory ONNX model named by the contract."""
+    """Trace one tower with the TorchScript exporter into an in-memory ONNX model named by the contract. The
+    towers trace their explicit attention (MatMul / Softmax nodes that surgery and the FP16 build pin by type)."""
     example = random_inputs(tower.io, model_cfg, TRACE_BATCH, seed=1)
     args = tuple(torch.from_numpy(example[s.name]) for s in tower.io.inputs)
     names_in = [s.name for s in tower.io.inputs]
     names_out = [s.name for s in tower.io.outputs]
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), explicit_attention(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo=True, which needs onnxscript (not a
         # dependency here); it is the supported path for torch 2.13 and this warning is not actionable.
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchScript-based ONNX export.*")
@@ -248,7 +240,7 @@ def export_checkpoint(
     t0 = time.perf_counter()
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     ckpt = load_checkpoint(ckpt_dir)
-    model_cfg, pre_cfg = ckpt.model_cfg, ckpt.pre_cfg
+    model_cfg = ckpt.model_cfg
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "checkpoint": str(ckpt_dir),
@@ -262,12 +254,7 @@ def export_checkpoint(
     for tower in towers_of(ckpt.model):
         report["towers"][tower.name] = _export_one(tower, model_cfg, out_dir, opset=opset, fp16=fp16, check=check)
 
-    for tower in towers_of(ckpt.model):  # the torch encoder's weights (mim.serving.torch_backend)
-        state = tower_state_dict(ckpt.model, tower.name)
-        atomic_write_bytes(out_dir / weights_filename(tower.name), save_safetensors(state))
-    atomic_write_bytes(out_dir / layout.PREPROCESS_JSON, dumps(pre_cfg.to_dict()).encode())
-    atomic_write_bytes(out_dir / layout.MODEL_JSON, dumps(model_cfg.to_dict()).encode())
-    atomic_write_bytes(out_dir / TOKENIZER, (ckpt_dir / TOKENIZER).read_bytes())
+    write_torch_artifacts(ckpt, ckpt_dir, out_dir)  # the torch variants' files, the configs, the tokenizer
     report["seconds"] = round(time.perf_counter() - t0, 2)
     # Written last: a folder with export.json is complete.
     atomic_write_bytes(out_dir / layout.EXPORT_JSON, dumps(report).encode())

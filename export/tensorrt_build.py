@@ -29,6 +29,8 @@ from mim.layout import PLAN_META_SUFFIX
 from mim.model.config import ModelConfig, dumps
 from mim.search.ranking import parity
 
+from .install import plan_filename
+
 log = logging.getLogger(__name__)
 
 ENGINE_MIN_COSINE = 0.999  # FP16 engine vs FP32 ONNX Runtime, same gate as the FP16 ONNX variant
@@ -41,10 +43,6 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]
 
 class TensorRTError(RuntimeError):
     pass
-
-
-def plan_filename(tower_name: str) -> str:
-    return f"{tower_name}.plan"
 
 
 # --- availability ------------------------------------------------------------------------------------------

@@ -114,9 +114,23 @@ MODELS: dict[str, ModelIO] = {
 # Largest batch any model accepts (Triton max_batch_size, the TensorRT profile's max). Clients split larger
 # lists into requests of at most this many rows.
 MAX_BATCH_SIZE = 64
-# Batch sizes the GPU torch towers capture one CUDA graph for, and the dynamic batcher's preferred sizes in
-# that variant (a batch between two sizes runs padded to the next one: at most 2x the rows).
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, MAX_BATCH_SIZE)
+
+
+def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """CUDA graph batch sizes up to `max_batch`: powers of two up to 32, where a batch is launch-bound and
+    padding it costs little, then every 16 up to 64 and every 32 beyond (48, 96, 160, 192, 224, ...), where a
+    batch is compute-bound and padding 33 rows to 64 would nearly double the work: past 32 at most a third of a
+    replay is padding. `max_batch` itself is always a size."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch {max_batch}; expected >= 1")
+    sizes = {s for s in (1, 2, 4, 8, 16, 32) if s <= max_batch}
+    sizes |= set(range(48, min(max_batch, 64) + 1, 16)) | set(range(96, max_batch + 1, 32)) | {max_batch}
+    return tuple(sorted(sizes))
+
+
+# Batch sizes the GPU torch towers capture CUDA graphs for, and the dynamic batcher's preferred sizes in that
+# variant (a batch between two sizes runs padded to the next one).
+GRAPH_BATCH_SIZES = graph_batch_sizes(MAX_BATCH_SIZE)
 
 # Multimodal fusion: embedding = normalize(w * image + (1 - w) * text). 0.5 weighs both modalities equally;
 # a request may override it with the request parameter named FUSION_WEIGHT_PARAM.

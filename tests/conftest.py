@@ -63,7 +63,7 @@ def tiny_export(tmp_path_factory, tiny_checkpoint) -> Path:
 def served_repository(tmp_path_factory, tiny_export, tiny_checkpoint) -> Path:
     """A tmp COPY of the committed model_repository/ with the tiny export installed by export.engines.install
     (which also regenerates the configs for the checkpoint's dims and model id)."""
-    from export.engines import install
+    from export.install import install
     from mim.serving.repository import prepare_repository
 
     repo = prepare_repository(tmp_path_factory.mktemp("serving") / "model_repository")

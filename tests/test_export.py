@@ -18,7 +18,7 @@ import torch
 from conftest import make_tiny_checkpoint
 
 from export import engines
-from export.engines import InstallError, install
+from export.install import InstallError, install
 from export.onnx_export import (
     FP16_MIN_COSINE,
     FP32_MIN_COSINE,

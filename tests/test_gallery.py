@@ -101,6 +101,32 @@ def test_non_finite_or_misshapen_queries_are_refused():
     assert "input 'embedding' has shape [1, 129]; expected [batch >= 1, 128]" in r.error
 
 
+def test_tensor_queries_are_searched_where_they_are_and_a_bad_one_fails_alone():
+    """The GPU variant takes queries as torch tensors (DLPack from Triton) and leaves the finiteness check to
+    the search, so that nothing is read back before it: a NaN request then fails only itself. Run here on CPU
+    tensors, the same code path."""
+    import torch
+
+    index = make_index()
+    handler = B.KnnHandler(index, {contract.EMBEDDING.name: (DIM,)})
+    handler.tensor_io = True  # what a gallery on a GPU sets
+    rng = np.random.default_rng(4)
+    qs = [torch.from_numpy(rng.normal(size=(n, DIM)).astype(np.float32)) for n in (2, 1, 3)]
+    qs[1][0, 5] = float("nan")
+    specs = [{"k": 3}, {"k": 2}, {"k": 5, "categories": '["mug"]'}]
+    reqs = [B.Request({contract.EMBEDDING.name: q}, p) for q, p in zip(qs, specs)]
+    reqs.append(B.Request({contract.EMBEDDING.name: qs[0].double()}, {}))
+    good, bad, filtered, wrong_dtype = handler(reqs)
+    assert bad.code == B.INVALID_ARG and "queries row 0 contains NaN or inf" in bad.error
+    assert wrong_dtype.code == B.INVALID_ARG and "has dtype torch.float64; expected FP32" in wrong_dtype.error
+    for r, q, p in ((good, qs[0], specs[0]), (filtered, qs[2], specs[2])):
+        assert r.ok, r.error
+        cats = json.loads(p["categories"]) if "categories" in p else None
+        scores, ids = index.search(q.numpy(), p["k"], categories=cats)
+        np.testing.assert_array_equal(r.outputs[contract.IDS.name], ids)
+        np.testing.assert_allclose(r.outputs[contract.SCORES.name], scores, atol=1e-5)
+
+
 # --- gallery files ---------------------------------------------------------------------------------------------
 def test_install_adds_versions_and_keeps_the_served_and_previous_one(repo, tmp_path):
     assert G.servable_models(repo) == [m for m in contract.MODELS if m not in (contract.KNN, *G.SEARCH_ENSEMBLES)]

@@ -32,14 +32,19 @@ def test_tiny_run_measures_towers_and_knn_and_checks_them(tiny_checkpoint, tmp_p
         (t, b) for t in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER) for b in gpu.TINY.tower_batches
     }
     assert all(r["min_cosine_vs_fp32"] >= 0.999 and r["eager_items_per_s"] > 0 for r in towers)
+    # The towers step also compares a CLIP of the same size with transformers on the same weights.
+    peer = result["towers_peer"]
+    assert {(s["tower"], s["batch"]) for s in peer["summary"]} == {(r["tower"], r["batch"]) for r in towers}
     cuda = gpu.cuda_reason()
     if cuda is not None:
         assert all(r["graphs_items_per_s"] is None and cuda in r["graphs_note"] for r in towers)
         assert result["copy"] == []
     methods = {r["method"] for r in result["knn"]}
-    assert {"argpartition", "two_stage", "torch_mm_topk"} <= methods
+    assert methods == {"ours", "ours_host_queries", "ours_1m_row_tiles", "torch_mm_topk"}
     assert all(r["recall_vs_fp32"] >= 0.99 for r in result["knn"])
-    assert len(result["topk_choice"]) == len(gpu.TINY.knn_n) * len(gpu.TINY.knn_batches) * len(gpu.TINY.knn_k)
+    cells = result["topk_choice"]  # one summary per (n, batch, k): ours against torch.topk(q @ g.T)
+    assert len(cells) == len(gpu.TINY.knn_n) * len(gpu.TINY.knn_batches) * len(gpu.TINY.knn_k)
+    assert all(c["status"] == "measured" and c["ours_over_torch"] > 0 for c in cells)
     for name in ("towers.csv", "knn.csv", "gpu.png"):
         assert (out / name).is_file(), name
     printed = capsys.readouterr().out

@@ -504,3 +504,269 @@ def test_cupy_equals_numpy():
         s2, i2 = gpu.search(q, k, categories=cats)
         np.testing.assert_array_equal(i1, i2)
         np.testing.assert_array_equal(s1, s2)
+
+
+# ---- the tiled search core: tiles, the tie pass, filters, backends and inputs ------------------------------------
+# Each runs on torch (CPU) and on the NumPy backend (the search without torch); the CUDA variants are marked gpu.
+BACKENDS = [
+    ("cpu", "torch"),
+    ("cpu", "numpy"),
+    pytest.param(("cuda", "torch"), marks=pytest.mark.gpu),
+]
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda p: "-".join(p))
+def where(request) -> dict:
+    device, backend = request.param
+    if device == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"the CUDA path needs a usable CUDA device: {reason}")
+    return {"device": device, "backend": backend}
+
+
+def test_ties_across_tile_boundaries_keep_the_lowest_ids(where):
+    """A group of identical rows spread over many 16-row tiles, more per tile than k+1: every tile must give
+    up tied items, and the result must still be the lowest ids of the group, in ascending order."""
+    rng = np.random.default_rng(20)
+    n, d = 400, 16
+    x = quantised_unit(rng, n, d)
+    v = quantised_unit(rng, 1, d)
+    tied = np.sort(rng.choice(n, size=120, replace=False))
+    x[tied] = v  # 120 rows with the same best score for the query v
+    ids = rng.permutation(n) * 3 + 1
+    index = KnnIndex(d, chunk_size=16, query_batch_size=3, **where)
+    index.add(ids, x)
+    q = np.concatenate([v, quantised_unit(rng, 7, d), v])
+    for k in (1, 10, 17, 119, 120, 121, 200, n):
+        scores, got = index.search(q, k)
+        ref_s, ref_i = reference_topk(x, ids, q, k)
+        np.testing.assert_array_equal(got, ref_i)
+        np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
+
+
+def test_tie_pass_runs_only_for_rows_that_tie(where, monkeypatch):
+    rng = np.random.default_rng(21)
+    x = gaussian_unit(rng, 3000, 32)
+    x[2000] = x[10]  # one duplicated image
+    index = KnnIndex(32, chunk_size=512, **where)
+    index.add(np.arange(3000), x)
+    exact_rows = []
+    scan = KnnIndex._scan
+
+    def counting(self, q, k, view, *, exact):
+        if exact:
+            exact_rows.append(int(q.shape[0]))
+        return scan(self, q, k, view, exact=exact)
+
+    monkeypatch.setattr(KnnIndex, "_scan", counting)
+    q = gaussian_unit(rng, 9, 32)
+    index.search(q, 10)
+    assert exact_rows == [], "random scores have no ties: the exact pass must not run"
+    q[4] = x[10]  # this row's two best items tie (rows 10 and 2000)
+    scores, got = index.search(q, 10)
+    assert exact_rows == [1]
+    assert got[4, :2].tolist() == [10, 2000] and scores[4, 0] == scores[4, 1]
+    assert_same_up_to_ties(index, q, 10, scores, got)
+
+
+@pytest.mark.parametrize("share", ["selective", "broad"])
+def test_filters_leaving_fewer_than_k_items(where, share):
+    """Selective filters are searched on a compacted copy of their rows, broad ones as a mask: both pad."""
+    rng = np.random.default_rng(22)
+    n = 400
+    x = quantised_unit(rng, n)
+    ids = np.arange(n) * 2
+    want = 20 if share == "selective" else 150  # at most 1/8 of the gallery is compacted
+    cats = np.array(["a"] * want + ["b"] * (n - want))[rng.permutation(n)]
+    index = KnnIndex(16, chunk_size=64, **where)
+    index.add(ids, x, [{"category": c} for c in cats])
+    q = quantised_unit(rng, 5)
+    for k in (want - 1, want, want + 1, n):
+        scores, got = index.search(q, k, categories="a")
+        ref_s, ref_i = reference_topk(x, ids, q, k, allowed=cats == "a")
+        np.testing.assert_array_equal(got, ref_i)
+        np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
+        assert (got[:, want:] == -1).all() and np.isneginf(scores[:, want:]).all()
+
+
+def test_k_equal_to_the_gallery_returns_every_item_in_order(where):
+    rng = np.random.default_rng(23)
+    x = quantised_unit(rng, 257)
+    ids = rng.permutation(257) * 5
+    for chunk in (None, 1, 32, 256, 257):
+        index = KnnIndex(16, chunk_size=chunk, **where)
+        index.add(ids, x)
+        q = quantised_unit(rng, 4)
+        scores, got = index.search(q, 257)
+        ref_s, ref_i = reference_topk(x, ids, q, 257)
+        np.testing.assert_array_equal(got, ref_i)
+        np.testing.assert_array_equal(scores, ref_s.astype(np.float32))
+
+
+def test_a_gallery_of_one_row(where):
+    index = KnnIndex(16, **where)
+    v = quantised_unit(np.random.default_rng(24), 2)
+    index.add([42], v[:1], [{"category": "mug"}])
+    scores, got = index.search(v, 1)
+    assert got.tolist() == [[42], [42]] and scores.dtype == np.float32
+    np.testing.assert_array_equal(scores[:, 0], (v @ v[0]).astype(np.float32))
+    assert index.search(v, 1, categories="mug")[1].tolist() == [[42], [42]]
+    s, i = index.search(v, 1, categories="shoe")
+    assert i.tolist() == [[-1], [-1]] and np.isneginf(s).all()
+    with pytest.raises(ValueError, match=r"k=2 is larger than the index \(1 items\)"):
+        index.search(v, 2)
+
+
+def test_filter_views_follow_adds_and_removes(where):
+    """Filters are cached per category set: an add or a remove must drop the cache (no stale rows or ids)."""
+    rng = np.random.default_rng(25)
+    x = quantised_unit(rng, 200)
+    index = KnnIndex(16, **where)
+    index.add(np.arange(200), x, [{"category": "ab"[i % 2]} for i in range(200)])
+    q = x[:3]
+    for cats in ("a", {"a", "b"}, "b"):
+        index.search(q, 5, categories=cats)  # fills the cache
+    extra = quantised_unit(rng, 1)
+    index.add([1000], extra, [{"category": "a"}])
+    _, got = index.search(extra, 1, categories="a")
+    assert got.tolist() == [[1000]]
+    index.remove([1000, 0])
+    _, got = index.search(x[:1], 199, categories={"a", "b"})
+    assert 0 not in got and 1000 not in got and (got >= 0).all()
+    np.testing.assert_array_equal(got, reference_topk(x[1:], np.arange(1, 200), x[:1], 199)[1])
+    _, got = index.search(x[:1], 150, categories="a")  # the even ids 2..198 that are left, then padding
+    assert sorted(got[0, :99].tolist()) == list(range(2, 200, 2)) and (got[0, 99:] == -1).all()
+
+
+def test_query_inputs_numpy_torch_and_float_widths(where):
+    import torch
+
+    rng = np.random.default_rng(26)
+    index, _, _ = make_index(rng, n=500, **where)
+    q = quantised_unit(rng, 6)
+    want = index.search(q, 20)
+    for other in (q.astype(np.float64), q.astype(np.float16), torch.from_numpy(q), list(map(list, q))):
+        got = index.search(other, 20)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    bad = torch.from_numpy(q.copy())
+    bad[3, 2] = float("nan")
+    if where["backend"] == "torch":
+        with pytest.raises(ValueError, match="queries row 3 contains NaN or inf"):
+            index.search(bad, 5)
+    with pytest.raises(ValueError, match="queries row 3 contains NaN or inf"):
+        index.search(bad.numpy(), 5)
+
+
+def test_the_numpy_backend_refuses_the_gpu():
+    with pytest.raises(RuntimeError, match="NumPy backend runs on the CPU only"):
+        knn._ops("numpy", "cuda")
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'numpy'; got 'jax'"):
+        KnnIndex(4, device="cpu", backend="jax")
+
+
+@pytest.mark.gpu
+def test_device_queries_cupy_and_torch_cuda_match_host_queries():
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the CUDA path needs a usable CUDA device: {reason}")
+    import torch
+
+    rng = np.random.default_rng(27)
+    index, _, _ = make_index(rng, n=5000, device="cuda")
+    q = quantised_unit(rng, 33)
+    want = index.search(q, 100)
+    inputs = [torch.from_numpy(q).cuda(), torch.from_numpy(q).cuda().half()]
+    try:
+        import cupy
+    except Exception:  # CuPy is optional on the GPU: torch tensors are the main device input
+        cupy = None
+    if cupy is not None:
+        inputs.append(cupy.asarray(q))
+    for other in inputs:
+        got = index.search(other, 100)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    bad = torch.from_numpy(q).cuda()
+    bad[5, 0] = float("inf")
+    with pytest.raises(ValueError, match="queries row 5 contains NaN or inf"):
+        index.search(bad, 10)
+    with pytest.raises(ValueError, match=r"queries row 0 has values beyond the FP16 range"):
+        index.search(torch.full((1, 16), 1e6, device="cuda"), 10)
+
+
+def test_save_and_load_on_each_backend(where, tmp_path):
+    rng = np.random.default_rng(28)
+    index = KnnIndex(16, model_id="m", **where)
+    cats = rng.choice(["shoes", "bags", "rare"], p=[0.5, 0.47, 0.03], size=300)
+    index.add(np.arange(300) * 3, quantised_unit(rng, 300), [{"category": c} for c in cats])
+    path = tmp_path / "g.safetensors"
+    index.save(path)
+    loaded = KnnIndex.load(path, expected_model_id="m", **where)
+    np.testing.assert_array_equal(loaded.embeddings(), index.embeddings())
+    q = quantised_unit(rng, 4)
+    for kw in ({}, {"categories": "rare"}, {"categories": {"shoes", "bags"}}):
+        np.testing.assert_array_equal(loaded.search(q, 30, **kw)[1], index.search(q, 30, **kw)[1])
+
+
+def _gpu_branches_on_cpu(index: KnnIndex) -> KnnIndex:
+    """Turn a torch-CPU index's operations to their CUDA branches on CPU tensors: FP16 storage and queries (the
+    product upcasts each tile where torch has no FP16 product with an FP32 result, as on the CPU), query checks
+    computed as flags that travel back with the results, and the packed one-copy read-back. What the GPU runs,
+    minus the GPU; the index must still be empty."""
+    import torch
+
+    ops = index._ops
+    ops.device, ops.tdtype, ops.storage_dtype = "cuda", torch.float16, np.dtype(np.float16)
+    ops.host_view = lambda t: None  # every tensor query is treated as a device tensor
+    index._dtype = ops.storage_dtype
+    index._set_rows(index._ids, ops.empty_gallery(index.dim), index._cat_codes)
+    return index
+
+
+def test_the_gpu_branches_give_the_cpu_results():
+    import torch
+
+    rng = np.random.default_rng(29)
+    x, ids, q = quantised_unit(rng, 3000), rng.permutation(3000) * 3, quantised_unit(rng, 40)
+    x[1500:1700] = x[0]  # ties across the 512-row tiles
+    q[:3] = x[0]
+    meta = [{"category": "abcdefghijklmnop"[i % 16]} for i in range(3000)]
+    cpu = KnnIndex(16, device="cpu")
+    gpu = _gpu_branches_on_cpu(KnnIndex(16, device="cpu", chunk_size=512, query_batch_size=16))
+    for index in (cpu, gpu):
+        index.add(ids, x, meta)
+    assert gpu.dtype == np.float16 and gpu._emb.dtype == torch.float16
+    for k, cats in ((1, None), (100, None), (250, None), (3000, None), (100, "a"), (300, {"a", "b", "c"})):
+        for queries in (q, torch.from_numpy(q)):
+            s1, i1 = cpu.search(q, k, categories=cats)
+            s2, i2 = gpu.search(queries, k, categories=cats)
+            np.testing.assert_array_equal(i1, i2)
+            np.testing.assert_array_equal(s1, s2)
+    bad = torch.from_numpy(q.copy())
+    bad[7, 1] = float("nan")
+    with pytest.raises(ValueError, match="queries row 7 contains NaN or inf"):
+        gpu.search(bad, 10)
+    with pytest.raises(ValueError, match="queries row 2 has values beyond the FP16 range"):
+        gpu.search(torch.from_numpy(np.where(np.arange(40)[:, None] == 2, 7e4, q).astype(np.float32)), 10)
+    with pytest.raises(ValueError, match="queries row 0 has values beyond the FP16 range"):
+        gpu.search(np.full((1, 16), 1e5, np.float32), 10)  # a host query is checked on the host
+
+
+def test_filtered_searches_from_several_threads_share_the_cache():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(30)
+    x = quantised_unit(rng, 2000)
+    cats = "abcdefghij"
+    index = KnnIndex(16, device="cpu")
+    index.add(np.arange(2000), x, [{"category": cats[i % 10]} for i in range(2000)])
+    q = quantised_unit(rng, 4)
+    filters = [frozenset(rng.choice(list(cats), size=rng.integers(1, 4), replace=False)) for _ in range(60)]
+    want = [index.search(q, 15, categories=set(f))[1] for f in filters]
+    index.add([5000], quantised_unit(rng, 1), [{"category": "k"}])  # empties the cache; "k" is in no filter
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda f: index.search(q, 15, categories=set(f))[1], filters))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

@@ -18,7 +18,7 @@ from mim.model.config import PreprocessConfig, get_size
 from mim.model.losses import LossWeights, describes_matrix, info_nce, mim_loss, same_matrix
 from mim.model.preprocess import InputError, decode_image, decode_text, image_to_array
 from mim.model.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, TextTokenizer
-from mim.model.towers import ImageTower, MIMModel, TextTower
+from mim.model.towers import ImageTower, MIMModel, TextTower, explicit_attention, fused_attention
 
 TINY = get_size("tiny")
 
@@ -58,6 +58,36 @@ def test_text_tower_shapes_unit_norm_and_padding_invariance(model, tok):
     noisy[mask == 0] = 7
     e2 = model.encode_text(torch.from_numpy(noisy), torch.from_numpy(mask))
     torch.testing.assert_close(e, e2, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("causal", "pooling"), [(False, "cls"), (True, "eot")], ids=["bidirectional", "causal"])
+def test_fused_attention_equals_the_explicit_form(causal, pooling):
+    """The towers' fused attention (training, torch serving) and the explicit form the ONNX exporter traces are
+    one function: FP32 outputs agree to float rounding for both towers, text padded to every length from one
+    token to the full context, and so do the gradients training takes through them."""
+    cfg = dataclasses.replace(TINY.model, text=dataclasses.replace(TINY.model.text, causal=causal, pooling=pooling))
+    torch.manual_seed(0)
+    m = MIMModel(cfg).eval()
+    t = cfg.text.context_length
+    ids = torch.randint(4, cfg.text.vocab_size, (t, t))
+    mask = (torch.arange(t)[None, :] <= torch.arange(t)[:, None]).long()  # row i keeps i + 1 tokens
+    pixels = torch.randn(3, 3, 48, 48, requires_grad=True)
+
+    def run():
+        m.zero_grad()
+        img, txt = m.encode_image(pixels), m.encode_text(ids, mask)
+        (img.sum() + txt.square().sum()).backward()
+        return img.detach(), txt.detach(), m.text.blocks[0].attn.qkv.weight.grad.clone(), pixels.grad.clone()
+
+    assert fused_attention()
+    fused = run()
+    pixels.grad = None
+    with explicit_attention():
+        assert not fused_attention()
+        explicit = run()
+    assert fused_attention()  # the context restores the fused form
+    for a, b in zip(fused, explicit):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_one_image_tower_and_one_text_tower():

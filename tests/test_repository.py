@@ -88,7 +88,11 @@ def test_encoders_default_to_tensorrt_with_onnx_variants(configs):
         assert "CUDAExecutionProvider" in gpu.parameters["execution_providers"].string_value
     # Variants exist only where they differ; the others fall back to config.pbtxt.
     variants = {c.model for c in configs if c.relpath != R.DEFAULT_CONFIG}
-    assert variants == {contract.IMAGE_ENCODER, contract.TEXT_ENCODER}
+    assert variants == {contract.IMAGE_ENCODER, contract.TEXT_ENCODER, contract.KNN}
+    knn_gpu = by_path[f"{contract.KNN}/configs/{R.GPU_TORCH}.pbtxt"]
+    assert knn_gpu.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    assert knn_gpu.parameters["device"].string_value == "cuda"
+    assert knn_gpu.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     fuse = by_path["fuse/config.pbtxt"]
     assert float(fuse.parameters["default_image_weight"].string_value) == contract.DEFAULT_IMAGE_WEIGHT
 

@@ -19,12 +19,13 @@ def test_triton_paths_point_into_the_installed_wheel():
     assert paths.binary.name == "tritonserver" and os.access(paths.binary, os.X_OK)
     assert (paths.python_backend / "libtriton_python.so").is_file()
     assert paths.stub.parent.name == f"{os.sys.version_info.major}.{os.sys.version_info.minor}"
-    env = paths.env({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
-    # This interpreter's libpython first (the stub must load the libpython matching our stdlib), then the
-    # bundled server libraries, then what was there.
-    expected = [d for d in (S.python_library_dir(), str(paths.lib_dir), "/opt/lib") if d]
-    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == expected
+    env = paths.env(base={"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
+    # Only this interpreter's libpython goes first (the stub must load the libpython matching our stdlib); the
+    # server's own libraries resolve through its RPATH, so nothing of the bundle is put in front of the system's.
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [d for d in (S.python_library_dir(), "/opt/lib") if d]
     assert env["PATH"].split(os.pathsep)[0] == str(S.Path(S.sys.executable).parent)
+    stubbed = paths.env(S.Path("/cache/stub-env"), base={"PATH": "/usr/bin"})
+    assert stubbed["PATH"].split(os.pathsep) == ["/cache/stub-env/bin", "/usr/bin"]
 
 
 def test_the_binary_runs_with_the_bundled_libraries():
@@ -51,7 +52,14 @@ def test_backend_dir_is_built_once_and_safe_to_build_concurrently(tmp_path):
     assert not errors and len(set(results)) == 1
     python = results[0] / "python"
     assert {p.name for p in python.iterdir()} >= {"libtriton_python.so", "triton_python_backend_stub"}
-    assert [p.name for p in tmp_path.iterdir()] == [results[0].name]  # no temporary folders left behind
+    top = results[0].parents[2]  # <cache>/triton-backends-.../pytriton/tritonserver/backends
+    assert [p.name for p in tmp_path.iterdir()] == [top.name]  # no temporary folders left behind
+    # The stub and the backend find their libraries through RPATH $ORIGIN/../../../../nvidia_pytriton.libs.
+    assert (top / "nvidia_pytriton.libs").resolve() == paths.lib_dir.resolve()
+    env = {"LD_LIBRARY_PATH": S.python_library_dir() or ""}
+    for binary in (python / "triton_python_backend_stub", python / "libtriton_python.so"):
+        ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env, timeout=30).stdout
+        assert "not found" not in ldd, ldd
     stub = python / "triton_python_backend_stub"
     stub.write_bytes(b"truncated")  # a damaged cache is rebuilt
     assert S.backend_dir(paths, tmp_path) == results[0] and stub.stat().st_size == paths.stub.stat().st_size

@@ -4,22 +4,51 @@ In the 3-tower model the query-photo and product-photo "towers" are the same ima
 model the title and short-query "towers" are the same text encoder. So a trained model is exactly one
 `ImageTower` and one `TextTower`, both ending in a projection and L2 normalisation into one embedding space.
 
-Written for clean export: plain matmul/softmax attention (no fused kernels that trace into odd ONNX ops), named
-submodules, and LayerNorm/softmax that an FP16 build can pin to FP32 by node type.
+Attention has two forms computing the same function. Training and torch serving use the fused kernel
+(`torch.nn.functional.scaled_dot_product_attention`: flash / memory-efficient / cuDNN on a GPU, a flash kernel on
+the CPU), which never writes the (B, heads, T, T) score matrix. The ONNX exporter traces the explicit form inside
+`explicit_attention()`: plain MatMul / Softmax nodes that graph surgery and an FP16 build can pin to FP32 by node
+type. That context is the only switch between them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mim.model.config import ModelConfig, TextConfig, VisionConfig
 
 # Additive attention bias for padding. Not -inf: an FP16 engine would turn -inf - -inf into NaN, and -1e4 is
 # representable in FP16 while still zeroing the weight after softmax.
 MASK_BIAS = -1.0e4
+
+
+# Which attention form the towers run: fused unless inside `explicit_attention()`. A module-level flag, not a
+# context variable: torch.compile guards on a global's value (and recompiles when it changes), while it would
+# have to break its graph to read a ContextVar.
+_FUSED_ATTENTION = True
+
+
+@contextmanager
+def explicit_attention() -> Iterator[None]:
+    """Run the towers with explicit matmul/softmax attention (the form the ONNX exporter traces). The two forms
+    are the same function up to float rounding (tests/test_model.py checks it, padded causal text included)."""
+    global _FUSED_ATTENTION
+    before, _FUSED_ATTENTION = _FUSED_ATTENTION, False
+    try:
+        yield
+    finally:
+        _FUSED_ATTENTION = before
+
+
+def fused_attention() -> bool:
+    """True when the towers run `scaled_dot_product_attention` (everywhere but inside `explicit_attention()`)."""
+    return _FUSED_ATTENTION
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -35,10 +64,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """`bias`: additive, broadcast over heads. Fused form: `causal` adds the causal mask inside the kernel.
+        Explicit form: `bias` already holds the causal mask and `causal` must be False."""
         b, t, w = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, Dh)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, Dh) strided views: the kernel reads them in place
+        if _FUSED_ATTENTION:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)  # (B, H, T, Dh)
+            return self.out(y.transpose(1, 2).reshape(b, t, w))
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, T)
         if bias is not None:
             scores = scores + bias  # (B, 1, 1, T) padding, or (B, 1, T, T) with a causal mask; broadcast over heads
@@ -46,12 +80,25 @@ class Attention(nn.Module):
         y = (attn @ v).transpose(1, 2).reshape(b, t, w)
         return self.out(y)
 
+    def query_one(self, x: torch.Tensor, xq: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Fused attention for one query row per sequence: `xq` (B, 1, W) queries the keys and values of every
+        position of `x` (B, T, W); `mask` (B, 1, 1, T), additive or boolean (True = attend). The query
+        projection runs on B rows instead of B x T: the rows of the fused qkv weight are [q; k; v]."""
+        b, t, w = x.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(xq, weight[:w], bias[:w]).reshape(b, 1, self.heads, self.head_dim).transpose(1, 2)
+        kv = F.linear(x, weight[w:], bias[w:]).reshape(b, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)  # (B, H, 1, Dh)
+        return self.out(y.transpose(1, 2).reshape(b, 1, w))
+
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
 
+    SCALE = 1.702
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(self.SCALE * x)
 
 
 def activation(name: str) -> nn.Module:
@@ -73,9 +120,19 @@ class Block(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), activation(act), nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), bias, causal)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_at(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output at one position per sequence, (B, W); `pos` (B,) int64, `mask` as in
+        `Attention.query_one`. Pooling reads one position of the last block, so only its keys and values are
+        needed everywhere: the query, attention output and MLP run on B rows, about 5/6 of the block saved."""
+        w = x.shape[2]
+        at = pos[:, None, None].expand(-1, 1, w)  # (B, 1, W) gather index
+        h = self.ln_1(x)
+        y = x.gather(1, at) + self.attn.query_one(h, h.gather(1, at), mask)  # (B, 1, W)
+        return (y + self.mlp(self.ln_2(y)))[:, 0]
 
 
 class ImageTower(nn.Module):
@@ -101,6 +158,11 @@ class ImageTower(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, W)
         x = self.ln_pre(x)
+        if _FUSED_ATTENTION:  # the last block only where [CLS] is read (Block.forward_at)
+            for blk in self.blocks[:-1]:
+                x = blk(x)
+            cls_out = self.blocks[-1].forward_at(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+            return l2_normalize(self.proj(self.ln_post(cls_out)))
         for blk in self.blocks:
             x = blk(x)
         return l2_normalize(self.proj(self.ln_post(x[:, 0])))
@@ -132,6 +194,8 @@ class TextTower(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1]
         x = self.token_embed(input_ids) + self.pos_embed[:, :t]  # (B, T, W)
+        if _FUSED_ATTENTION:
+            return l2_normalize(self.proj(self.ln_final(self._fused_pooled(x, attention_mask))))
         bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * MASK_BIAS  # (B, 1, 1, T)
         if self.cfg.causal:
             bias = bias + self.causal_bias[:, :, :t, :t]  # (B, 1, T, T)
@@ -143,6 +207,27 @@ class TextTower(nn.Module):
         else:
             pooled = x[:, 0]
         return l2_normalize(self.proj(self.ln_final(pooled)))
+
+    def _fused_pooled(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled (B, W) output of the blocks with fused attention; the last block runs only at the pooled
+        position (Block.forward_at)."""
+        b, t = attention_mask.shape
+        if self.cfg.pooling == "eot":
+            pos = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,) the last attended token
+        else:
+            pos = torch.zeros(b, dtype=torch.long, device=x.device)
+        if self.cfg.causal:
+            # Right padding: a real token i attends only to j <= i, all real, so the causal mask alone gives the
+            # real positions (the pooled one among them) exactly what causal + padding gives, and keeps the
+            # kernel on its mask-free path (flash attention). Padded positions differ, and nothing reads them.
+            bias = None
+            last_mask = (torch.arange(t, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B,1,1,T)
+        else:
+            bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * MASK_BIAS  # (B, 1, 1, T)
+            last_mask = bias
+        for blk in self.blocks[:-1]:
+            x = blk(x, bias, self.cfg.causal)
+        return self.blocks[-1].forward_at(x, pos, last_mask)
 
 
 class MIMModel(nn.Module):

@@ -152,9 +152,10 @@ def _run_alone(model: str, arrays: Arrays, run: Callable[[Arrays], Arrays]) -> R
         return _error(model, e)
 
 
-def _error(model: str, e: Exception) -> Response:
-    """The response for a failed run: the caller's fault for an InputError, ours otherwise."""
-    if isinstance(e, InputError):
+def _error(model: str, e: Exception, input_error: bool = False) -> Response:
+    """The response for a failed run: the caller's fault for an InputError (or when `input_error`), ours
+    otherwise."""
+    if input_error or isinstance(e, InputError):
         return Response(error=f"{model}: {e}", code=INVALID_ARG)
     log.error("%s failed: %s: %s", model, type(e).__name__, e)
     return Response(error=f"{model}: {type(e).__name__}: {e}", code=INTERNAL)
@@ -526,13 +527,19 @@ class KnnHandler(Handler):
 
     Requests of one batch may ask for different k and filters: requests with the same filter are searched
     together at their largest k, and each gets the first k columns (KnnIndex orders ties by id, so that prefix
-    is exactly a search at k)."""
+    is exactly a search at k).
+
+    With the gallery on a GPU the queries are taken as torch tensors where Triton put them (`tensor_io`: the
+    encoders' GPU outputs arrive through DLPack, no host copy) and checked on the device without a
+    synchronisation: a non-finite row fails the group's search, which is then re-run request by request, so
+    only the culprit gets the error."""
 
     io = contract.MODELS[contract.KNN]
 
     def __init__(self, index: Any, dims: Mapping[str, Sequence[int]], default_k: int = contract.DEFAULT_K):
         super().__init__(dims)
         self.index = index
+        self.tensor_io = getattr(index, "device", "cpu") == "cuda"
         ids = index.ids
         metas = [index.get_metadata(i) for i in ids.tolist()]
         self.categories = frozenset(m["category"] for m in metas if isinstance(m.get("category"), str))
@@ -542,9 +549,13 @@ class KnnHandler(Handler):
         self.default_k = parse_k({}, default_k, len(ids))
 
     def check(self, request: Request) -> Arrays:  # per request; __call__ does the grouping
-        q = self.input(request, contract.EMBEDDING)
-        EncoderHandler._check_finite(contract.EMBEDDING.name, q)
-        return {contract.EMBEDDING.name: q}
+        spec = contract.EMBEDDING
+        value = request.inputs.get(spec.name)
+        if self.tensor_io and value is not None and not isinstance(value, np.ndarray):
+            return {spec.name: _tensor_rows(spec, value, self.dims[spec.name])}  # finiteness: KnnIndex.search
+        q = self.input(request, spec)
+        EncoderHandler._check_finite(spec.name, q)
+        return {spec.name: q}
 
     def run(self, batch: Arrays) -> Arrays:
         raise NotImplementedError("KnnHandler searches per filter group in __call__")
@@ -564,10 +575,13 @@ class KnnHandler(Handler):
         for cats, members in groups.items():
             k_max = max(k for _, _, k in members)
             try:
-                scores, ids = self.index.search(np.concatenate([q for _, q, _ in members]), k_max, categories=cats)
+                scores, ids = self.index.search(_concat([q for _, q, _ in members]), k_max, categories=cats)
             except Exception as e:
-                for i, _, _ in members:
-                    responses[i] = _error(self.io.name, e)
+                if len(members) == 1:
+                    responses[members[0][0]] = _error(self.io.name, e, input_error=isinstance(e, ValueError))
+                else:  # one bad request must not fail the others: search each alone
+                    for i, q, k in members:
+                        responses[i] = self._search_alone(q, k, cats)
                 continue
             start = 0
             for i, q, k in members:
@@ -577,6 +591,13 @@ class KnnHandler(Handler):
         missing = Response(error=f"{self.io.name}: no response", code=INTERNAL)
         return [r if r is not None else missing for r in responses]
 
+    def _search_alone(self, q: Any, k: int, cats: frozenset[str] | None) -> Response:
+        try:
+            scores, ids = self.index.search(q, k, categories=cats)
+        except Exception as e:
+            return _error(self.io.name, e, input_error=isinstance(e, ValueError))
+        return Response(outputs=self._outputs(scores, ids))
+
     def _outputs(self, scores: np.ndarray, ids: np.ndarray) -> Arrays:
         # Gallery row of each id (ids are sorted); padding (-1) points at the trailing "{}".
         rows = np.where(ids >= 0, np.searchsorted(self._ids, ids), len(self._ids))
@@ -585,6 +606,29 @@ class KnnHandler(Handler):
             contract.SCORES.name: scores.astype(np.float32, copy=False),
             contract.ITEM_METADATA.name: self._meta[rows],
         }
+
+
+def _tensor_rows(spec: contract.TensorSpec, t: Any, dims: Sequence[int]) -> Any:
+    """A torch tensor input checked for dtype and per-row shape (metadata only: nothing is read back)."""
+    if str(t.dtype).removeprefix("torch.") != np.dtype(spec.numpy_dtype).name:
+        raise InputError(f"input {spec.name!r} has dtype {t.dtype}; expected {spec.dtype}")
+    if t.ndim != 1 + len(dims) or tuple(t.shape[1:]) != tuple(dims) or t.shape[0] < 1:
+        raise InputError(
+            f"input {spec.name!r} has shape {list(t.shape)}; expected [batch >= 1, {', '.join(map(str, dims))}]"
+        )
+    return t
+
+
+def _concat(parts: Sequence[Any]) -> Any:
+    """Rows of several requests as one batch: NumPy arrays, or torch tensors (moved to the first one's device)."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    import torch
+
+    device = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    return torch.cat([torch.as_tensor(p).to(device) for p in parts])
 
 
 # --- construction from a Triton model config ---------------------------------------------------------------
@@ -612,6 +656,8 @@ def make_handler(name: str, version_dir: str | Path, model_config: Mapping[str, 
     if name in ENCODERS:  # the runtime named by the config variant builds it (imported only now)
         build = runtimes.encoder_builder(params.get(runtimes.RUNTIME_PARAM, runtimes.DEFAULT_RUNTIME))
         return build(name, Path(version_dir), params, dims, device_id)
+    if name == contract.KNN:
+        return _knn(name, Path(version_dir), params, dims, device_id)
     return BUILDERS[name](name, Path(version_dir), params, dims)
 
 
@@ -649,13 +695,19 @@ def _fuse(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -> H
     return FuseHandler(dims, float(params.get("default_image_weight", contract.DEFAULT_IMAGE_WEIGHT)))
 
 
-def _knn(name: str, version_dir: Path, params: dict[str, str], dims: Dims) -> Handler:
+def _knn(name: str, version_dir: Path, params: dict[str, str], dims: Dims, device_id: int = 0) -> Handler:
     """Parameters (config.pbtxt): default_k, device (auto | cpu | cuda, as KnnIndex), threads (BLAS / OpenMP
-    threads of the CPU search)."""
+    threads of the CPU search). On a GPU the gallery goes to `device_id`, the GPU of the KIND_GPU instance."""
+    from mim.search.knn import resolve_device
     from mim.serving.gallery import load_gallery  # only this model needs the gallery code
 
     (dim,) = dims[contract.EMBEDDING.name]
-    index = load_gallery(version_dir, dim=dim, device=params.get("device", "auto"))
+    device = resolve_device(params.get("device", "auto"))
+    if device == "cuda":
+        import torch
+
+        torch.cuda.set_device(device_id)  # this stub process serves one instance: its GPU becomes the current one
+    index = load_gallery(version_dir, dim=dim, device=device)
     # One search before the limit: it loads the libraries the search uses (BLAS, torch's OpenMP for top-k),
     # so that the limit reaches all of them.
     index.search(np.zeros((1, dim), dtype=np.float32), 1)

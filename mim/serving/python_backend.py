@@ -9,6 +9,7 @@ imported, so this file imports anywhere and is tested with a stand-in.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 
 from mim import contract
 from mim.model.preprocess import InputError
-from mim.serving import backends
+from mim.serving import backends, stub_env
 
 
 def version_dir(args: Mapping[str, str]) -> Path:
@@ -29,8 +30,31 @@ def version_dir(args: Mapping[str, str]) -> Path:
 def make_handler(name: str, args: Mapping[str, str]) -> backends.Handler:
     """`initialize`: build the handler from the version folder and the config Triton loaded (the variant
     chosen with --model-config-name, so its parameters are the ones used)."""
+    print(f"[{args.get('model_instance_name', name)}] {environment_line()}", flush=True)  # into the server log
+    check_numpy(np.__version__)
     device_id = int(args.get("model_instance_device_id", 0) or 0)  # the GPU of a KIND_GPU instance
     return backends.make_handler(name, version_dir(args), json.loads(args["model_config"]), device_id)
+
+
+def environment_line() -> str:
+    """Which Python and numpy this stub runs, from where: the first thing to read in a server log when tensors
+    come out wrong (mim.serving.stub_env explains why numpy's version matters here)."""
+    return (
+        f"numpy {np.__version__} from {np.__file__}; Python {sys.version.split()[0]} ({sys.executable}); "
+        f"sys.path[0:3] = {sys.path[0:3]}"
+    )
+
+
+def check_numpy(version: str) -> None:
+    """Refuse to load under a numpy the stub's pybind11 reads wrongly: a clear load error instead of corrupt
+    tensors and a dead stub at the first request."""
+    if not stub_env.numpy_works_in_stub(version):
+        raise RuntimeError(
+            f"this python-backend stub imports numpy {version}, but the stub (pybind11 "
+            f"{stub_env.PYBIND11_OF_STUB}) reads numpy 2 arrays wrongly; start the server with "
+            "`mimsearch serve` / mim.serving.server.TritonServer, which give the stubs numpy 1.x "
+            f"(${stub_env.STUB_NUMPY_ENV} or a `make gpu-bundle`), or install 'numpy<2' in the server's environment"
+        )
 
 
 def request_params(request: Any) -> dict[str, Any]:

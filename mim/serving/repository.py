@@ -54,7 +54,7 @@ from mim.layout import (
 )
 from mim.model.config import ModelConfig, PreprocessConfig, get_size
 from mim.serving.runtimes import DEFAULT as DEFAULT_VARIANT
-from mim.serving.runtimes import PLATFORMS, VARIANTS, Variant
+from mim.serving.runtimes import GPU_TORCH, PLATFORMS, VARIANTS, Variant
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 DEFAULT_SIZE = "tiny"
@@ -74,7 +74,10 @@ FUSE_INSTANCES = 1
 # kNN: one instance holds the gallery once; the dynamic batcher hands it every query waiting, which turns an
 # exact scan from one pass over the gallery per query into one matrix product per batch.
 KNN_INSTANCES = 1
-KNN_DEVICE = "auto"  # KnnIndex: CuPy on a GPU where CuPy runs, NumPy otherwise
+KNN_DEVICE = "auto"  # KnnIndex: a CUDA device where torch can use one, the CPU otherwise
+# The gpu_torch variant: the gallery in FP16 on the instance's GPU, and the query embeddings taken where the
+# encoders left them (FORCE_CPU_ONLY_INPUT_TENSORS=no: GPU tensors through DLPack, no host copy).
+GPU_KNN_PARAMS = {"device": "cuda", "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
 # BLAS / OpenMP threads of the CPU search. One: the encoders' ONNX Runtime threads already use the cores, and
 # threads that wait by spinning slow everyone down on a shared machine; measured on 2 loaded cores (100k x 128
 # gallery, k=10), 1 thread searched a batch of 16 in 41 ms against 108 ms with 2 threads.
@@ -290,13 +293,29 @@ def knn_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[Gener
     name = contract.KNN
     params = {"default_k": str(contract.DEFAULT_K), "device": KNN_DEVICE, "threads": str(KNN_THREADS)}
     cfg = _python_model(name, model_cfg, pre_cfg, instances=KNN_INSTANCES, params=params)
+    gpu = _python_model(
+        name,
+        model_cfg,
+        pre_cfg,
+        instances=KNN_INSTANCES,
+        kind=pb.ModelInstanceGroup.KIND_GPU,
+        params={**params, **GPU_KNN_PARAMS},
+    )
     notes = (
         "Exact top-k (mim.search.knn.KnnIndex) over the gallery of the latest version folder, installed by "
         "`python -m client.cli index ... --install REPO`.",
         f"Request parameters {contract.K_PARAM!r} (default {contract.DEFAULT_K}) and {contract.CATEGORIES_PARAM!r} "
         "(JSON list); one instance, batched queries are one matrix product.",
     )
-    return [GeneratedConfig(name, DEFAULT_CONFIG, cfg, notes)]
+    gpu_notes = (
+        f"Selected by --model-config-name={GPU_TORCH}: the same KnnIndex with the gallery in FP16 on the "
+        "instance's GPU (one tensor-core product per tile),",
+        "query embeddings taken as GPU tensors where the encoders left them (DLPack, no host copy).",
+    )
+    return [
+        GeneratedConfig(name, DEFAULT_CONFIG, cfg, notes),
+        GeneratedConfig(name, f"configs/{GPU_TORCH}.pbtxt", gpu, gpu_notes),
+    ]
 
 
 def ensemble_configs(model_cfg: ModelConfig, pre_cfg: PreprocessConfig) -> list[GeneratedConfig]:

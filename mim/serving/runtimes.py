@@ -54,8 +54,9 @@ GPU_ONNX_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
 # The towers in torch (mim.serving.torch_backend). CPU: one instance with ONE intra-op thread per tower: torch's
 # OpenMP threads spin while they wait, and with two towers on 2 threads each on 2 shared cores a descheduled
 # thread stalled requests by 300-700 ms (measured; 3-10 ms with one thread).
-# GPU: FP16 with one CUDA graph per preferred batch size, and GPU tensors handed over through DLPack
-# (FORCE_CPU_ONLY_INPUT_TENSORS=no; the python backend's default copies every input to the host first).
+# GPU: FP16 with CUDA graphs per preferred batch size (and text length bucket), and GPU tensors handed over
+# through DLPack (FORCE_CPU_ONLY_INPUT_TENSORS=no; the python backend's default copies every input to the host
+# first).
 TORCH_PARAMS = {"device": "cpu", "precision": "fp32", "intra_op_threads": "1"}
 GPU_TORCH_PARAMS = {
     "device": "cuda",
@@ -149,10 +150,10 @@ VARIANTS: tuple[Variant, ...] = (
         preferred_batch_sizes=contract.GRAPH_BATCH_SIZES,
         params=GPU_TORCH_PARAMS,
         notes=(
-            f"Selected by --model-config-name={GPU_TORCH}: the tower in torch on the GPU, FP16 with LayerNorm, "
-            "softmax and L2 norm in FP32,",
-            f"one CUDA graph per preferred batch size {list(contract.GRAPH_BATCH_SIZES)}; inputs and outputs "
-            "stay GPU tensors (DLPack).",
+            f"Selected by --model-config-name={GPU_TORCH}: the tower in torch on the GPU, all FP16 with fused "
+            "attention (L2 norm in FP32),",
+            f"CUDA graphs per preferred batch size {list(contract.GRAPH_BATCH_SIZES)} (and text length bucket); "
+            "inputs and outputs stay GPU tensors (DLPack).",
             "The preprocessing models still produce host tensors: the encoder copies them to the GPU.",
         ),
     ),

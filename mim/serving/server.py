@@ -20,6 +20,8 @@ a new gallery goes into service without a restart. `none` loads every model fold
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from mim.serving import stub_env
 from mim.serving.runtimes import CPU, variant_names
 
 HOST = "127.0.0.1"
@@ -46,6 +49,7 @@ STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 MODEL_CONTROL = ("explicit", "none")
 LOG_TAIL_LINES = 25
+HEALTH_POLL_S = 2.0  # how often `serve` checks the server process and its stubs
 
 
 class TritonServerError(RuntimeError):
@@ -54,8 +58,9 @@ class TritonServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class TritonPaths:
-    """Where the bundled server's pieces are. `lib_dir` goes on LD_LIBRARY_PATH of anything that runs the
-    binary or the stub (perf_analyzer too, for libcudart)."""
+    """Where the bundled server's pieces are: `root` is `pytriton/tritonserver` and `lib_dir` its sibling
+    `nvidia_pytriton.libs`, in the installed wheel and in an unpacked `make gpu-bundle` alike, which is where
+    the binaries' RPATHs ($ORIGIN/../../../nvidia_pytriton.libs) look for their libraries."""
 
     root: Path  # pytriton/tritonserver
     binary: Path  # tritonserver
@@ -64,13 +69,18 @@ class TritonPaths:
     stub: Path  # python_backend_stubs/<X.Y>/triton_python_backend_stub for the running Python
     version: str  # nvidia-pytriton version, keys the backend cache
 
-    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """Environment for the server: the bundled libraries first on LD_LIBRARY_PATH, this Python's bin
-        first on PATH (the stub's interpreter then finds this virtualenv's packages)."""
+    home: Path | None = None  # an unpacked `make gpu-bundle`, when the server comes from one
+
+    def env(self, stub_env: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for the server. Its libraries resolve through their RPATHs (the bundled layout mirrors
+        the wheel's), so nothing of the bundle goes on LD_LIBRARY_PATH; only the folder of this Python's
+        libpython does, for the stub. PATH starts with the stub env's bin/ (mim.serving.stub_env), from which
+        the stubs' embedded interpreter takes its packages; without one, with this Python's bin/."""
         env = dict(os.environ if base is None else base)
-        dirs = (python_library_dir(), str(self.lib_dir), env.get("LD_LIBRARY_PATH", ""))
+        dirs = (python_library_dir(), env.get("LD_LIBRARY_PATH", ""))
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in dirs if p)
-        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        bin_dir = stub_env / "bin" if stub_env is not None else Path(sys.executable).parent
+        env["PATH"] = os.pathsep.join((str(bin_dir), env.get("PATH", "")))
         return env
 
 
@@ -89,8 +99,9 @@ def python_library_dir() -> str | None:
 
 
 # A folder unpacked from `make gpu-bundle` (benchmarks/gpu_bundle.py) holding the same server without the
-# nvidia-pytriton package: tritonserver/ as in the package, libs/ for its libraries, VERSION.
+# nvidia-pytriton package, in the wheel's layout: pytriton/tritonserver/, nvidia_pytriton.libs/, MANIFEST.json.
 TRITON_HOME_ENV = "MIM_TRITON_HOME"
+BUNDLE_MANIFEST = "MANIFEST.json"
 
 
 def triton_paths() -> TritonPaths:
@@ -98,10 +109,13 @@ def triton_paths() -> TritonPaths:
     package; explain what is missing."""
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     home = os.environ.get(TRITON_HOME_ENV)
+    bundle: Path | None = None
     if home:
-        root, lib_dir = Path(home) / "tritonserver", Path(home) / "libs"
-        version_file = Path(home) / "VERSION"
-        version = version_file.read_text().split()[-1] if version_file.is_file() else "bundle"
+        bundle = Path(home)
+        site = bundle
+        manifest = bundle / BUNDLE_MANIFEST
+        version = json.loads(manifest.read_text()).get("tritonserver", "bundle") if manifest.is_file() else "bundle"
+        version = version.split()[-1]
         fix = f"unpack the archive of `make gpu-bundle` into ${TRITON_HOME_ENV} ({home}) again"
     else:
         try:
@@ -112,9 +126,9 @@ def triton_paths() -> TritonPaths:
                 f"pip install -e '.[serve]' (or point ${TRITON_HOME_ENV} at an unpacked `make gpu-bundle`)"
             ) from None
         site = Path(pytriton.__file__).resolve().parent.parent
-        root, lib_dir = site / "pytriton" / "tritonserver", site / "nvidia_pytriton.libs"
         version = metadata.version("nvidia-pytriton")
         fix = "reinstall nvidia-pytriton: pip install -e '.[serve]'"
+    root, lib_dir = site / "pytriton" / "tritonserver", site / "nvidia_pytriton.libs"
     paths = TritonPaths(
         root=root,
         binary=root / "bin" / "tritonserver",
@@ -122,6 +136,7 @@ def triton_paths() -> TritonPaths:
         python_backend=root / "backends" / "python",
         stub=root / "python_backend_stubs" / py / "triton_python_backend_stub",
         version=version,
+        home=bundle,
     )
     for what, path in (
         ("tritonserver binary", paths.binary),
@@ -139,33 +154,44 @@ def default_cache_dir() -> Path:
     return Path(base) / "mim"
 
 
+BACKENDS_IN_TREE = Path("pytriton") / "tritonserver" / "backends"  # from the top of a backend folder
+
+
 def backend_dir(paths: TritonPaths | None = None, cache_dir: str | Path | None = None) -> Path:
     """A `--backend-directory` holding `python/` = the bundled python backend + the stub for this Python.
 
-    Built once per (nvidia-pytriton version, Python version) under the cache folder; assembled in a temporary
-    folder and renamed into place, so concurrent first runs cannot see a half-copied backend."""
+    The python backend expects its stub next to `libtriton_python.so`, and both find their libraries through
+    the RPATH `$ORIGIN/../../../../nvidia_pytriton.libs`; so the folder mirrors the wheel's layout, with a link
+    to the server's library folder at the top:
+
+        <cache>/triton-backends-.../nvidia_pytriton.libs -> the server's libraries
+        <cache>/triton-backends-.../pytriton/tritonserver/backends/python/{libtriton_python.so, stub, ...}
+
+    Built once per (server, Python version) under the cache folder; assembled in a temporary folder and renamed
+    into place, so concurrent first runs cannot see a half-copied backend. Returns the `backends` folder."""
     paths = paths or triton_paths()
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    target = Path(cache_dir or default_cache_dir()) / f"triton-backends-{paths.version}-py{py}"
-    stub_name = paths.stub.name
+    libs_key = hashlib.sha256(str(paths.lib_dir.resolve()).encode()).hexdigest()[:8]
+    target = Path(cache_dir or default_cache_dir()) / f"triton-backends-{paths.version}-py{py}-{libs_key}"
     if _backend_complete(target, paths):
-        return target
+        return target / BACKENDS_IN_TREE
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        dst = tmp / "python"
+        dst = tmp / BACKENDS_IN_TREE / "python"
         shutil.copytree(paths.python_backend, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy2(paths.stub, dst / stub_name)
+        shutil.copy2(paths.stub, dst / paths.stub.name)
+        (tmp / paths.lib_dir.name).symlink_to(paths.lib_dir.resolve())
         # Another process may have finished first while we copied: a complete target is never replaced. Only a
         # stale or half-copied one is removed; a rename that loses to someone else's leaves theirs in place.
         for _ in range(3):
             if _backend_complete(target, paths):
-                return target
+                return target / BACKENDS_IN_TREE
             if target.exists():
                 shutil.rmtree(target, ignore_errors=True)
             try:
                 os.rename(tmp, target)
-                return target
+                return target / BACKENDS_IN_TREE
             except OSError:
                 continue
         raise TritonServerError(f"could not assemble the python backend folder {target}; remove it and retry")
@@ -175,9 +201,11 @@ def backend_dir(paths: TritonPaths | None = None, cache_dir: str | Path | None =
 
 
 def _backend_complete(target: Path, paths: TritonPaths) -> bool:
-    wanted = [(paths.stub, target / "python" / paths.stub.name)]
-    wanted += [(f, target / "python" / f.name) for f in paths.python_backend.iterdir() if f.is_file()]
-    return all(dst.is_file() and dst.stat().st_size == src.stat().st_size for src, dst in wanted)
+    python = target / BACKENDS_IN_TREE / "python"
+    wanted = [(paths.stub, python / paths.stub.name)]
+    wanted += [(f, python / f.name) for f in paths.python_backend.iterdir() if f.is_file()]
+    libs = target / paths.lib_dir.name
+    return libs.is_dir() and all(dst.is_file() and dst.stat().st_size == src.stat().st_size for src, dst in wanted)
 
 
 def free_port(host: str = HOST) -> int:
@@ -237,6 +265,7 @@ class TritonServer:
         self.model_control = model_control
         self.models = None if models is None else list(models)  # explicit mode; None: servable_models()
         self.process: subprocess.Popen | None = None
+        self._seen_stubs: set[str] = set()  # python-backend instances seen running (dead_stubs compares)
 
     # --- addresses ---
     @property
@@ -288,10 +317,14 @@ class TritonServer:
         if not self.repository.is_dir():
             raise TritonServerError(f"model repository {self.repository} is not a directory")
         paths = triton_paths()
+        try:
+            env_dir = stub_env.build_stub_env(self.cache_dir or default_cache_dir(), stub_env.numpy_source(paths.home))
+        except stub_env.StubEnvError as e:
+            raise TritonServerError(str(e)) from None
         cmd = self.command(paths)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            log.write(("$ " + " ".join(cmd) + "\n").encode())
+            log.write(f"# {stub_env.describe(env_dir)}\n$ {' '.join(cmd)}\n".encode())
             log.flush()
             # Own session: Ctrl-C in a terminal reaches only us, and stop() can signal the whole group
             # (the server and its python-backend stubs).
@@ -300,7 +333,7 @@ class TritonServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=paths.env(),
+                env=paths.env(env_dir),
                 start_new_session=True,
             )
         try:
@@ -321,6 +354,7 @@ class TritonServer:
                     f"config {self.config!r}){self._diagnosis()}"
                 )
             if _http_ok(url):
+                self._seen_stubs.update(stub_processes(self.process.pid))
                 return
             if time.monotonic() > deadline:
                 raise TritonServerError(
@@ -331,6 +365,40 @@ class TritonServer:
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def dead_stubs(self) -> list[str]:
+        """Python-backend instances (e.g. `preprocess_image_0_0`) seen running earlier whose stub process is
+        gone while their model is still loaded. Triton keeps such a model READY and answers each of its
+        requests with "Stub process '...' is not healthy", so readiness alone does not show it."""
+        if not self.is_running():
+            return []
+        alive = stub_processes(self.process.pid)
+        loaded = self.loaded_models()
+        dead = [name for name in sorted(self._seen_stubs - set(alive)) if _model_of_instance(name, loaded)]
+        self._seen_stubs.update(alive)
+        return dead
+
+    def loaded_models(self) -> set[str]:
+        """Names of the models the server reports READY (repository index over HTTP); empty when unreachable."""
+        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=5.0) as r:
+                return {m["name"] for m in json.loads(r.read()) if m.get("state") == "READY"}
+        except (urllib.error.URLError, OSError, ValueError):
+            return set()
+
+    def check_health(self) -> None:
+        """Raise TritonServerError when the server has exited or a stub died under a loaded model: the dead
+        instances by name, then the error lines of the server log."""
+        if self.process is not None and self.process.poll() is not None:
+            raise TritonServerError(f"tritonserver exited with code {self.process.returncode}{self._diagnosis()}")
+        dead = self.dead_stubs()
+        if dead:
+            raise TritonServerError(
+                f"python-backend stub of {', '.join(dead)} died; Triton answers its requests with 'not healthy' "
+                f"until the model is reloaded. Errors in the server log ({self.log_path}):\n"
+                + (error_lines(self.log_text()) or self.log_tail())
+            )
 
     def stop(self) -> int | None:
         """SIGINT (Triton unloads models and waits for in-flight requests), SIGKILL to the process group
@@ -378,6 +446,47 @@ _LOAD_FAILURE = re.compile(r"failed to load (?:model )?'([^']+)'(?: version \S+)
 def load_failures(log_text: str) -> dict[str, str]:
     """Model name -> first line of its load error, from tritonserver's log ("failed to load 'x' version 1: ...")."""
     return {m.group(1): m.group(2) for m in _LOAD_FAILURE.finditer(log_text)}
+
+
+STUB_BINARY = "triton_python_backend_stub"
+STUB_NAME_ARG = 8  # argv of a stub: binary, model path, shm region, sizes x2, parent pid, lib dir, ipc, NAME, dir
+
+
+def stub_processes(server_pid: int) -> dict[str, int]:
+    """Instance name -> pid of the python-backend stubs running under the server `server_pid` (Linux /proc).
+    Zombies (exited, not yet reaped) do not count."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after its ")".
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        if int(ppid) != server_pid or state == "Z" or len(argv) <= STUB_NAME_ARG:
+            continue
+        if argv[0].decode(errors="replace").endswith(STUB_BINARY):
+            found[argv[STUB_NAME_ARG].decode(errors="replace")] = int(entry.name)
+    return found
+
+
+def _model_of_instance(instance: str, models: set[str]) -> str | None:
+    """`knn_0_0` -> `knn` when `knn` is among `models` (instance names are <model>_<group>_<index>)."""
+    base = instance.rsplit("_", 2)[0]
+    return base if base in models else None
+
+
+_ERROR_LINE = re.compile(r"^E\d{4} |Traceback|Error|error:|terminate called|what\(\):|is not healthy")
+
+
+def error_lines(log_text: str, limit: int = 12) -> str:
+    """The last `limit` lines of a server log that report an error (Triton's E-lines, Python tracebacks, C++
+    aborts of a stub)."""
+    lines = [line for line in log_text.splitlines() if _ERROR_LINE.search(line)]
+    return "\n".join(lines[-limit:])
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

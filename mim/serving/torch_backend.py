@@ -5,10 +5,23 @@ model's config dims, called with a dict of NumPy arrays, returning float32 embed
 torch tensors, wherever they live, and is what the Triton model calls:
 
     CPU (`torch`):      FP32, eager; the tests serve it next to the ONNX variant and compare.
-    CUDA (`gpu_torch`): FP16 weights and matmuls with LayerNorm, softmax and the final L2 normalisation in FP32
-                        (the same islands as export/fp16.py pins in the FP16 ONNX), replayed from one CUDA graph
-                        per batch size in `graph_batch_sizes`; inputs arrive and outputs leave as GPU tensors
-                        through DLPack (no host copy inside the model).
+    CUDA (`gpu_torch`): the whole tower in FP16 (or BF16), replayed from CUDA graphs, one per (batch size, text
+                        length bucket); inputs arrive and outputs leave as GPU tensors through DLPack (no host
+                        copy inside the model).
+
+Precision: no FP32 islands here. The ONNX/TensorRT FP16 graphs keep LayerNorm and softmax in FP32
+(export/fp16.py) because a graph compiler may decompose them into FP16 elementwise ops that overflow. In torch
+they are single kernels that already accumulate in FP32 for half inputs (LayerNorm's mean and variance, and the
+fused attention's running max and sum, which never writes the score matrix), so casting around them would only
+add memory traffic and, as a TorchFunctionMode, Python on every op. The one cast kept is the projection's
+(B, D) output to FP32, so the L2 normalisation squares and sums in FP32. Whether that holds is measured, not
+assumed: FP16 and BF16 are gated on cosine >= 0.999 to FP32 on real photos and titles (tests/test_torch_backend.py,
+benchmarks/towers_peer.py).
+
+Text length buckets: titles are much shorter than the context, and with right padding the real positions of
+a shorter input give exactly the same embedding (padded keys get zero weight; causal attention never reads
+later positions). So the text tower runs at the longest real row of the batch (eager), or at the smallest
+bucket that holds it (CUDA graphs and torch.compile need a few fixed shapes).
 
 Where the copy happens: the preprocessing models produce host tensors, so on a GPU the pixels (and token ids)
 cross to the device in `forward`, copied straight into the captured graph's static input. That copy is
@@ -20,8 +33,11 @@ ModelConfig that shapes it; the exporter installs both (export/engines.py).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +46,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from mim import contract, layout
 from mim.model.config import ModelConfig
 from mim.model.preprocess import InputError
-from mim.model.towers import MIMModel
+from mim.model.towers import Block, MIMModel, QuickGELU
+from mim.search.ranking import parity
 
 from . import backends
 
@@ -43,52 +59,91 @@ log = logging.getLogger(__name__)
 
 # Files in the encoder's version folder (written by export.engines.install).
 WEIGHTS_FILE, MODEL_JSON = layout.TORCH_WEIGHTS, layout.MODEL_JSON
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
+# torch.compile modes that leave CUDA graphs to `GraphRunner` ("reduce-overhead" and "max-autotune" capture
+# their own graphs, which cannot be captured again); "none" runs the module as written.
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
 
 _TORCH_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "INT64": torch.int64, "INT32": torch.int32}
+_FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # --- precision ---------------------------------------------------------------------------------------------
-class Fp32Islands(TorchFunctionMode):
-    """Runs LayerNorm and softmax in FP32 inside an FP16 forward: their inputs are cast up, the result back down
-    to the input's dtype. The sums of squares and exponentials they reduce overflow FP16's 65504 on real
-    activations; every other op keeps FP16 (tensor-core matmuls accumulate in FP32 anyway)."""
-
-    FUNCS = frozenset(
-        {torch.nn.functional.layer_norm, torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax}
-    )
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in self.FUNCS:
-            return func(*args, **kwargs)
-        x = args[0]
-        if not (isinstance(x, torch.Tensor) and x.dtype == torch.float16):
-            return func(*args, **kwargs)
-        up = [_up(a) for a in args]
-        out = func(*up, **{k: _up(v) for k, v in kwargs.items()})
-        return out.to(x.dtype)
-
-
-def _up(a: Any) -> Any:
-    return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a
-
-
-def to_fp16(tower: nn.Module) -> nn.Module:
-    """FP16 copy of the tower's weights except LayerNorm's (kept FP32, used by `Fp32Islands`), and the final
-    projection's output cast to FP32 so the L2 normalisation after it runs in FP32. Run under `Fp32Islands`."""
-    tower = tower.half()
-    for m in tower.modules():
-        if isinstance(m, nn.LayerNorm):
-            m.float()
+def cast_tower(tower: nn.Module, precision: str) -> nn.Module:
+    """The tower's weights in `precision` (all of them: see the module docstring), with the projection that
+    precedes the L2 normalisation returning FP32, so the normalisation runs in FP32. FP32 returns the tower."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "fp32":
+        return tower
     proj = getattr(tower, "proj", None)
     if not isinstance(proj, nn.Module):
         raise ValueError(
-            f"{type(tower).__name__} has no `proj` module; the FP16 policy needs the projection that precedes "
-            "the L2 normalisation to cast its output to FP32"
+            f"{type(tower).__name__} has no `proj` module; the half-precision policy needs the projection that "
+            "precedes the L2 normalisation to cast its output to FP32"
         )
+    tower = tower.to(_FLOAT_DTYPES[precision])
     proj.register_forward_hook(lambda _m, _inputs, out: out.float())
     return tower
+
+
+def fold_quick_gelu(tower: nn.Module) -> nn.Module:
+    """Each QuickGELU MLP as a SiLU one, in place: x * sigmoid(a x) = silu(a x) / a (a = 1.702), so the first
+    Linear scaled by a and the second by 1 / a compute the same function with torch's fused SiLU, one
+    elementwise pass over the (B, T, 4W) hidden activations instead of three. Equal to float rounding."""
+    for block in tower.modules():
+        if isinstance(block, Block) and isinstance(block.mlp[1], QuickGELU):
+            fc1, act, fc2 = block.mlp
+            with torch.no_grad():
+                fc1.weight.mul_(act.SCALE)
+                fc1.bias.mul_(act.SCALE)
+                fc2.weight.div_(act.SCALE)
+            block.mlp[1] = nn.SiLU()
+    return tower
+
+
+# The gate every half-precision torch path passes: per-row cosine to the FP32 tower on real photos and titles,
+# the same threshold as the exported FP16 graphs (export.onnx_export.FP16_MIN_COSINE).
+HALF_MIN_COSINE = 0.999
+
+
+def precision_gate(
+    tower: nn.Module,
+    model_cfg: ModelConfig,
+    io: contract.ModelIO,
+    feeds: backends.Arrays,
+    precision: str,
+    *,
+    device: str = "cpu",
+    **encoder_kw: Any,
+) -> float:
+    """The lowest per-row cosine between the tower in `precision` and in FP32 on `feeds` (real inputs: photos
+    and titles, never zeros), both through `TorchEncoder` on `device`. `tower` is copied, never modified."""
+    fp32 = TorchEncoder(copy.deepcopy(tower), model_cfg, io, device=device)
+    low = TorchEncoder(copy.deepcopy(tower), model_cfg, io, device=device, precision=precision, **encoder_kw)
+    got = low(feeds)
+    if not np.isfinite(got).all():
+        return float("nan")
+    return parity(got, fp32(feeds)).min_cosine
+
+
+# --- text length buckets -----------------------------------------------------------------------------------
+def default_text_buckets(context_length: int) -> tuple[int, ...]:
+    """16, 32 and 64 tokens below the context, and the context itself: product titles and short queries are
+    10-25 CLIP tokens, so most batches run at 16 or 32 instead of 77."""
+    return tuple(sorted({b for b in (16, 32, 64) if b < context_length} | {context_length}))
+
+
+def text_length(mask: torch.Tensor) -> int:
+    """Tokens needed to hold every row's real tokens: the position after the last 1 of any row (at least 1).
+    Counted from the last 1, not the sum, so a mask with a hole is never cut short. One host sync on a GPU."""
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return max(1, int((mask.ne(0) * positions).amax()))
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length (`buckets` sorted, the last one the context length)."""
+    return next(b for b in buckets if b >= length)
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -125,16 +180,22 @@ class GraphRunner:
     """One CUDA graph per batch size. A batch of n rows replays the smallest captured size >= n: the rows are
     copied into the graph's static inputs (rows past n keep earlier valid inputs) and the first n output rows
     are cloned out before the next replay overwrites them. Larger batches run in chunks of the largest size.
-    Captured largest first into one shared memory pool, so the pool is sized by the largest graph."""
+    Captured largest first into one memory pool (`pool`: shared with other runners, e.g. the other text length
+    buckets), so the pool is sized by the largest graph."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], example: Mapping[str, torch.Tensor], sizes: Sequence[int]):
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        example: Mapping[str, torch.Tensor],
+        sizes: Sequence[int],
+        pool: Any = None,
+    ):
         if not sizes or min(sizes) < 1:
             raise ValueError(f"graph batch sizes {list(sizes)}; expected positive sizes")
         self.sizes = sorted({int(s) for s in sizes})
         self.static_in: dict[int, dict[str, torch.Tensor]] = {}
         self.static_out: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        pool = None
         for size in reversed(self.sizes):
             inputs = {k: _repeat_rows(v, size).clone() for k, v in example.items()}
             side = torch.cuda.Stream()
@@ -148,6 +209,7 @@ class GraphRunner:
                 out = fn(**inputs)
             pool = graph.pool()
             self.static_in[size], self.static_out[size], self.graphs[size] = inputs, out, graph
+        self.pool = pool
 
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         n = len(next(iter(inputs.values())))
@@ -188,7 +250,8 @@ def cuda_unavailable_reason() -> str | None:
 
 class TorchEncoder:
     """One tower in torch. Same interface as `backends.OnnxEncoder` (`__call__` on NumPy feeds, `io`, `path`),
-    plus `forward` on torch tensors for zero-copy serving."""
+    plus `forward` on torch tensors for zero-copy serving. `setup_seconds` is what construction took (weights to
+    the device, torch.compile and the CUDA graph captures)."""
 
     def __init__(
         self,
@@ -199,12 +262,20 @@ class TorchEncoder:
         device: str = "cpu",
         precision: str = "fp32",
         graph_batch_sizes: Sequence[int] = (),
+        compile_mode: str = "none",
+        text_buckets: Sequence[int] | None = None,
+        trim_text: bool = True,
         threads: int | None = None,
         path: Path | None = None,
     ):
-        """`tower`: the FP32 module (ImageTower / TextTower) with forward arguments named as the contract inputs."""
+        """`tower`: the FP32 module (ImageTower / TextTower) with forward arguments named as the contract inputs.
+        `text_buckets`: the lengths the text tower is compiled / captured at (default `default_text_buckets`);
+        `trim_text=False` runs every batch at the full context (for comparisons)."""
+        t0 = time.perf_counter()
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {compile_mode!r}; expected one of {COMPILE_MODES}")
         self.device = torch.device(device)
         if self.device.type == "cuda":
             reason = cuda_unavailable_reason()
@@ -214,17 +285,47 @@ class TorchEncoder:
             raise ValueError(f"CUDA graphs need a CUDA device; got device {device!r}")
         if threads is not None and self.device.type == "cpu":
             torch.set_num_threads(max(1, int(threads)))
-        self.io, self.precision, self.model_cfg = io, precision, model_cfg
+        self.io, self.precision, self.model_cfg, self.compile_mode = io, precision, model_cfg, compile_mode
         self.path = path
-        tower = tower.eval().requires_grad_(False).to(self.device)
-        self.tower = to_fp16(tower) if precision == "fp16" else tower
-        # The contract's float inputs are FP32; an FP16 tower takes them in FP16 (cast on the device).
-        self.float_dtype = torch.float16 if precision == "fp16" else torch.float32
-        self.graphs: GraphRunner | None = None
+        tower = fold_quick_gelu(tower.eval().requires_grad_(False).to(self.device))
+        self.tower = cast_tower(tower, precision)
+        # dynamic=False: one specialised graph per shape, and the shapes are few (batch sizes x buckets).
+        self.run_tower = (
+            self.tower if compile_mode == "none" else torch.compile(self.tower, mode=compile_mode, dynamic=False)
+        )
+        # The contract's float inputs are FP32; a half-precision tower takes them in its dtype (cast on the device).
+        self.float_dtype = _FLOAT_DTYPES[precision]
+        self.is_text = contract.ATTENTION_MASK in io.inputs
+        context = model_cfg.text.context_length
+        buckets = (
+            default_text_buckets(context) if text_buckets is None else tuple(sorted({int(b) for b in text_buckets}))
+        )
+        if self.is_text and (not buckets or buckets[0] < 1 or buckets[-1] != context):
+            raise ValueError(
+                f"text buckets {list(buckets)}; expected positive lengths ending at the context length {context}"
+            )
+        self.trim_text = trim_text
+        # Fixed shapes (graphs, compiled code) run at a bucket; plain eager runs at the exact length.
+        self.buckets = buckets if trim_text else (context,)
+        self.exact_length = trim_text and not graph_batch_sizes and compile_mode == "none"
+        self.graphs: dict[int, GraphRunner] = {}
         if graph_batch_sizes:
-            example = self._device_inputs(self._example(), contiguous=True)
-            with torch.no_grad():
-                self.graphs = GraphRunner(self._eager, example, graph_batch_sizes)
+            lengths = self.buckets if self.is_text else (0,)
+            pool = None
+            with torch.no_grad(), self._compile_limits(len(graph_batch_sizes) * len(lengths)):
+                for length in sorted(lengths, reverse=True):  # largest first: the shared pool fits them all
+                    example = self._device_inputs(self._trim(self._example(), length), contiguous=True)
+                    runner = GraphRunner(self._eager, example, graph_batch_sizes, pool=pool)
+                    self.graphs[length], pool = runner, runner.pool
+        self.setup_seconds = time.perf_counter() - t0
+
+    def _compile_limits(self, shapes: int) -> contextlib.AbstractContextManager:
+        """While capturing a compiled tower: up to `shapes` (batch sizes x buckets) specialisations compile, past
+        dynamo's recompile limit (8) it would silently run the eager code inside the graphs, so the limit is
+        raised and hitting it fails loudly."""
+        if self.compile_mode == "none":
+            return contextlib.nullcontext()
+        return torch._dynamo.config.patch(recompile_limit=shapes + 8, fail_on_recompile_limit_hit=True)
 
     @classmethod
     def from_version_dir(
@@ -246,6 +347,21 @@ class TorchEncoder:
             out[spec.name] = t
         return out
 
+    def run_length(self, feeds: Mapping[str, torch.Tensor]) -> int:
+        """The text length a batch runs at (0 for the image tower): exact, or the bucket holding it."""
+        if not self.is_text:
+            return 0
+        context = self.model_cfg.text.context_length
+        if not self.trim_text:
+            return context
+        length = text_length(feeds[contract.ATTENTION_MASK.name])
+        return length if self.exact_length else bucket_for(length, self.buckets)
+
+    @staticmethod
+    def _trim(feeds: Mapping[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        """Text inputs cut to their first `length` positions (views); image inputs (length 0) unchanged."""
+        return {k: v[:, :length] for k, v in feeds.items()} if length else dict(feeds)
+
     def _device_inputs(self, feeds: Mapping[str, torch.Tensor], contiguous: bool = False) -> dict[str, torch.Tensor]:
         out = {}
         for k, v in feeds.items():
@@ -255,16 +371,15 @@ class TorchEncoder:
         return out
 
     def _eager(self, **inputs: torch.Tensor) -> torch.Tensor:
-        if self.precision == "fp16":
-            with Fp32Islands():
-                return self.tower(**inputs).float()
-        return self.tower(**inputs).float()
+        return self.run_tower(**inputs).float()
 
     def forward(self, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Torch tensors (any device; float inputs FP32) -> (N, D) float32 on the encoder's device."""
-        if self.graphs is not None:  # the graph copies host or device inputs into its static buffers
+        length = self.run_length(feeds)
+        feeds = self._trim(feeds, length)
+        if self.graphs:  # the graph copies host or device inputs into its static buffers
             with torch.no_grad():
-                return self.graphs(feeds)
+                return self.graphs[length](feeds)
         with torch.inference_mode():
             return self._eager(**self._device_inputs(feeds))
 
@@ -325,6 +440,18 @@ class TorchEncoderHandler(backends.EncoderHandler):
     def _check_mask(mask: torch.Tensor) -> None:
         bad = ((mask != 0) & (mask != 1)).any(dim=1).cpu().tolist()
         backends.raise_row_errors(contract.ATTENTION_MASK.name, ["must hold only 0 and 1" if b else None for b in bad])
+        # The fused causal attention and the length buckets are exact for right padding (ones, then zeros): a 1
+        # after a 0 would make a padded position visible. Every tokenizer here pads on the right.
+        holes = (mask[:, 1:] > mask[:, :-1]).any(dim=1).cpu().tolist()
+        backends.raise_row_errors(
+            contract.ATTENTION_MASK.name,
+            [
+                "must be right-padded (ones, then zeros); got a 1 after a 0: tokenize with padding on the right"
+                if h
+                else None
+                for h in holes
+            ],
+        )
 
     def run(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.encoder.forward(batch)
@@ -334,19 +461,20 @@ class TorchEncoderHandler(backends.EncoderHandler):
         return {self.io.outputs[0].name: out}
 
 
-def graph_sizes(text: str) -> tuple[int, ...]:
-    """The `cuda_graph_batch_sizes` config parameter ("1,2,4") -> (1, 2, 4); empty text -> ()."""
+def graph_sizes(text: str, name: str = "cuda_graph_batch_sizes") -> tuple[int, ...]:
+    """A comma-separated config parameter ("1,2,4") -> (1, 2, 4); empty text -> ()."""
     try:
         return tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise ValueError(f"cuda_graph_batch_sizes {text!r}; expected comma-separated integers") from None
+        raise ValueError(f"{name} {text!r}; expected comma-separated integers") from None
 
 
 def build_handler(
     name: str, version_dir: Path, params: Mapping[str, str], dims: Mapping[str, tuple[int, ...]], device_id: int = 0
 ) -> TorchEncoderHandler:
     """Parameters (configs/torch.pbtxt, configs/gpu_torch.pbtxt): device (cpu | cuda; a GPU instance runs on
-    the device Triton gives it), precision (fp32 | fp16), cuda_graph_batch_sizes, intra_op_threads."""
+    the device Triton gives it), precision (fp32 | fp16 | bf16), cuda_graph_batch_sizes, torch_compile (one of
+    COMPILE_MODES; default none), text_buckets (default: default_text_buckets), intra_op_threads."""
     io = contract.MODELS[name]
     device = params.get("device", "cpu")
     if device == "cuda":
@@ -358,6 +486,8 @@ def build_handler(
         device=device,
         precision=params.get("precision", "fp32"),
         graph_batch_sizes=graph_sizes(params.get("cuda_graph_batch_sizes", "")),
+        compile_mode=params.get("torch_compile", "none"),
+        text_buckets=graph_sizes(params["text_buckets"], "text_buckets") if params.get("text_buckets") else None,
         threads=int(params.get("intra_op_threads", "1")),
     )
     vocab = encoder.model_cfg.text.vocab_size if name == contract.TEXT_ENCODER else None

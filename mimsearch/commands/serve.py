@@ -84,9 +84,12 @@ def serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        while server.is_running():
-            time.sleep(0.5)
-        print(f"tritonserver exited unexpectedly; last log lines:\n{server.log_tail()}", file=sys.stderr)
+        # A stub that dies leaves its model READY but unable to answer: say so, and stop, rather than serve errors.
+        while True:
+            time.sleep(lib.HEALTH_POLL_S)
+            server.check_health()
+    except lib.TritonServerError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except _Stop as e:
         print(f"{e}: stopping tritonserver ...", file=sys.stderr)
