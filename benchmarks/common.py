@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mim import contract
+from mim import contract, tables
 from mim.atomic import atomic_write_text
 
 from .knn_bench import cpu_model
@@ -109,11 +109,9 @@ def fmt(value: Any, digits: int = 2) -> str:
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], digits: int = 2) -> str:
-    """`columns` = (key, header) pairs."""
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(k), digits) for k, _ in columns) + " |")
-    return "\n".join(lines)
+    """Result rows (dicts) as a table (mim.tables'); `columns` = (key, header) pairs."""
+    cells = ([fmt(r.get(k), digits) for k, _ in columns] for r in rows)
+    return tables.markdown_table([h for _, h in columns], cells)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

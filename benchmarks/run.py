@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mim import contract
+from mim import contract, tables
 from mim.commandline import CommandParser
 
 from . import gpu, knn_bench, perf, quality, serving_compare, store_bench
@@ -54,16 +54,6 @@ QUICK_CATALOG = {
     "patterns": "solid,stripes,zebra,dots",
     "colours": "red,blue,green,black",
 }
-# The tiny checkpoint made when none is given: a tokenizer trained on these few titles (as tests/conftest.py).
-TOY_TITLES = [
-    "blue zebra-striped ceramic mug",
-    "red polka-dot cotton shirt",
-    "green plaid leather shoe",
-    "yellow striped canvas bag",
-    "zebra mug",
-    "in red",
-    "with polka dots",
-]
 
 
 @dataclass(frozen=True)
@@ -134,6 +124,7 @@ def make_random_checkpoint(out: Path, seed: int = 0) -> Path:
     """A random-init `tiny` model with a tokenizer trained on a few titles (as tests/conftest.py makes it)."""
     import torch
 
+    from mim.data.synth import TOY_TEXTS
     from mim.model.checkpoint import save_checkpoint
     from mim.model.config import get_size
     from mim.model.tokenizer import TextTokenizer
@@ -141,7 +132,7 @@ def make_random_checkpoint(out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     spec = get_size("tiny")
-    tok = TextTokenizer.train(TOY_TITLES * 4, vocab_size=200, context_length=spec.preprocess.context_length)
+    tok = TextTokenizer.train(list(TOY_TEXTS) * 4, vocab_size=200, context_length=spec.preprocess.context_length)
     model = MIMModel(spec.model.with_vocab(tok.vocab_size)).eval()
     meta = {"objective": "3tower", "step": 0, "random_init": True, "made_by": "benchmarks.run"}
     return save_checkpoint(out, model, spec.preprocess, tok, meta)
@@ -303,8 +294,8 @@ def results_markdown(run: Run) -> str:
         ]
     else:
         lines += ["See `gpu/perf.csv` and `gpu/perf.png`.", ""]
-    lines += ["## Run", "", "| step | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {s:.1f} |" for k, s in run.stages.items()]
+    stages = ([k, f"{s:.1f}"] for k, s in run.stages.items())
+    lines += ["## Run", "", tables.markdown_table(["step", "seconds"], stages, label_column=True)]
     if run.errors or run.skipped:
         lines += ["", "## Failed or skipped", ""]
         lines += [f"- **{k}** failed: {e.splitlines()[0]}" for k, e in run.errors.items()]

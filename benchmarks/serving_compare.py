@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from mim import contract
-from mim.search.embedding import Embedder, OnnxEmbedder
+from mim.search.embedding import Embedder
 from mim.search.ranking import parity
+from mim.serving.onnx_embedder import OnnxEmbedder
 
 from . import perf
 from .common import markdown_table, ratio, write_json, write_rows_csv

@@ -191,7 +191,10 @@ def cmd_search_server_side(args: argparse.Namespace) -> int:
     with SearchClient(args.url, timeout_s=args.timeout, retries=args.retries) as client:
         client.wait_ready(args.wait)
         if image is not None and args.text is not None:
-            results, mode = client.by_image_text(image, args.text, args.k, image_weight=args.image_weight), "fusion"
+            results = client.by_image_text(
+                image, args.text, args.k, image_weight=args.image_weight, categories=args.category
+            )
+            mode = "fusion"
         elif image is not None:
             results, mode = client.by_image(image, args.k, categories=args.category), "image"
         else:
@@ -223,6 +226,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     image_weight=args.image_weight,
                     text_weight=args.text_weight,
                     top_n=args.top_n,
+                    categories=args.category,
                 )
                 mode = args.mode
             elif image is not None:
@@ -326,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--image", help="query image file")
     se.add_argument("--text", help="query text; with --image, the reformulation ('in blue')")
     se.add_argument("--mode", choices=MODES, default="fusion", help="image + text: fusion or refine")
-    se.add_argument("-k", type=at_least(1), default=10, help="results to return")
+    se.add_argument("-k", type=at_least(1), default=contract.DEFAULT_K, help="results to return")
     se.add_argument(
         "--image-weight", type=float, default=contract.DEFAULT_IMAGE_WEIGHT, help="fusion: weight a of the image"
     )
@@ -334,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-weight", type=float, default=DEFAULT_REFINE_WEIGHT, help="refine: weight b of cos(text, product)"
     )
     se.add_argument("--top-n", type=at_least(1), default=REFINE_TOP_N, help="refine: image candidates re-ranked")
-    se.add_argument("--category", action="append", help="only this category (repeatable; image or text queries)")
+    se.add_argument("--category", action="append", help="only this category (repeatable; every query kind)")
     se.add_argument("--json", action="store_true", help="print JSON (query + results) instead of a table")
     se.add_argument("--html", type=Path, help="also write a self-contained HTML results page")
     se.set_defaults(func=cmd_search)

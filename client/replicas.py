@@ -157,3 +157,53 @@ class ReplicaPool:
 
     def describe(self) -> str:
         return ", ".join(f"{r.url} ({'out' if r.out else 'in'})" for r in self.replicas)
+
+
+class Failover:
+    """The decisions of ONE call over the pool, without I/O: which replica gets the next attempt, and after a
+    failure whether to raise, to try another replica at once, or to wait and then try them all again.
+
+    The sync and the async client share it and only do the I/O around it (send, probe, sleep), the way httpx's
+    base client holds the decisions its two clients share, so the two cannot drift apart:
+
+        call = Failover(pool, retries, backoff.delay)
+        while True:
+            replica, probe = call.next()             # probe first when `probe`; a failed probe: call.probe_failed
+            call.sending()
+            try: answer = send(replica); call.answered(replica); return answer
+            except failure as e:
+                wait = call.failed(replica, status(e))
+                if wait is None: raise ...           # the request's own fault, or no attempt left
+                sleep(wait)                          # 0: another replica is healthy, go at once
+    """
+
+    def __init__(self, pool: ReplicaPool, retries: int, delay: Callable[[int], float]) -> None:
+        self.pool, self.retries, self.delay = pool, retries, delay
+        self.tried: set[str] = set()  # replicas this call failed on since it last waited
+        self.attempts = 0
+
+    def next(self) -> tuple[Replica, bool]:
+        """The replica for the next attempt and whether to probe it first (ReplicaPool.next)."""
+        return self.pool.next(self.tried)
+
+    def probe_failed(self, replica: Replica) -> None:
+        self.pool.failed(replica, probe=True)
+
+    def sending(self) -> None:
+        self.attempts += 1
+
+    def answered(self, replica: Replica) -> None:
+        self.pool.answered(replica)
+
+    def failed(self, replica: Replica, status: str | None) -> float | None:
+        """After an attempt failed with gRPC `status`: None to raise (the request's own fault, or `retries`
+        retries spent), else the seconds to wait before the next attempt (0: another replica is healthy)."""
+        if not self.pool.failover_status(status) or self.attempts > self.retries:
+            return None
+        self.pool.failed(replica)
+        self.tried.add(replica.url)
+        if self.pool.has_healthy(self.tried):
+            self.pool.count_failover()
+            return 0.0
+        self.tried.clear()  # every replica failed: back off, then start over
+        return self.delay(self.attempts - 1)

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from mim import contract
+from mim.checks import is_positive_int
 from mim.search.embedding import Embedder
 from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N, refine, refine_scores
 from mim.search.stores import VectorStore
 
 MODES = ("fusion", "refine")
+Categories = str | Iterable[str] | None
 
 
 @dataclass(frozen=True)
@@ -63,38 +65,74 @@ def results_from(index: VectorStore, scores: np.ndarray, ids: np.ndarray) -> lis
     return out
 
 
+@runtime_checkable
+class Searcher(Protocol):
+    """One query at a time, with the same features and results on both front ends: `SearchService` (a store
+    searched here) and `client.search_client.SearchClient` (the server's gallery, one request per query). Every
+    query kind takes a category filter; image + text comes by fusion or by refine (`mode`). A front end that
+    cannot do a mode (the server does fusion only) refuses it with a ValueError that names the other one."""
+
+    def by_image(
+        self, image: bytes, k: int = contract.DEFAULT_K, *, categories: Categories = None
+    ) -> list[SearchResult]: ...
+
+    def by_text(
+        self, text: str, k: int = contract.DEFAULT_K, *, categories: Categories = None
+    ) -> list[SearchResult]: ...
+
+    def by_image_text(
+        self,
+        image: bytes,
+        text: str,
+        k: int = contract.DEFAULT_K,
+        *,
+        mode: str = "fusion",
+        image_weight: float | None = None,
+        text_weight: float = DEFAULT_REFINE_WEIGHT,
+        top_n: int = REFINE_TOP_N,
+        categories: Categories = None,
+    ) -> list[SearchResult]: ...
+
+
 class SearchService:
+    """The `Searcher` over a vector store searched in this process, with query embeddings from `client`."""
+
     def __init__(self, client: Embedder, index: VectorStore) -> None:
         self.client, self.index = client, index
 
     # --- queries ----------------------------------------------------------------------------------------------
     def by_image(
-        self, image: bytes, k: int = 10, *, categories: str | Iterable[str] | None = None
+        self, image: bytes, k: int = contract.DEFAULT_K, *, categories: str | Iterable[str] | None = None
     ) -> list[SearchResult]:
         return self.search_embedding(self.client.embed_images([image]), k, categories=categories)
 
-    def by_text(self, text: str, k: int = 10, *, categories: str | Iterable[str] | None = None) -> list[SearchResult]:
+    def by_text(
+        self, text: str, k: int = contract.DEFAULT_K, *, categories: str | Iterable[str] | None = None
+    ) -> list[SearchResult]:
         return self.search_embedding(self.client.embed_texts([text]), k, categories=categories)
 
     def by_image_text(
         self,
         image: bytes,
         text: str,
-        k: int = 10,
+        k: int = contract.DEFAULT_K,
         *,
         mode: str = "fusion",
         image_weight: float | None = None,
         text_weight: float = DEFAULT_REFINE_WEIGHT,
         top_n: int = REFINE_TOP_N,
+        categories: str | Iterable[str] | None = None,
     ) -> list[SearchResult]:
-        """Photo + reformulation text. `image_weight` (a) is fusion's, `text_weight` (b) and `top_n` refine's."""
+        """Photo + reformulation text. `image_weight` (a) is fusion's, `text_weight` (b) and `top_n` refine's;
+        `categories` filters either mode (refine re-ranks only candidates of those categories)."""
         if mode == "fusion":
             w = contract.DEFAULT_IMAGE_WEIGHT if image_weight is None else image_weight
-            return self.search_embedding(self.client.embed_multimodal([image], [text], image_weight=w), k)
+            query = self.client.embed_multimodal([image], [text], image_weight=w)
+            return self.search_embedding(query, k, categories=categories)
         if mode == "refine":
             q = self.client.embed_images([image])
             s = self.client.embed_texts([text])
-            return self.refine_embeddings(q, s, k, text_weight=text_weight, top_n=top_n)
+            return self.refine_embeddings(q, s, k, text_weight=text_weight, top_n=top_n, categories=categories)
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
 
     # --- the embedding-level API (also used for batched evaluation) ----------------------------------------------
@@ -113,15 +151,20 @@ class SearchService:
         *,
         text_weight: float = DEFAULT_REFINE_WEIGHT,
         top_n: int = REFINE_TOP_N,
+        categories: str | Iterable[str] | None = None,
     ) -> list[SearchResult]:
-        """Image kNN for `top_n` candidates from the index, re-ranked by `mim.search.ranking.refine`."""
-        if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
+        """Image kNN for `top_n` candidates from the index (of `categories` only, when given), re-ranked by
+        `mim.search.ranking.refine`. A filter that leaves fewer than k candidates gives fewer results."""
+        if not is_positive_int(top_n):
             raise ValueError(f"top_n={top_n!r}; expected a positive int (candidates re-ranked by refine)")
         k = self._k(k)
         n = min(max(int(top_n), k), self.index.count)
-        _, cand = self.index.search(q_img, n)  # (1, n) best first
+        _, cand = self.index.search(q_img, n, categories=categories)  # (1, n) best first, -1 padding
         # Candidates in ascending id order, so refine's "ties by lower row" is "ties by lower id", as in search.
-        cand_ids = np.sort(cand[0])
+        cand_ids = np.sort(cand[0][cand[0] >= 0])
+        if cand_ids.size == 0:
+            return []
+        k, n = min(k, cand_ids.size), cand_ids.size
         sub = self._embeddings_of(cand_ids)  # (n, D)
         rows = refine(q_img, q_txt, sub, k, top_n=n, text_weight=text_weight)[0]  # (k,) rows of sub
         score = refine_scores(q_img[:1], q_txt[:1], sub[rows][None], text_weight)[0]  # the score refine ranked by
@@ -129,7 +172,7 @@ class SearchService:
 
     # --- internals ------------------------------------------------------------------------------------------------
     def _k(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if not is_positive_int(k):
             raise ValueError(f"k={k!r}; expected a positive int")
         if self.index.count == 0:
             raise ValueError("the index is empty; build it first (python -m client.cli index ...)")

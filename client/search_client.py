@@ -19,7 +19,6 @@ candidates with the gallery's embeddings, which stay in the server; use `SearchS
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -29,6 +28,8 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
+from mim.checks import is_positive_int
+from mim.search.ranking import DEFAULT_REFINE_WEIGHT, REFINE_TOP_N
 
 from .search import SearchResult
 from .triton_client import (
@@ -37,6 +38,7 @@ from .triton_client import (
     ClientError,
     EmbeddingClient,
     call_error,
+    gather_bounded,
     plan_images,
     plan_multimodal,
     plan_texts,
@@ -49,7 +51,7 @@ Categories = str | Iterable[str] | None
 
 def search_parameters(model: str, k: int, categories: Categories) -> dict[str, Any]:
     """The request parameters of one search; k's upper bound (the gallery size) is the server's to check."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not is_positive_int(k):
         raise ClientError(f"{model}: k={k!r}; expected a positive int (results per query)", model=model)
     params: dict[str, Any] = {contract.K_PARAM: int(k)}
     if categories is not None:
@@ -137,22 +139,28 @@ class SearchClient(EmbeddingClient):
         return self._search(with_parameters(chunks, search_parameters(m, k, categories)))
 
     # --- one query, as SearchService ---------------------------------------------------------------------------
-    def by_image(self, image: bytes, k: int = 10, *, categories: Categories = None) -> list[SearchResult]:
+    def by_image(
+        self, image: bytes, k: int = contract.DEFAULT_K, *, categories: Categories = None
+    ) -> list[SearchResult]:
         return self.search_images([image], k, categories=categories)[0]
 
-    def by_text(self, text: str, k: int = 10, *, categories: Categories = None) -> list[SearchResult]:
+    def by_text(self, text: str, k: int = contract.DEFAULT_K, *, categories: Categories = None) -> list[SearchResult]:
         return self.search_texts([text], k, categories=categories)[0]
 
     def by_image_text(
         self,
         image: bytes,
         text: str,
-        k: int = 10,
+        k: int = contract.DEFAULT_K,
         *,
         mode: str = "fusion",
         image_weight: float | None = None,
+        text_weight: float = DEFAULT_REFINE_WEIGHT,
+        top_n: int = REFINE_TOP_N,
         categories: Categories = None,
     ) -> list[SearchResult]:
+        """`client.search.Searcher.by_image_text`; the server fuses, so `text_weight` and `top_n` (refine's) are
+        accepted for the shared signature and a refine `mode` is refused."""
         _check_mode(mode)
         return self.search_multimodal([image], [text], k, image_weight=image_weight, categories=categories)[0]
 
@@ -206,20 +214,26 @@ class AsyncSearchClient(AsyncEmbeddingClient):
         chunks = plan_multimodal(images, texts, image_weight, self.max_batch, m)
         return await self._search(with_parameters(chunks, search_parameters(m, k, categories)))
 
-    async def by_image(self, image: bytes, k: int = 10, *, categories: Categories = None) -> list[SearchResult]:
+    async def by_image(
+        self, image: bytes, k: int = contract.DEFAULT_K, *, categories: Categories = None
+    ) -> list[SearchResult]:
         return (await self.search_images([image], k, categories=categories))[0]
 
-    async def by_text(self, text: str, k: int = 10, *, categories: Categories = None) -> list[SearchResult]:
+    async def by_text(
+        self, text: str, k: int = contract.DEFAULT_K, *, categories: Categories = None
+    ) -> list[SearchResult]:
         return (await self.search_texts([text], k, categories=categories))[0]
 
     async def by_image_text(
         self,
         image: bytes,
         text: str,
-        k: int = 10,
+        k: int = contract.DEFAULT_K,
         *,
         mode: str = "fusion",
         image_weight: float | None = None,
+        text_weight: float = DEFAULT_REFINE_WEIGHT,
+        top_n: int = REFINE_TOP_N,
         categories: Categories = None,
     ) -> list[SearchResult]:
         _check_mode(mode)
@@ -227,18 +241,5 @@ class AsyncSearchClient(AsyncEmbeddingClient):
         return found[0]
 
     async def _search(self, chunks: list[Chunk]) -> list[list[SearchResult]]:
-        gate = asyncio.Semaphore(self.max_concurrency)
-
-        async def one(c: Chunk) -> list[list[SearchResult]]:
-            async with gate:
-                return await self._infer(c, OUTPUTS, parse_results)
-
-        tasks = [asyncio.ensure_future(one(c)) for c in chunks]
-        try:
-            parts = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:  # first failure wins; do not leave the other requests running
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        parts = await gather_bounded(lambda c: self._infer(c, OUTPUTS, parse_results), chunks, self.max_concurrency)
         return [row for part in parts for row in part]

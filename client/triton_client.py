@@ -28,7 +28,7 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,10 +38,11 @@ import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
 from mim import contract
+from mim.checks import is_int, is_positive_int
 from mim.errors import MimFailure
 from mim.search import embedding
 
-from .replicas import PROBE_TIMEOUT_S, UNAVAILABLE, ReplicaPool, ReplicaStats, parse_urls
+from .replicas import PROBE_TIMEOUT_S, UNAVAILABLE, Failover, ReplicaPool, ReplicaStats, parse_urls
 
 DEFAULT_URL = "127.0.0.1:8001"
 ENSEMBLES = (contract.EMBED_IMAGE, contract.EMBED_TEXT, contract.EMBED_MULTIMODAL)
@@ -294,9 +295,9 @@ def _empty(dim: int | None) -> np.ndarray:
 def _validate_settings(timeout_s: float, retries: int, max_batch: int) -> None:
     if not timeout_s > 0:
         raise ValueError(f"timeout_s={timeout_s!r}; expected a positive number of seconds")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+    if not is_int(retries) or retries < 0:
         raise ValueError(f"retries={retries!r}; expected an int >= 0 (retries after the first attempt)")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= contract.MAX_BATCH_SIZE:
+    if not is_int(max_batch) or not 1 <= max_batch <= contract.MAX_BATCH_SIZE:
         raise ValueError(f"max_batch={max_batch!r}; expected 1..{contract.MAX_BATCH_SIZE} (the models' max_batch_size)")
 
 
@@ -429,30 +430,27 @@ class EmbeddingClient:
         model: str,
         error: Callable[[InferenceServerException, str, int], ClientError] | None = None,
     ) -> T:
-        """`fn(tritonclient)` on a replica; on a replica failure, again on another one (or after a backoff)."""
-        pool, tried, attempts = self.replicas, set(), 0
+        """`fn(tritonclient)` on a replica; on a replica failure, again on another one (or after a backoff). The
+        decisions are `Failover`'s; this loop only sends, probes and sleeps."""
+        call = Failover(self.replicas, self.retries, self.backoff.delay)
         while True:
-            replica = self._replica(tried)
-            attempts += 1
+            replica = self._replica(call)
+            call.sending()
             try:
                 out = fn(replica.client)
-                pool.answered(replica)
+                call.answered(replica)
                 return out
             except InferenceServerException as e:
-                if not pool.failover_status(e.status()) or attempts > self.retries:
-                    raise (error or call_error(model))(e, replica.url, attempts) from None
-                pool.failed(replica)
-                tried.add(replica.url)
-                if pool.has_healthy(tried):
-                    pool.count_failover()
-                else:
-                    tried.clear()
-                    time.sleep(self.backoff.delay(attempts - 1))
+                wait = call.failed(replica, e.status())
+                if wait is None:
+                    raise (error or call_error(model))(e, replica.url, call.attempts) from None
+                if wait:
+                    time.sleep(wait)
 
-    def _replica(self, tried: set[str]) -> Any:
+    def _replica(self, call: Failover) -> Any:
         """The replica for the next attempt; one that is out is first probed with a readiness check."""
         while True:
-            replica, probe = self.replicas.next(tried)
+            replica, probe = call.next()
             if not probe:
                 return replica
             self.replicas.renew(replica).close()
@@ -540,6 +538,25 @@ def _dim_from_metadata(meta: Any) -> int:
 
 
 # --- the asyncio client ----------------------------------------------------------------------------------------
+async def gather_bounded(fn: Callable[[Any], Awaitable[T]], items: Sequence[Any], limit: int) -> list[T]:
+    """`await fn(item)` for every item concurrently, at most `limit` at a time; results in the items' order.
+    The first failure wins: the other calls are cancelled (none is left running) and it is raised."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(item: Any) -> T:
+        async with gate:
+            return await fn(item)
+
+    tasks = [asyncio.ensure_future(one(item)) for item in items]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class AsyncEmbeddingClient:
     """Coroutine twin of `EmbeddingClient`; create and use it inside one running event loop.
 
@@ -558,7 +575,7 @@ class AsyncEmbeddingClient:
         backoff: Backoff = Backoff(),
     ) -> None:
         _validate_settings(timeout_s, retries, max_batch)
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+        if not is_positive_int(max_concurrency):
             raise ValueError(f"max_concurrency={max_concurrency!r}; expected an int >= 1")
         urls = parse_urls(url)
         self.url, self.timeout_s, self.retries, self.max_batch, self.backoff = (
@@ -630,21 +647,7 @@ class AsyncEmbeddingClient:
     async def _run(self, chunks: list[Chunk]) -> np.ndarray:
         if not chunks:
             return _empty(await self.embed_dim())
-        gate = asyncio.Semaphore(self.max_concurrency)
-
-        async def one(c: Chunk) -> np.ndarray:
-            async with gate:
-                return await self._infer(c)
-
-        tasks = [asyncio.ensure_future(one(c)) for c in chunks]
-        try:
-            parts = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:  # first failure wins; do not leave the other requests running
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        out = np.concatenate(parts)
+        out = np.concatenate(await gather_bounded(self._infer, chunks, self.max_concurrency))
         self._dim = out.shape[1]
         return out
 
@@ -668,29 +671,25 @@ class AsyncEmbeddingClient:
         model: str,
         error: Callable[[InferenceServerException, str, int], ClientError] | None = None,
     ) -> Any:
-        """As `EmbeddingClient._call`, awaiting `fn(tritonclient)`."""
-        pool, tried, attempts = self.replicas, set(), 0
+        """As `EmbeddingClient._call`, awaiting `fn(tritonclient)`: the same `Failover` decisions."""
+        call = Failover(self.replicas, self.retries, self.backoff.delay)
         while True:
-            replica = await self._replica(tried)
-            attempts += 1
+            replica = await self._replica(call)
+            call.sending()
             try:
                 out = await fn(replica.client)
-                pool.answered(replica)
+                call.answered(replica)
                 return out
             except InferenceServerException as e:
-                if not pool.failover_status(e.status()) or attempts > self.retries:
-                    raise (error or call_error(model))(e, replica.url, attempts) from None
-                pool.failed(replica)
-                tried.add(replica.url)
-                if pool.has_healthy(tried):
-                    pool.count_failover()
-                else:
-                    tried.clear()
-                    await asyncio.sleep(self.backoff.delay(attempts - 1))
+                wait = call.failed(replica, e.status())
+                if wait is None:
+                    raise (error or call_error(model))(e, replica.url, call.attempts) from None
+                if wait:
+                    await asyncio.sleep(wait)
 
-    async def _replica(self, tried: set[str]) -> Any:
+    async def _replica(self, call: Failover) -> Any:
         while True:
-            replica, probe = self.replicas.next(tried)
+            replica, probe = call.next()
             if not probe:
                 return replica
             await self.replicas.renew(replica).close()

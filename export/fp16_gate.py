@@ -24,8 +24,9 @@ from mim import contract
 from mim.commandline import CommandParser
 from mim.data.catalog import Catalog, load_catalog
 from mim.model.checkpoint import load_checkpoint
-from mim.search.embedding import OnnxEmbedder, TorchEmbedder
+from mim.search.embedding import TorchEmbedder
 from mim.search.ranking import parity
+from mim.serving.onnx_embedder import OnnxEmbedder
 from mim.training.evaluate import evaluate
 
 from .onnx_export import onnx_filename

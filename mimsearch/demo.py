@@ -44,7 +44,7 @@ from mim.serving.server import TritonServer
 from mim.training.compare import rank_gallery
 from mim.training.evaluate import evaluate_per_query
 from mim.training.stats import paired_difference
-from mim.training.train import train
+from mim.training.train import TrainConfig, train
 
 SHOW_K = 5  # results printed per demo search (the page shows SHOW_K * 2)
 METRICS = (
@@ -394,15 +394,12 @@ def run(
     step(f"train: tiny 3-tower model and the DML baseline, {settings.steps} steps each (reuses checkpoints)")
     ckpt_dir, dml_dir = art / "checkpoints" / "3tower", art / "checkpoints" / "dml"
     for objective, out in (("3tower", ckpt_dir), ("dml", dml_dir)):
-        train(
-            catalog=str(catalog.root),
-            out=str(out),
+        config = TrainConfig(
             objective=objective,
             steps=settings.steps,
             batch_size=min(settings.batch_size, len(catalog.paired("train"))),
-            resume=True,
-            no_progress=not progress,
         )
+        train(config, catalog=str(catalog.root), out=str(out), resume=True, progress=progress)
     ck: Checkpoint = load_checkpoint(ckpt_dir)
     model_id = ck.model_id
     print(f"    checkpoint {ckpt_dir} (step {ck.meta.get('step')}, model_id {model_id})")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mim.data.synth import generate_catalog
+from mim.data.synth import TOY_TEXTS, generate_catalog
 from mim.model.checkpoint import save_checkpoint
 from mim.model.config import get_size
 from mim.model.tokenizer import TextTokenizer
@@ -27,23 +27,12 @@ def make_small_catalog(root: Path, **overrides):
     return generate_catalog(root, **params)
 
 
-TOY_TEXTS = [
-    "blue zebra-striped ceramic mug",
-    "red polka-dot cotton shirt",
-    "green plaid leather shoe",
-    "yellow striped canvas bag",
-    "zebra mug",
-    "in red",
-    "with polka dots",
-]
-
-
 def make_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
     """A random-init `tiny` model with a tokenizer trained on a few titles: fast, and enough for parity tests
     (export, serving) that compare two runtimes of the same weights."""
     torch.manual_seed(seed)
     spec = get_size("tiny")
-    tok = TextTokenizer.train(TOY_TEXTS * 4, vocab_size=200, context_length=spec.preprocess.context_length)
+    tok = TextTokenizer.train(list(TOY_TEXTS) * 4, vocab_size=200, context_length=spec.preprocess.context_length)
     model = MIMModel(spec.model.with_vocab(tok.vocab_size)).eval()
     return save_checkpoint(out, model, spec.preprocess, tok, {"objective": "3tower", "step": 0, "random_init": True})
 

@@ -22,8 +22,9 @@ from client.triton_client import (
 )
 from mim import contract
 from mim.model.checkpoint import load_checkpoint
-from mim.search.embedding import Embedder, OnnxEmbedder, TorchEmbedder
+from mim.search.embedding import Embedder, TorchEmbedder
 from mim.search.ranking import parity
+from mim.serving.onnx_embedder import OnnxEmbedder
 from mim.serving.server import free_port
 
 FAST = Backoff(base_s=0.01, cap_s=0.05)

@@ -8,6 +8,7 @@ import pytest
 from conftest import make_small_catalog
 
 from mim.training import compare
+from mim.training.train import TrainConfig
 from mimsearch.commands import compare as compare_cmd
 
 
@@ -55,7 +56,7 @@ def test_bad_arguments(tiny_catalog, tmp_path):
     with pytest.raises(SystemExit):
         compare_cmd.main(["--catalog", str(tiny_catalog.root), "--runs", "dml,5tower"])
     with pytest.raises(ValueError, match="starts from '3tower', which must be trained before it"):
-        compare.run_comparison(tiny_catalog, tmp_path, seeds=[0], steps=1, runs=[compare.RUNS[3]])
+        compare.run_comparison(tiny_catalog, tmp_path, TrainConfig(steps=1), seeds=[0], runs=[compare.RUNS[3]])
 
 
 def test_chains_keep_a_run_after_the_one_it_starts_from():
@@ -70,10 +71,11 @@ def test_chains_keep_a_run_after_the_one_it_starts_from():
 
 
 def test_parallel_jobs_give_the_same_models_as_one_process(tiny_catalog, tmp_path):
-    common = {"seeds": [0, 1], "steps": 2, "batch_size": 4, "catalog_rows": 2, "eval_every": 1, "align_weight": 0.5}
+    base = TrainConfig(steps=2, batch_size=4, catalog_rows=2, align_weight=0.5)
+    common = {"seeds": [0, 1], "eval_every": 1}
     runs = (compare.RUNS[0], compare.RUNS[1], compare.RUNS[3])  # dml alone; 3tower then 4tower-from-3tower
-    one = compare.run_comparison(tiny_catalog, tmp_path / "one", runs=runs, jobs=1, **common)
-    two = compare.run_comparison(tiny_catalog, tmp_path / "two", runs=runs, jobs=2, **common)
+    one = compare.run_comparison(tiny_catalog, tmp_path / "one", base, runs=runs, jobs=1, **common)
+    two = compare.run_comparison(tiny_catalog, tmp_path / "two", base, runs=runs, jobs=2, **common)
     assert one["reused"] == two["reused"] == []
     for name in one["per_query"]:
         for metric, values in one["per_query"][name].items():
@@ -87,4 +89,4 @@ def test_parallel_jobs_give_the_same_models_as_one_process(tiny_catalog, tmp_pat
     meta = json.loads((tmp_path / "two" / "seed1" / "3tower" / "config.json").read_text())["meta"]
     assert meta["align_weight"] == 0.5
     with pytest.raises(ValueError, match="jobs=0; expected a positive int"):
-        compare.run_comparison(tiny_catalog, tmp_path / "x", runs=runs, jobs=0, **common)
+        compare.run_comparison(tiny_catalog, tmp_path / "x", base, runs=runs, jobs=0, **common)

@@ -16,7 +16,7 @@ from mim.model.checkpoint import load_checkpoint
 from mim.model.config import get_size
 from mim.model.tokenizer import TextTokenizer
 from mim.model.towers import MIMModel
-from mim.training.train import batch_loss, load_split, train
+from mim.training.train import TrainConfig, batch_loss, load_split, train
 from mimsearch.commands.dataset import main
 from mimsearch.commands.evaluate import main as evaluate_main
 
@@ -161,15 +161,12 @@ def imported_clip(tmp_path_factory):
 @pytest.mark.parametrize("objective", ["dml", "3tower", "4tower"])
 def test_finetune_imported_clip_on_dataset(imported_clip, manifest, tmp_path, objective, capsys):
     out = train(
+        TrainConfig(objective=objective, steps=3, batch_size=8, warmup=1),
         catalog=str(manifest),
         out=str(tmp_path / objective),
-        objective=objective,
         init_from=str(imported_clip),
-        steps=3,
-        batch_size=8,
-        warmup=1,
         device="cpu",
-        no_progress=True,
+        progress=False,
     )
     before, after = load_checkpoint(imported_clip), load_checkpoint(out)
     assert after.model_cfg == before.model_cfg and after.pre_cfg == before.pre_cfg  # CLIP switches and preprocessing

@@ -136,3 +136,34 @@ def test_no_library_module_parses_a_command_line():
 def test_every_subpackage_says_what_it_owns(package):
     doc = ast.get_docstring(ast.parse(module_files()[package].read_text()))
     assert doc and "May import" in doc, f"{package}'s docstring does not say what it owns and may import"
+
+
+# What each subpackage of mim may import besides itself and the top-level helpers (contract, layout, atomic,
+# progress, tables): the rule each package's docstring states. Top-level helpers import only the model configs.
+MAY_IMPORT = {
+    "mim.data": set(),
+    "mim.model": set(),
+    "mim.search": {"mim.model"},
+    "mim.training": {"mim.data", "mim.model", "mim.search"},
+    "mim.serving": {"mim.model", "mim.search"},
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and ".".join(parts[:2]) in MAY_IMPORT else module
+
+
+def test_each_subpackage_imports_only_what_its_docstring_allows():
+    graph = import_graph(module_files(packages=("mim",)))
+    wrong = []
+    for module, targets in graph.items():
+        home = _package(module)
+        for target in targets:
+            there = _package(target)
+            if there == home or there not in MAY_IMPORT:  # itself, or a top-level helper
+                continue
+            allowed = MAY_IMPORT.get(home, {"mim.model"} if home != "mim" else set())
+            if there not in allowed:
+                wrong.append(f"{module} -> {target}")
+    assert wrong == [], f"imports against the package rules: {wrong}"

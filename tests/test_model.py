@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TOY_TEXTS
 from PIL import Image
 
+from mim.data.synth import TOY_TEXTS
 from mim.model import checkpoint as ckpt
 from mim.model.config import PreprocessConfig, get_size
 from mim.model.losses import LossWeights, describes_matrix, info_nce, mim_loss, same_matrix
@@ -25,7 +25,7 @@ TINY = get_size("tiny")
 
 @pytest.fixture(scope="module")
 def tok() -> TextTokenizer:
-    return TextTokenizer.train(TOY_TEXTS * 4, vocab_size=200, context_length=TINY.preprocess.context_length)
+    return TextTokenizer.train(list(TOY_TEXTS) * 4, vocab_size=200, context_length=TINY.preprocess.context_length)
 
 
 @pytest.fixture(scope="module")

@@ -295,11 +295,11 @@ class FakeError:
 
 
 class FakeRequest:
-    def __init__(self, tensors, params=None):
-        self.tensors, self.params = tensors, params
+    def __init__(self, tensors, params=None, raw=None):
+        self.tensors, self.params, self.raw = tensors, params, raw
 
     def parameters(self):
-        return json.dumps(self.params or {})
+        return self.raw if self.raw is not None else json.dumps(self.params or {})
 
 
 def fake_pb_utils():
@@ -332,6 +332,31 @@ def test_glue_builds_the_handler_from_initialize_args_and_answers_each_request(r
     assert r_bad.error.code == FakeError.INVALID_ARG
     assert r_bad.error.message == "preprocess_text: text: text is empty; expected a non-empty query or title"
     assert python_backend.request_params(good) == {"image_weight": 0.2}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("[1, 2]", r"request parameters must be a JSON object; got list '\[1, 2\]'"),
+        ('"k=3"', r"request parameters must be a JSON object; got str"),
+        ("{k: 3", r"request parameters are not JSON \(.*\): '\{k: 3'; expected a JSON object"),
+    ],
+)
+def test_parameters_that_are_not_a_json_object_are_that_request_s_error(repo, raw, message):
+    args = {
+        "model_config": json.dumps(triton_json("preprocess_text")),
+        "model_repository": str(repo / "preprocess_text"),
+        "model_version": "1",
+    }
+    handler = python_backend.make_handler("preprocess_text", args)
+    with pytest.raises(InputError, match=message):
+        python_backend.request_params(FakeRequest({}, raw=raw))
+    text = {"text": FakeTensor("text", byte_tensor(b"zebra mug"))}
+    bad, good = FakeRequest(text, raw=raw), FakeRequest(text)
+    r_bad, r_good = python_backend.execute(fake_pb_utils(), handler, [bad, good])
+    assert r_bad.error.code == FakeError.INVALID_ARG and r_bad.error.message.startswith("preprocess_text: request")
+    assert r_good.error is None and r_good.outputs["input_ids"].shape == (1, T)  # the batch still runs
+    assert python_backend.request_params(FakeRequest({}, raw="")) == {}  # no parameters: the defaults
 
 
 def test_glue_without_error_codes_still_reports_the_message():

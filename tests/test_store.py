@@ -292,3 +292,14 @@ print(len(s), s.search(s.vectors([3]), 1)[1][0, 0])"""
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_save_fails_loudly_when_milvus_lite_lacks_its_index_wait(tmp_path, monkeypatch):
+    import milvus_lite
+
+    with MilvusStore.open(str(tmp_path / "g.db"), dim=4) as store:
+        store.add([1], np.eye(4, dtype=np.float32)[:1])
+        store.save()  # the pinned milvus-lite: waits for its background indexing
+        with monkeypatch.context() as patch, pytest.raises(MilvusStoreError, match=r"milvus-lite 3\.2\.2 lacks what"):
+            patch.setattr(milvus_lite.server_manager_instance, "_servers", {})  # as if its internals had changed
+            store.save()

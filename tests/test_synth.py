@@ -3,6 +3,7 @@ models per combination."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -99,13 +100,13 @@ def test_street_photos_for_a_fraction_of_training_products(cat):
         paired = [p for p in train if p.product_id in per_product]
         assert len(paired) == round(0.5 * len(train)), "street_fraction is applied per category"
     assert cat.paired("test") == cat.products_in("test")
-    defaults = synth._normalize_params()
+    defaults = synth.CatalogParams().as_manifest()
     assert (defaults["n_train_queries"], defaults["n_eval_queries"]) == (synth.DEFAULT_TRAIN_QUERIES, 2)
     assert (defaults["variants"], defaults["street_fraction"]) == (3, 0.5)
 
 
 def test_default_split_proportions():
-    params = synth._normalize_params()
+    params = synth.CatalogParams().as_manifest()
     products, queries, reforms = synth._plan(params)
     assert len(products) == len(CATEGORIES) * len(PATTERNS) * len(COLOURS) * 3 == 1920
     counts = {s: sum(p.split == s for p in products) for s in catalog.SPLITS}
@@ -213,8 +214,8 @@ def test_bad_arguments(tmp_path, kwargs, match):
 
 
 def test_subset_order_does_not_change_ids():
-    a = synth._normalize_params(categories=["hat", "mug"])
-    b = synth._normalize_params(categories=["mug", "hat"])
+    a = synth.CatalogParams(categories=["hat", "mug"]).as_manifest()
+    b = synth.CatalogParams(categories=["mug", "hat"]).as_manifest()
     assert a == b
 
 
@@ -301,7 +302,7 @@ def test_manifest_is_valid_json_with_version(cat):
 
 
 def test_street_layouts_are_deterministic_and_differ():
-    product = synth._plan(synth._normalize_params(categories=["mug", "hat"]))[0][0]
+    product = synth._plan(synth.CatalogParams(categories=["mug", "hat"]).as_manifest())[0][0]
     photos = {
         layout: [np.asarray(synth.render_query_photo(0, 1, product, ["mug", "hat"], 64, 3, layout)[0]) for _ in "ab"]
         for layout in synth.STREET_LAYOUTS
@@ -309,6 +310,17 @@ def test_street_layouts_are_deterministic_and_differ():
     for a, b in photos.values():
         assert np.array_equal(a, b)
     assert not np.array_equal(photos["subject"][0], photos["crowded"][0])
-    assert synth._normalize_params()["street_layout"] == synth.DEFAULT_STREET_LAYOUT == "subject"
+    assert synth.CatalogParams().as_manifest()["street_layout"] == synth.DEFAULT_STREET_LAYOUT == "subject"
     with pytest.raises(ValueError, match="street layout 'busy'; expected one of"):
         synth.render_query_photo(0, 1, product, ["mug", "hat"], 64, 3, "busy")
+
+
+def test_catalog_params_own_the_defaults_checks_and_manifest_form(cat):
+    p = synth.CatalogParams(seed=0, **{k: v for k, v in SMALL.items() if k != "progress"})
+    assert p.as_manifest() == cat.params  # what the manifest of a catalog generated with them records
+    names = synth.CatalogParams(categories="shoe,mug").categories
+    assert names == tuple(c for c in synth.CATEGORIES if c in ("mug", "shoe"))  # canonical order, not the given one
+    with pytest.raises(ValueError, match=r"variants=0; expected an int in \[1, "):
+        synth.CatalogParams(variants=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.seed = 3  # type: ignore[misc]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from mim.data.synth import CATEGORIES, COLOURS, PATTERNS, generate_catalog
 from mim.model import checkpoint as ckpt
 from mim.search.embedding import TorchEmbedder
 from mim.training.evaluate import evaluate
-from mim.training.train import HARD_GROUP, batch_loss, compose_batch, load_split, train
+from mim.training.train import HARD_GROUP, TrainConfig, batch_loss, compose_batch, load_split, train
 from mimsearch.commands.train import main
 
 
@@ -39,16 +41,10 @@ def _fixed_batch_loss(ck_dir, catalog, objective):
 
 @pytest.mark.parametrize("objective", ["dml", "4tower"])
 def test_short_training_lowers_the_loss(small_catalog, tmp_path, objective):
-    kw = {
-        "catalog": str(small_catalog.root),
-        "objective": objective,
-        "batch_size": 8,
-        "lr": 2e-3,
-        "warmup": 2,
-        "no_progress": True,
-    }
-    start = train(out=str(tmp_path / "a"), steps=1, **kw)
-    trained = train(out=str(tmp_path / "b"), steps=40, **kw)
+    config = TrainConfig(objective=objective, batch_size=8, lr=2e-3, warmup=2)
+    kw = {"catalog": str(small_catalog.root), "progress": False}
+    start = train(replace(config, steps=1), out=str(tmp_path / "a"), **kw)
+    trained = train(replace(config, steps=40), out=str(tmp_path / "b"), **kw)
     assert _fixed_batch_loss(trained, small_catalog, objective) < 0.8 * _fixed_batch_loss(
         start, small_catalog, objective
     )
@@ -92,10 +88,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(small_catalog, tmp_pat
 
 
 def test_four_tower_starts_from_three_tower_weights(small_catalog, tmp_path):
-    kw = {"catalog": str(small_catalog.root), "batch_size": 6, "no_progress": True}
-    three = train(out=str(tmp_path / "3"), objective="3tower", steps=2, **kw)
+    kw = {"catalog": str(small_catalog.root), "progress": False}
+    three = train(TrainConfig(objective="3tower", steps=2, batch_size=6), out=str(tmp_path / "3"), **kw)
     # lr 0: the one 4-tower step leaves the weights where the 3-tower run ended.
-    four = train(out=str(tmp_path / "4"), objective="4tower", steps=1, lr=0.0, init_from=str(three), **kw)
+    four = train(
+        TrainConfig(objective="4tower", steps=1, batch_size=6, lr=0.0), out=str(tmp_path / "4"), init_from=three, **kw
+    )
     w3, w4 = load_file(str(three / ckpt.WEIGHTS)), load_file(str(four / ckpt.WEIGHTS))
     for k in w3:
         torch.testing.assert_close(w3[k], w4[k], rtol=0, atol=0, msg=k)
@@ -104,13 +102,17 @@ def test_four_tower_starts_from_three_tower_weights(small_catalog, tmp_path):
 
 def test_bad_arguments(small_catalog, tmp_path):
     with pytest.raises(ValueError, match="larger than the .* training products"):
-        train(catalog=str(small_catalog.root), out=str(tmp_path / "x"), steps=1, batch_size=10_000, no_progress=True)
-    with pytest.raises(ValueError, match="unknown objective"):
-        train(catalog=str(small_catalog.root), out=str(tmp_path / "x"), objective="5tower", no_progress=True)
+        train(TrainConfig(steps=1, batch_size=10_000), catalog=str(small_catalog.root), out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="unknown objective '5tower'; expected one of"):
+        TrainConfig(objective="5tower")
+    with pytest.raises(ValueError, match=r"steps=0; expected a positive int"):
+        TrainConfig(steps=0)
 
 
 def test_evaluate_reports_every_metric(small_catalog, tmp_path):
-    out = train(catalog=str(small_catalog.root), out=str(tmp_path / "e"), steps=2, batch_size=6, no_progress=True)
+    out = train(
+        TrainConfig(steps=2, batch_size=6), catalog=str(small_catalog.root), out=str(tmp_path / "e"), progress=False
+    )
     m = evaluate(TorchEmbedder(ckpt.load_checkpoint(out)), small_catalog, "test")
     for key in ("image R@1", "image R@10", "image catP@10", "title R@1", "n_gallery"):
         assert key in m
@@ -195,18 +197,20 @@ def test_title_only_products_reach_only_the_photo_title_term(small_catalog, tiny
 
 def test_hard_negative_training_and_learning_curve_callback(small_catalog, tmp_path):
     seen = []
+    config = TrainConfig(objective="3tower", steps=4, batch_size=6, catalog_rows=4, hard_negatives=True)
     out = train(
+        config,
         catalog=str(small_catalog.root),
         out=str(tmp_path / "h"),
-        objective="3tower",
-        steps=4,
-        batch_size=6,
-        catalog_rows=4,
-        hard_negatives=True,
-        no_progress=True,
+        progress=False,
         eval_every=3,
         on_eval=lambda step, model, tok: seen.append((step, model.training, tok.vocab_size > 0)),
     )
     assert seen == [(3, False, True), (4, False, True)]
     meta = ckpt.read_config(out)["meta"]
     assert meta["hard_negatives"] is True and meta["catalog_rows"] == 4
+    assert TrainConfig.from_meta(meta) == config  # the checkpoint records the whole config
+    # A setting a checkpoint predates reads as its default; every difference is named.
+    old = {k: v for k, v in meta.items() if k != "align_weight"}
+    assert TrainConfig.from_meta(old).align_weight == TrainConfig().align_weight
+    assert replace(config, lr=0.5).differences(config) == {"lr": (0.5, config.lr)}

@@ -33,11 +33,13 @@ This module plans the records (vocabulary, titles, queries, reformulations, spli
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,19 @@ PATTERN_PHRASES: dict[str, tuple[str, ...]] = {
 # Stream tags keep the per-product random streams independent: (seed, tag, product_id[, k]).
 _STREAM_STYLE, _STREAM_QUERY, _STREAM_TEXT, _STREAM_REFORM, _STREAM_SPLIT, _STREAM_MODEL, _STREAM_PAIRS = range(7)
 
-# Defaults of the generation parameters (the CLI and the functions share them).
+# A few texts in the catalog's words (titles, a typed query, reformulations), for what needs text but no
+# catalog: the tokenizer of the random tiny checkpoints the tests and the benchmarks build.
+TOY_TEXTS = (
+    "blue zebra-striped ceramic mug",
+    "red polka-dot cotton shirt",
+    "green plaid leather shoe",
+    "yellow striped canvas bag",
+    "zebra mug",
+    "in red",
+    "with polka dots",
+)
+
+# Defaults of the generation parameters (CatalogParams's).
 DEFAULT_VARIANTS = 3
 DEFAULT_STREET_FRACTION = 0.5
 DEFAULT_TRAIN_QUERIES = 6
@@ -141,62 +155,78 @@ def _pick(kind: str, given: Iterable[str] | None, known: tuple[str, ...]) -> lis
     return [k for k in known if k in given]
 
 
-def _normalize_params(
-    *,
-    seed: int = 0,
-    image_size: int = 128,
-    n_train_queries: int = DEFAULT_TRAIN_QUERIES,
-    n_eval_queries: int = 2,
-    categories: Iterable[str] | None = None,
-    patterns: Iterable[str] | None = None,
-    colours: Iterable[str] | None = None,
-    split: Sequence[float] = (0.7, 0.1, 0.2),
-    variants: int = DEFAULT_VARIANTS,
-    street_fraction: float = DEFAULT_STREET_FRACTION,
-    street_layout: str = DEFAULT_STREET_LAYOUT,
-) -> dict[str, Any]:
-    """The generation parameters as stored in the manifest; raises ValueError on bad values."""
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed={seed!r}; expected a non-negative int")
-    if not isinstance(image_size, (int, np.integer)) or not 32 <= image_size <= 1024:
-        raise ValueError(f"image_size={image_size!r}; expected an int in [32, 1024] (128 is the default)")
-    for name, n in (("n_train_queries", n_train_queries), ("n_eval_queries", n_eval_queries)):
+@dataclass(frozen=True)
+class CatalogParams:
+    """Every parameter a synthetic catalog is generated from: the one owner of their names, defaults and checks.
+
+    Checked and normalised when made (a bad value raises ValueError saying what is expected; name subsets are
+    kept in canonical order, so product ids do not depend on the order given). The manifest records
+    `as_manifest()`, and `ensure_catalog` reuses a catalog whose manifest records the same."""
+
+    seed: int = 0
+    image_size: int = 128  # px, square
+    n_train_queries: int = DEFAULT_TRAIN_QUERIES  # street photos per paired training product
+    n_eval_queries: int = 2  # street photos per val/test product
+    categories: Sequence[str] | str | None = None  # a subset of CATEGORIES (names or "a,b"); None: all
+    patterns: Sequence[str] | str | None = None  # a subset of PATTERNS; None: all
+    colours: Sequence[str] | str | None = None  # a subset of COLOURS; None: all
+    split: Sequence[float] = (0.7, 0.1, 0.2)  # train, val, test shares of each category's products
+    variants: int = DEFAULT_VARIANTS  # models per (category, pattern, colour)
+    street_fraction: float = DEFAULT_STREET_FRACTION  # share of training products with street photos
+    street_layout: str = DEFAULT_STREET_LAYOUT  # subject | crowded
+
+    def __post_init__(self) -> None:
+        _check(self)
+        normal = {
+            "seed": int(self.seed),
+            "image_size": int(self.image_size),
+            "n_train_queries": int(self.n_train_queries),
+            "n_eval_queries": int(self.n_eval_queries),
+            "categories": tuple(_pick("categories", self.categories, CATEGORIES)),
+            "patterns": tuple(_pick("patterns", self.patterns, PATTERNS)),
+            "colours": tuple(_pick("colours", self.colours, COLOURS)),
+            "split": tuple(float(f) for f in self.split),
+            "variants": int(self.variants),
+            "street_fraction": float(self.street_fraction),
+        }
+        if len(normal["categories"]) < 2:
+            raise ValueError(
+                f"categories={list(normal['categories'])}; need at least 2 so query photos can hold distractors of "
+                "another category"
+            )
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)
+
+    def as_manifest(self) -> dict[str, Any]:
+        """The parameters as the manifest stores them (JSON: lists for the name subsets and the split)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _check(p: CatalogParams) -> None:
+    """Raise ValueError on a parameter out of range, naming it, its value and what is expected."""
+    if not isinstance(p.seed, (int, np.integer)) or isinstance(p.seed, bool) or p.seed < 0:
+        raise ValueError(f"seed={p.seed!r}; expected a non-negative int")
+    if not isinstance(p.image_size, (int, np.integer)) or not 32 <= p.image_size <= 1024:
+        raise ValueError(f"image_size={p.image_size!r}; expected an int in [32, 1024] (128 is the default)")
+    for name, n in (("n_train_queries", p.n_train_queries), ("n_eval_queries", p.n_eval_queries)):
         if not isinstance(n, (int, np.integer)) or not 1 <= n <= 64:
             raise ValueError(f"{name}={n!r}; expected an int in [1, 64]")
-    if not isinstance(variants, (int, np.integer)) or isinstance(variants, bool) or not 1 <= variants <= len(LOGOS):
-        raise ValueError(f"variants={variants!r}; expected an int in [1, {len(LOGOS)}] (models per category)")
-    if (
-        isinstance(street_fraction, bool)
-        or not isinstance(street_fraction, (int, float))
-        or not 0 < street_fraction <= 1
-    ):
+    v = p.variants
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 1 <= v <= len(LOGOS):
+        raise ValueError(f"variants={v!r}; expected an int in [1, {len(LOGOS)}] (models per category)")
+    f = p.street_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+        raise ValueError(f"street_fraction={f!r}; expected a number in (0, 1] (share of training products with photos)")
+    if p.street_layout not in STREET_LAYOUTS:
         raise ValueError(
-            f"street_fraction={street_fraction!r}; expected a number in (0, 1] (share of training products with photos)"
-        )
-    if street_layout not in STREET_LAYOUTS:
-        raise ValueError(
-            f"street_layout={street_layout!r}; expected one of {list(STREET_LAYOUTS)} "
+            f"street_layout={p.street_layout!r}; expected one of {list(STREET_LAYOUTS)} "
             f"({DEFAULT_STREET_LAYOUT!r} is the default)"
         )
-    cats = _pick("categories", categories, CATEGORIES)
-    if len(cats) < 2:
-        raise ValueError(f"categories={cats}; need at least 2 so query photos can hold distractors of another category")
-    fractions = [float(f) for f in split]
+    fractions = [float(x) for x in p.split]
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split={tuple(split)}; expected three non-negative (train, val, test) fractions summing to 1")
-    return {
-        "seed": int(seed),
-        "image_size": int(image_size),
-        "n_train_queries": int(n_train_queries),
-        "n_eval_queries": int(n_eval_queries),
-        "categories": cats,
-        "patterns": _pick("patterns", patterns, PATTERNS),
-        "colours": _pick("colours", colours, COLOURS),
-        "split": fractions,
-        "variants": int(variants),
-        "street_fraction": float(street_fraction),
-        "street_layout": street_layout,
-    }
+        raise ValueError(
+            f"split={tuple(p.split)}; expected three non-negative (train, val, test) fractions summing to 1"
+        )
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -360,39 +390,15 @@ def render_query_photo(
 
 
 def generate_catalog(
-    root: str | os.PathLike,
-    *,
-    seed: int = 0,
-    image_size: int = 128,
-    n_train_queries: int = DEFAULT_TRAIN_QUERIES,
-    n_eval_queries: int = 2,
-    categories: Iterable[str] | None = None,
-    patterns: Iterable[str] | None = None,
-    colours: Iterable[str] | None = None,
-    split: Sequence[float] = (0.7, 0.1, 0.2),
-    variants: int = DEFAULT_VARIANTS,
-    street_fraction: float = DEFAULT_STREET_FRACTION,
-    street_layout: str = DEFAULT_STREET_LAYOUT,
-    progress: bool = True,
+    root: str | os.PathLike, params: CatalogParams | None = None, *, progress: bool = True, **settings: Any
 ) -> Catalog:
-    """Draw the catalog under `root` (created if needed), overwriting any catalog there; returns it.
+    """Draw the catalog of `params` (default CatalogParams(), with `settings` replacing any of its fields) under
+    `root` (created if needed), overwriting any catalog there; returns it.
 
     The old manifest is removed first and the new one written last, so a crash mid-way leaves no manifest that
     points at missing or stale files.
     """
-    params = _normalize_params(
-        seed=seed,
-        image_size=image_size,
-        n_train_queries=n_train_queries,
-        n_eval_queries=n_eval_queries,
-        categories=categories,
-        patterns=patterns,
-        colours=colours,
-        split=split,
-        variants=variants,
-        street_fraction=street_fraction,
-        street_layout=street_layout,
-    )
+    params = dataclasses.replace(params or CatalogParams(), **settings).as_manifest()
     root = Path(root)
     products, queries, reforms = _plan(params)
     for sub in _OWNED:
@@ -415,22 +421,21 @@ def generate_catalog(
     return Catalog(root, params["seed"], products, queries, reforms, params)
 
 
-def ensure_catalog(root: str | os.PathLike, **kwargs: Any) -> Catalog:
-    """Reuse the catalog at `root` if it was generated with these parameters and its images exist, else generate.
-
-    kwargs are generate_catalog's (progress is not a generation parameter and is ignored in the comparison).
-    """
-    progress = kwargs.pop("progress", True)
-    wanted = _normalize_params(**kwargs)
+def ensure_catalog(
+    root: str | os.PathLike, params: CatalogParams | None = None, *, progress: bool = True, **settings: Any
+) -> Catalog:
+    """Reuse the catalog at `root` if it was generated with these parameters and its images exist, else generate
+    it (arguments as `generate_catalog`)."""
+    params = dataclasses.replace(params or CatalogParams(), **settings)
     try:
         cat = load_catalog(root)
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
         cat = None
-    if cat is not None and cat.params == wanted:
+    if cat is not None and cat.params == params.as_manifest():
         images = [p.image for p in cat.products] + [q.image for q in cat.queries]
         if all(cat.path(rel).is_file() for rel in images):
             return cat
-    return generate_catalog(root, progress=progress, **kwargs)
+    return generate_catalog(root, params, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------------------------

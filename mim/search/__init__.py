@@ -6,6 +6,6 @@ stores     one vector-store interface, the registry that maps a location to its 
 ranking    exact top-k over small galleries, image-text fusion and refinement
 embedding  the `Embedder` interface and its in-process implementations (torch, ONNX)
 
-May import: `mim.model` (configs, preprocessing, tokenizers), the top-level helpers and itself;
-`embedding`'s ONNX embedder borrows the serving encoder (imported when used).
+May import: `mim.model` (configs, preprocessing, tokenizers), the top-level helpers and itself; never
+`mim.serving` (the ONNX embedder that runs the serving code in process is mim.serving.onnx_embedder).
 """

@@ -3,16 +3,16 @@
 Anything that turns encoded images and texts into L2-normalised (N, D) float32 embeddings is an `Embedder`:
 
     TorchEmbedder(checkpoint)              the in-process torch model (training's own forward pass)
-    OnnxEmbedder.from_repository(repo)     the exported ONNX towers in ONNX Runtime, with the serving code's
-    OnnxEmbedder.from_files(...)           preprocessing and encoder runner (what Triton's CPU models run)
+    mim.serving.onnx_embedder.OnnxEmbedder the exported ONNX towers in ONNX Runtime, with the serving code's
+                                           preprocessing and encoder runner (what Triton's CPU models run)
     client.triton_client.EmbeddingClient   the served ensembles over gRPC
 
 Evaluation, search, the FP16 gate, the tests and the benchmarks take an `Embedder` and never ask which one it
 is. The in-process ones share `LocalEmbedder`: batching, empty inputs, the same text checks as the served
 `preprocess_text` model, and fusion by `mim.search.ranking.fuse`, the function the served `fuse` model runs.
 
-This module imports neither torch nor ONNX Runtime: `TorchEmbedder` imports torch when one is made, and the
-encoder runner imports ONNX Runtime when it opens a model, so the search path loads without either.
+This module imports neither torch nor ONNX Runtime: `TorchEmbedder` imports torch when one is made, so the
+search path loads without either.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from mim import contract, layout
-from mim.model.config import ModelConfig, PreprocessConfig
+from mim import contract
+from mim.model.config import PreprocessConfig
 from mim.model.preprocess import decode_text, preprocess_image_bytes
 from mim.model.tokenizer import Tokenizers
 from mim.search.ranking import fuse
@@ -131,69 +130,3 @@ class TorchEmbedder(LocalEmbedder):
         t = self._torch
         with t.inference_mode():
             return self.model.encode_text(t.from_numpy(input_ids), t.from_numpy(attention_mask)).numpy()
-
-
-class OnnxEmbedder(LocalEmbedder):
-    """The exported towers run by the serving code's ONNX Runtime runner (`mim.serving.backends.OnnxEncoder`)."""
-
-    def __init__(
-        self,
-        image_encoder,
-        text_encoder,
-        embed_dim: int,
-        pre_cfg: PreprocessConfig,
-        tokenizer: Tokenizers,
-        batch_size: int | None = contract.MAX_BATCH_SIZE,
-    ):
-        super().__init__(embed_dim, pre_cfg, tokenizer, batch_size, batch_size)
-        self.image_encoder, self.text_encoder = image_encoder, text_encoder
-
-    @classmethod
-    def from_files(
-        cls,
-        image_onnx: str | Path,
-        text_onnx: str | Path,
-        model_cfg: ModelConfig,
-        pre_cfg: PreprocessConfig,
-        tokenizer: Tokenizers,
-        *,
-        threads: int = 2,
-        batch_size: int | None = contract.MAX_BATCH_SIZE,
-    ) -> OnnxEmbedder:
-        """Two exported ONNX files (FP32 or FP16; both keep FP32 inputs and outputs) and the checkpoint's configs."""
-        from mim.serving.backends import OnnxEncoder
-
-        def encoder(path: str | Path, name: str) -> OnnxEncoder:
-            io = contract.MODELS[name]
-            dims = {t.name: t.resolve_dims(model_cfg) for t in io.inputs}
-            return OnnxEncoder(path, io, dims, intra_op_threads=threads)
-
-        img, txt = encoder(image_onnx, contract.IMAGE_ENCODER), encoder(text_onnx, contract.TEXT_ENCODER)
-        return cls(img, txt, model_cfg.embed_dim, pre_cfg, tokenizer, batch_size)
-
-    @classmethod
-    def from_repository(
-        cls, repository: str | Path, *, threads: int | None = None, batch_size: int | None = contract.MAX_BATCH_SIZE
-    ) -> OnnxEmbedder:
-        """The FP32 towers and preprocessing files installed in a Triton repository, with the served thread count."""
-        from mim.serving.backends import TextPreprocessor, read_model_config, read_preprocess
-        from mim.serving.runtimes import CPU_ENCODER_THREADS
-
-        image_dir = layout.version_dir(repository, contract.IMAGE_ENCODER)
-        text_dir = layout.version_dir(repository, contract.TEXT_ENCODER)
-        text = TextPreprocessor.from_dir(layout.version_dir(repository, contract.PREPROCESS_TEXT))
-        return cls.from_files(
-            image_dir / layout.ONNX_FP32,
-            text_dir / layout.ONNX_FP32,
-            read_model_config(image_dir),
-            read_preprocess(layout.version_dir(repository, contract.PREPROCESS_IMAGE)),
-            text.tokenizer,
-            threads=threads or CPU_ENCODER_THREADS,
-            batch_size=batch_size,
-        )
-
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        return self.image_encoder({contract.PIXEL_VALUES.name: pixels})
-
-    def encode_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.text_encoder({contract.INPUT_IDS.name: input_ids, contract.ATTENTION_MASK.name: attention_mask})

@@ -586,11 +586,11 @@ class _View:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Input validation
+# Input validation: public, so every store (mim.search.stores) refuses the same input with the same words
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_ids(ids: Any, what: str = "ids") -> np.ndarray:
+def check_ids(ids: Any, what: str = "ids") -> np.ndarray:
     arr = np.asarray(ids)
     if arr.ndim == 0:
         arr = arr.reshape(1)
@@ -626,7 +626,7 @@ def _check_shape(ndim: int, shape: tuple, is_float: bool, dtype: Any, dim: int, 
         )
 
 
-def _check_matrix(xp, a: Any, dim: int, what: str):
+def check_matrix(xp, a: Any, dim: int, what: str):
     """Common checks for embeddings and queries: real float, 2-D (n, dim), finite. Returns an xp array."""
     arr = xp.asarray(a)
     _check_shape(arr.ndim, tuple(arr.shape), arr.dtype.kind == "f", arr.dtype, dim, what)
@@ -636,7 +636,7 @@ def _check_matrix(xp, a: Any, dim: int, what: str):
     return arr
 
 
-def _check_metadata(metadata: Any, n: int) -> list[dict]:
+def check_metadata(metadata: Any, n: int) -> list[dict]:
     if metadata is None:
         return [{} for _ in range(n)]
     if isinstance(metadata, Mapping) or not isinstance(metadata, Sequence):
@@ -657,7 +657,7 @@ def _check_metadata(metadata: Any, n: int) -> list[dict]:
     return out
 
 
-def _check_categories(categories: str | Iterable[str]) -> set[str]:
+def check_categories(categories: str | Iterable[str]) -> set[str]:
     if isinstance(categories, str):
         return {categories}
     cats = set(categories)
@@ -798,14 +798,14 @@ class KnnIndex:
                 ``category`` key, if present, is what ``search(categories=...)`` filters on.
         """
         ops = self._ops
-        ids = _check_ids(ids)
+        ids = check_ids(ids)
         emb = ops.to_compute(ops.matrix(embeddings, self._dim, "embeddings"))  # float32 on the device
         row = ops.first_true(~(abs(emb) < float("inf")).all(1))
         if row is not None:
             raise ValueError(f"embeddings row {row} contains NaN or inf; only finite values can be searched")
         if emb.shape[0] != ids.shape[0]:
             raise ValueError(f"got {ids.shape[0]} ids but {emb.shape[0]} embedding rows; pass one row per id")
-        metas = _check_metadata(metadata, ids.shape[0])
+        metas = check_metadata(metadata, ids.shape[0])
         if ids.size == 0:
             return
         clash = ids[np.isin(ids, self._ids)]
@@ -854,7 +854,7 @@ class KnnIndex:
 
     def remove(self, ids: Any) -> None:
         """Remove items by id. An id not in the index raises KeyError naming it (nothing is removed then)."""
-        ids = _check_ids(ids)
+        ids = check_ids(ids)
         if ids.size == 0:
             return
         n = len(self)
@@ -1026,7 +1026,7 @@ class KnnIndex:
         n = len(self)
         if categories is None:
             return self._all_rows
-        codes = frozenset(self._cat_vocab[c] for c in _check_categories(categories) if c in self._cat_vocab)
+        codes = frozenset(self._cat_vocab[c] for c in check_categories(categories) if c in self._cat_vocab)
         with self._views_lock:  # searches from several threads share the cache
             cached = self._views.pop(codes, None)
             view = cached if cached is not None else self._build_view(codes)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mim import contract
+from mim.checks import is_positive_int
 
 # Floor on the SQUARED norm in `l2_normalize`, the same as mim.model.towers.l2_normalize's, so a served (NumPy) and an
 # in-process (torch) normalisation agree even on near-zero rows, and a zero row stays finite (all zeros).
@@ -54,7 +55,7 @@ def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.nd
     queries, gallery = np.asarray(queries), np.asarray(gallery)
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"queries must be (Q, D) and gallery (N, D); got {queries.shape} and {gallery.shape}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not is_positive_int(k):
         raise ValueError(f"k must be a positive int; got {k!r}")
     scores = queries @ gallery.T  # (Q, N)
     # A stable sort on the negated score keeps equal scores in ascending row order.

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mim import contract
+from mim.model.preprocess import InputError
 from mim.serving import backends, stub_env
 
 
@@ -57,13 +58,18 @@ def check_numpy(version: str) -> None:
 
 
 def request_params(request: Any) -> dict[str, Any]:
-    """A request's parameters (JSON in the python backend), {} when it has none."""
-    raw = request.parameters() if hasattr(request, "parameters") else "{}"
-    try:
-        params = json.loads(raw or "{}")
-    except (TypeError, ValueError):
+    """A request's parameters (a JSON object in the python backend), {} when it has none. A payload that is not
+    a JSON object is the request's error (InputError), never read as "use the defaults"."""
+    raw = request.parameters() if hasattr(request, "parameters") else ""
+    if not raw:
         return {}
-    return params if isinstance(params, dict) else {}
+    try:
+        params = json.loads(raw)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"request parameters are not JSON ({e}): {str(raw)[:80]!r}; expected a JSON object") from e
+    if not isinstance(params, dict):
+        raise InputError(f"request parameters must be a JSON object; got {type(params).__name__} {str(raw)[:80]!r}")
+    return params
 
 
 def to_request(pb_utils: Any, io: contract.ModelIO, request: Any, tensor_io: bool = False) -> backends.Request:
@@ -118,6 +124,14 @@ def triton_error(pb_utils: Any, message: str, code: str) -> Any:
 
 
 def execute(pb_utils: Any, handler: backends.Handler, requests: Sequence[Any]) -> list[Any]:
-    """`execute`: one response per request, in order; the good requests run together as one batch."""
-    converted = [to_request(pb_utils, handler.io, r, handler.tensor_io) for r in requests]
-    return [to_response(pb_utils, r) for r in handler(converted)]
+    """`execute`: one response per request, in order; the good requests run together as one batch, and a
+    request whose parameters cannot be read gets its own error."""
+    converted: list[backends.Request] = []
+    refused: dict[int, backends.Response] = {}
+    for i, r in enumerate(requests):
+        try:
+            converted.append(to_request(pb_utils, handler.io, r, handler.tensor_io))
+        except InputError as e:
+            refused[i] = backends.Response(error=f"{handler.io.name}: {e}", code=backends.INVALID_ARG)
+    answers = iter(handler(converted) if converted else [])
+    return [to_response(pb_utils, refused[i] if i in refused else next(answers)) for i in range(len(requests))]

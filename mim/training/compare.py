@@ -25,9 +25,10 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,26 +43,33 @@ from mim.model.towers import MIMModel
 from mim.progress import progress_bar
 from mim.search.embedding import LocalEmbedder, TorchEmbedder
 from mim.search.ranking import top_k
+from mim.tables import markdown_table
 from mim.training.evaluate import COLUMNS, evaluate_per_query
 from mim.training.stats import bootstrap_interval, paired_difference
-from mim.training.train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES, train
+from mim.training.train import DEFAULT_ALIGN_WEIGHT, TrainConfig, train
 
-# (name, objective, initialised from, training steps as a multiple of --steps)
+
+class Run(NamedTuple):
+    """One run of a comparison, trained for each seed."""
+
+    name: str
+    objective: str
+    init: str | None  # the run whose checkpoint (same seed) it starts from
+    mult: int  # training steps as a multiple of the comparison's steps
+
+
 RUNS = (
-    ("dml", "dml", None, 1),
-    ("3tower", "3tower", None, 1),
-    ("4tower", "4tower", None, 1),
-    ("4tower-from-3tower", "4tower", "3tower", 1),
+    Run("dml", "dml", None, 1),
+    Run("3tower", "3tower", None, 1),
+    Run("4tower", "4tower", None, 1),
+    Run("4tower-from-3tower", "4tower", "3tower", 1),
 )
-CONTROLS = (("dml-2x", "dml", None, 2), ("3tower-2x", "3tower", None, 2))
+CONTROLS = (Run("dml-2x", "dml", None, 2), Run("3tower-2x", "3tower", None, 2))
 # Paired differences reported (a minus b): the paper's claims.
 DIFFERENCES = (("3tower", "dml"), ("4tower", "3tower"), ("4tower-from-3tower", "3tower"), ("4tower", "dml"))
 DIFF_METRICS = ("image R@1", "image R@10", "image catP@10", "mm-fusion R@10", "mm-refine R@10")
 CURVE_METRICS = ("image R@1", "image catP@10")
 CURVE_FILE = "curve.json"  # next to each checkpoint: the learning curve recorded while it was trained
-# Checkpoint meta that must match for a trained checkpoint to be reused.
-SETTINGS = ("objective", "seed", "batch_size", "catalog_rows", "hard_negatives", "align_weight", "catalog", "steps")
-_OLD_DEFAULTS = {"align_weight": DEFAULT_ALIGN_WEIGHT}  # settings added later: what older checkpoints trained with
 
 
 class PixelCache:
@@ -112,29 +120,36 @@ def rank_gallery(
     return pid[rows], np.take_along_axis(queries @ gallery.T, rows, axis=1)
 
 
-def _reusable(out: Path, want: dict[str, Any]) -> bool:
-    """True when `out` holds a finished run with these settings and its curve; raises if it holds another run."""
+def _reusable(out: Path, want: TrainConfig, catalog: Catalog) -> bool:
+    """True when `out` holds a finished run of this whole config on this catalog, and its curve; raises if it
+    holds another run."""
     config = out / "config.json"
     if not config.is_file():
         return False
     meta = json.loads(config.read_text()).get("meta", {})
-    # A checkpoint written before a setting existed was trained with its default.
-    had = {k: meta.get(k, _OLD_DEFAULTS.get(k)) for k in want}
-    differ = {k: (had[k], v) for k, v in want.items() if had[k] != v}
+    differ = TrainConfig.from_meta(meta).differences(want)  # a setting the checkpoint predates: its default
+    if meta.get("catalog", str(catalog.root)) != str(catalog.root):
+        differ["catalog"] = (meta["catalog"], str(catalog.root))
     if differ:
         found = ", ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in differ.items())
         raise ValueError(
             f"{out} holds a run with other settings ({found}); remove it or pass another --checkpoints folder"
         )
-    return meta.get("step") == want["steps"] and (out / CURVE_FILE).is_file()
+    return meta.get("step") == want.steps and (out / CURVE_FILE).is_file()
 
 
 def train_with_curve(
-    catalog: Catalog, out: Path, *, eval_every: int, pixels: PixelCache, **train_kwargs: Any
+    catalog: Catalog,
+    out: Path,
+    config: TrainConfig,
+    *,
+    init_from: Path | None,
+    eval_every: int,
+    pixels: PixelCache,
+    progress: bool,
 ) -> list[dict[str, float]]:
     """Train (or reuse) one run, evaluating the test split every `eval_every` steps; returns the curve."""
-    want = {k: str(catalog.root) if k == "catalog" else train_kwargs[k] for k in SETTINGS}
-    if _reusable(out, want):
+    if _reusable(out, config, catalog):
         print(f"{out}: reusing the checkpoint trained earlier with these settings", file=sys.stderr)
         return json.loads((out / CURVE_FILE).read_text())
     curve: list[dict[str, float]] = []
@@ -143,7 +158,16 @@ def train_with_curve(
         per = evaluate_per_query(ModelEmbedder(model, tok, pixels), catalog, "test")
         curve.append({"step": step, **{m: float(per[m].mean()) for m in CURVE_METRICS}})
 
-    train(catalog=str(catalog.root), out=str(out), resume=True, eval_every=eval_every, on_eval=on_eval, **train_kwargs)
+    train(
+        config,
+        catalog=str(catalog.root),
+        out=out,
+        init_from=init_from,
+        resume=True,
+        progress=progress,
+        eval_every=eval_every or config.steps,
+        on_eval=on_eval,
+    )
     atomic_write_text(out / CURVE_FILE, json.dumps(curve, indent=1))
     return curve
 
@@ -153,38 +177,33 @@ def train_with_curve(
 _STEP_COST = {"dml": 1.0, "3tower": 1.5, "4tower": 1.65}
 
 
-def _chains(runs: Sequence[tuple[str, str, str | None, int]]) -> list[list[tuple[str, str, str | None, int]]]:
+def _chains(runs: Sequence[Run]) -> list[list[Run]]:
     """The runs grouped so that a run initialised from another follows it in one chain; chains are independent.
     Most expensive chain first (steps x cost per step), so a pool of workers finishes them at about the same
     time."""
-    chains: list[list[tuple[str, str, str | None, int]]] = []
+    chains: list[list[Run]] = []
     for run in runs:
-        home = next((c for c in chains if any(r[0] == run[2] for r in c)), None) if run[2] else None
+        home = next((c for c in chains if any(r.name == run.init for r in c)), None) if run.init else None
         if home is None:
             chains.append([run])
         else:
             home.append(run)
-    return sorted(chains, key=lambda c: -sum(r[3] * _STEP_COST.get(r[1], 1.0) for r in c))
+    return sorted(chains, key=lambda c: -sum(r.mult * _STEP_COST.get(r.objective, 1.0) for r in c))
 
 
 def _train_chain(
-    catalog_root: str, checkpoints: str, seed: int, chain: list, threads: int, kwargs: dict[str, Any]
+    catalog_root: str, checkpoints: str, seed: int, chain: list[Run], threads: int, base: TrainConfig, eval_every: int
 ) -> list[tuple[str, int, float, float]]:
     """Worker: train one chain of one seed (in its own process, with `threads` torch threads); returns
     (name, seed, wall seconds, CPU seconds) per run. Evaluation happens afterwards in the parent, from the files."""
     torch.set_num_threads(threads)
     catalog = load_catalog(catalog_root)
-    pixels = PixelCache(get_size(kwargs["size"]).preprocess)
+    pixels = PixelCache(get_size(base.size).preprocess)
     done = []
     for run in chain:
         t0, c0 = time.time(), time.process_time()
-        train_with_curve(
-            catalog,
-            _run_dir(Path(checkpoints), seed, run[0]),
-            pixels=pixels,
-            **_run_kwargs(Path(checkpoints), seed, run, **kwargs),
-        )
-        done.append((run[0], seed, time.time() - t0, time.process_time() - c0))
+        _train_run(catalog, Path(checkpoints), seed, run, base, eval_every, pixels, progress=False)
+        done.append((run.name, seed, time.time() - t0, time.process_time() - c0))
     return done
 
 
@@ -192,77 +211,68 @@ def _run_dir(checkpoints: Path, seed: int, name: str) -> Path:
     return checkpoints / f"seed{seed}" / name
 
 
-def _run_kwargs(
-    checkpoints: Path,
-    seed: int,
-    run: tuple[str, str, str | None, int],
-    *,
-    steps: int,
-    batch_size: int,
-    catalog_rows: int,
-    hard_negatives: bool,
-    align_weight: float,
-    size: str,
-    eval_every: int,
-    progress: bool,
-) -> dict[str, Any]:
-    """train_with_curve's arguments (besides catalog, out and pixels) for one run of one seed."""
-    name, objective, init, mult = run
-    return {
-        "eval_every": eval_every or mult * steps,
-        "objective": objective,
-        "size": size,
-        "steps": mult * steps,
-        "batch_size": batch_size,
+def run_config(base: TrainConfig, seed: int, run: Run) -> TrainConfig:
+    """The whole config of one run of one seed: the comparison's settings with the run's objective and steps."""
+    return replace(
+        base,
+        objective=run.objective,
+        steps=run.mult * base.steps,
+        seed=seed,
         # DML has no image-text term, so title-only rows and the text weight never reach it: its runs are shared
         # across their values.
-        "catalog_rows": 0 if objective == "dml" else catalog_rows,
-        "align_weight": DEFAULT_ALIGN_WEIGHT if objective == "dml" else align_weight,
-        "hard_negatives": hard_negatives,
-        "seed": seed,
-        "no_progress": not progress,
-        "init_from": str(_run_dir(checkpoints, seed, init)) if init else None,
-    }
+        catalog_rows=0 if run.objective == "dml" else base.catalog_rows,
+        align_weight=DEFAULT_ALIGN_WEIGHT if run.objective == "dml" else base.align_weight,
+    )
+
+
+def _train_run(
+    catalog: Catalog,
+    checkpoints: Path,
+    seed: int,
+    run: Run,
+    base: TrainConfig,
+    eval_every: int,
+    pixels: PixelCache,
+    progress: bool,
+) -> list[dict[str, float]]:
+    return train_with_curve(
+        catalog,
+        _run_dir(checkpoints, seed, run.name),
+        run_config(base, seed, run),
+        init_from=_run_dir(checkpoints, seed, run.init) if run.init else None,
+        eval_every=eval_every,
+        pixels=pixels,
+        progress=progress,
+    )
 
 
 def run_comparison(
     catalog: Catalog,
     checkpoints: Path,
+    base: TrainConfig,
     *,
     seeds: Sequence[int],
-    steps: int,
-    runs: Sequence[tuple[str, str, str | None, int]] = RUNS,
-    batch_size: int = 64,
-    catalog_rows: int = DEFAULT_CATALOG_ROWS,
-    hard_negatives: bool = DEFAULT_HARD_NEGATIVES,
-    align_weight: float = DEFAULT_ALIGN_WEIGHT,
-    size: str = "tiny",
+    runs: Sequence[Run] = RUNS,
     eval_every: int = 0,
     progress: bool = False,
     jobs: int = 1,
 ) -> dict[str, Any]:
     """Train and evaluate every run for every seed; returns per-query values, curves and timings.
 
+    `base` holds the settings every run shares; each run replaces its objective, steps and seed (`run_config`).
     With jobs > 1 the runs are first trained in that many worker processes (independent chains of runs, one torch
     thread share each), then evaluated here from their checkpoints. per_query[name][metric] is (S, n) with one row
     per seed; curves[name][seed] the recorded learning curve, its steps counted from scratch (a run initialised
     from another starts where that one ended)."""
-    names = [r[0] for r in runs]
-    for name, _, init, _ in runs:
-        if init is not None and init not in names[: names.index(name)]:
-            raise ValueError(f"run {name!r} starts from {init!r}, which must be trained before it in the same call")
+    names = [r.name for r in runs]
+    for run in runs:
+        if run.init is not None and run.init not in names[: names.index(run.name)]:
+            raise ValueError(
+                f"run {run.name!r} starts from {run.init!r}, which must be trained before it in the same call"
+            )
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r}; expected a positive int (processes that train in parallel)")
-    kwargs = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "catalog_rows": catalog_rows,
-        "hard_negatives": hard_negatives,
-        "align_weight": align_weight,
-        "size": size,
-        "eval_every": eval_every,
-    }
-    pixels = PixelCache(get_size(size).preprocess)  # what train() uses for a fresh run
+    pixels = PixelCache(get_size(base.size).preprocess)  # what train() uses for a fresh run
     per_query: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
     curves: dict[str, dict[str, list]] = {n: {} for n in names}
     seconds: dict[str, float] = dict.fromkeys(names, 0.0)
@@ -271,20 +281,18 @@ def run_comparison(
     worker_cpu = 0.0  # CPU seconds spent in worker processes (not in this process's clock)
     t_start = time.time()
     if jobs > 1:
-        for name, _seed, wall, cpu in _train_in_workers(catalog, checkpoints, seeds, runs, jobs, kwargs):
+        for name, _seed, wall, cpu in _train_in_workers(catalog, checkpoints, seeds, runs, jobs, base, eval_every):
             seconds[name] += wall
             cpu_seconds[name] += cpu
             worker_cpu += cpu
     for seed in seeds:
         for run in runs:
-            name, _, init, _ = run
+            name, init = run.name, run.init
             out = _run_dir(checkpoints, seed, name)
             t0, c0 = time.time(), time.process_time()
-            curve = train_with_curve(
-                catalog, out, pixels=pixels, **_run_kwargs(checkpoints, seed, run, **kwargs, progress=progress)
-            )
+            curve = _train_run(catalog, checkpoints, seed, run, base, eval_every, pixels, progress)
             # A run started from another counts that run's steps too: its curve continues the other's.
-            offset = next(m * steps for n, _, _, m in runs if n == init) if init else 0
+            offset = next(r.mult * base.steps for r in runs if r.name == init) if init else 0
             curves[name][str(seed)] = [{**p, "step": p["step"] + offset} for p in curve]
             trained = (out / CURVE_FILE).stat().st_mtime >= t_start
             if not trained:
@@ -314,9 +322,10 @@ def _train_in_workers(
     catalog: Catalog,
     checkpoints: Path,
     seeds: Sequence[int],
-    runs: Sequence[tuple[str, str, str | None, int]],
+    runs: Sequence[Run],
     jobs: int,
-    kwargs: dict[str, Any],
+    base: TrainConfig,
+    eval_every: int,
 ) -> list[tuple[str, int, float, float]]:
     """Train every (seed, chain) in a pool of `jobs` processes; the cores are shared out as torch threads."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -325,7 +334,7 @@ def _train_in_workers(
     # spawn, not fork: torch's thread pools do not survive a fork of a process that has used them.
     ctx = multiprocessing.get_context("spawn")
     done: list[tuple[str, int, float, float]] = []
-    names = ", ".join(" + ".join(r[0] for r in c) for c in chains)
+    names = ", ".join(" + ".join(r.name for r in c) for c in chains)
     print(
         f"training {len(tasks)} chains of runs ({len(seeds)} seed(s) x [{names}]) in {jobs} processes with "
         f"{threads} torch thread(s) each",
@@ -333,9 +342,7 @@ def _train_in_workers(
     )
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         futures = [
-            pool.submit(
-                _train_chain, str(catalog.root), str(checkpoints), seed, chain, threads, {**kwargs, "progress": False}
-            )
+            pool.submit(_train_chain, str(catalog.root), str(checkpoints), seed, chain, threads, base, eval_every)
             for seed, chain in tasks
         ]
         bar = progress_bar(total=len(futures), desc=f"train in {jobs} processes", unit="chain")
@@ -368,14 +375,12 @@ def _cell(iv: dict[str, float] | None) -> str:
 
 
 def markdown(summary: dict[str, Any], columns: Sequence[str] = COLUMNS) -> str:
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for name, metrics in summary["intervals"].items():
-        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(c)) for c in columns) + " |")
+    rows = ([name, *(_cell(m.get(c)) for c in columns)] for name, m in summary["intervals"].items())
+    lines = [markdown_table(["model", *columns], rows, label_column=True)]
     if summary["differences"]:
         lines += ["", "Paired differences (same seeds and queries; 95% bootstrap interval of the mean difference):", ""]
-        lines += ["| difference | " + " | ".join(DIFF_METRICS) + " |", "|---|" + "---:|" * len(DIFF_METRICS)]
-        for name, metrics in summary["differences"].items():
-            lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(c)) for c in DIFF_METRICS) + " |")
+        diffs = ([name, *(_cell(m.get(c)) for c in DIFF_METRICS)] for name, m in summary["differences"].items())
+        lines.append(markdown_table(["difference", *DIFF_METRICS], diffs, label_column=True))
     return "\n".join(lines)
 
 
@@ -439,11 +444,11 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def select_runs(names: str | None, controls: bool = False) -> tuple[tuple[str, str, str | None, int], ...]:
+def select_runs(names: str | None, controls: bool = False) -> tuple[Run, ...]:
     """The runs to train: all of RUNS (+ CONTROLS), or those named in "dml,3tower" (any of both tuples)."""
     if not names:
         return RUNS + (CONTROLS if controls else ())
-    known = {r[0]: r for r in RUNS + CONTROLS}
+    known = {r.name: r for r in RUNS + CONTROLS}
     wanted = names.split(",")
     unknown = [w for w in wanted if w not in known]
     if unknown:
@@ -454,20 +459,17 @@ def select_runs(names: str | None, controls: bool = False) -> tuple[tuple[str, s
 def describe(
     catalog: Catalog,
     result: dict[str, Any],
+    base: TrainConfig,
     *,
     command: str,
     seeds: Sequence[int],
-    steps: int,
-    batch_size: int,
-    catalog_rows: int,
-    hard_negatives: bool,
-    align_weight: float,
     jobs: int,
-    size: str,
     wall: float,
     cpu: float,
 ) -> tuple[str, dict[str, Any]]:
     """The report's header paragraph and the settings recorded in its JSON, for a `run_comparison` result."""
+    steps, batch_size, catalog_rows = base.steps, base.batch_size, base.catalog_rows
+    hard_negatives, align_weight, size = base.hard_negatives, base.align_weight, base.size
     p = catalog.params
     n_test = {
         "products": len(catalog.products_in("test")),

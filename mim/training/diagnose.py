@@ -26,6 +26,7 @@ from mim.atomic import atomic_write_text
 from mim.data.catalog import ATTRIBUTES, Catalog, Product
 from mim.search.embedding import Embedder
 from mim.search.ranking import top_k
+from mim.tables import markdown_table
 
 # Top-1 outcomes, in the order they are tested: the first that holds names the result.
 OUTCOMES = (
@@ -99,14 +100,18 @@ def markdown(rows: dict[str, dict[str, dict[str, float]]]) -> str:
     """Two tables: attribute precision@10 (street and catalog queries), then the top-1 breakdown."""
     attrs = [a for a in ATTRIBUTES if all(a in d["street"] for d in rows.values())]
     head = [f"street {a}" for a in attrs] + [f"catalog {a}" for a in attrs]
-    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
-    for name, d in rows.items():
-        cells = [d["street"][a] for a in attrs] + [d["catalog"][a] for a in attrs]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
-    lines += ["", "| model | " + " | ".join(OUTCOMES) + " |", "|---|" + "---:|" * len(OUTCOMES)]
-    for name, d in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{d['top1'][o]:.3f}" for o in OUTCOMES) + " |")
-    return "\n".join(lines)
+    precision = (
+        [name, *(f"{v:.3f}" for v in [d["street"][a] for a in attrs] + [d["catalog"][a] for a in attrs])]
+        for name, d in rows.items()
+    )
+    top1 = ([name, *(f"{d['top1'][o]:.3f}" for o in OUTCOMES)] for name, d in rows.items())
+    return "\n".join(
+        [
+            markdown_table(["model", *head], precision, label_column=True),
+            "",
+            markdown_table(["model", *OUTCOMES], top1, label_column=True),
+        ]
+    )
 
 
 def diagnose_checkpoints(checkpoints: Mapping[str, str | Path], catalog: Catalog, split: str = "test") -> dict:

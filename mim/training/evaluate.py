@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mim import tables
 from mim.atomic import atomic_write_text
 from mim.data.catalog import Catalog
 from mim.errors import TrainingError
@@ -132,12 +133,8 @@ COLUMNS = [
 
 
 def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = COLUMNS) -> str:
-    head = "| model | " + " | ".join(columns) + " |"
-    sep = "|---|" + "---:|" * len(columns)
-    lines = [head, sep]
-    for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" if c in m else "-" for c in columns) + " |")
-    return "\n".join(lines)
+    cells = ([name, *(f"{m[c]:.3f}" if c in m else "-" for c in columns)] for name, m in rows.items())
+    return tables.markdown_table(["model", *columns], cells, label_column=True)
 
 
 def write_results(out: str | Path, rows: dict[str, dict[str, float]], header: str) -> None:

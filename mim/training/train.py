@@ -14,12 +14,14 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from mim.checks import is_positive_int
 from mim.data.catalog import ATTRIBUTES, Catalog
 from mim.data.dataset import open_catalog
 from mim.errors import TrainingError
@@ -36,6 +38,49 @@ from mim.progress import progress_bar
 DEFAULT_CATALOG_ROWS = 32
 DEFAULT_HARD_NEGATIVES = False
 DEFAULT_ALIGN_WEIGHT = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting that shapes what one training run learns: the one owner of these names and defaults.
+
+    A checkpoint records `asdict(config)` in its meta (`meta_of`); `from_meta` reads it back, and a setting a
+    checkpoint predates takes its default here (what the run was trained with before the setting existed).
+    Where the data comes from (catalog, initial weights) and how the run is executed (device, saving, progress)
+    are not settings: `train` takes them beside the config."""
+
+    objective: str = "3tower"  # dml | 3tower | 4tower (mim.model.losses.OBJECTIVES)
+    size: str = "tiny"  # named tower size of a fresh model (mim.model.config.SIZES); a start checkpoint's wins
+    steps: int = 600
+    batch_size: int = 64  # street-to-shop pairs per batch
+    catalog_rows: int = DEFAULT_CATALOG_ROWS  # title-only products per batch (photo-title term)
+    hard_negatives: bool = DEFAULT_HARD_NEGATIVES  # batches of look-alikes of other categories
+    align_weight: float = DEFAULT_ALIGN_WEIGHT  # every image-text term, next to the image-image term's 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 50  # linear warm-up steps before the cosine decay
+    seed: int = 0  # model initialisation and every batch (the batch at step i depends on (seed, i) only)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise TrainingError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if not is_positive_int(value):
+                raise TrainingError(f"{name}={value!r}; expected a positive int")
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> TrainConfig:
+        """The config a checkpoint's meta records (settings it predates take their defaults)."""
+        return cls(**{f.name: meta[f.name] for f in fields(cls) if f.name in meta})
+
+    def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        """Setting -> (this value, the other's), for every setting that differs."""
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        }
 
 
 @dataclass
@@ -222,36 +267,27 @@ def check_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def train(
+    config: TrainConfig,
     *,
-    catalog: str,
-    out: str,
-    objective: str = "3tower",
-    size: str = "tiny",
-    catalog_seed: int = 0,
-    init_from: str | None = None,
+    catalog: str | Path,
+    out: str | Path,
+    init_from: str | Path | None = None,
     resume: bool = False,
-    steps: int = 600,
-    batch_size: int = 64,
-    catalog_rows: int = DEFAULT_CATALOG_ROWS,
-    hard_negatives: bool = DEFAULT_HARD_NEGATIVES,
-    align_weight: float = DEFAULT_ALIGN_WEIGHT,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    warmup: int = 50,
-    seed: int = 0,
     save_every: int = 200,
     device: str = "auto",
-    no_progress: bool = False,
+    progress: bool = True,
     eval_every: int = 0,
     on_eval: Callable[[int, MIMModel, TextTokenizer], None] | None = None,
 ) -> Path:
-    """Train and checkpoint into `out`; returns it. With `eval_every` and `on_eval`, calls on_eval(step, model,
-    tokenizer) (model in eval mode, no grad) after every eval_every-th step and the last, for learning curves."""
-    if objective not in OBJECTIVES:
-        raise TrainingError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-    progress = not no_progress
+    """Train `config` on `catalog` (a catalog folder or a dataset manifest; never generated here) and checkpoint
+    into `out` every `save_every` steps and at the end; returns `out`. `init_from` starts from a checkpoint's
+    weights, tokenizer and preprocessing; `resume` continues the run saved in `out`. With `eval_every` and
+    `on_eval`, calls on_eval(step, model, tokenizer) (model in eval mode, no grad) after every eval_every-th step
+    and the last, for learning curves."""
+    c = config
+    objective, steps, batch_size, lr = c.objective, c.steps, c.batch_size, c.lr
     dev = pick_device(device)
-    torch.manual_seed(seed)
+    torch.manual_seed(c.seed)
     cat_path = Path(catalog)
     # Never generated here: a mistyped path of one's own dataset must not train on toy products (`mimsearch catalog`).
     cat = open_catalog(cat_path)
@@ -270,7 +306,7 @@ def train(
         state = ckpt.load_checkpoint(init_from)
         model, pre, tok = state.model, state.pre_cfg, state.tokenizer
     else:
-        spec = get_size(size)
+        spec = get_size(c.size)
         pre = spec.preprocess
         if pre.tokenizer == "clip_bpe":  # a CLIP shape from scratch: CLIP's own vocabulary
             tok = ClipTokenizer.bundled(pre.context_length)
@@ -295,7 +331,7 @@ def train(
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr,
         betas=(0.9, 0.98),
     )
@@ -303,29 +339,22 @@ def train(
         ckpt.load_train_state(out_dir, model, opt)
 
     meta = {
-        "objective": objective,
-        "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "catalog_rows": catalog_rows,
-        "hard_negatives": hard_negatives,
-        "align_weight": align_weight,
-        "lr": lr,
+        **asdict(c),
         "catalog": str(cat.root),
         "catalog_seed": cat.seed,
-        "init_from": init_from,
+        "init_from": str(init_from) if init_from else None,
     }
-    weights = LossWeights.uniform(align_weight)
+    weights = LossWeights.uniform(c.align_weight)
     bar = progress_bar(
         range(start_step, steps), desc=f"train {objective}", enabled=progress, initial=start_step, total=steps
     )
     t0, last = time.time(), {}
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
-        step_rng = np.random.default_rng([seed, step])
+            g["lr"] = lr_at(step, steps, lr, c.warmup)
+        step_rng = np.random.default_rng([c.seed, step])
         loss, parts = batch_loss(
-            model, tok, data, objective, step_rng, batch_size, weights, catalog_rows, hard_negatives
+            model, tok, data, objective, step_rng, batch_size, weights, c.catalog_rows, c.hard_negatives
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,7 +12,9 @@ from pathlib import Path
 from mim.commandline import CommandParser, at_least
 from mim.data.dataset import open_catalog
 from mim.training import compare as lib
-from mim.training.train import DEFAULT_ALIGN_WEIGHT, DEFAULT_CATALOG_ROWS, DEFAULT_HARD_NEGATIVES
+from mim.training.train import TrainConfig
+
+D = TrainConfig()  # the settings' defaults have one owner
 
 
 def _seeds(text: str) -> list[int]:
@@ -33,24 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="catalog folder (make one with `mimsearch catalog`) or JSON Lines dataset manifest",
     )
     ap.add_argument("--checkpoints", default="artifacts/checkpoints", help="where each run's checkpoint goes")
-    ap.add_argument("--steps", type=at_least(1), default=600, help="optimizer steps of each run")
-    ap.add_argument("--batch-size", type=at_least(2), default=64, help="street-to-shop pairs per batch")
+    ap.add_argument("--steps", type=at_least(1), default=D.steps, help="optimizer steps of each run")
+    ap.add_argument("--batch-size", type=at_least(2), default=D.batch_size, help="street-to-shop pairs per batch")
     ap.add_argument(
         "--catalog-rows",
         type=at_least(0),
-        default=DEFAULT_CATALOG_ROWS,
+        default=D.catalog_rows,
         help="products without street photos added per batch to the photo-title term",
     )
     ap.add_argument(
         "--hard-negatives",
         action=argparse.BooleanOptionalAction,
-        default=DEFAULT_HARD_NEGATIVES,
+        default=D.hard_negatives,
         help="compose batches of look-alikes of other categories",
     )
     ap.add_argument(
         "--align-weight",
         type=float,
-        default=DEFAULT_ALIGN_WEIGHT,
+        default=D.align_weight,
         help="weight of each image-text term next to the image-image term's 1.0 (3-tower and 4-tower)",
     )
     ap.add_argument(
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--eval-every", type=at_least(0), default=0, help="learning-curve points every N steps (0: at the end)"
     )
-    ap.add_argument("--size", default="tiny", help="named model size (mim.model.config.SIZES)")
+    ap.add_argument("--size", default=D.size, help="named model size (mim.model.config.SIZES)")
     ap.add_argument("--out", default="artifacts/quality", help="writes OUT.md, OUT.json and OUT.png")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
@@ -80,24 +82,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(str(e))
     catalog = open_catalog(args.catalog)  # never generated here: `mimsearch catalog` makes one
     t0, c0 = time.time(), time.process_time()
-    settings = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "catalog_rows": args.catalog_rows,
-        "hard_negatives": args.hard_negatives,
-        "align_weight": args.align_weight,
-        "size": args.size,
-    }
     try:
+        base = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            catalog_rows=args.catalog_rows,
+            hard_negatives=args.hard_negatives,
+            align_weight=args.align_weight,
+            size=args.size,
+        )
         result = lib.run_comparison(
             catalog,
             Path(args.checkpoints),
+            base,
             seeds=args.seeds,
             runs=runs,
             eval_every=args.eval_every,
             progress=not args.no_progress,
             jobs=args.jobs,
-            **settings,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -105,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall, cpu = time.time() - t0, time.process_time() - c0 + result["worker_cpu_seconds"]
     command = "mimsearch compare " + " ".join(argv if argv is not None else sys.argv[1:])
     header, recorded = lib.describe(
-        catalog, result, command=command, seeds=args.seeds, jobs=args.jobs, wall=wall, cpu=cpu, **settings
+        catalog, result, base, command=command, seeds=args.seeds, jobs=args.jobs, wall=wall, cpu=cpu
     )
     for path in lib.write_report(Path(args.out), header, result, recorded):
         print(f"wrote {path}", file=sys.stderr)

@@ -41,8 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from mim.checks import is_positive_int
 from mim.errors import SearchInputError
-from mim.search.knn import DEFAULT_NORM_TOL, _check_categories, _check_ids, _check_matrix, _check_metadata
+from mim.search.knn import DEFAULT_NORM_TOL, check_categories, check_ids, check_matrix, check_metadata
 from mim.search.stores import StoreError
 
 # Locations (which ones come here is the store registry's, mim.search.stores.REGISTRY): a local folder runs
@@ -211,16 +212,22 @@ def _wait_lite_background(uri: str, collection: str, timeout_s: float = INDEX_WA
     Lite builds the indexes of flushed segments in a background worker and searches them by brute force until
     then (exact, slower, and not what HNSW/IVF will return). Its API has no call that waits for that worker,
     so this reaches the in-process server's collection and drains the worker (milvus-lite 3.2's
-    `Collection._wait_for_bg`). Where that is missing (another milvus-lite), it returns without waiting."""
+    `Collection._wait_for_bg`). Where that is missing (another milvus-lite), it fails loudly rather than return
+    a gallery that silently searches by brute force."""
+    from importlib.metadata import version
+
     from milvus_lite import server_manager_instance
 
-    entry = getattr(server_manager_instance, "_servers", {}).get(str(Path(uri).resolve()))
-    if entry is None:
-        return
     try:
-        entry[1].get_collection(collection)._wait_for_bg(timeout_s)
-    except AttributeError:
-        return
+        entry = server_manager_instance._servers[str(Path(uri).resolve())]
+        wait = entry[1].get_collection(collection)._wait_for_bg
+    except (AttributeError, KeyError, TypeError, IndexError) as e:
+        raise MilvusStoreError(
+            f"cannot wait for Milvus Lite to index {uri}#{collection}: milvus-lite {version('milvus-lite')} lacks "
+            f"what this store uses ({type(e).__name__}: {e}); install the pinned milvus-lite==3.2.2 "
+            "(pip install -e '.[milvus]')"
+        ) from e
+    wait(timeout_s)
 
 
 # --- filter expressions ------------------------------------------------------------------------------------------
@@ -231,7 +238,7 @@ def _quote(value: str) -> str:
 
 
 def category_filter(categories: str | Iterable[str]) -> str:
-    cats = sorted(_check_categories(categories))
+    cats = sorted(check_categories(categories))
     return f"{CATEGORY} in [{', '.join(_quote(c) for c in cats)}]"
 
 
@@ -391,7 +398,7 @@ class MilvusStore:
     ) -> MilvusStore:
         from pymilvus import DataType, MilvusClient
 
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        if not is_positive_int(dim):
             raise ValueError(f"dim must be a positive int; got {dim!r}")
         if model_id is not None and not isinstance(model_id, str):
             raise TypeError(f"model_id must be a str or None; got {type(model_id).__name__}")
@@ -472,7 +479,7 @@ class MilvusStore:
 
     def vectors(self, ids: Any) -> np.ndarray:
         """(n, dim) float32 stored embeddings of `ids`, in the order given; an id not held -> KeyError."""
-        ids = _check_ids(ids)
+        ids = check_ids(ids)
         found: dict[int, Any] = {}
         for s in range(0, ids.size, QUERY_IDS):
             part = ids[s : s + QUERY_IDS].tolist()
@@ -503,11 +510,11 @@ class MilvusStore:
         norm_tol: float = DEFAULT_NORM_TOL,
     ) -> None:
         """Add new items (same checks and messages as `KnnIndex.add`); an id already held is refused."""
-        ids = _check_ids(ids)
-        emb = _check_matrix(np, embeddings, self._dim, "embeddings")
+        ids = check_ids(ids)
+        emb = check_matrix(np, embeddings, self._dim, "embeddings")
         if emb.shape[0] != ids.shape[0]:
             raise ValueError(f"got {ids.shape[0]} ids but {emb.shape[0]} embedding rows; pass one row per id")
-        metas = _check_metadata(metadata, ids.shape[0])
+        metas = check_metadata(metadata, ids.shape[0])
         if ids.size == 0:
             return
         emb = _unit_rows(emb.astype(np.float32), normalize, norm_tol)
@@ -527,7 +534,7 @@ class MilvusStore:
 
     def remove(self, ids: Any) -> None:
         """Remove items by id. An id not held raises KeyError naming it (nothing is removed then)."""
-        ids = _check_ids(ids)
+        ids = check_ids(ids)
         if ids.size == 0:
             return
         missing = np.setdiff1d(ids, self._held(ids))
@@ -593,7 +600,7 @@ class MilvusStore:
         n = self.count
         if n == 0:
             raise ValueError(f"the gallery {self.location} is empty; add items before searching")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if not is_positive_int(k):
             raise ValueError(f"k must be a positive int; got {k!r}")
         k = int(k)
         if k > n:
@@ -602,7 +609,7 @@ class MilvusStore:
             )
         if k > MAX_TOPK:
             raise ValueError(f"k={k} is above Milvus's limit of {MAX_TOPK} results per query; lower k")
-        q = _check_matrix(np, queries, self._dim, "queries").astype(np.float32, copy=False)
+        q = check_matrix(np, queries, self._dim, "queries").astype(np.float32, copy=False)
         expr = category_filter(categories) if categories is not None else ""
         scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
         ids = np.full((q.shape[0], k), -1, dtype=np.int64)
