@@ -155,7 +155,7 @@ def real_inputs(ckpt, images: Sequence[bytes], texts: Sequence[str]) -> dict[str
 def _random_feeds(io: contract.ModelIO, model_cfg, batch: int, device) -> dict:
     import torch
 
-    from export.onnx_export import random_inputs
+    from mim.contract import random_inputs
 
     return {k: torch.from_numpy(v).to(device) for k, v in random_inputs(io, model_cfg, batch, seed=batch).items()}
 

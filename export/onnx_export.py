@@ -42,6 +42,7 @@ from export import ExportError
 from mim import contract, layout
 from mim.atomic import atomic_write_bytes
 from mim.commandline import CommandParser
+from mim.contract import random_inputs
 from mim.model.checkpoint import load_checkpoint
 from mim.model.config import ModelConfig, dumps
 from mim.model.towers import explicit_attention
@@ -98,26 +99,6 @@ def towers_of(model: nn.Module) -> list[Tower]:
 
 
 # --- random inputs -----------------------------------------------------------------------------------------
-def random_inputs(io: contract.ModelIO, model_cfg: ModelConfig, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for a tower, never zeros: pixels ~ N(0, 1) (roughly what normalised photos look like);
-    token ids uniform in [4, vocab) (past the special tokens); attention masks of random length that always
-    keep position 0 (the pooled [CLS] position)."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for spec in io.inputs:
-        shape = (batch, *spec.resolve_dims(model_cfg))
-        if spec == contract.PIXEL_VALUES:
-            out[spec.name] = rng.standard_normal(shape).astype(spec.numpy_dtype)
-        elif spec == contract.INPUT_IDS:
-            out[spec.name] = rng.integers(4, model_cfg.text.vocab_size, size=shape).astype(spec.numpy_dtype)
-        elif spec == contract.ATTENTION_MASK:
-            lengths = rng.integers(1, shape[1] + 1, size=batch)  # (B,) in [1, T]
-            out[spec.name] = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(spec.numpy_dtype)
-        else:
-            raise ExportError(f"no random generator for contract tensor {spec.name!r}; add one to random_inputs")
-    return out
-
-
 # --- export ------------------------------------------------------------------------------------------------
 def export_tower(tower: Tower, model_cfg: ModelConfig, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """Trace one tower with the TorchScript exporter into an in-memory ONNX model named by the contract. The

@@ -143,3 +143,24 @@ FUSION_WEIGHT_PARAM = "image_weight"
 K_PARAM = "k"
 DEFAULT_K = 10
 CATEGORIES_PARAM = "categories"
+
+
+# --- random inputs (exporter traces, parity checks, benchmarks) --------------------------------------------
+def random_inputs(io: ModelIO, model_cfg: ModelConfig, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for a tower, never zeros: pixels ~ N(0, 1) (roughly what normalised photos look like);
+    token ids uniform in [4, vocab) (past the special tokens); attention masks of random length that always
+    keep position 0 (the pooled [CLS] position)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for spec in io.inputs:
+        shape = (batch, *spec.resolve_dims(model_cfg))
+        if spec == PIXEL_VALUES:
+            out[spec.name] = rng.standard_normal(shape).astype(spec.numpy_dtype)
+        elif spec == INPUT_IDS:
+            out[spec.name] = rng.integers(4, model_cfg.text.vocab_size, size=shape).astype(spec.numpy_dtype)
+        elif spec == ATTENTION_MASK:
+            lengths = rng.integers(1, shape[1] + 1, size=batch)  # (B,) in [1, T]
+            out[spec.name] = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(spec.numpy_dtype)
+        else:
+            raise ValueError(f"no random generator for contract tensor {spec.name!r}; add one to random_inputs")
+    return out

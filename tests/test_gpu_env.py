@@ -3,10 +3,10 @@
 GPU machines run a torch image: its own Python, numpy 2, torch, and none of this project's installed packages
 (no tritonclient, no nvidia-pytriton). This test builds such an environment beside the project's virtualenv,
 with numpy 2, torch and pytest and nothing else, builds the `make gpu-bundle` archive for this Python, and runs
-`benchmarks.gpu_check` from it exactly as a GPU machine does (CUDA hidden): the bundle is unpacked into a fresh
-folder, the bundled server serves the `torch` config, perf_analyzer from the bundle sweeps the three embedding
-ensembles, and the client from the bundle checks `embed_image`, `embed_text`, `embed_multimodal` and
-`search_image` against the in-process model.
+`benchmarks.gpu_check` from it exactly as a GPU machine does (CUDA hidden; tiny sizes). The bundle is unpacked
+into a fresh folder; the towers and kNN steps run; the bundled server serves the `torch` config, perf_analyzer
+from the bundle sweeps the three embedding ensembles, and the client from the bundle checks `embed_image`,
+`embed_text`, `embed_multimodal` and `search_image` against the in-process model.
 
 Built once per set of inputs under build/gpu-env/ (a few minutes: a virtualenv with torch, and the archive);
 reused after. `make test` runs it after the default suite (`make test-gpu-env`).
@@ -83,7 +83,7 @@ def test_the_served_path_answers_in_the_gpu_machines_environment(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(CUDA_VISIBLE_DEVICES="", MIM_CACHE_DIR=str(tmp_path / "cache"))
     cmd = [str(python), "-m", "benchmarks.gpu_check", "--bundle", str(archive), "--to", str(tmp_path / "unpacked")]
-    cmd += ["--out", str(out), "--tiny", "--steps", "serving", "--no-pytest", "--total-s", "420"]
+    cmd += ["--out", str(out), "--tiny", "--steps", "towers,knn,serving", "--no-pytest", "--total-s", "420"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
     summary = (out / "summary.md").read_text() if (out / "summary.md").is_file() else proc.stdout[-4000:]
     assert proc.returncode == 0, f"{summary}\n{proc.stderr[-3000:]}"
@@ -103,4 +103,7 @@ def test_the_served_path_answers_in_the_gpu_machines_environment(tmp_path):
     # Every python-backend stub ran numpy 1.x from the stub env, while the launcher ran numpy 2.
     stubs = serving["stub_environment"]
     assert stubs and all(line.startswith("numpy 1.") and "stub-env" in line for line in stubs), stubs
+    # The GPU script's other steps ran there too: the towers (FP32 against FP32 on the CPU) and the kNN table.
+    assert result["towers"] and all(r["min_cosine_vs_fp32"] >= 0.999 for r in result["towers"]), result["towers"]
+    assert result["knn"] and not result["errors"], result["errors"]
     assert len(list(out.iterdir())) <= MAX_FILES

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.onnx_export import random_inputs
 from mim import contract
+from mim.contract import random_inputs
 from mim.model.config import ModelConfig, get_size
 from mim.model.preprocess import InputError
 from mim.model.towers import MIMModel, QuickGELU
