@@ -578,22 +578,21 @@ def run_all(
         "seconds": {},
     }
     result.update(errors={}, tracebacks={}, cut_short={})
-    nonlocal_plan = [plan]  # the running step's plan, with its deadline
 
-    def towers() -> None:
+    # Each step gets the plan with its own deadline (Plan.deadline), which its loops check before each cell.
+    def towers(p: Plan) -> None:
         inputs = real_inputs(ckpt, [b for _, b in images], TITLES)
-        result["towers"], result["copy"] = bench_towers(nonlocal_plan[0], ckpt, inputs, peak_tflops, log)
+        result["towers"], result["copy"] = bench_towers(p, ckpt, inputs, peak_tflops, log)
         # benchmarks.towers_peer: a CLIP with the plan's image tower against transformers on the same weights.
-        p = nonlocal_plan[0]
         result["towers_peer"] = towers_peer.for_gpu_script(
             p.size, p.tower_batches, p.min_time, p.min_reps, peak_tflops, log, p.deadline, [b for _, b in images]
         )
 
-    def knn() -> None:
-        result["knn"], result["topk_choice"] = bench_knn(nonlocal_plan[0], hbm_tbps, log)
+    def knn(p: Plan) -> None:
+        result["knn"], result["topk_choice"] = bench_knn(p, hbm_tbps, log)
 
-    def serving() -> None:
-        result["serving"] = bench_serving(nonlocal_plan[0], ckpt_dir, images, work, out, log)
+    def serving(p: Plan) -> None:
+        result["serving"] = bench_serving(p, ckpt_dir, images, work, out, log)
 
     # One step failing (a GPU machine is lent for minutes) must not lose the others' figures: each step's
     # error and traceback are recorded and the files are rewritten after every step.
@@ -603,14 +602,14 @@ def run_all(
             continue
         log(f"== {name} (budget {budgets.get(name, 0):.0f} s)")
         t = time.perf_counter()
-        nonlocal_plan[0] = replace(plan, deadline=time.monotonic() + budgets[name]) if name in budgets else plan
+        step_plan = replace(plan, deadline=time.monotonic() + budgets[name]) if name in budgets else plan
         try:
-            step()
+            step(step_plan)
         except Exception as e:  # recorded in gpu.json and printed; the next step still runs
             log(f"  {name} failed: {type(e).__name__}: {e}")
             result["errors"][name] = f"{type(e).__name__}: {e}"
             result["tracebacks"][name] = traceback.format_exc()
-        if out_of_time(nonlocal_plan[0]):
+        if out_of_time(step_plan):
             result["cut_short"][name] = f"budget of {budgets[name]:.0f} s spent; cells after it were not run"
             log(f"  {name}: {result['cut_short'][name]}")
         result["seconds"][name] = time.perf_counter() - t

@@ -5,6 +5,7 @@ need CUDA say why they are missing."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -84,3 +85,10 @@ def test_a_failing_step_is_recorded_and_the_others_keep_their_figures(tiny_check
     result = json.loads((out / "gpu.json").read_text())
     assert result["errors"] == {"knn": "RuntimeError: out of memory"}
     assert len(result["towers"]) == 2 * len(gpu.TINY.tower_batches)
+
+
+def test_a_step_past_its_budget_stops_starting_cells_and_says_so(tiny_checkpoint, tmp_path):
+    plan = replace(gpu.TINY, budget_s=(("towers", 0.0), ("knn", 120.0)))
+    result = gpu.run_all(plan, tmp_path / "gpu", checkpoint=tiny_checkpoint, steps=("towers",))
+    assert result["towers"] == [] and "budget of 0 s spent" in result["cut_short"]["towers"]
+    assert json.loads((tmp_path / "gpu" / "gpu.json").read_text())["cut_short"] == result["cut_short"]
