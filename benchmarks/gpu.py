@@ -328,12 +328,18 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     with TritonServer(repository, config=config, log_path=out / "tritonserver.log") as server:
         result = perf.run_sweeps(pa, server.grpc_url, list(input_files), input_files, settings, out / "logs", log=log)
+    write_perf(result, out, config)
+    return result
+
+
+def write_perf(result: perf.SweepResult, out: Path, config: str) -> None:
+    """perf.csv and perf.json (plus the plot where matplotlib exists: a GPU machine may lack it, and the figures
+    matter, not the plot)."""
     if _has_matplotlib():
         perf.write_outputs(result, out, {"config": config})
-    else:  # a GPU machine may lack matplotlib: the figures matter, the plot does not
+    else:
         write_rows_csv(result.rows, out / "perf.csv", perf.PERF_FIELDS)
         write_json({"config": config, "results": result.rows, "errors": result.errors}, out / "perf.json")
-    return result
 
 
 def _has_matplotlib() -> bool:
@@ -383,11 +389,7 @@ def bench_serving(plan: Plan, ckpt_dir: Path, images, work: Path, out: Path, log
             log(f"  {e}")
         found["stub_environment"] = stub_environment(server.log_text())
     found.update(rows=result.rows, errors=result.errors, commands=result.commands, skipped_models=result.skipped)
-    if _has_matplotlib():
-        perf.write_outputs(result, out, {"config": config})
-    else:  # a GPU machine may lack matplotlib: the figures matter, the plot does not
-        write_rows_csv(result.rows, out / "perf.csv", perf.PERF_FIELDS)
-        write_json({"config": config, "results": result.rows, "errors": result.errors}, out / "perf.json")
+    write_perf(result, out, config)
     return found
 
 
