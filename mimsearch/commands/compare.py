@@ -14,6 +14,8 @@ from mim.data.dataset import open_catalog
 from mim.training import compare as lib
 from mim.training.train import TrainConfig
 
+from .train import add_batch_flags
+
 D = TrainConfig()  # the settings' defaults have one owner
 
 
@@ -36,25 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--checkpoints", default="artifacts/checkpoints", help="where each run's checkpoint goes")
     ap.add_argument("--steps", type=at_least(1), default=D.steps, help="optimizer steps of each run")
-    ap.add_argument("--batch-size", type=at_least(2), default=D.batch_size, help="street-to-shop pairs per batch")
-    ap.add_argument(
-        "--catalog-rows",
-        type=at_least(0),
-        default=D.catalog_rows,
-        help="products without street photos added per batch to the photo-title term",
-    )
-    ap.add_argument(
-        "--hard-negatives",
-        action=argparse.BooleanOptionalAction,
-        default=D.hard_negatives,
-        help="compose batches of look-alikes of other categories",
-    )
-    ap.add_argument(
-        "--align-weight",
-        type=float,
-        default=D.align_weight,
-        help="weight of each image-text term next to the image-image term's 1.0 (3-tower and 4-tower)",
-    )
+    add_batch_flags(ap)
     ap.add_argument(
         "--jobs",
         type=at_least(1),

@@ -15,29 +15,9 @@ from mim.training import train as lib
 D = lib.TrainConfig()  # the settings' defaults have one owner
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = CommandParser(
-        prog="mimsearch train",
-        description=lib.__doc__,
-    )
-    ap.add_argument(
-        "--catalog",
-        default="artifacts/catalog",
-        help="catalog folder (make one with `mimsearch catalog`), or a JSON Lines dataset manifest (`mimsearch "
-        "dataset` writes an example)",
-    )
-    ap.add_argument("--size", default=D.size, choices=sorted(SIZES), help="named model size for a new model")
-    ap.add_argument("--objective", choices=OBJECTIVES, default=D.objective, help="training objective")
-    ap.add_argument("--out", required=True, help="checkpoint folder to write (refused if not empty, see --resume)")
-    ap.add_argument(
-        "--init-from",
-        help="start from this checkpoint's weights, tokenizer and preprocessing (e.g. 4-tower from 3-tower, or an "
-        "imported CLIP: mimsearch import-clip)",
-    )
-    again = ap.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    again.add_argument("--overwrite", action="store_true", help="train from scratch over a non-empty --out")
-    ap.add_argument("--steps", type=at_least(1), default=D.steps, help="optimizer steps in all (with --resume too)")
+def add_batch_flags(ap: argparse.ArgumentParser) -> None:
+    """The flags that shape a training batch and its loss, shared by `train` and `compare` (defaults:
+    TrainConfig's)."""
     ap.add_argument(
         "--batch-size",
         type=at_least(2),
@@ -62,6 +42,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=D.align_weight,
         help="weight of every image-text term (q-t, p-t, q-s, p-s) next to the image-image term's 1.0",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = CommandParser(
+        prog="mimsearch train",
+        description=lib.__doc__,
+    )
+    ap.add_argument(
+        "--catalog",
+        default="artifacts/catalog",
+        help="catalog folder (make one with `mimsearch catalog`), or a JSON Lines dataset manifest (`mimsearch "
+        "dataset` writes an example)",
+    )
+    ap.add_argument("--size", default=D.size, choices=sorted(SIZES), help="named model size for a new model")
+    ap.add_argument("--objective", choices=OBJECTIVES, default=D.objective, help="training objective")
+    ap.add_argument("--out", required=True, help="checkpoint folder to write (refused if not empty, see --resume)")
+    ap.add_argument(
+        "--init-from",
+        help="start from this checkpoint's weights, tokenizer and preprocessing (e.g. 4-tower from 3-tower, or an "
+        "imported CLIP: mimsearch import-clip)",
+    )
+    again = ap.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    again.add_argument("--overwrite", action="store_true", help="train from scratch over a non-empty --out")
+    ap.add_argument("--steps", type=at_least(1), default=D.steps, help="optimizer steps in all (with --resume too)")
+    add_batch_flags(ap)
     ap.add_argument("--lr", type=at_least(0.0, float), default=D.lr, help="peak learning rate (AdamW)")
     ap.add_argument("--weight-decay", type=at_least(0.0, float), default=D.weight_decay, help="AdamW weight decay")
     ap.add_argument("--warmup", type=at_least(0), default=D.warmup, help="linear warm-up steps before the cosine decay")
