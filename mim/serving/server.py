@@ -6,8 +6,9 @@
 The wheel carries `pytriton/tritonserver/bin/tritonserver` (Triton 2.51) with its shared libraries in
 `nvidia_pytriton.libs/`, the python backend, and one backend stub per Python version. The python backend
 expects the stub next to `libtriton_python.so`, so a backend folder with both is assembled once in a cache
-folder and passed with `--backend-directory`. The python models run in the stub with this virtualenv's
-packages (so they `import mim`). Every listener binds to 127.0.0.1 only.
+folder and passed with `--backend-directory`. The python models run in the stub with this environment's
+packages (so they `import mim`), through a stub env that gives them numpy 1.x (mim.serving.stub_env). Every
+listener binds to 127.0.0.1 only.
 
 Config variants (the rows of mim.serving.runtimes.VARIANTS): each selects `configs/<name>.pbtxt` with
 `--model-config-name`; `default` uses each model's `config.pbtxt` (TensorRT engines, NGC container).
