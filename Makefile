@@ -11,15 +11,19 @@ CKPT      ?= $(ART)/checkpoints/3tower
 REPO      ?= $(ART)/model_repository
 CONFIG    ?= cpu
 STEPS     ?= 600
-FULL_STEPS ?= 1500
+FULL_STEPS ?= 500
 FULL_SEEDS ?= 0,1,2
+# quality-full's runs: every one sees 2 x FULL_STEPS (the 3-tower stages are the progressive runs' first halves)
+FULL_RUNS ?= 3tower,4tower-from-3tower,dml-2x,3tower-2x,4tower-2x,3tower-half-of-2x,4tower-from-3tower-continued
+HELDOUT_SEED ?= 7
+HELDOUT_RUNS ?= $(FULL_RUNS)
 JOBS      ?= 2
 GPU_PYTHON ?= 3.12
 PYTEST_ARGS ?=
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps lint format test test-gpu-env gpu-check test-slow test-all demo catalog train quality quality-full engines serve bench bench-full bench-search gpu-bundle clean
+.PHONY: help setup system-deps lint format test test-gpu-env gpu-check test-slow test-all demo catalog train quality quality-full quality-heldout engines serve bench bench-full bench-search gpu-bundle clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -71,10 +75,16 @@ quality: catalog ## train DML / 3-tower / 4-tower on the same data and seed (JOB
 	$(MIMSEARCH) compare --catalog $(CATALOG) --steps $(STEPS) --eval-every 150 --jobs $(JOBS) --no-progress \
 		--out benchmarks/results/quality
 
-quality-full: catalog ## the comparison over 3 seeds (FULL_STEPS=1500 each, JOBS processes), 95% bootstrap intervals, curves
+quality-full: catalog ## equal-budget comparison over 3 seeds (2 x FULL_STEPS each, JOBS processes): intervals, curves, the bar
 	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full --seeds $(FULL_SEEDS) \
-		--steps $(FULL_STEPS) --eval-every 250 --catalog-rows 32 --no-hard-negatives --jobs $(JOBS) --no-progress \
-		--out benchmarks/results/quality_full
+		--steps $(FULL_STEPS) --runs $(FULL_RUNS) --eval-every 125 --catalog-rows 32 --no-hard-negatives \
+		--jobs $(JOBS) --no-progress --out benchmarks/results/quality_full
+
+quality-heldout: setup ## quality-full's table on a catalog generated with HELDOUT_SEED, never used for choices
+	$(MIMSEARCH) catalog --seed $(HELDOUT_SEED) --out $(ART)/catalog-heldout --no-progress
+	$(MIMSEARCH) compare --catalog $(ART)/catalog-heldout --checkpoints $(ART)/checkpoints/heldout \
+		--seeds $(FULL_SEEDS) --steps $(FULL_STEPS) --runs $(HELDOUT_RUNS) --eval-every 125 --catalog-rows 32 \
+		--no-hard-negatives --jobs $(JOBS) --no-progress --out benchmarks/results/quality_full_heldout
 
 engines: setup ## export CKPT to ONNX (+ TensorRT FP16 engines where possible) into $(REPO) (a copy of model_repository/)
 	$(MIMSEARCH) engines --checkpoint $(CKPT) --repository $(REPO) $(if $(wildcard $(CATALOG)/catalog.json),--catalog $(CATALOG))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import make_small_catalog
 
@@ -90,3 +91,45 @@ def test_parallel_jobs_give_the_same_models_as_one_process(tiny_catalog, tmp_pat
     assert meta["align_weight"] == 0.5
     with pytest.raises(ValueError, match="jobs=0; expected a positive int"):
         compare.run_comparison(tiny_catalog, tmp_path / "x", base, runs=runs, jobs=0, **common)
+
+
+def _per_query(**means):
+    """Per-query values (1 seed x 4 queries) whose mean is each given value."""
+    return {m: np.full((1, 4), v) for m, v in means.items()}
+
+
+def test_the_schedule_is_chosen_on_the_validation_split_only():
+    a, b = compare.PROGRESSIVE
+    val = {
+        a: _per_query(**{"image R@1": 0.5, "mm-fusion R@1": 0.2}),
+        b: _per_query(**{"image R@1": 0.4, "mm-fusion R@1": 0.4}),
+    }
+    choice = compare.choose_schedule(val)
+    assert choice["chosen"] == b and choice["val_scores"][a] == pytest.approx(0.35)
+    assert choice["by"] == ["image R@1", "mm-fusion R@1"]
+    assert compare.choose_schedule({a: val[a]}) is None  # one schedule: nothing to choose
+
+
+def test_the_bar_judges_each_alignment_model_against_dml_of_the_same_steps():
+    q = {
+        "dml-2x": {"image R@1": 0.40, "image catP@10": 0.30, "image other-cat@1": 0.40, "mm-fusion R@1": 0.05},
+        "3tower-2x": {"image R@1": 0.41, "image catP@10": 0.33, "image other-cat@1": 0.35, "mm-fusion R@1": 0.10},
+        "4tower-2x": {"image R@1": 0.38, "image catP@10": 0.36, "image other-cat@1": 0.30, "mm-fusion R@1": 0.15},
+        "4tower-from-3tower": {
+            "image R@1": 0.45,
+            "image catP@10": 0.40,
+            "image other-cat@1": 0.20,
+            "mm-fusion R@1": 0.25,
+        },
+    }
+    summary = compare.summarize({n: _per_query(**m) for n, m in q.items()})
+    checks = compare.bar_checks(summary, "4tower-from-3tower")
+    verdict = {(c["model"], c["criterion"].split(" ")[1]): c["met"] for c in checks}
+    # 3tower-2x: +3 points of catP (short of 5), R@1 not worse, 12.5% fewer other-category top-1s (short of 25%).
+    assert verdict[("3tower-2x", "catP@10")] is False and verdict[("3tower-2x", "R@1")] is True
+    assert [c["met"] for c in checks if c["model"] == "3tower-2x"] == [False, True, False]
+    # The progressive 4-tower meets every criterion, including beating 4tower-2x on fusion R@1.
+    assert all(c["met"] for c in checks if c["model"] == "4tower-from-3tower") and len(checks) == 7
+    assert "0.200 vs 0.400 (+50% fewer)" in [c["figure"] for c in checks]
+    md = compare.markdown({**summary, "bar": checks, "schedule": None})
+    assert "| 3tower-2x | image catP@10 >= dml-2x + 0.05, interval above 0 | 0.030 [0.030, 0.030] | **not met** |" in md

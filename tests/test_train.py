@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from mim.data.synth import CATEGORIES, COLOURS, PATTERNS, generate_catalog
 from mim.model import checkpoint as ckpt
 from mim.search.embedding import TorchEmbedder
-from mim.training.evaluate import evaluate
-from mim.training.train import HARD_GROUP, TrainConfig, batch_loss, compose_batch, load_split, train
+from mim.training.evaluate import evaluate, evaluate_per_query
+from mim.training.train import HARD_GROUP, TrainConfig, batch_loss, compose_batch, load_split, lr_at, train
 from mimsearch.commands.train import main
 
 
@@ -100,6 +100,41 @@ def test_four_tower_starts_from_three_tower_weights(small_catalog, tmp_path):
     assert ckpt.read_config(four)["meta"]["init_from"] == str(three)
 
 
+def test_a_schedule_continued_in_a_second_stage_equals_one_run(small_catalog, tmp_path):
+    """The progressive recipe's continued schedule: stage 2 starts at the schedule step where stage 1 stopped, with
+    its optimizer state and batches, so two stages of one objective are the uninterrupted run."""
+    kw = {"catalog": str(small_catalog.root), "progress": False}
+    config = TrainConfig(objective="3tower", batch_size=6, warmup=2, lr=2e-3)
+    straight = train(replace(config, steps=6), out=str(tmp_path / "straight"), **kw)
+    first = train(replace(config, steps=3, schedule_steps=6), out=str(tmp_path / "first"), **kw)
+    second = train(
+        replace(config, steps=3, schedule_steps=6, schedule_start=3),
+        out=str(tmp_path / "second"),
+        init_from=first,
+        **kw,
+    )
+    a, b = load_file(str(straight / ckpt.WEIGHTS)), load_file(str(second / ckpt.WEIGHTS))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # Without the carried optimizer state and schedule, the second stage is another run.
+    restarted = train(replace(config, steps=3), out=str(tmp_path / "restart"), init_from=first, **kw)
+    c = load_file(str(restarted / ckpt.WEIGHTS))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    meta = ckpt.read_config(second)["meta"]
+    assert (meta["schedule_start"], meta["schedule_steps"]) == (3, 6)
+    with pytest.raises(ValueError, match="expected init_from, the checkpoint of that run"):
+        train(replace(config, steps=3, schedule_steps=6, schedule_start=3), out=str(tmp_path / "orphan"), **kw)
+
+
+def test_lr_schedule_warms_up_once_and_decays_to_zero():
+    full = [lr_at(s, 10, 1.0, 2) for s in range(10)]
+    assert full[0] == 0.5 and full[1] == 1.0 and full[2] == 1.0 and full[-1] > 0
+    assert all(a >= b for a, b in zip(full[1:], full[2:]))
+    # The second stage of a continued schedule is the tail of the same curve: no second warm-up.
+    tail = TrainConfig(steps=5, schedule_steps=10, schedule_start=5)
+    assert [lr_at(tail.schedule_start + s, tail.schedule_total, 1.0, 2) for s in range(5)] == full[5:]
+
+
 def test_bad_arguments(small_catalog, tmp_path):
     with pytest.raises(ValueError, match="larger than the .* training products"):
         train(TrainConfig(steps=1, batch_size=10_000), catalog=str(small_catalog.root), out=str(tmp_path / "x"))
@@ -107,6 +142,10 @@ def test_bad_arguments(small_catalog, tmp_path):
         TrainConfig(objective="5tower")
     with pytest.raises(ValueError, match=r"steps=0; expected a positive int"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="run past the schedule's 6 steps"):
+        TrainConfig(steps=4, schedule_steps=6, schedule_start=3)
+    with pytest.raises(ValueError, match="expected ints >= 0"):
+        TrainConfig(steps=4, schedule_start=-1)
 
 
 def test_evaluate_reports_every_metric(small_catalog, tmp_path):
@@ -117,6 +156,11 @@ def test_evaluate_reports_every_metric(small_catalog, tmp_path):
     for key in ("image R@1", "image R@10", "image catP@10", "title R@1", "n_gallery"):
         assert key in m
     assert 0.0 <= m["image R@1"] <= m["image R@5"] <= m["image R@10"] <= 1.0
+    # A top 1 is the exact product, another category, another model with the title, or neither; never two of them.
+    per = evaluate_per_query(TorchEmbedder(ckpt.load_checkpoint(out)), small_catalog, "test")
+    outcomes = per["image R@1"] + per["image other-cat@1"] + per["image same-title@1"]
+    assert set(np.unique(outcomes)) <= {0.0, 1.0} and len(outcomes) == m["n_queries"]
+    assert per["image other-cat@1"].mean() == pytest.approx(m["image other-cat@1"])
 
 
 def test_augment_moves_pixels_but_keeps_shape_dtype_and_range():

@@ -9,10 +9,12 @@ differences, and learning curves (markdown + JSON + PNG).
 `--jobs N` trains in N worker processes, each chain of runs (a run and those initialised from it) in one of them
 with its share of the cores; the results are then evaluated in this process from the checkpoints.
 
-4-tower is trained twice: from scratch, and initialised from the 3-tower weights of the same seed (which the paper
-reports as better; it has then seen twice the steps, and `--controls` adds DML and 3-tower runs of twice the steps
-to separate the start from the extra steps). Checkpoints already trained with the same settings are reused, with
-the learning curve recorded while they were trained.
+4-tower is trained twice: from scratch, and initialised from the 3-tower weights of the same seed (the paper's
+progressive recipe; it has then seen twice the steps). `--controls` adds the equal-budget controls: DML, 3-tower and
+4-tower trained directly for those same total steps, and the progressive recipe with one continued learning-rate
+schedule over both stages instead of a warm-up and decay per stage. Which schedule the progressive rows use is chosen
+on the validation split (`--val`), and every comparison is reported on the test split. Checkpoints already trained
+with the same settings are reused, with the learning curve recorded while they were trained.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class Run(NamedTuple):
     objective: str
     init: str | None  # the run whose checkpoint (same seed) it starts from
     mult: int  # training steps as a multiple of the comparison's steps
+    # (first step, length) of its learning-rate schedule as multiples of the comparison's steps; None: its own
+    # warm-up and decay over its own steps
+    schedule: tuple[int, int] | None = None
 
 
 RUNS = (
@@ -64,10 +69,43 @@ RUNS = (
     Run("4tower", "4tower", None, 1),
     Run("4tower-from-3tower", "4tower", "3tower", 1),
 )
-CONTROLS = (Run("dml-2x", "dml", None, 2), Run("3tower-2x", "3tower", None, 2))
-# Paired differences reported (a minus b): the paper's claims.
-DIFFERENCES = (("3tower", "dml"), ("4tower", "3tower"), ("4tower-from-3tower", "3tower"), ("4tower", "dml"))
-DIFF_METRICS = ("image R@1", "image R@10", "image catP@10", "mm-fusion R@10", "mm-refine R@10")
+# Equal-budget controls: every one has seen 2x the steps, as the progressive 4tower-from-3tower has.
+CONTROLS = (
+    Run("dml-2x", "dml", None, 2),
+    Run("3tower-2x", "3tower", None, 2),
+    Run("4tower-2x", "4tower", None, 2),
+    # The progressive recipe as one schedule: the 3-tower stage is the first half of a 2x warm-up and decay, the
+    # 4-tower stage its second half (no second warm-up, the optimizer state carried over).
+    Run("3tower-half-of-2x", "3tower", None, 1, (0, 2)),
+    Run("4tower-from-3tower-continued", "4tower", "3tower-half-of-2x", 1, (1, 2)),
+)
+# The two schedules of the progressive recipe: restarted per stage, or continued across both.
+PROGRESSIVE = ("4tower-from-3tower", "4tower-from-3tower-continued")
+# Paired differences reported (a minus b), where both runs were trained: the paper's claims, then the controls.
+DIFFERENCES = (
+    ("3tower", "dml"),
+    ("4tower", "3tower"),
+    ("4tower-from-3tower", "3tower"),
+    ("4tower", "dml"),
+    ("3tower-2x", "dml-2x"),
+    ("4tower-from-3tower", "dml-2x"),
+    ("4tower-from-3tower-continued", "dml-2x"),
+    ("4tower-from-3tower", "4tower-2x"),
+    ("4tower-from-3tower-continued", "4tower-2x"),
+    ("4tower-from-3tower-continued", "4tower-from-3tower"),
+)
+DIFF_METRICS = (
+    "image R@1",
+    "image R@10",
+    "image catP@10",
+    "image other-cat@1",
+    "mm-fusion R@1",
+    "mm-fusion R@10",
+    "mm-refine R@10",
+)
+# How the progressive schedule is chosen on the validation split: the mean of these (image matching and the
+# multimodal search the 4-tower is for), higher is better.
+SCHEDULE_METRICS = ("image R@1", "mm-fusion R@1")
 CURVE_METRICS = ("image R@1", "image catP@10")
 CURVE_FILE = "curve.json"  # next to each checkpoint: the learning curve recorded while it was trained
 
@@ -212,11 +250,15 @@ def _run_dir(checkpoints: Path, seed: int, name: str) -> Path:
 
 
 def run_config(base: TrainConfig, seed: int, run: Run) -> TrainConfig:
-    """The whole config of one run of one seed: the comparison's settings with the run's objective and steps."""
+    """The whole config of one run of one seed: the comparison's settings with the run's objective, steps and
+    schedule."""
+    start, length = run.schedule or (0, 0)
     return replace(
         base,
         objective=run.objective,
         steps=run.mult * base.steps,
+        schedule_start=start * base.steps,
+        schedule_steps=length * base.steps,
         seed=seed,
         # DML has no image-text term, so title-only rows and the text weight never reach it: its runs are shared
         # across their values.
@@ -256,14 +298,16 @@ def run_comparison(
     eval_every: int = 0,
     progress: bool = False,
     jobs: int = 1,
+    val: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate every run for every seed; returns per-query values, curves and timings.
 
     `base` holds the settings every run shares; each run replaces its objective, steps and seed (`run_config`).
     With jobs > 1 the runs are first trained in that many worker processes (independent chains of runs, one torch
     thread share each), then evaluated here from their checkpoints. per_query[name][metric] is (S, n) with one row
-    per seed; curves[name][seed] the recorded learning curve, its steps counted from scratch (a run initialised
-    from another starts where that one ended)."""
+    per seed on the test split (and val_per_query the same on the validation split, with `val`);
+    curves[name][seed] the recorded learning curve, its steps counted from scratch (a run initialised from another
+    starts where that one ended)."""
     names = [r.name for r in runs]
     for run in runs:
         if run.init is not None and run.init not in names[: names.index(run.name)]:
@@ -274,6 +318,7 @@ def run_comparison(
         raise ValueError(f"jobs={jobs!r}; expected a positive int (processes that train in parallel)")
     pixels = PixelCache(get_size(base.size).preprocess)  # what train() uses for a fresh run
     per_query: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
+    val_per_query: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
     curves: dict[str, dict[str, list]] = {n: {} for n in names}
     seconds: dict[str, float] = dict.fromkeys(names, 0.0)
     cpu_seconds: dict[str, float] = dict.fromkeys(names, 0.0)  # all threads: extrapolates to an idle machine
@@ -298,8 +343,12 @@ def run_comparison(
             if not trained:
                 reused.append(f"seed{seed}/{name}")
             ck = load_checkpoint(out)
-            for metric, values in evaluate_per_query(ModelEmbedder(ck.model, ck.tokenizer, pixels), catalog).items():
+            embedder = ModelEmbedder(ck.model, ck.tokenizer, pixels)
+            for metric, values in evaluate_per_query(embedder, catalog).items():
                 per_query[name].setdefault(metric, []).append(values)
+            if val:
+                for metric, values in evaluate_per_query(embedder, catalog, "val").items():
+                    val_per_query[name].setdefault(metric, []).append(values)
             seconds[name] += time.time() - t0
             cpu_seconds[name] += time.process_time() - c0
             print(
@@ -310,6 +359,7 @@ def run_comparison(
     stacked = {n: {m: np.stack(v) for m, v in ms.items()} for n, ms in per_query.items()}
     return {
         "per_query": stacked,
+        "val_per_query": {n: {m: np.stack(v) for m, v in ms.items()} for n, ms in val_per_query.items() if ms},
         "curves": curves,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
@@ -370,17 +420,97 @@ def summarize(per_query: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     return {"means": means, "intervals": intervals, "differences": diffs}
 
 
+def choose_schedule(val_per_query: dict[str, dict[str, np.ndarray]]) -> dict[str, Any] | None:
+    """Which progressive schedule (PROGRESSIVE) scores higher on the validation split, by the mean of
+    SCHEDULE_METRICS; None unless both were trained and evaluated there. Never looks at the test split."""
+    if not all(name in val_per_query for name in PROGRESSIVE):
+        return None
+    by = [m for m in SCHEDULE_METRICS if all(m in val_per_query[n] for n in PROGRESSIVE)]  # a split may lack texts
+    scores = {name: float(np.mean([val_per_query[name][m].mean() for m in by])) for name in PROGRESSIVE}
+    return {"chosen": max(PROGRESSIVE, key=lambda n: scores[n]), "val_scores": scores, "by": by}
+
+
+# The bar for calling the paper's effect reproduced, against DML trained for the same steps.
+BAR_CATP_GAIN = 0.05  # category precision@10: at least +5 points, interval above 0
+BAR_R1_FLOOR = -0.01  # image R@1: the interval's lower bound at least this
+BAR_OTHER_CAT_CUT = 0.25  # top-1 results of another category: at least 25% fewer (relative)
+
+
+def bar_checks(summary: dict[str, Any], progressive: str | None) -> list[dict[str, Any]]:
+    """Each criterion of the bar, with the figures it was judged on: for each alignment model trained for the
+    control budget (3tower-2x and the chosen progressive 4-tower) against dml-2x, then the progressive 4-tower
+    against the 4-tower trained directly for the same steps. Rows whose runs are missing are left out."""
+    diffs, means = summary["differences"], summary["means"]
+    checks: list[dict[str, Any]] = []
+    for model in ("3tower-2x", progressive):
+        d = diffs.get(f"{model} - dml-2x") if model else None
+        if d is None:
+            continue
+        catp, r1 = d["image catP@10"], d["image R@1"]
+        other, base = means[model]["image other-cat@1"], means["dml-2x"]["image other-cat@1"]
+        cut = (base - other) / base if base > 0 else 0.0
+        checks += [
+            {
+                "model": model,
+                "criterion": f"image catP@10 >= dml-2x + {BAR_CATP_GAIN:g}, interval above 0",
+                "figure": _cell(catp),
+                "met": bool(catp["mean"] >= BAR_CATP_GAIN and catp["lo"] > 0),
+            },
+            {
+                "model": model,
+                "criterion": f"image R@1 - dml-2x: lower bound >= {BAR_R1_FLOOR:g}"
+                + (" (better: interval above 0)" if r1["lo"] > 0 else ""),
+                "figure": _cell(r1),
+                "met": bool(r1["lo"] >= BAR_R1_FLOOR),
+            },
+            {
+                "model": model,
+                "criterion": f"top-1 of another category at least {BAR_OTHER_CAT_CUT:.0%} rarer than dml-2x",
+                "figure": f"{other:.3f} vs {base:.3f} ({cut:+.0%} fewer)",
+                "met": bool(cut >= BAR_OTHER_CAT_CUT),
+            },
+        ]
+    d = diffs.get(f"{progressive} - 4tower-2x", {}) if progressive else {}
+    if "mm-fusion R@1" in d:  # a catalog with reformulations
+        f = d["mm-fusion R@1"]
+        checks.append(
+            {
+                "model": progressive,
+                "criterion": "mm-fusion R@1 - 4tower-2x (trained directly, same steps): interval above 0",
+                "figure": _cell(f),
+                "met": bool(f["lo"] > 0),
+            }
+        )
+    return checks
+
+
 def _cell(iv: dict[str, float] | None) -> str:
     return "-" if iv is None else f"{iv['mean']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]"
 
 
-def markdown(summary: dict[str, Any], columns: Sequence[str] = COLUMNS) -> str:
+# The table's columns: the evaluation's, with the two kinds of top-1 mistake after category precision.
+TABLE_COLUMNS = (*COLUMNS[:4], "image other-cat@1", "image same-title@1", *COLUMNS[4:])
+
+
+def markdown(summary: dict[str, Any], columns: Sequence[str] = TABLE_COLUMNS) -> str:
     rows = ([name, *(_cell(m.get(c)) for c in columns)] for name, m in summary["intervals"].items())
     lines = [markdown_table(["model", *columns], rows, label_column=True)]
     if summary["differences"]:
         lines += ["", "Paired differences (same seeds and queries; 95% bootstrap interval of the mean difference):", ""]
         diffs = ([name, *(_cell(m.get(c)) for c in DIFF_METRICS)] for name, m in summary["differences"].items())
         lines.append(markdown_table(["difference", *DIFF_METRICS], diffs, label_column=True))
+    schedule = summary.get("schedule")
+    if schedule:
+        scores = ", ".join(f"{n} {v:.3f}" for n, v in schedule["val_scores"].items())
+        lines += [
+            "",
+            f"Progressive schedule, chosen on the validation split by the mean of {' and '.join(schedule['by'])}: "
+            f"**{schedule['chosen']}** ({scores}). The bar below judges that row.",
+        ]
+    if summary.get("bar"):
+        lines += ["", "The bar (each alignment model against DML trained for the same steps):", ""]
+        rows = ([c["model"], c["criterion"], c["figure"], "met" if c["met"] else "**not met**"] for c in summary["bar"])
+        lines.append(markdown_table(["model", "criterion", "figure", "verdict"], rows, label_column=True))
     return "\n".join(lines)
 
 
@@ -419,8 +549,16 @@ def plot_curves(curves: dict[str, dict[str, list]], out: Path, title: str) -> Pa
 
 
 def write_report(out: Path, header: str, result: dict[str, Any], settings: dict[str, Any]) -> list[Path]:
-    """OUT.md (header, table, differences), OUT.json (everything but the per-query values), OUT.png (curves)."""
+    """OUT.md (header, table, differences, the schedule chosen on the validation split and the bar), OUT.json
+    (everything but the per-query values), OUT.png (curves)."""
     summary = summarize(result["per_query"])
+    val = result.get("val_per_query") or {}
+    summary["schedule"] = choose_schedule(val)
+    summary["val_means"] = {n: {m: float(v.mean()) for m, v in ms.items()} for n, ms in val.items()}
+    progressive = summary["schedule"]["chosen"] if summary["schedule"] else None
+    if progressive is None:  # one schedule trained: that one
+        progressive = next((n for n in PROGRESSIVE if n in result["per_query"]), None)
+    summary["bar"] = bar_checks(summary, progressive)
     png = plot_curves(
         result["curves"], out.with_suffix(".png"), f"test split, mean of {len(settings['seeds'])} seed(s)"
     )
@@ -491,6 +629,11 @@ def describe(
             for k in ("seed", "variants", "street_fraction", "street_layout", "n_train_queries", "image_size")
         },
         "test_split": n_test,
+        "val_split": {
+            "products": len(catalog.products_in("val")),
+            "queries": len(catalog.queries_in("val")),
+            "evaluated": bool(result.get("val_per_query")),
+        },
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(cpu, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -519,6 +662,9 @@ def describe(
         "exact product (not another model of the same title) in the top k for a street photo; catP@10 = share of "
         "the top 10 in the query product's category (false positives lower it); title R@1 = the title retrieves a "
         "product carrying it; mm-fusion / mm-refine R@k = photo of X + reformulation text retrieves the changed "
-        "product. 4tower-from-3tower continues from the 3-tower checkpoint, so it has seen twice the steps."
+        "product; other-cat@1 / same-title@1 = share of street photos whose top 1 is another category / another "
+        "model with the same title (lower is better). 4tower-from-3tower continues from the 3-tower checkpoint, so it "
+        "has seen twice the steps; the -2x runs are trained directly for those same steps, and "
+        "4tower-from-3tower-continued runs one warm-up and decay over both stages (3tower-half-of-2x is its first)."
     )
     return header, settings

@@ -1,7 +1,9 @@
 """Offline evaluation (docs/METHOD.md, "Metrics").
 
 - Image matching: Recall@1/5/10 of the exact product for each test query photo over the whole test gallery.
-- False positives: category precision@10, the share of the top 10 that are the same kind of product.
+- False positives: category precision@10, the share of the top 10 that are the same kind of product, and the
+  share of queries whose top 1 is another category (other-cat@1) or another model with the same title
+  (same-title@1: a look-alike only the image can tell apart).
 - Multimodal: query photo of X + reformulation text -> the product that is X with the change; Recall@K by
   fusion (one kNN on normalize(a*img + (1-a)*txt)) and by refine (image top-N re-ranked by
   cos(q, p) + b*cos(s, p)).
@@ -93,9 +95,15 @@ def evaluate_per_query(embedder: Embedder, catalog: Catalog, split: str = "test"
     out = {f"image {k}": v for k, v in hits_at_k(pid[ranked], q_target).items()}
     qcat = np.array([catalog.product(q.product_id).category for q in queries])
     out["image catP@10"] = category_precision_per_query(pcat[ranked], qcat, kmax)
+    # Top-1 mistakes of two kinds: another category (the false positive alignment is meant to remove), and another
+    # model carrying the query product's title (which no title can tell apart: the ceiling text cannot lift).
+    out["image other-cat@1"] = (pcat[ranked[:, 0]] != qcat).astype(np.float64)
+    ptitle = np.array([p.title for p in products])
+    qtitle = np.array([catalog.product(q.product_id).title for q in queries])
+    out["image same-title@1"] = ((ptitle[ranked[:, 0]] == qtitle) & (pid[ranked[:, 0]] != q_target)).astype(np.float64)
     # Text-to-product retrieval with the titles' own words: a sanity check of the alignment. Every model of a
     # combination carries the same title, so any product with the query's title is a hit.
-    titles = np.array([p.title for p in products])
+    titles = ptitle
     title_emb = embedder.embed_texts(list(titles))
     out.update({f"title {k}": v for k, v in hits_at_k(titles[top_k(title_emb, gallery, kmax)], titles).items()})
     if refs:

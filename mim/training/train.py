@@ -59,6 +59,12 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup: int = 50  # linear warm-up steps before the cosine decay
+    # The learning-rate schedule (warm-up, then cosine decay to 0) runs over `schedule_steps` (0: over `steps`), and
+    # this run's first step is its step `schedule_start`. A run that continues another's schedule (the second half
+    # of one warm-up and one decay, e.g. a 4-tower stage after a 3-tower stage) sets both; it also takes over the
+    # optimizer state of the checkpoint it starts from, so the two stages are one run that changes objective.
+    schedule_steps: int = 0
+    schedule_start: int = 0
     seed: int = 0  # model initialisation and every batch (the batch at step i depends on (seed, i) only)
 
     def __post_init__(self) -> None:
@@ -68,6 +74,25 @@ class TrainConfig:
             value = getattr(self, name)
             if not is_positive_int(value):
                 raise TrainingError(f"{name}={value!r}; expected a positive int")
+        total = self.schedule_steps or self.steps
+        if not (isinstance(self.schedule_start, int) and self.schedule_start >= 0 and isinstance(total, int)):
+            raise TrainingError(
+                f"schedule_start={self.schedule_start!r}, schedule_steps={self.schedule_steps!r}; expected ints >= 0"
+            )
+        if self.schedule_start + self.steps > total:
+            raise TrainingError(
+                f"steps {self.steps} from schedule step {self.schedule_start} run past the schedule's "
+                f"{total} steps; expected schedule_start + steps <= schedule_steps"
+            )
+
+    @property
+    def schedule_total(self) -> int:
+        """Steps of the whole learning-rate schedule this run is part of."""
+        return self.schedule_steps or self.steps
+
+    def continues_schedule(self) -> bool:
+        """True for the later stage of a schedule another run started (no warm-up of its own)."""
+        return self.schedule_start > 0
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> TrainConfig:
@@ -305,6 +330,11 @@ def train(
     elif init_from:
         state = ckpt.load_checkpoint(init_from)
         model, pre, tok = state.model, state.pre_cfg, state.tokenizer
+    elif c.continues_schedule():
+        raise TrainingError(
+            f"schedule_start={c.schedule_start} continues another run's schedule; expected init_from, the "
+            "checkpoint of that run"
+        )
     else:
         spec = get_size(c.size)
         pre = spec.preprocess
@@ -337,6 +367,8 @@ def train(
     )
     if start_step:
         ckpt.load_train_state(out_dir, model, opt)
+    elif init_from and c.continues_schedule():
+        ckpt.load_train_state(Path(init_from), model, opt)  # the moments of the stage this one continues
 
     meta = {
         **asdict(c),
@@ -351,8 +383,9 @@ def train(
     t0, last = time.time(), {}
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, c.warmup)
-        step_rng = np.random.default_rng([c.seed, step])
+            g["lr"] = lr_at(c.schedule_start + step, c.schedule_total, lr, c.warmup)
+        # Counted along the schedule: a stage that continues another draws the batches the one run would have.
+        step_rng = np.random.default_rng([c.seed, c.schedule_start + step])
         loss, parts = batch_loss(
             model, tok, data, objective, step_rng, batch_size, weights, c.catalog_rows, c.hard_negatives
         )

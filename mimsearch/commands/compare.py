@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--seeds", type=_seeds, default=[0], help="training seeds, e.g. 0,1,2")
     ap.add_argument("--runs", default=None, help=f"subset of {','.join(r[0] for r in lib.RUNS + lib.CONTROLS)}")
-    ap.add_argument("--controls", action="store_true", help="add DML and 3-tower runs of twice the steps")
+    ap.add_argument(
+        "--controls",
+        action="store_true",
+        help="add the equal-budget controls: DML, 3-tower and 4-tower trained directly for twice the steps, and the "
+        "progressive 4-tower with one continued schedule",
+    )
     ap.add_argument(
         "--eval-every", type=at_least(0), default=0, help="learning-curve points every N steps (0: at the end)"
     )
@@ -84,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             eval_every=args.eval_every,
             progress=not args.no_progress,
             jobs=args.jobs,
+            # The validation split, where a catalog has one: choices (the progressive schedule) are made there.
+            val=bool(catalog.products_in("val") and catalog.queries_in("val")),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=at_least(0.0, float), default=D.lr, help="peak learning rate (AdamW)")
     ap.add_argument("--weight-decay", type=at_least(0.0, float), default=D.weight_decay, help="AdamW weight decay")
     ap.add_argument("--warmup", type=at_least(0), default=D.warmup, help="linear warm-up steps before the cosine decay")
+    ap.add_argument(
+        "--schedule-steps",
+        type=at_least(0),
+        default=D.schedule_steps,
+        help="length of the warm-up + cosine schedule this run is part of (0: --steps)",
+    )
+    ap.add_argument(
+        "--schedule-start",
+        type=at_least(0),
+        default=D.schedule_start,
+        help="the schedule step this run starts at: continue --init-from's schedule (and optimizer state) there",
+    )
     ap.add_argument("--seed", type=int, default=D.seed, help="seed of the initialisation and of the batches")
     ap.add_argument("--save-every", type=at_least(1), default=200, help="write the checkpoint every N steps")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees it")
