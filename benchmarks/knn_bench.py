@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mim.commandline import CommandParser
-from mim.search.knn import KnnIndex, cuda_unavailable_reason, default_topk_method
+from mim.search.knn import NUMPY_TILE_BYTES, KnnIndex, cuda_unavailable_reason, numpy_topk_method
 
 HBM_BYTES_PER_S = 4.3e12  # H200 HBM3e peak; an exact scan can't beat reading the fp16 gallery once per batch
 SCORE_ATOL = 1e-5  # fp32 vs fp64 inner products of unit vectors differ by ~1e-7
@@ -69,6 +69,7 @@ CSV_FIELDS = [
     "ours_qps",
     "faiss_qps",
     "ratio_ours_over_faiss",
+    "torch_engine_qps",
     "ids_match",
     "exact_id_frac",
     "ours_topk",
@@ -223,8 +224,11 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
         for d in grid.dims:
             gallery = random_unit(rng, n, d)  # (N, d) fp32
             ids = np.arange(n, dtype=np.int64)  # = faiss's sequential labels, so results compare directly
-            ours = KnnIndex(d, device="cpu", topk=topk)
+            ours = KnnIndex(d, device="cpu", topk=topk)  # the default CPU engine (NumPy)
             ours.add(ids, gallery)
+            # The torch engine on the same gallery, timed beside it: the measurement behind the default.
+            ours_torch = KnnIndex(d, device="cpu", topk=topk, backend="torch")
+            ours_torch.add(ids, gallery)
             flat = faiss.IndexFlatIP(d)
             flat.add(gallery)
             gpu = GpuSide(gallery, ids, topk) if gpu_reason is None else None
@@ -235,6 +239,7 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                         {
                             "ours": lambda ours=ours, q=q, k=k: ours.search(q, k),
                             "faiss": lambda flat=flat, q=q, k=k: flat.search(q, k),
+                            "ours_torch": lambda ours_torch=ours_torch, q=q, k=k: ours_torch.search(q, k),
                         },
                         grid.min_time,
                         grid.min_reps,
@@ -250,9 +255,13 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                         "ours_qps": batch / secs["ours"],
                         "faiss_qps": batch / secs["faiss"],
                         "ratio_ours_over_faiss": secs["faiss"] / secs["ours"],
+                        "torch_engine_qps": batch / secs["ours_torch"],
                         "ids_match": match,
                         "exact_id_frac": exact,
-                        "ours_topk": topk if topk != "auto" else default_topk_method("cpu", k),
+                        # the selector of the widest score tile of this search (NumPy engine)
+                        "ours_topk": topk
+                        if topk != "auto"
+                        else numpy_topk_method(batch, min(n, NUMPY_TILE_BYTES // (4 * batch)), k + 1),
                         "gpu_qps": None,
                         "torch_gpu_qps": None,
                         "floor_qps": None,
@@ -262,7 +271,7 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                         row.update(gpu.time(q, k, grid, our_ids))
                     rows.append(row)
                     print(_format_row(row), flush=True)
-            del ours, flat, gpu, gallery
+            del ours, ours_torch, flat, gpu, gallery
     return rows
 
 
@@ -344,7 +353,7 @@ def bench_gpu(
             log(f"  n={n:,}: skipped, {left:.0f} s of the budget left")
             continue
         t_build = time.perf_counter()
-        index = KnnIndex(dim, device=device)
+        index = KnnIndex(dim, device=device, backend="torch")  # its gallery is the torch baseline's memory
         index.add(np.arange(n, dtype=np.int64), device_gallery(n, dim, device, dtype))
         gallery = index._emb  # (n, dim) in the index's storage: the baseline reads the same memory
         sync()
@@ -434,6 +443,7 @@ def _format_row(r: dict) -> str:
     line = (
         f"N={r['n']:>8} d={r['d']:>4} batch={r['batch']:>4} k={r['k']:>4}  ours {r['ours_qps']:>10.1f} q/s  "
         f"faiss {r['faiss_qps']:>10.1f} q/s  ratio {r['ratio_ours_over_faiss']:5.2f}  "
+        f"torch engine {r['torch_engine_qps']:>10.1f} q/s  "
         f"match={'yes' if r['ids_match'] else 'NO'} exact={r['exact_id_frac']:.3f}"
     )
     if r.get("gpu_qps") is not None:

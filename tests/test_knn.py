@@ -734,7 +734,7 @@ def test_the_gpu_branches_give_the_cpu_results():
     q[:3] = x[0]
     meta = [{"category": "abcdefghijklmnop"[i % 16]} for i in range(3000)]
     cpu = KnnIndex(16, device="cpu")
-    gpu = _gpu_branches_on_cpu(KnnIndex(16, device="cpu", chunk_size=512, query_batch_size=16))
+    gpu = _gpu_branches_on_cpu(KnnIndex(16, device="cpu", chunk_size=512, query_batch_size=16, backend="torch"))
     for index in (cpu, gpu):
         index.add(ids, x, meta)
     assert gpu.dtype == np.float16 and gpu._emb.dtype == torch.float16
@@ -770,3 +770,50 @@ def test_filtered_searches_from_several_threads_share_the_cache():
         got = list(pool.map(lambda f: index.search(q, 15, categories=set(f))[1], filters))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("c, k", [(5000, 11), (5003, 101), (640, 10), (200, 101), (65, 1)])
+def test_group_selection_keeps_the_best_values_with_ties_and_a_ragged_tail(c, k):
+    rng = np.random.default_rng(c + k)
+    s = np.round(rng.standard_normal((9, c)), 1).astype(np.float32)  # many ties, groups share maxima
+    s[3] = 0.5  # a row of one value
+    s[4, -3:] = 9.0  # the best scores in the ragged tail past the last whole group
+    cols = knn.select_groups(np, s, k)
+    assert cols.shape == (9, k) and all(len(set(r)) == k for r in cols.tolist())
+    np.testing.assert_array_equal(np.sort(np.take_along_axis(s, cols, 1), 1), np.sort(s, 1)[:, c - k :])
+
+
+def test_large_tiles_are_selected_in_row_blocks_with_the_same_results(monkeypatch):
+    rng = np.random.default_rng(41)
+    x, q = quantised_unit(rng, 4000), quantised_unit(rng, 37)
+    x[2000:2100] = x[7]  # ties, so the exact pass runs too
+    q[:2] = x[7]
+    index = KnnIndex(16, device="cpu", backend="numpy")
+    index.add(np.arange(4000) * 2, x)
+    want = index.search(q, 25)
+    monkeypatch.setattr(knn, "PARALLEL_SELECT_SCORES", 1)  # every tile in row blocks
+    calls = []
+    real = knn._select_pool
+
+    def counting_pool():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(knn, "_select_pool", counting_pool)
+    got = index.search(q, 25)
+    np.testing.assert_array_equal(want[1], got[1])
+    np.testing.assert_array_equal(want[0], got[0])
+    assert calls or (os.cpu_count() or 1) == 1
+
+
+def test_cpu_default_engine_is_numpy_and_agrees_with_torch():
+    assert knn.default_backend("cpu") == "numpy" and knn.default_backend("cuda") == "torch"
+    rng = np.random.default_rng(42)
+    x, q = quantised_unit(rng, 3000), quantised_unit(rng, 20)
+    a, b = KnnIndex(16, device="cpu"), KnnIndex(16, device="cpu", backend="torch")
+    for index in (a, b):
+        index.add(np.arange(3000), x)
+    assert isinstance(a._emb, np.ndarray)
+    for k in (1, 10, 3000):
+        for r1, r2 in zip(a.search(q, k), b.search(q, k)):
+            np.testing.assert_array_equal(r1, r2)

@@ -3,10 +3,10 @@
 One search serves the CPU and the GPU: the gallery lives on the device (float32 on the CPU, float16 on a CUDA
 device) and a search is one matrix product per large tile of the gallery, one top-(k+1) selection per tile into
 a small candidate slab, and one final selection over the slab. Nothing is read back to the host until the
-results are copied out, in one copy. It runs on torch wherever torch imports, and on NumPy (CPU) without it, so
-that a client can search a gallery file without torch; the algorithm is written once over the few array
-operations of `_TorchOps` / `_NumpyOps`. NumPy and CuPy arrays and torch tensors are accepted as input (CuPy
-through DLPack, without a copy).
+results are copied out, in one copy. It runs on torch on the GPU and on NumPy on the CPU (`default_backend`:
+NumPy's BLAS product and a NumPy selection were the fastest CPU engine measured; torch stays selectable there);
+the algorithm is written once over the few array operations of `_TorchOps` / `_NumpyOps`. NumPy and CuPy arrays
+and torch tensors are accepted as input (CuPy through DLPack, without a copy).
 
 Search contract (pinned by tests/test_knn.py):
 
@@ -40,6 +40,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -62,12 +63,22 @@ DEFAULT_NORM_TOL = 1e-3
 # batch of 256 scores 1M rows per product and a batch of 1 scores a whole 10M gallery at once. CPU: 16 MiB keeps
 # each tile below glibc's mmap threshold (a fresh mmap per tile would page-fault every score) and in the caches.
 SCORE_TILE_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}
+# The NumPy engine writes each product into a score buffer it keeps (per thread), so its tiles can be larger
+# without a page fault per tile; a wider tile makes the group-maxima selection cheaper per score.
+NUMPY_TILE_BYTES = 64 << 20
+# NumPy score tiles with at least this many scores are selected in row blocks on a thread per core: NumPy's
+# partition and reductions release the GIL, and one 256 x 100k tile took 51 ms on one thread, 25 on two.
+PARALLEL_SELECT_SCORES = 1 << 20
 # CPU searches of several queries with fewer multiply-adds (queries x rows x dim) than this run on one intra-op
 # thread: below ~1G multiply-adds a product takes a few ms, and a second thread's fork/join, or its stall when the
 # scheduler takes its core away, costs as much as it saves. Measured side by side on the 2-core dev machine under
 # the load of other jobs: 5k x 32 and 5k x 256 (x 512) took 1.5-6x as long on two threads as on one; 100k x 256
 # took half as long on a quiet machine. One query (a memory-bound matrix-vector product) gained from two threads.
 CPU_ONE_THREAD_MACS = 1 << 30
+# The same rule for the NumPy engine (NumPy's OpenBLAS pool), single queries included: one 5k-row query took 0.19
+# ms on one thread and 4 to 7 ms on two while other processes kept the cores busy. Larger products (5k x 256,
+# 100k x 32) keep every thread: on idle cores two threads halve them.
+NUMPY_ONE_THREAD_MACS = 1 << 28
 # A filter matching at most this fraction of the gallery is searched on a cached compacted copy of its rows;
 # a broader one as a mask over the whole gallery. The copies of all cached filters stay under half the gallery.
 COMPACT_FRACTION = 1 / 8
@@ -184,11 +195,46 @@ def select_two_stage(xp, scores, k: int):
     return xp.take_along_axis(cand_cols, best, axis=1)
 
 
+def select_groups(xp, scores, k: int):
+    """(d) Group maxima, then two small partitions: the CPU's selector for wide rows (NumPy, one thread).
+
+    With L = c // G, group l holds the G columns l, l + L, l + 2L, ...: one pass of element-wise maxima over the
+    row's G contiguous slices of length L gives every group's max at once. The k groups with the largest maxima
+    hold a valid top-k set: an element left out lies in a group whose max is at most each of the k chosen
+    maxima, k distinct elements at least as large, so the k best scores (as values) are all among the chosen
+    groups' columns. Those k*G columns, and the < G columns past G*L, are
+    partitioned once more. Cost: one max pass over c, a partition over c/G and one over k*G, with G about
+    sqrt(c/k), against a partition over all c for `select_argpartition`.
+    """
+    b, c = scores.shape
+    g = int(math.isqrt(max(1, c // max(1, k))))
+    n_groups = c // max(1, g)
+    if g < 2 or n_groups < k:  # narrow rows: one partition is as cheap
+        return select_argpartition(xp, scores, k)
+    head = scores[:, : g * n_groups].reshape(b, g, n_groups)
+    group_max = head.max(axis=1)  # (B, L): element-wise over g slices
+    groups = select_argpartition(xp, group_max, k)  # (B, k) group numbers
+    cols = (groups[:, None, :] + (n_groups * xp.arange(g))[None, :, None]).reshape(b, g * k)
+    if g * n_groups < c:  # the ragged tail: always a candidate
+        tail = xp.broadcast_to(xp.arange(g * n_groups, c), (b, c - g * n_groups))
+        cols = xp.concatenate([cols, tail], axis=1)
+    best = select_argpartition(xp, xp.take_along_axis(scores, cols, axis=1), k)
+    return xp.take_along_axis(cols, best, axis=1)
+
+
 TOPK_METHODS: dict[str, Callable] = {
     "argpartition": select_argpartition,
     "torch": select_torch,
     "two_stage": select_two_stage,
+    "groups": select_groups,
 }
+
+
+def numpy_topk_method(batch: int, c: int, k: int) -> str:
+    """The NumPy backend's selector for a (batch, c) score tile: group maxima where rows are wide next to k and
+    the tile is large, else one partition. NumPy only: handing NumPy's scores to torch.topk makes the two
+    libraries' thread pools compete for the cores (one 5k-row query took 4 ms instead of 0.1 on 2 cores)."""
+    return "groups" if c >= 64 * k and batch * c >= 1 << 16 else "argpartition"
 
 
 @functools.lru_cache(maxsize=1)
@@ -252,16 +298,58 @@ _NO_CONTEXT = contextlib.nullcontext()
 _NEG_INF = float("-inf")
 
 
+@functools.cache
+def _select_pool():
+    """Threads for row-parallel selection on NumPy score tiles (one per core; created on first use)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="knn-select")
+
+
+@functools.cache
+def _numpy_blas() -> tuple:
+    """threadpoolctl's controllers of NumPy's BLAS (empty without threadpoolctl): how a search sets its threads."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return ()
+    libs = ThreadpoolController().select(user_api="blas").lib_controllers
+    return tuple(lib for lib in libs if "numpy" in lib.filepath) or tuple(libs)
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int | None):
+    """Run the enclosed NumPy products on at most n BLAS threads (None: as configured). The pool size is one
+    setting for the whole process: a search running beside this one may run on n threads too, never wrongly."""
+    libs = _numpy_blas() if n is not None else ()
+    before = [lib.num_threads for lib in libs]
+    if not libs or all(n >= b for b in before):
+        yield
+        return
+    for lib in libs:
+        lib.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for lib, b in zip(libs, before):
+            lib.set_num_threads(b)
+
+
 class _NumpyOps:
-    """The core's operations on NumPy arrays (host memory)."""
+    """The core's operations on NumPy arrays (host memory): the CPU's engine.
+
+    The product runs on NumPy's BLAS (OpenBLAS in NumPy's wheels) into a score buffer kept per thread, and the
+    selection on NumPy alone (`numpy_topk_method`), in row blocks on a thread per core for large tiles."""
 
     name = "numpy"
+    tile_bytes = NUMPY_TILE_BYTES
 
     def __init__(self, device: str = "cpu") -> None:
         if device != "cpu":
             raise RuntimeError("the NumPy backend runs on the CPU only; use backend='torch' for device='cuda'")
         self.device = device
         self.storage_dtype = np.dtype(np.float32)
+        self._scratch = threading.local()  # .buf: the float32 score buffer of this thread's searches
 
     # -- conversion
     def matrix(self, a: Any, dim: int, what: str) -> np.ndarray:
@@ -290,7 +378,9 @@ class _NumpyOps:
         return np.zeros((0, dim), dtype=np.float32)
 
     def layout(self, emb):
-        return np.ascontiguousarray(emb.T).T  # feature-major, see `_gallery_layout`
+        # Rows (N, dim): OpenBLAS's q @ g.T on rows was as fast as on a feature-major copy for one query and
+        # faster for 32 and more (see `benchmarks.knn_bench`).
+        return np.ascontiguousarray(emb)
 
     def rows(self, a, rows: np.ndarray):
         return a[rows]
@@ -304,18 +394,33 @@ class _NumpyOps:
 
     # -- search
     def threads(self, n: int | None):
-        return _NO_CONTEXT
+        return _blas_threads(n)
+
+    def one_thread(self, nq: int, macs: int) -> bool:
+        return macs < NUMPY_ONE_THREAD_MACS
 
     def mm(self, q, g):
-        return q @ g.T
+        """(b, c) float32 scores in this thread's buffer: valid until its next product."""
+        b, c = q.shape[0], g.shape[0]
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.size < b * c:
+            buf = self._scratch.buf = np.empty(b * c, dtype=np.float32)
+        return np.matmul(q, g.T, out=buf[: b * c].reshape(b, c))
 
     def masked_fill(self, s, mask) -> None:
         s[:, mask] = _NEG_INF
 
     def topk(self, s, k: int, *, sort: bool, method: str):
         if method == "auto":
-            method = default_topk_method("cpu", k)
-        cols = np.asarray(TOPK_METHODS[method](np, s, k), dtype=np.int64)
+            method = numpy_topk_method(s.shape[0], s.shape[1], k)
+        select = TOPK_METHODS[method]
+        workers = (os.cpu_count() or 1) if s.size >= PARALLEL_SELECT_SCORES and method != "torch" else 1
+        if workers > 1 and s.shape[0] >= 2:
+            bounds = np.linspace(0, s.shape[0], min(workers, s.shape[0]) + 1).astype(int)
+            parts = [_select_pool().submit(select, np, s[a:b], k) for a, b in zip(bounds[:-1], bounds[1:])]
+            cols = np.concatenate([np.asarray(f.result(), dtype=np.int64) for f in parts])
+        else:
+            cols = np.asarray(select(np, s, k), dtype=np.int64)
         vals = np.take_along_axis(s, cols, axis=1)
         if sort:
             order = np.argsort(vals, axis=1)[:, ::-1]  # descending; ties in any order (the caller checks)
@@ -433,6 +538,9 @@ class _TorchOps:
             return _NO_CONTEXT
         return _cpu_threads(self.torch, n)
 
+    def one_thread(self, nq: int, macs: int) -> bool:
+        return 1 < nq and macs < CPU_ONE_THREAD_MACS
+
     def mm(self, q, g):
         return _scores(self.torch, q, g) if self.device == "cuda" else self.torch.mm(q, g.T)
 
@@ -506,7 +614,7 @@ class _TorchOps:
 
 def _ops(backend: str, device: str):
     if backend == "auto":
-        backend = "torch" if _torch_status()[0] else "numpy"
+        backend = default_backend(device)
     if backend == "torch":
         if not _torch_status()[0]:
             raise RuntimeError("backend='torch' was requested but torch is not importable; use backend='numpy'")
@@ -514,6 +622,15 @@ def _ops(backend: str, device: str):
     if backend == "numpy":
         return _NumpyOps(device)
     raise ValueError(f"backend must be 'auto', 'torch' or 'numpy'; got {backend!r}")
+
+
+def default_backend(device: str) -> str:
+    """The engine of ``backend="auto"``: torch on the GPU, NumPy on the CPU.
+
+    On the CPU NumPy's own BLAS product beat torch's at every shape measured side by side (5k and 100k rows x
+    512, 1 to 256 queries; e.g. 0.08 against 0.25 ms for one query over 5k rows), and a search that stays in
+    one library keeps one thread pool on the cores (`benchmarks/results/knn_cpu`)."""
+    return "torch" if device == "cuda" else "numpy"
 
 
 def _query_flags(xp, q, half: bool):
@@ -685,8 +802,8 @@ class KnnIndex:
         topk: the per-tile candidate selector: "auto" (see `default_topk_method`), "torch", or the array-module
             selectors "argpartition" and "two_stage" (NumPy on the CPU, CuPy on the GPU, through DLPack).
         query_batch_size: queries scored per product.
-        backend: "auto" (torch where it imports, else NumPy), "torch" or "numpy" (CPU only). Both run the same
-            search; NumPy lets a client search a gallery file without torch installed.
+        backend: "auto" (`default_backend`: NumPy on the CPU, torch on the GPU), "torch" or "numpy" (CPU only).
+            Both run the same search with the same results; NumPy also lets a client search without torch.
 
     Not safe for concurrent mutation and search from several threads.
     """
@@ -909,7 +1026,7 @@ class KnnIndex:
             return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), _PAD_ID, dtype=np.int64)
 
         ops = self._ops
-        threads = 1 if 1 < nq and nq * view.emb.shape[0] * self._dim < CPU_ONE_THREAD_MACS else None
+        threads = 1 if ops.one_thread(nq, nq * view.emb.shape[0] * self._dim) else None
         with ops.threads(threads):
             vals, rows = self._scan(q, k, view, exact=False)  # (Q, min(k+1, m)) by score, best first
         checks = [] if flags is None else [flags]  # device queries: their check travels with the results
@@ -978,7 +1095,8 @@ class KnnIndex:
     def _tile_rows(self, batch: int) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        return max(1, SCORE_TILE_BYTES[self._device] // (4 * batch))
+        budget = getattr(self._ops, "tile_bytes", None) or SCORE_TILE_BYTES[self._device]
+        return max(1, budget // (4 * batch))
 
     def _scan(self, q: Any, k: int, view: _View, *, exact: bool) -> tuple[Any, Any]:
         """Device arrays (Q, w) of scores and view rows: each query's w best candidates, best first.
