@@ -16,14 +16,17 @@ FULL_SEEDS ?= 0,1,2
 # quality-full's runs: every one sees 2 x FULL_STEPS (the 3-tower stages are the progressive runs' first halves)
 FULL_RUNS ?= 3tower,4tower-from-3tower,dml-2x,3tower-2x,4tower-2x,3tower-half-of-2x,4tower-from-3tower-continued
 HELDOUT_SEED ?= 7
-HELDOUT_RUNS ?= $(FULL_RUNS)
+# quality-full's rows with the progressive schedule its validation split chose (restarted per stage)
+HELDOUT_RUNS ?= 3tower,4tower-from-3tower,dml-2x,3tower-2x,4tower-2x
+SEEDS_64  ?= 0,1
+RUNS_64   ?= $(HELDOUT_RUNS)
 JOBS      ?= 2
 GPU_PYTHON ?= 3.12
 PYTEST_ARGS ?=
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps lint format test test-gpu-env gpu-check test-slow test-all demo catalog train quality quality-full quality-heldout engines serve bench bench-full bench-search gpu-bundle clean
+.PHONY: help setup system-deps lint format test test-gpu-env gpu-check test-slow test-all demo catalog train quality quality-full quality-64 quality-heldout engines serve bench bench-full bench-search gpu-bundle clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -79,6 +82,11 @@ quality-full: catalog ## equal-budget comparison over 3 seeds (2 x FULL_STEPS ea
 	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full --seeds $(FULL_SEEDS) \
 		--steps $(FULL_STEPS) --runs $(FULL_RUNS) --eval-every 125 --catalog-rows 32 --no-hard-negatives \
 		--jobs $(JOBS) --no-progress --out benchmarks/results/quality_full
+
+quality-64: catalog ## quality-full's table with tiny's towers on 64 px photos (SEEDS_64 seeds)
+	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full-64 --size tiny-64 \
+		--seeds $(SEEDS_64) --steps $(FULL_STEPS) --runs $(RUNS_64) --eval-every 125 --catalog-rows 32 \
+		--no-hard-negatives --jobs $(JOBS) --no-progress --out benchmarks/results/quality_full_64
 
 quality-heldout: setup ## quality-full's table on a catalog generated with HELDOUT_SEED, never used for choices
 	$(MIMSEARCH) catalog --seed $(HELDOUT_SEED) --out $(ART)/catalog-heldout --no-progress

@@ -804,6 +804,17 @@ def test_large_tiles_are_selected_in_row_blocks_with_the_same_results(monkeypatc
     np.testing.assert_array_equal(want[1], got[1])
     np.testing.assert_array_equal(want[0], got[0])
     assert calls or (os.cpu_count() or 1) == 1
+    # Query blocks searched side by side in the same pool (whose threads then select on their own).
+    monkeypatch.setattr(knn, "QUERY_BLOCK_MACS", 1)
+    for k in (1, 25, 4000):
+        a, b = index.search(q, k), index.search(q[:1], k)
+        np.testing.assert_array_equal(a[1][:1], b[1])
+        if k == 25:
+            np.testing.assert_array_equal(a[1], want[1])
+            np.testing.assert_array_equal(a[0], want[0])
+    blocks = knn._NumpyOps().query_blocks(37, 10**9)
+    cores = os.cpu_count() or 1
+    assert blocks is None if cores == 1 else (len(blocks) == cores and blocks[0][0] == 0 and blocks[-1][1] == 37)
 
 
 def test_cpu_default_engine_is_numpy_and_agrees_with_torch():

@@ -167,6 +167,18 @@ SIZES: dict[str, SizeSpec] = {
         preprocess=PreprocessConfig(image_size=48, context_length=16),
         why="trains in minutes on 2 CPU cores; tests and the demo",
     ),
+    "tiny-64": SizeSpec(
+        model=ModelConfig(
+            name="tiny-64",
+            embed_dim=128,
+            # tiny's towers on 64 px photos (64 tokens of 8 px): the resolution question of `make quality-64`,
+            # with width and depth held fixed so that only the image size moves.
+            vision=VisionConfig(image_size=64, patch_size=8, width=96, layers=3, heads=3, mlp_ratio=2.0),
+            text=TextConfig(vocab_size=1024, context_length=16, width=96, layers=2, heads=3, mlp_ratio=2.0),
+        ),
+        preprocess=PreprocessConfig(image_size=64, context_length=16),
+        why="tiny at 64 px: does a larger image move the comparison",
+    ),
     "base": SizeSpec(
         model=ModelConfig(
             name="base",

@@ -69,16 +69,20 @@ NUMPY_TILE_BYTES = 64 << 20
 # NumPy score tiles with at least this many scores are selected in row blocks on a thread per core: NumPy's
 # partition and reductions release the GIL, and one 256 x 100k tile took 51 ms on one thread, 25 on two.
 PARALLEL_SELECT_SCORES = 1 << 20
+# NumPy searches of at least this many multiply-adds and 2 queries per core run as one search per core over its
+# block of queries, each on one BLAS thread (`_NumpyOps.query_blocks`); smaller ones as one search.
+QUERY_BLOCK_MACS = 1 << 26
 # CPU searches of several queries with fewer multiply-adds (queries x rows x dim) than this run on one intra-op
 # thread: below ~1G multiply-adds a product takes a few ms, and a second thread's fork/join, or its stall when the
 # scheduler takes its core away, costs as much as it saves. Measured side by side on the 2-core dev machine under
 # the load of other jobs: 5k x 32 and 5k x 256 (x 512) took 1.5-6x as long on two threads as on one; 100k x 256
 # took half as long on a quiet machine. One query (a memory-bound matrix-vector product) gained from two threads.
 CPU_ONE_THREAD_MACS = 1 << 30
-# The same rule for the NumPy engine (NumPy's OpenBLAS pool), single queries included: one 5k-row query took 0.19
-# ms on one thread and 4 to 7 ms on two while other processes kept the cores busy. Larger products (5k x 256,
-# 100k x 32) keep every thread: on idle cores two threads halve them.
-NUMPY_ONE_THREAD_MACS = 1 << 28
+# The NumPy engine (NumPy's OpenBLAS pool) keeps every thread: on idle cores two threads took half the time of one
+# at every shape measured, 5k and 100k rows x 1, 32 and 256 queries (0.11 against 0.19 ms for one 5k-row query).
+# On cores other processes keep busy the opposite holds for small products (that query: 4 to 7 ms on two threads),
+# so a host that shares its cores can set a limit here: products below it run on one thread.
+NUMPY_ONE_THREAD_MACS = 0
 # A filter matching at most this fraction of the gallery is searched on a cached compacted copy of its rows;
 # a broader one as a mask over the whole gallery. The copies of all cached filters stay under half the gallery.
 COMPACT_FRACTION = 1 / 8
@@ -234,7 +238,7 @@ def numpy_topk_method(batch: int, c: int, k: int) -> str:
     """The NumPy backend's selector for a (batch, c) score tile: group maxima where rows are wide next to k and
     the tile is large, else one partition. NumPy only: handing NumPy's scores to torch.topk makes the two
     libraries' thread pools compete for the cores (one 5k-row query took 4 ms instead of 0.1 on 2 cores)."""
-    return "groups" if c >= 64 * k and batch * c >= 1 << 16 else "argpartition"
+    return "groups" if c >= 16 * k and batch * c >= 1 << 16 else "argpartition"
 
 
 @functools.lru_cache(maxsize=1)
@@ -296,6 +300,10 @@ def _lowest_columns_on_ties(xp, scores, idx):
 _LOW32 = (1 << 32) - 1
 _NO_CONTEXT = contextlib.nullcontext()
 _NEG_INF = float("-inf")
+
+
+def _in_select_pool() -> bool:
+    return threading.current_thread().name.startswith("knn-select")
 
 
 @functools.cache
@@ -399,6 +407,16 @@ class _NumpyOps:
     def one_thread(self, nq: int, macs: int) -> bool:
         return macs < NUMPY_ONE_THREAD_MACS
 
+    def query_blocks(self, nq: int, macs: int) -> list[tuple[int, int]] | None:
+        """Row ranges of the queries, one per core, when a search is large enough to run as that many
+        one-thread searches side by side (product and selection in each thread, as faiss parallelises over
+        queries), else None: one search whose product uses BLAS's own threads."""
+        workers = os.cpu_count() or 1
+        if workers < 2 or nq < 2 * workers or macs < QUERY_BLOCK_MACS or _in_select_pool():
+            return None
+        bounds = np.linspace(0, nq, workers + 1).astype(int)
+        return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
     def mm(self, q, g):
         """(b, c) float32 scores in this thread's buffer: valid until its next product."""
         b, c = q.shape[0], g.shape[0]
@@ -415,6 +433,8 @@ class _NumpyOps:
             method = numpy_topk_method(s.shape[0], s.shape[1], k)
         select = TOPK_METHODS[method]
         workers = (os.cpu_count() or 1) if s.size >= PARALLEL_SELECT_SCORES and method != "torch" else 1
+        if _in_select_pool():  # a query block's own search: the pool's threads are all taken
+            workers = 1
         if workers > 1 and s.shape[0] >= 2:
             bounds = np.linspace(0, s.shape[0], min(workers, s.shape[0]) + 1).astype(int)
             parts = [_select_pool().submit(select, np, s[a:b], k) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -540,6 +560,9 @@ class _TorchOps:
 
     def one_thread(self, nq: int, macs: int) -> bool:
         return 1 < nq and macs < CPU_ONE_THREAD_MACS
+
+    def query_blocks(self, nq: int, macs: int) -> None:
+        return None  # torch parallelises inside its own ops
 
     def mm(self, q, g):
         return _scores(self.torch, q, g) if self.device == "cuda" else self.torch.mm(q, g.T)
@@ -1026,9 +1049,17 @@ class KnnIndex:
             return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), _PAD_ID, dtype=np.int64)
 
         ops = self._ops
-        threads = 1 if ops.one_thread(nq, nq * view.emb.shape[0] * self._dim) else None
-        with ops.threads(threads):
-            vals, rows = self._scan(q, k, view, exact=False)  # (Q, min(k+1, m)) by score, best first
+        macs = nq * view.emb.shape[0] * self._dim
+        threads = 1 if ops.one_thread(nq, macs) else None
+        blocks = ops.query_blocks(nq, macs) if threads is None else None
+        if blocks is not None:  # each block of queries searched whole in its own thread, one BLAS thread each
+            with ops.threads(1):
+                parts = [_select_pool().submit(self._scan, q[a:b], k, view, exact=False) for a, b in blocks]
+                done = [f.result() for f in parts]
+            vals, rows = ops.cat([v for v, _ in done]), ops.cat([r for _, r in done])
+        else:
+            with ops.threads(threads):
+                vals, rows = self._scan(q, k, view, exact=False)  # (Q, min(k+1, m)) by score, best first
         checks = [] if flags is None else [flags]  # device queries: their check travels with the results
         pos, scores, *bad = ops.to_host(rows, vals, *checks)  # the one copy out: (Q, k+1) and the checks
         if bad:

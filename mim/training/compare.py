@@ -12,9 +12,10 @@ with its share of the cores; the results are then evaluated in this process from
 4-tower is trained twice: from scratch, and initialised from the 3-tower weights of the same seed (the paper's
 progressive recipe; it has then seen twice the steps). `--controls` adds the equal-budget controls: DML, 3-tower and
 4-tower trained directly for those same total steps, and the progressive recipe with one continued learning-rate
-schedule over both stages instead of a warm-up and decay per stage. Which schedule the progressive rows use is chosen
-on the validation split (`--val`), and every comparison is reported on the test split. Checkpoints already trained
-with the same settings are reused, with the learning curve recorded while they were trained.
+schedule over both stages instead of a warm-up and decay per stage. Which schedule the bar judges is chosen on the
+validation split (evaluated wherever the catalog has one), and every comparison is reported on the test split.
+Checkpoints already trained with the same settings are reused, with the learning curve recorded while they were
+trained.
 """
 
 from __future__ import annotations
