@@ -19,6 +19,7 @@ HELDOUT_SEED ?= 7
 # quality-full's rows with the progressive schedule its validation split chose (restarted per stage)
 HELDOUT_RUNS ?= 3tower,4tower-from-3tower,dml-2x,3tower-2x,4tower-2x
 SEEDS_64  ?= 0,1
+BUDGET_STEPS ?= 1500
 RUNS_64   ?= $(HELDOUT_RUNS)
 JOBS      ?= 2
 GPU_PYTHON ?= 3.12
@@ -26,7 +27,7 @@ PYTEST_ARGS ?=
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps lint format test test-gpu-env gpu-check test-slow test-all demo catalog train quality quality-full quality-64 quality-heldout engines serve bench bench-full bench-search gpu-bundle clean
+.PHONY: help setup system-deps lint format test test-gpu-env gpu-check test-slow test-all demo catalog train quality quality-full quality-budget quality-64 quality-heldout engines serve bench bench-full bench-search gpu-bundle clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -82,6 +83,11 @@ quality-full: catalog ## equal-budget comparison over 3 seeds (2 x FULL_STEPS ea
 	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full --seeds $(FULL_SEEDS) \
 		--steps $(FULL_STEPS) --runs $(FULL_RUNS) --eval-every 125 --catalog-rows 32 --no-hard-negatives \
 		--jobs $(JOBS) --no-progress --out benchmarks/results/quality_full
+
+quality-budget: catalog ## quality-full's rows at BUDGET_STEPS per stage (2 x 1500: the budget of the earlier 0.519 R@1)
+	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full-$(BUDGET_STEPS) \
+		--seeds $(FULL_SEEDS) --steps $(BUDGET_STEPS) --runs $(HELDOUT_RUNS) --eval-every 250 --catalog-rows 32 \
+		--no-hard-negatives --jobs $(JOBS) --no-progress --out benchmarks/results/quality_full_$(BUDGET_STEPS)
 
 quality-64: catalog ## quality-full's table with tiny's towers on 64 px photos (SEEDS_64 seeds)
 	$(MIMSEARCH) compare --catalog $(CATALOG) --checkpoints $(ART)/checkpoints/full-64 --size tiny-64 \

@@ -257,3 +257,11 @@ def test_checkpoint_with_another_config_is_refused(model, tok, tmp_path):
         ckpt.load_checkpoint(out)
     with pytest.raises(ckpt.CheckpointError, match="not found"):
         ckpt.load_checkpoint(tmp_path / "nowhere")
+
+
+def test_tiny_64_is_tiny_at_64_px():
+    big = get_size("tiny-64")
+    assert big.preprocess.image_size == big.model.vision.image_size == 64
+    assert big.model.vision.num_patches == 64 and big.model.name == "tiny-64"
+    same = {f: getattr(TINY.model.vision, f) for f in ("patch_size", "width", "layers", "heads", "mlp_ratio")}
+    assert same == {f: getattr(big.model.vision, f) for f in same} and big.model.text == TINY.model.text

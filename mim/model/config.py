@@ -167,18 +167,6 @@ SIZES: dict[str, SizeSpec] = {
         preprocess=PreprocessConfig(image_size=48, context_length=16),
         why="trains in minutes on 2 CPU cores; tests and the demo",
     ),
-    "tiny-64": SizeSpec(
-        model=ModelConfig(
-            name="tiny-64",
-            embed_dim=128,
-            # tiny's towers on 64 px photos (64 tokens of 8 px): the resolution question of `make quality-64`,
-            # with width and depth held fixed so that only the image size moves.
-            vision=VisionConfig(image_size=64, patch_size=8, width=96, layers=3, heads=3, mlp_ratio=2.0),
-            text=TextConfig(vocab_size=1024, context_length=16, width=96, layers=2, heads=3, mlp_ratio=2.0),
-        ),
-        preprocess=PreprocessConfig(image_size=64, context_length=16),
-        why="tiny at 64 px: does a larger image move the comparison",
-    ),
     "base": SizeSpec(
         model=ModelConfig(
             name="base",
@@ -222,6 +210,21 @@ def _clip_size(name: str, patch: int, vision: tuple[int, int, int], text: tuple[
 
 
 # Heads are width / 64 in every CLIP ViT, as in OpenAI's release.
+
+
+def _at_image_size(spec: SizeSpec, name: str, image_size: int, why: str) -> SizeSpec:
+    """`spec` with its towers unchanged and photos of `image_size` px (more patch tokens of the same size)."""
+    model = dataclasses.replace(
+        spec.model, name=name, vision=dataclasses.replace(spec.model.vision, image_size=image_size)
+    )
+    return SizeSpec(model, dataclasses.replace(spec.preprocess, image_size=image_size), why)
+
+
+# tiny's towers on 64 px photos (64 tokens of 8 px): the resolution question of `make quality-64`, with width and
+# depth held fixed so that only the image size moves.
+SIZES["tiny-64"] = _at_image_size(
+    SIZES["tiny"], "tiny-64", 64, "tiny at 64 px: does a larger image move the comparison"
+)
 SIZES["clip-vit-b-32"] = _clip_size("clip-vit-b-32", 32, (768, 12, 12), (512, 12, 8), 512)
 SIZES["clip-vit-b-16"] = _clip_size("clip-vit-b-16", 16, (768, 12, 12), (512, 12, 8), 512)
 SIZES["clip-vit-l-14"] = _clip_size("clip-vit-l-14", 14, (1024, 24, 16), (768, 12, 12), 768)
