@@ -806,6 +806,7 @@ def test_large_tiles_are_selected_in_row_blocks_with_the_same_results(monkeypatc
     assert calls or (os.cpu_count() or 1) == 1
     # Query blocks searched side by side in the same pool (whose threads then select on their own).
     monkeypatch.setattr(knn, "QUERY_BLOCK_MACS", 1)
+    monkeypatch.setattr(knn, "QUERY_BLOCK_ROWS", 2)
     for k in (1, 25, 4000):
         a, b = index.search(q, k), index.search(q[:1], k)
         np.testing.assert_array_equal(a[1][:1], b[1])

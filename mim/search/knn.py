@@ -69,9 +69,12 @@ NUMPY_TILE_BYTES = 64 << 20
 # NumPy score tiles with at least this many scores are selected in row blocks on a thread per core: NumPy's
 # partition and reductions release the GIL, and one 256 x 100k tile took 51 ms on one thread, 25 on two.
 PARALLEL_SELECT_SCORES = 1 << 20
-# NumPy searches of at least this many multiply-adds and 2 queries per core run as one search per core over its
-# block of queries, each on one BLAS thread (`_NumpyOps.query_blocks`); smaller ones as one search.
+# NumPy searches of at least this many multiply-adds and QUERY_BLOCK_ROWS queries per core run as one search per
+# core over its block of queries, each on one BLAS thread (`_NumpyOps.query_blocks`); smaller ones as one search
+# whose product uses BLAS's threads. Measured side by side on 2 idle cores against faiss: blocks took 256 queries
+# over 5k rows from 0.77 to 0.96 of faiss's speed, and cost 32 queries a third (5k and 100k rows).
 QUERY_BLOCK_MACS = 1 << 26
+QUERY_BLOCK_ROWS = 64
 # CPU searches of several queries with fewer multiply-adds (queries x rows x dim) than this run on one intra-op
 # thread: below ~1G multiply-adds a product takes a few ms, and a second thread's fork/join, or its stall when the
 # scheduler takes its core away, costs as much as it saves. Measured side by side on the 2-core dev machine under
@@ -413,7 +416,7 @@ class _NumpyOps:
         one-thread searches side by side (product and selection in each thread, as faiss parallelises over
         queries), else None: one search whose product uses BLAS's own threads."""
         workers = os.cpu_count() or 1
-        if workers < 2 or nq < 2 * workers or macs < QUERY_BLOCK_MACS or _in_select_pool():
+        if workers < 2 or nq < QUERY_BLOCK_ROWS * workers or macs < QUERY_BLOCK_MACS or _in_select_pool():
             return None
         bounds = np.linspace(0, nq, workers + 1).astype(int)
         return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
