@@ -364,7 +364,9 @@ def comparison_caption(side: Sequence[ComparisonBlock], dml_catp, three_catp, st
         f"{len(three_catp)} test photos, the share of the top 10 in the right category (catP@10) is DML "
         f"{float(dml_catp.mean()):.2f} and 3-tower {float(three_catp.mean()):.2f}; 3-tower minus DML "
         f"{diff.mean:+.2f} (95% paired bootstrap interval {diff.lo:+.2f} to {diff.hi:+.2f}) after {steps} "
-        f"training steps: {verdict}."
+        f"training steps: {verdict}. Both models are trained directly for the same steps: in the equal-budget "
+        "controls of `make quality-full`, no two-stage recipe (a 4-tower developed from a 3-tower, with a "
+        "restarted or a continued schedule) did better than a model trained directly for as many steps."
     )
 
 
