@@ -565,9 +565,15 @@ def test_tie_pass_runs_only_for_rows_that_tie(where, monkeypatch):
     assert exact_rows == [], "random scores have no ties: the exact pass must not run"
     q[4] = x[10]  # this row's two best items tie (rows 10 and 2000)
     scores, got = index.search(q, 10)
-    assert exact_rows == [1]
+    # A tie inside the top k: both items are candidates, so only their order is fixed, without a second pass.
+    assert exact_rows == []
     assert got[4, :2].tolist() == [10, 2000] and scores[4, 0] == scores[4, 1]
     assert_same_up_to_ties(index, q, 10, scores, got)
+    # A tie at the boundary (k = 1: the best and the second tie): which item is in decides, so that row alone is
+    # searched again with the exact rule.
+    scores, got = index.search(q, 1)
+    assert exact_rows == [1]
+    assert got[4, 0] == 10
 
 
 @pytest.mark.parametrize("share", ["selective", "broad"])

@@ -16,9 +16,10 @@ Search contract (pinned by tests/test_knn.py):
 * Tie order is deterministic: equal scores are ordered by ascending id, whatever the tile sizes and whatever
   top-k selection method is used. (The gallery is stored sorted by id, so "ascending id" is "ascending row".)
   Each tile keeps k+1 candidates by score alone. When no two of a row's k+1 best scores are equal, its top-k
-  set and order are unique, hence exact; a row with a tie may have its tied items in the selector's order or
-  have lost a tied item of a lower row in some tile, so only such rows (duplicate images, quantised data) are
-  searched again with the exact rule: every tile then ranks by a 64-bit key (score, then row) without ties.
+  set and order are unique, hence exact. Ties among the k best are put in row order on the k candidates; only a
+  row whose k-th and (k+1)-th candidates tie may have lost a tied item of a lower row in some tile, so only such
+  rows (duplicate images, quantised data) are searched again with the exact rule: every tile then ranks by a
+  64-bit key (score, then row) without ties.
 * With a category filter, items that do not match are never returned; if fewer than ``k`` items match, the
   missing columns are padded with id ``-1`` and score ``-inf``. ids must therefore be non-negative. The filter
   is a device-side mask applied to each score tile, or, for a selective filter (at most 1/8 of the gallery), a
@@ -1069,15 +1070,26 @@ class KnnIndex:
         pos, scores, *bad = ops.to_host(rows, vals, *checks)  # the one copy out: (Q, k+1) and the checks
         if bad:
             self._raise_for_bad_queries(bad[0])
-        # A row is exact unless two of its k+1 best scores tie: then their order, or which of several tied items
-        # a tile kept at its boundary, is the selector's choice. Ties at -inf are excluded rows and padding.
+        # A row is exact unless two of its k+1 best scores tie (ties at -inf are excluded rows and padding).
+        # - A tie of the k-th and (k+1)-th candidates: which of the tied items are in the top k, and which a tile
+        #   kept at its boundary, was the selector's choice. Those rows are searched again with the exact rule.
+        # - A tie above it: every item with that score is among the candidates (fewer than k+1 score at least as
+        #   much, in the whole gallery and so in every tile), so only their order was the selector's: sorted here
+        #   by (score, row). With k = 100 most batches of float32 scores have such a tie somewhere.
         w = min(k, scores.shape[1])
+        redo = inner = ()
         if not (scores[:, :-1] > scores[:, 1:]).all():  # some row has ties (or -inf padding)
-            redo = np.flatnonzero(((scores[:, 1:] == scores[:, :-1]) & (scores[:, 1:] > -np.inf)).any(axis=1))
-        else:
-            redo = ()
+            tied = (scores[:, 1:] == scores[:, :-1]) & (scores[:, 1:] > -np.inf)  # column j: j ties j + 1
+            boundary = tied[:, w - 1] if scores.shape[1] > w else np.zeros(nq, dtype=bool)
+            redo = np.flatnonzero(boundary)
+            inner = np.flatnonzero(tied[:, : w - 1].any(axis=1) & ~boundary)
         pos, scores = pos[:, :w], scores[:, :w]
-        if len(redo):  # only rows with ties pay for the exact rule: a second pass, ranked by (score, row) keys
+        if len(inner):
+            order = np.lexsort((pos[inner], -scores[inner]), axis=-1)  # score descending, then row ascending
+            scores, pos = scores.copy(), pos.copy()
+            scores[inner] = np.take_along_axis(scores[inner], order, axis=1)
+            pos[inner] = np.take_along_axis(pos[inner], order, axis=1)
+        if len(redo):  # only rows tied at the boundary pay for the exact rule: a second pass by (score, row) keys
             with ops.threads(threads):
                 v2, r2 = self._scan(ops.rows(q, redo), k, view, exact=True)
             v2, r2 = ops.to_host(v2, r2)
