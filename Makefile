@@ -30,7 +30,7 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: help setup system-deps lint format test test-gpu-env gpu-check test-slow test-all demo catalog train quality quality-full quality-budget quality-64 quality-heldout engines serve bench bench-full bench-search gpu-bundle clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
