@@ -122,7 +122,7 @@ def test_a_schedule_continued_in_a_second_stage_equals_one_run(small_catalog, tm
     assert any(not torch.equal(a[k], c[k]) for k in a)
     meta = ckpt.read_config(second)["meta"]
     assert (meta["schedule_start"], meta["schedule_steps"]) == (3, 6)
-    with pytest.raises(ValueError, match="expected init_from, the checkpoint of that run"):
+    with pytest.raises(ValueError, match=r"expected init_from \(--init-from\), the checkpoint of that run"):
         train(replace(config, steps=3, schedule_steps=6, schedule_start=3), out=str(tmp_path / "orphan"), **kw)
 
 

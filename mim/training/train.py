@@ -332,8 +332,8 @@ def train(
         model, pre, tok = state.model, state.pre_cfg, state.tokenizer
     elif c.continues_schedule():
         raise TrainingError(
-            f"schedule_start={c.schedule_start} continues another run's schedule; expected init_from, the "
-            "checkpoint of that run"
+            f"schedule_start={c.schedule_start} continues another run's schedule; expected init_from "
+            "(--init-from), the checkpoint of that run"
         )
     else:
         spec = get_size(c.size)
