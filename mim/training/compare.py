@@ -467,9 +467,7 @@ def bar_checks(summary: dict[str, Any], progressive: str | None) -> list[dict[st
             {
                 "model": model,
                 "criterion": f"top-1 of another category at least {BAR_OTHER_CAT_CUT:.0%} rarer than dml-2x",
-                "figure": f"{other:.3f} vs {base:.3f} ({cut:.0%} fewer)"
-                if cut >= 0
-                else f"{other:.3f} vs {base:.3f} ({-cut:.0%} more)",
+                "figure": f"{other:.3f} vs {base:.3f} ({abs(cut):.0%} {'fewer' if cut >= 0 else 'more'})",
                 "met": bool(cut >= BAR_OTHER_CAT_CUT),
             },
         ]
