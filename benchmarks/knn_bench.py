@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from mim.commandline import CommandParser
-from mim.search.knn import NUMPY_TILE_BYTES, KnnIndex, cuda_unavailable_reason, numpy_topk_method
+from mim.search.knn import KnnIndex, cuda_unavailable_reason, numpy_topk_method
 
 HBM_BYTES_PER_S = 4.3e12  # H200 HBM3e peak; an exact scan can't beat reading the fp16 gallery once per batch
 SCORE_ATOL = 1e-5  # fp32 vs fp64 inner products of unit vectors differ by ~1e-7
@@ -278,7 +278,7 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                         # the selector of the widest score tile of this search (NumPy engine)
                         "ours_topk": topk
                         if topk != "auto"
-                        else numpy_topk_method(batch, min(n, NUMPY_TILE_BYTES // (4 * batch)), k + 1),
+                        else numpy_topk_method(batch, min(n, ours._tile_rows(batch)), k + 1),
                         "gpu_qps": None,
                         "torch_gpu_qps": None,
                         "floor_qps": None,

@@ -307,6 +307,12 @@ _NO_CONTEXT = contextlib.nullcontext()
 _NEG_INF = float("-inf")
 
 
+def _row_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of up to `parts` consecutive, near-equal, non-empty ranges covering n rows."""
+    bounds = np.linspace(0, n, min(parts, n) + 1).astype(int).tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _in_select_pool() -> bool:
     return threading.current_thread().name.startswith("knn-select")
 
@@ -419,8 +425,7 @@ class _NumpyOps:
         workers = os.cpu_count() or 1
         if workers < 2 or nq < QUERY_BLOCK_ROWS * workers or macs < QUERY_BLOCK_MACS or _in_select_pool():
             return None
-        bounds = np.linspace(0, nq, workers + 1).astype(int)
-        return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        return _row_ranges(nq, workers)
 
     def mm(self, q, g):
         """(b, c) float32 scores in this thread's buffer: valid until its next product."""
@@ -441,8 +446,7 @@ class _NumpyOps:
         if _in_select_pool():  # a query block's own search: the pool's threads are all taken
             workers = 1
         if workers > 1 and s.shape[0] >= 2:
-            bounds = np.linspace(0, s.shape[0], min(workers, s.shape[0]) + 1).astype(int)
-            parts = [_select_pool().submit(select, np, s[a:b], k) for a, b in zip(bounds[:-1], bounds[1:])]
+            parts = [_select_pool().submit(select, np, s[a:b], k) for a, b in _row_ranges(s.shape[0], workers)]
             cols = np.concatenate([np.asarray(f.result(), dtype=np.int64) for f in parts])
         else:
             cols = np.asarray(select(np, s, k), dtype=np.int64)
