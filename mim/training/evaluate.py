@@ -93,17 +93,17 @@ def evaluate_per_query(embedder: Embedder, catalog: Catalog, split: str = "test"
     ranked = top_k(qimg, gallery, kmax)
     q_target = np.array([q.product_id for q in queries])
     out = {f"image {k}": v for k, v in hits_at_k(pid[ranked], q_target).items()}
-    qcat = np.array([catalog.product(q.product_id).category for q in queries])
+    qprod = [catalog.product(q.product_id) for q in queries]
+    qcat = np.array([p.category for p in qprod])
     out["image catP@10"] = category_precision_per_query(pcat[ranked], qcat, kmax)
     # Top-1 mistakes of two kinds: another category (the false positive alignment is meant to remove), and another
     # model carrying the query product's title (which no title can tell apart: the ceiling text cannot lift).
     out["image other-cat@1"] = (pcat[ranked[:, 0]] != qcat).astype(np.float64)
-    ptitle = np.array([p.title for p in products])
-    qtitle = np.array([catalog.product(q.product_id).title for q in queries])
-    out["image same-title@1"] = ((ptitle[ranked[:, 0]] == qtitle) & (pid[ranked[:, 0]] != q_target)).astype(np.float64)
+    titles = np.array([p.title for p in products])
+    qtitle = np.array([p.title for p in qprod])
+    out["image same-title@1"] = ((titles[ranked[:, 0]] == qtitle) & (pid[ranked[:, 0]] != q_target)).astype(np.float64)
     # Text-to-product retrieval with the titles' own words: a sanity check of the alignment. Every model of a
     # combination carries the same title, so any product with the query's title is a hit.
-    titles = ptitle
     title_emb = embedder.embed_texts(list(titles))
     out.update({f"title {k}": v for k, v in hits_at_k(titles[top_k(title_emb, gallery, kmax)], titles).items()})
     if refs:
