@@ -74,15 +74,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not is_positive_int(value):
                 raise TrainingError(f"{name}={value!r}; expected a positive int")
-        total = self.schedule_steps or self.steps
-        if not (isinstance(self.schedule_start, int) and self.schedule_start >= 0 and isinstance(total, int)):
+        if not all(isinstance(v, int) and v >= 0 for v in (self.schedule_start, self.schedule_steps)):
             raise TrainingError(
                 f"schedule_start={self.schedule_start!r}, schedule_steps={self.schedule_steps!r}; expected ints >= 0"
             )
-        if self.schedule_start + self.steps > total:
+        if self.schedule_start + self.steps > self.schedule_total:
             raise TrainingError(
                 f"steps {self.steps} from schedule step {self.schedule_start} run past the schedule's "
-                f"{total} steps; expected schedule_start + steps <= schedule_steps"
+                f"{self.schedule_total} steps; expected schedule_start + steps <= schedule_steps"
             )
 
     @property
