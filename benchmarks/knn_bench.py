@@ -2,7 +2,8 @@
 
 For every (N, d, batch, k) our two CPU engines (NumPy, the default, and torch) and faiss search the same query
 batch in alternating rounds, each round one untimed and three timed calls per engine, until each has run for
---min-time seconds (and at least min_reps calls); queries/s = batch / median call time.
+--min-time seconds (and at least min_reps calls); queries/s = batch / median call time. The float32 product
+alone (`product_only`), timed in the same rounds, is the floor every exact engine sits above.
 Results are checked against each other "up to ties": at every rank the two returned ids must carry the same
 exact (float64) score, so the only swaps allowed are among equal scores. With a usable GPU the same grid also
 times the CUDA path, a torch.mm + torch.topk baseline, and the memory floor (fp16 gallery bytes / 4.3 TB/s,
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from mim.commandline import CommandParser
-from mim.search.knn import KnnIndex, cuda_unavailable_reason, numpy_topk_method
+from mim.search.knn import TOPK_METHODS, KnnIndex, cuda_unavailable_reason, numpy_topk_method
 
 HBM_BYTES_PER_S = 4.3e12  # H200 HBM3e peak; an exact scan can't beat reading the fp16 gallery once per batch
 SCORE_ATOL = 1e-5  # fp32 vs fp64 inner products of unit vectors differ by ~1e-7
@@ -71,6 +72,7 @@ CSV_FIELDS = [
     "faiss_qps",
     "ratio_ours_over_faiss",
     "torch_engine_qps",
+    "product_qps",
     "ids_match",
     "exact_id_frac",
     "ours_topk",
@@ -231,6 +233,20 @@ class GpuSide:
         }
 
 
+def product_only(index: KnnIndex, gallery: np.ndarray, q: np.ndarray) -> Callable[[], None]:
+    """The float32 product q @ gallery.T alone, over the index's own tiles into one kept buffer, on all BLAS
+    threads: what every exact engine here computes, so its rate is the CPU's floor for an exact search."""
+    step = min(gallery.shape[0], index._tile_rows(q.shape[0]))
+    buf = np.empty((q.shape[0], step), dtype=np.float32)
+
+    def run() -> None:
+        for start in range(0, gallery.shape[0], step):
+            tile = gallery[start : start + step]
+            np.matmul(q, tile.T, out=buf[:, : tile.shape[0]])
+
+    return run
+
+
 def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[dict]:
     import faiss
 
@@ -256,6 +272,7 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                             "ours": lambda ours=ours, q=q, k=k: ours.search(q, k),
                             "faiss": lambda flat=flat, q=q, k=k: flat.search(q, k),
                             "ours_torch": lambda ours_torch=ours_torch, q=q, k=k: ours_torch.search(q, k),
+                            "product": product_only(ours, gallery, q),
                         },
                         grid.min_time,
                         grid.min_reps,
@@ -273,6 +290,7 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                         "faiss_qps": batch / secs["faiss"],
                         "ratio_ours_over_faiss": secs["faiss"] / secs["ours"],
                         "torch_engine_qps": batch / secs["ours_torch"],
+                        "product_qps": batch / secs["product"],
                         "ids_match": match,
                         "exact_id_frac": exact,
                         # the selector of the widest score tile of this search (NumPy engine)
@@ -460,7 +478,7 @@ def _format_row(r: dict) -> str:
     line = (
         f"N={r['n']:>8} d={r['d']:>4} batch={r['batch']:>4} k={r['k']:>4}  ours {r['ours_qps']:>10.1f} q/s  "
         f"faiss {r['faiss_qps']:>10.1f} q/s  ratio {r['ratio_ours_over_faiss']:5.2f}  "
-        f"torch engine {r['torch_engine_qps']:>10.1f} q/s  "
+        f"torch engine {r['torch_engine_qps']:>10.1f} q/s  product alone {r['product_qps']:>10.1f} q/s  "
         f"match={'yes' if r['ids_match'] else 'NO'} exact={r['exact_id_frac']:.3f}"
     )
     if r.get("gpu_qps") is not None:
@@ -520,7 +538,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ks", type=_ints, help="override k values, e.g. 10,100")
     p.add_argument("--min-time", type=float, help="timed seconds per engine per combination")
     p.add_argument("--threads", type=int, default=None, help="threads for faiss, OpenBLAS and torch (default: all)")
-    p.add_argument("--topk", default="auto", help="KnnIndex top-k selector (auto|argpartition|torch|two_stage)")
+    p.add_argument("--topk", default="auto", help=f"KnnIndex top-k selector (auto|{'|'.join(sorted(TOPK_METHODS))})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random galleries and queries")
     return p.parse_args(argv)
 

@@ -19,7 +19,7 @@ import struct
 import numpy as np
 import pytest
 
-from mim.search import knn
+from mim.search import knn, topk_kernel
 from mim.search.knn import TOPK_METHODS, KnnIndex, cuda_unavailable_reason
 from mim.search.ranking import exact_top_k
 
@@ -36,6 +36,8 @@ def device(request) -> str:
 
 
 def _skip_if_unusable(device: str, method: str) -> None:
+    if method == "compiled" and device != "cpu":
+        pytest.skip("topk='compiled' runs on host arrays only (numba); the GPU has torch.topk")
     if device == "cuda" and method == "torch":
         import torch
 
@@ -789,15 +791,79 @@ def test_group_selection_keeps_the_best_values_with_ties_and_a_ragged_tail(c, k)
     np.testing.assert_array_equal(np.sort(np.take_along_axis(s, cols, 1), 1), np.sort(s, 1)[:, c - k :])
 
 
-def test_large_tiles_are_selected_in_row_blocks_with_the_same_results(monkeypatch):
+def _needs_numba():
+    reason = topk_kernel.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the compiled selector is not available here: {reason}")
+
+
+def _check_kernel_rows(s: np.ndarray, k: int) -> None:
+    vals, cols = topk_kernel.topk(s, k, sort=True)
+    want = -np.sort(-s, axis=1)[:, :k]
+    np.testing.assert_array_equal(vals, want)  # the k best values, best first
+    np.testing.assert_array_equal(np.take_along_axis(s, cols, 1), vals)  # columns that hold them
+    assert all(len(set(r)) == k for r in cols.tolist()), "a column was returned twice"
+    unsorted, cols2 = topk_kernel.topk(s, k, sort=False)
+    np.testing.assert_array_equal(np.sort(unsorted, 1), np.sort(want, 1))
+    np.testing.assert_array_equal(np.take_along_axis(s, cols2, 1), unsorted)
+
+
+@pytest.mark.parametrize("c, k", [(5000, 11), (5003, 101), (640, 10), (200, 101), (65, 1), (7, 7), (1, 1)])
+def test_compiled_selection_with_ties_infinities_and_ragged_tails(c, k):
+    _needs_numba()
+    rng = np.random.default_rng(c * 7 + k)
+    s = np.round(rng.standard_normal((12, c)), 1).astype(np.float32)  # many ties, groups share maxima
+    s[1] = rng.standard_normal(c)  # no ties
+    s[2] = 0.5  # a row of one value: every group ties, the buffer fills and is cut again and again
+    s[3, -3:] = 9.0  # the best scores in the ragged tail past the last whole group
+    s[4] = -np.inf  # a row a filter excluded entirely
+    s[5, : c // 2] = -np.inf  # half excluded: for small c fewer than k finite scores remain
+    s[6] = np.where(rng.random(c) < 0.5, -0.0, 0.0)  # signed zeros compare equal
+    s[7] = rng.choice(np.array([3e38, -3e38, 1e-45, -1e-45], dtype=np.float32), size=c)  # extremes, denormals
+    s[8] = np.arange(c, dtype=np.float32)  # ascending: every new column beats the bar
+    s[9] = -np.arange(c, dtype=np.float32)  # descending
+    _check_kernel_rows(s, k)
+
+
+def test_compiled_selection_in_row_ranges_equals_one_call():
+    _needs_numba()
+    rng = np.random.default_rng(5)
+    s = rng.standard_normal((37, 3001)).astype(np.float32)
+    want_v, want_c = topk_kernel.topk(s, 25, sort=True)
+    vals, cols = np.zeros((37, 25), np.float32), np.zeros((37, 25), np.int64)
+    for rows in [(0, 10), (10, 11), (11, 37)]:
+        topk_kernel.select_rows(s, 25, rows, True, vals, cols)
+    np.testing.assert_array_equal(vals, want_v)
+    np.testing.assert_array_equal(cols, want_c)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 3001\]"):
+        topk_kernel.topk(s, 3002)
+
+
+def test_without_numba_the_numpy_selectors_are_used(monkeypatch):
+    monkeypatch.setattr(topk_kernel, "unavailable_reason", lambda: "numba is not installed (test)")
+    assert knn.numpy_topk_method(256, 5000, 11) == "groups"
+    assert knn.numpy_topk_method(1, 100, 11) == "argpartition"
+    with pytest.raises(ValueError, match="topk='compiled' cannot be used: numba is not installed"):
+        KnnIndex(4, device="cpu", topk="compiled")
+    rng = np.random.default_rng(6)
+    index, ids, x = make_index(rng, n=500)
+    q = quantised_unit(rng, 5)
+    got = index.search(q, 10)
+    ref_s, ref_i = reference_topk(x, ids, q, 10)
+    np.testing.assert_array_equal(got[1], ref_i)
+
+
+@pytest.mark.parametrize("method", ["auto", "groups"])  # auto: the compiled kernel where numba is installed
+def test_large_tiles_are_selected_in_row_blocks_with_the_same_results(monkeypatch, method):
     rng = np.random.default_rng(41)
     x, q = quantised_unit(rng, 4000), quantised_unit(rng, 37)
     x[2000:2100] = x[7]  # ties, so the exact pass runs too
     q[:2] = x[7]
-    index = KnnIndex(16, device="cpu", backend="numpy")
+    index = KnnIndex(16, device="cpu", backend="numpy", topk=method)
     index.add(np.arange(4000) * 2, x)
     want = index.search(q, 25)
     monkeypatch.setattr(knn, "PARALLEL_SELECT_SCORES", 1)  # every tile in row blocks
+    monkeypatch.setattr(knn, "COMPILED_PARALLEL_SCORES", 1)
     calls = []
     real = knn._select_pool
 

@@ -4,8 +4,11 @@ One search serves the CPU and the GPU: the gallery lives on the device (float32 
 device) and a search is one matrix product per large tile of the gallery, one top-(k+1) selection per tile into
 a small candidate slab, and one final selection over the slab. Nothing is read back to the host until the
 results are copied out, in one copy. It runs on torch on the GPU and on NumPy on the CPU (`default_backend`:
-NumPy's BLAS product and a NumPy selection were the fastest CPU engine measured; torch stays selectable there);
-the algorithm is written once over the few array operations of `_TorchOps` / `_NumpyOps`. NumPy and CuPy arrays
+NumPy's BLAS product with a compiled selection was the fastest CPU engine measured; torch stays selectable
+there); the algorithm is written once over the few array operations of `_TorchOps` / `_NumpyOps`. On the CPU,
+where numba is installed, the tiles are not selected one by one into a slab: each query keeps a running top-k
+with a bar that rises tile by tile (`mim.search.topk_kernel.RunningTopk`), so that a tile whose scores all fall
+below the bar costs one vectorised pass, as faiss's per-block heaps do. NumPy and CuPy arrays
 and torch tensors are accepted as input (CuPy through DLPack, without a copy).
 
 Search contract (pinned by tests/test_knn.py):
@@ -52,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from mim.atomic import atomic_write
+from mim.search import topk_kernel
 
 FORMAT_NAME = "mim-knn-index"
 FORMAT_VERSION = 1
@@ -64,12 +68,16 @@ DEFAULT_NORM_TOL = 1e-3
 # batch of 256 scores 1M rows per product and a batch of 1 scores a whole 10M gallery at once. CPU: 16 MiB keeps
 # each tile below glibc's mmap threshold (a fresh mmap per tile would page-fault every score) and in the caches.
 SCORE_TILE_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}
-# The NumPy engine writes each product into a score buffer it keeps (per thread), so its tiles can be larger
-# without a page fault per tile; a wider tile makes the group-maxima selection cheaper per score.
-NUMPY_TILE_BYTES = 64 << 20
+# The NumPy engine writes each product into a score buffer it keeps (per thread), so no tile page-faults. With the
+# compiled selector, whose running bar makes a tile's cost one vectorised pass once a few tiles are in, tile width
+# no longer buys selection speed: 16 MiB and 64 MiB timed alike at 200k and 1M rows x 256 queries (2 cores), and
+# the smaller buffer is what a server keeps per search thread. (The NumPy selectors alone were faster on 64 MiB.)
+NUMPY_TILE_BYTES = 16 << 20
 # NumPy score tiles with at least this many scores are selected in row blocks on a thread per core: NumPy's
 # partition and reductions release the GIL, and one 256 x 100k tile took 51 ms on one thread, 25 on two.
 PARALLEL_SELECT_SCORES = 1 << 20
+# The same for the compiled selector, several times cheaper per score: worth a thread handoff from smaller tiles.
+COMPILED_PARALLEL_SCORES = 1 << 18
 # NumPy searches of at least this many multiply-adds and QUERY_BLOCK_ROWS queries per core run as one search per
 # core over its block of queries, each on one BLAS thread (`_NumpyOps.query_blocks`); smaller ones as one search
 # whose product uses BLAS's threads. Measured side by side on 2 idle cores against faiss: blocks took 256 queries
@@ -230,18 +238,31 @@ def select_groups(xp, scores, k: int):
     return xp.take_along_axis(cols, best, axis=1)
 
 
+def select_compiled(xp, scores, k: int):
+    """(e) The compiled kernel of `mim.search.topk_kernel` (numba, host arrays only): the argument of (d) run per
+    row in compiled code, with bisection instead of partitions. Several times faster than (d) on every tile
+    shape measured (`benchmarks.knn_bench`), and the NumPy engine's selector wherever numba is installed."""
+    if xp is not np:
+        raise ValueError("topk='compiled' runs on host (NumPy) arrays only; use topk='torch' or 'auto' on the GPU")
+    return topk_kernel.topk(scores, k)[1]
+
+
 TOPK_METHODS: dict[str, Callable] = {
     "argpartition": select_argpartition,
     "torch": select_torch,
     "two_stage": select_two_stage,
     "groups": select_groups,
+    "compiled": select_compiled,
 }
 
 
 def numpy_topk_method(batch: int, c: int, k: int) -> str:
-    """The NumPy backend's selector for a (batch, c) score tile: group maxima where rows are wide next to k and
-    the tile is large, else one partition. NumPy only: handing NumPy's scores to torch.topk makes the two
-    libraries' thread pools compete for the cores (one 5k-row query took 4 ms instead of 0.1 on 2 cores)."""
+    """The NumPy backend's selector for a (batch, c) score tile: the compiled kernel wherever numba is installed;
+    without it, group maxima where rows are wide next to k and the tile is large, else one partition. Never
+    torch.topk: handing NumPy's scores to torch makes the two libraries' thread pools compete for the cores
+    (one 5k-row query took 4 ms instead of 0.1 on 2 cores)."""
+    if topk_kernel.unavailable_reason() is None:
+        return "compiled"
     return "groups" if c >= 16 * k and batch * c >= 1 << 16 else "argpartition"
 
 
@@ -441,10 +462,14 @@ class _NumpyOps:
     def topk(self, s, k: int, *, sort: bool, method: str):
         if method == "auto":
             method = numpy_topk_method(s.shape[0], s.shape[1], k)
-        select = TOPK_METHODS[method]
-        workers = (os.cpu_count() or 1) if s.size >= PARALLEL_SELECT_SCORES and method != "torch" else 1
+        compiled = method == "compiled"
+        enough = COMPILED_PARALLEL_SCORES if compiled else PARALLEL_SELECT_SCORES
+        workers = (os.cpu_count() or 1) if s.size >= enough and method != "torch" else 1
         if _in_select_pool():  # a query block's own search: the pool's threads are all taken
             workers = 1
+        if compiled:  # values, columns and the order come out of the kernel
+            return self._compiled_topk(s, k, sort, workers)
+        select = TOPK_METHODS[method]
         if workers > 1 and s.shape[0] >= 2:
             parts = [_select_pool().submit(select, np, s[a:b], k) for a, b in _row_ranges(s.shape[0], workers)]
             cols = np.concatenate([np.asarray(f.result(), dtype=np.int64) for f in parts])
@@ -454,6 +479,47 @@ class _NumpyOps:
         if sort:
             order = np.argsort(vals, axis=1)[:, ::-1]  # descending; ties in any order (the caller checks)
             vals, cols = np.take_along_axis(vals, order, axis=1), np.take_along_axis(cols, order, axis=1)
+        return vals, cols
+
+    def running(self, rows: int, want: int, method: str):
+        """The compiled selector's running top-k over a search's tiles (`topk_kernel.RunningTopk`), or None
+        where the tiles are selected one by one into a candidate slab (the other selectors)."""
+        if method == "compiled" or (method == "auto" and topk_kernel.unavailable_reason() is None):
+            return topk_kernel.RunningTopk(rows, want)
+        return None
+
+    @staticmethod
+    def _workers(size: int) -> int:
+        return 1 if size < COMPILED_PARALLEL_SCORES or _in_select_pool() else os.cpu_count() or 1
+
+    def fold(self, running, s, start: int) -> None:
+        ranges = _row_ranges(s.shape[0], self._workers(s.size))
+        if len(ranges) > 1:
+            for f in [_select_pool().submit(running.add, s, start, r) for r in ranges]:
+                f.result()
+        else:
+            running.add(s, start)
+
+    def finish(self, running):
+        ranges = _row_ranges(running.rows, self._workers(running.rows * running.k * 64))
+        if len(ranges) > 1:
+            out = (np.empty((running.rows, running.k), np.float32), np.empty((running.rows, running.k), np.int64))
+            for f in [_select_pool().submit(running.result, r, out) for r in ranges]:
+                f.result()
+            return out
+        return running.result()
+
+    @staticmethod
+    def _compiled_topk(s, k: int, sort: bool, workers: int):
+        s = np.ascontiguousarray(s, dtype=np.float32)
+        vals, cols = np.empty((s.shape[0], k), np.float32), np.empty((s.shape[0], k), np.int64)
+        ranges = _row_ranges(s.shape[0], workers)
+        if len(ranges) > 1:
+            parts = [_select_pool().submit(topk_kernel.select_rows, s, k, r, sort, vals, cols) for r in ranges]
+            for f in parts:
+                f.result()
+        else:
+            topk_kernel.select_rows(s, k, (0, s.shape[0]), sort, vals, cols)
         return vals, cols
 
     def keyed_topk(self, keys, k: int, *, sort: bool):
@@ -594,6 +660,9 @@ class _TorchOps:
             vals, j = torch.sort(vals, dim=1, descending=True)
             cols = cols.gather(1, j)
         return vals, cols
+
+    def running(self, rows: int, want: int, method: str) -> None:
+        return None  # torch selects each tile into the candidate slab
 
     def keyed_topk(self, keys, k: int, *, sort: bool):
         return self.torch.topk(keys, k, dim=1, sorted=sort)[1]
@@ -863,6 +932,9 @@ class KnnIndex:
             raise ValueError(f"topk must be 'auto' or one of {sorted(TOPK_METHODS)}; got {topk!r}")
         self._dim = int(dim)
         self._device = resolve_device(device)
+        if topk == "compiled" and (self._device != "cpu" or topk_kernel.unavailable_reason() is not None):
+            why = topk_kernel.unavailable_reason() or f"it runs on host arrays, and this index is on {self._device}"
+            raise ValueError(f"topk='compiled' cannot be used: {why}; use topk='auto'")
         self._ops = _ops(backend, self._device)
         self._dtype = self._ops.storage_dtype
         self.chunk_size = None if chunk_size is None else int(chunk_size)
@@ -1165,12 +1237,16 @@ class KnnIndex:
         for qs in range(0, q.shape[0], self.query_batch_size):
             qb = q if q.shape[0] <= self.query_batch_size else q[qs : qs + self.query_batch_size]
             tile = self._tile_rows(qb.shape[0])
+            running = None if exact else ops.running(qb.shape[0], want, self.topk)
             slab_v, slab_r = [], []
             for start in range(0, m, tile):
                 s = ops.mm(qb, emb if tile >= m else emb[start : start + tile])  # (b, c) float32
                 c = s.shape[1]
                 if blocked is not None:
                     ops.masked_fill(s, blocked[start : start + c])
+                if running is not None:  # no slab: each row's running best, with a bar that rises
+                    ops.fold(running, s, start)
+                    continue
                 kt = min(want, c)
                 if exact:
                     i = ops.keyed_topk(ops.order_keys(s, ops.arange(c)), kt, sort=False)
@@ -1179,11 +1255,14 @@ class KnnIndex:
                     v, i = ops.topk(s, kt, sort=c >= m, method=self.topk)  # one tile: the final selection
                 slab_v.append(v)
                 slab_r.append(i + start if start else i)
-            v, r = ops.cat(slab_v, axis=1), ops.cat(slab_r, axis=1)
+            if running is not None:
+                v, r = ops.finish(running)
+            else:
+                v, r = ops.cat(slab_v, axis=1), ops.cat(slab_r, axis=1)
             if exact:
                 j = ops.keyed_topk(ops.order_keys(v, r), want, sort=True)
                 v, r = ops.gather(v, j), ops.gather(r, j)
-            elif len(slab_v) > 1:
+            elif len(slab_v) > 1 and running is None:
                 v, j = ops.topk(v, want, sort=True, method="torch" if ops.name == "torch" else self.topk)
                 r = ops.gather(r, j)
             out_v.append(v)
