@@ -876,6 +876,11 @@ def test_large_tiles_are_selected_in_row_blocks_with_the_same_results(monkeypatc
     np.testing.assert_array_equal(want[1], got[1])
     np.testing.assert_array_equal(want[0], got[0])
     assert calls or (os.cpu_count() or 1) == 1
+    index.chunk_size = 333  # many tiles: the compiled selector's running top-k, folded in row blocks
+    got = index.search(q, 25)
+    np.testing.assert_array_equal(want[1], got[1])
+    np.testing.assert_array_equal(want[0], got[0])
+    index.chunk_size = None
     # Query blocks searched side by side in the same pool (whose threads then select on their own).
     monkeypatch.setattr(knn, "QUERY_BLOCK_MACS", 1)
     monkeypatch.setattr(knn, "QUERY_BLOCK_ROWS", 2)
@@ -885,7 +890,8 @@ def test_large_tiles_are_selected_in_row_blocks_with_the_same_results(monkeypatc
         if k == 25:
             np.testing.assert_array_equal(a[1], want[1])
             np.testing.assert_array_equal(a[0], want[0])
-    blocks = knn._NumpyOps().query_blocks(37, 10**9)
+    assert knn._NumpyOps().query_blocks(37, 10**9, "compiled") is None  # one search on every BLAS thread
+    blocks = knn._NumpyOps().query_blocks(37, 10**9, "groups")
     cores = os.cpu_count() or 1
     assert blocks is None if cores == 1 else (len(blocks) == cores and blocks[0][0] == 0 and blocks[-1][1] == 37)
 

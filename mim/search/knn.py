@@ -68,11 +68,10 @@ DEFAULT_NORM_TOL = 1e-3
 # batch of 256 scores 1M rows per product and a batch of 1 scores a whole 10M gallery at once. CPU: 16 MiB keeps
 # each tile below glibc's mmap threshold (a fresh mmap per tile would page-fault every score) and in the caches.
 SCORE_TILE_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}
-# The NumPy engine writes each product into a score buffer it keeps (per thread), so no tile page-faults. With the
-# compiled selector, whose running bar makes a tile's cost one vectorised pass once a few tiles are in, tile width
-# no longer buys selection speed: 16 MiB and 64 MiB timed alike at 200k and 1M rows x 256 queries (2 cores), and
-# the smaller buffer is what a server keeps per search thread. (The NumPy selectors alone were faster on 64 MiB.)
-NUMPY_TILE_BYTES = 16 << 20
+# The NumPy engine writes each product into a score buffer it keeps (per thread), so no tile page-faults, and its
+# tiles can be wide: every tile costs a thread handoff and a pass of the selector, so fewer, wider tiles are
+# cheaper. 100k x 256 (2 cores) searched at 1.02 times the product alone on 64 MiB tiles, 1.06 on 16 MiB.
+NUMPY_TILE_BYTES = 64 << 20
 # NumPy score tiles with at least this many scores are selected in row blocks on a thread per core: NumPy's
 # partition and reductions release the GIL, and one 256 x 100k tile took 51 ms on one thread, 25 on two.
 PARALLEL_SELECT_SCORES = 1 << 20
@@ -439,12 +438,23 @@ class _NumpyOps:
     def one_thread(self, nq: int, macs: int) -> bool:
         return macs < NUMPY_ONE_THREAD_MACS
 
-    def query_blocks(self, nq: int, macs: int) -> list[tuple[int, int]] | None:
+    @staticmethod
+    def compiled(method: str) -> bool:
+        """Whether a search with this topk setting selects with the compiled kernel."""
+        return method == "compiled" or (method == "auto" and topk_kernel.unavailable_reason() is None)
+
+    def query_blocks(self, nq: int, macs: int, method: str = "auto") -> list[tuple[int, int]] | None:
         """Row ranges of the queries, one per core, when a search is large enough to run as that many
         one-thread searches side by side (product and selection in each thread, as faiss parallelises over
-        queries), else None: one search whose product uses BLAS's own threads."""
+        queries), else None: one search whose product uses BLAS's own threads.
+
+        Only for the NumPy selectors, whose selection was worth spreading that way. The compiled one costs a few
+        percent of the product, and one product on every BLAS thread beat one-thread products side by side:
+        1M x 256 searched at 1.03 times the product alone as one search, 1.13 times in query blocks."""
         workers = os.cpu_count() or 1
         if workers < 2 or nq < QUERY_BLOCK_ROWS * workers or macs < QUERY_BLOCK_MACS or _in_select_pool():
+            return None
+        if self.compiled(method):
             return None
         return _row_ranges(nq, workers)
 
@@ -484,9 +494,7 @@ class _NumpyOps:
     def running(self, rows: int, want: int, method: str):
         """The compiled selector's running top-k over a search's tiles (`topk_kernel.RunningTopk`), or None
         where the tiles are selected one by one into a candidate slab (the other selectors)."""
-        if method == "compiled" or (method == "auto" and topk_kernel.unavailable_reason() is None):
-            return topk_kernel.RunningTopk(rows, want)
-        return None
+        return topk_kernel.RunningTopk(rows, want) if self.compiled(method) else None
 
     @staticmethod
     def _workers(size: int) -> int:
@@ -636,7 +644,7 @@ class _TorchOps:
     def one_thread(self, nq: int, macs: int) -> bool:
         return 1 < nq and macs < CPU_ONE_THREAD_MACS
 
-    def query_blocks(self, nq: int, macs: int) -> None:
+    def query_blocks(self, nq: int, macs: int, method: str = "auto") -> None:
         return None  # torch parallelises inside its own ops
 
     def mm(self, q, g):
@@ -1133,7 +1141,7 @@ class KnnIndex:
         ops = self._ops
         macs = nq * view.emb.shape[0] * self._dim
         threads = 1 if ops.one_thread(nq, macs) else None
-        blocks = ops.query_blocks(nq, macs) if threads is None else None
+        blocks = ops.query_blocks(nq, macs, self.topk) if threads is None else None
         if blocks is not None:  # each block of queries searched whole in its own thread, one BLAS thread each
             with ops.threads(1):
                 parts = [_select_pool().submit(self._scan, q[a:b], k, view, exact=False) for a, b in blocks]
@@ -1237,7 +1245,8 @@ class KnnIndex:
         for qs in range(0, q.shape[0], self.query_batch_size):
             qb = q if q.shape[0] <= self.query_batch_size else q[qs : qs + self.query_batch_size]
             tile = self._tile_rows(qb.shape[0])
-            running = None if exact else ops.running(qb.shape[0], want, self.topk)
+            # One tile: one selection call. Several: a running top-k per query across them (compiled selector).
+            running = None if exact or tile >= m else ops.running(qb.shape[0], want, self.topk)
             slab_v, slab_r = [], []
             for start in range(0, m, tile):
                 s = ops.mm(qb, emb if tile >= m else emb[start : start + tile])  # (b, c) float32

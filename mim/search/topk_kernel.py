@@ -36,6 +36,7 @@ import numpy as np
 # Element-wise maxima vectorise with no-NaN / no-signed-zero semantics; "ninf" is left out because -inf is data.
 _FASTMATH = {"nnan", "nsz"}
 _MIN_BUFFER = 1024
+_INSERTION_MAX = 128  # the final sort: insertion sort up to this many items
 
 
 @functools.cache
@@ -122,6 +123,22 @@ def _build():
 
     @jit
     def sort_best_first(bv, bi, k, keys, out_v, out_i):
+        """out_v / out_i = bv[:k] / bi[:k] by value, best first (ties in any order). Up to _INSERTION_MAX items an
+        insertion sort in place (256 rows of 101: 0.64 ms, against 1.0 for np.sort of 64-bit (value, position)
+        keys and 0.9 for a merge sort, whose branches on random values mispredict as often); beyond, those keys."""
+        if k <= _INSERTION_MAX:
+            for t in range(1, k):
+                x, xi = bv[t], bi[t]
+                j = t
+                while j > 0 and bv[j - 1] < x:
+                    bv[j] = bv[j - 1]
+                    bi[j] = bi[j - 1]
+                    j -= 1
+                bv[j] = x
+                bi[j] = xi
+            out_v[:k] = bv[:k]
+            out_i[:k] = bi[:k]
+            return
         for t in range(k):
             keys[t] = (key(bv[t]) << 32) | t
         keys[:k].sort()
