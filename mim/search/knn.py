@@ -70,7 +70,7 @@ DEFAULT_NORM_TOL = 1e-3
 SCORE_TILE_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}
 # The NumPy engine writes each product into a score buffer it keeps (per thread), so no tile page-faults, and its
 # tiles can be wide: every tile costs a thread handoff and a pass of the selector, so fewer, wider tiles are
-# cheaper. 100k x 256 (2 cores) searched at 1.02 times the product alone on 64 MiB tiles, 1.06 on 16 MiB.
+# cheaper. 100k x 256 (2 cores) took 1.02 times the product alone's time on 64 MiB tiles, 1.06 on 16 MiB.
 NUMPY_TILE_BYTES = 64 << 20
 # NumPy score tiles with at least this many scores are selected in row blocks on a thread per core: NumPy's
 # partition and reductions release the GIL, and one 256 x 100k tile took 51 ms on one thread, 25 on two.
@@ -450,7 +450,7 @@ class _NumpyOps:
 
         Only for the NumPy selectors, whose selection was worth spreading that way. The compiled one costs a few
         percent of the product, and one product on every BLAS thread beat one-thread products side by side:
-        1M x 256 searched at 1.03 times the product alone as one search, 1.13 times in query blocks."""
+        1M x 256 ran at 0.93-0.97 of the product alone's speed as one search, at 0.88-0.94 in query blocks."""
         workers = os.cpu_count() or 1
         if workers < 2 or nq < QUERY_BLOCK_ROWS * workers or macs < QUERY_BLOCK_MACS or _in_select_pool():
             return None
@@ -509,6 +509,7 @@ class _NumpyOps:
             running.add(s, start)
 
     def finish(self, running):
+        # The final cut and sort of a kept item cost about what folding 64 scores does.
         ranges = _row_ranges(running.rows, self._workers(running.rows * running.k * 64))
         if len(ranges) > 1:
             out = (np.empty((running.rows, running.k), np.float32), np.empty((running.rows, running.k), np.int64))
