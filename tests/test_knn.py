@@ -839,8 +839,23 @@ def test_compiled_selection_in_row_ranges_equals_one_call():
         topk_kernel.topk(s, 3002)
 
 
+def test_kernels_warm_up_and_load_from_the_disk_cache_in_a_new_process(tmp_path):
+    _needs_numba()
+    assert topk_kernel.warm_up() is True
+    code = (
+        "import time; from mim.search import topk_kernel as tk; t = time.perf_counter(); tk.warm_up(); "
+        "print(time.perf_counter() - t)"
+    )
+    import subprocess
+    import sys
+
+    took = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert took < 3.0, f"a new process took {took:.1f} s to get the kernels: the disk cache is not used"
+
+
 def test_without_numba_the_numpy_selectors_are_used(monkeypatch):
     monkeypatch.setattr(topk_kernel, "unavailable_reason", lambda: "numba is not installed (test)")
+    assert topk_kernel.warm_up() is False
     assert knn.numpy_topk_method(256, 5000, 11) == "groups"
     assert knn.numpy_topk_method(1, 100, 11) == "argpartition"
     with pytest.raises(ValueError, match="topk='compiled' cannot be used: numba is not installed"):
