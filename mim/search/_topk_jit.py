@@ -50,9 +50,9 @@ def count_at_least(a, n, v):
 
 @jit
 def bar_for(a, n, k, enough):
-    """A value v of a[:n] with k <= count(a >= v), and count <= enough where the values allow it: bisection
-    over order keys, one vectorised count per step (at most 32 steps). With enough = k it is the k-th
-    largest value exactly (the loop runs until the keys are adjacent unless the count hits k first)."""
+    """A value v with k <= count(a[:n] >= v), and count <= enough where the values allow it: bisection over
+    order keys, one vectorised count per step (at most 32 steps). With enough = k, the items >= v are exactly
+    k when no tie straddles the cut, else v is the k-th largest value itself (the keys end adjacent)."""
     lo_v, hi_v = a[0], a[0]
     for t in range(1, n):
         x = a[t]
@@ -73,7 +73,8 @@ def bar_for(a, n, k, enough):
 
 @jit
 def keep_best(bv, bi, n, k):
-    """Cut bv[:n] / bi[:n] to k items with the k largest values (in place, any order); returns the k-th."""
+    """Cut bv[:n] / bi[:n] to k items with the k largest values (in place, any order); returns a value at most
+    the smallest of them, so that nothing above it was cut."""
     kth = bar_for(bv, n, k, k)
     ties = k
     for t in range(n):
@@ -118,40 +119,42 @@ def sort_best_first(bv, bi, k, keys, out_v, out_i):
 
 
 @jit
+def push(rv, ri, n, bar, x, col, k):
+    """Append (x, col) to the buffer; a full buffer is cut to its k best and the bar raised just above the cut.
+    Returns (n, bar)."""
+    rv[n] = x
+    ri[n] = col
+    n += 1
+    if n == rv.shape[0]:
+        return k, np.nextafter(keep_best(rv, ri, n, k), np.float32(np.inf))
+    return n, bar
+
+
+@jit
+def gather(row, start, g, n_groups, gm, bar, rv, ri, n, k):
+    """Append the row's items >= bar to rv / ri[n:] (columns offset by start): those of the groups whose maximum
+    reaches the bar, then the ragged tail past g * n_groups. Returns (n, bar)."""
+    for j in range(n_groups):
+        if gm[j] >= bar:
+            for col in range(j, g * n_groups, n_groups):
+                if row[col] >= bar:
+                    n, bar = push(rv, ri, n, bar, row[col], col + start, k)
+    for col in range(g * n_groups, row.shape[0]):
+        if row[col] >= bar:
+            n, bar = push(rv, ri, n, bar, row[col], col + start, k)
+    return n, bar
+
+
+@jit
 def select_rows(s, k, g, r0, r1, sort, out_v, out_i):
-    c = s.shape[1]
-    n_groups = c // g  # >= k: g <= sqrt(c / k)
-    cap = max(4 * k, MIN_BUFFER)
+    n_groups = s.shape[1] // g  # >= k: g <= sqrt(c / k)
     gm = np.empty(n_groups, np.float32)
-    bv = np.empty(cap, np.float32)
-    bi = np.empty(cap, np.int64)
+    cap = max(4 * k, MIN_BUFFER)
+    bv, bi = np.empty(cap, np.float32), np.empty(cap, np.int64)
     keys = np.empty(k, np.int64)
-    inf = np.float32(np.inf)
     for r in range(r0, r1):
-        row = s[r]
-        group_maxima(row, g, n_groups, gm)
-        bar = bar_for(gm, n_groups, k, 2 * k)
-        n = 0
-        for j in range(n_groups):
-            if gm[j] >= bar:
-                for col in range(j, g * n_groups, n_groups):
-                    x = row[col]
-                    if x >= bar:
-                        bv[n] = x
-                        bi[n] = col
-                        n += 1
-                        if n == cap:
-                            bar = np.nextafter(keep_best(bv, bi, n, k), inf)
-                            n = k
-        for col in range(g * n_groups, c):
-            x = row[col]
-            if x >= bar:
-                bv[n] = x
-                bi[n] = col
-                n += 1
-                if n == cap:
-                    bar = np.nextafter(keep_best(bv, bi, n, k), inf)
-                    n = k
+        group_maxima(s[r], g, n_groups, gm)
+        n, _ = gather(s[r], 0, g, n_groups, gm, bar_for(gm, n_groups, k, 2 * k), bv, bi, 0, k)
         if n > k:
             keep_best(bv, bi, n, k)
         if sort:
@@ -165,42 +168,15 @@ def select_rows(s, k, g, r0, r1, sort, out_v, out_i):
 def add_rows(s, start, k, g, r0, r1, bv, bi, counts, bars):
     """Fold a tile's rows [r0, r1) into running buffers: row r keeps counts[r] items in bv[r] / bi[r]
     (columns offset by start) and a bar, bars[r], below which no item can be among its k best."""
-    c = s.shape[1]
-    n_groups = c // g
-    cap = bv.shape[1]
+    n_groups = s.shape[1] // g
     gm = np.empty(n_groups, np.float32)
-    inf = np.float32(np.inf)
     for r in range(r0, r1):
-        row = s[r]
-        group_maxima(row, g, n_groups, gm)
+        group_maxima(s[r], g, n_groups, gm)
         bar = bars[r]
         if n_groups >= k and count_at_least(gm, n_groups, bar) > 2 * k:
             # This tile alone has k items >= its own bar, so none below it can be among the row's k best.
             bar = max(bar, bar_for(gm, n_groups, k, 2 * k))
-        n = counts[r]
-        rv, ri = bv[r], bi[r]
-        for j in range(n_groups):
-            if gm[j] >= bar:
-                for col in range(j, g * n_groups, n_groups):
-                    x = row[col]
-                    if x >= bar:
-                        rv[n] = x
-                        ri[n] = col + start
-                        n += 1
-                        if n == cap:
-                            bar = np.nextafter(keep_best(rv, ri, n, k), inf)
-                            n = k
-        for col in range(g * n_groups, c):
-            x = row[col]
-            if x >= bar:
-                rv[n] = x
-                ri[n] = col + start
-                n += 1
-                if n == cap:
-                    bar = np.nextafter(keep_best(rv, ri, n, k), inf)
-                    n = k
-        counts[r] = n
-        bars[r] = bar
+        counts[r], bars[r] = gather(s[r], start, g, n_groups, gm, bar, bv[r], bi[r], counts[r], k)
 
 
 @jit

@@ -101,7 +101,6 @@ class RunningTopk:
             raise ValueError(f"RunningTopk needs rows >= 0 and k >= 1; got rows={rows}, k={k}")
         cap = max(4 * k, 32)
         self.k = k
-        self.seen = 0
         self._vals = np.empty((rows, cap), np.float32)
         self._cols = np.empty((rows, cap), np.int64)
         self._counts = np.zeros(rows, np.int64)
