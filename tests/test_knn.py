@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -839,16 +841,13 @@ def test_compiled_selection_in_row_ranges_equals_one_call():
         topk_kernel.topk(s, 3002)
 
 
-def test_kernels_warm_up_and_load_from_the_disk_cache_in_a_new_process(tmp_path):
+def test_kernels_warm_up_and_load_from_the_disk_cache_in_a_new_process():
     _needs_numba()
     assert topk_kernel.warm_up() is True
     code = (
         "import time; from mim.search import topk_kernel as tk; t = time.perf_counter(); tk.warm_up(); "
         "print(time.perf_counter() - t)"
     )
-    import subprocess
-    import sys
-
     took = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert took < 3.0, f"a new process took {took:.1f} s to get the kernels: the disk cache is not used"
 

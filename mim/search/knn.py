@@ -473,9 +473,9 @@ class _NumpyOps:
         if method == "auto":
             method = numpy_topk_method(s.shape[0], s.shape[1], k)
         compiled = method == "compiled"
-        enough = COMPILED_PARALLEL_SCORES if compiled else PARALLEL_SELECT_SCORES
-        workers = (os.cpu_count() or 1) if s.size >= enough and method != "torch" else 1
-        if _in_select_pool():  # a query block's own search: the pool's threads are all taken
+        # One thread in a query block's own search: the pool's threads are all taken.
+        workers = self._workers(s.size, COMPILED_PARALLEL_SCORES if compiled else PARALLEL_SELECT_SCORES)
+        if method == "torch":
             workers = 1
         if compiled:  # values, columns and the order come out of the kernel
             return self._compiled_topk(s, k, sort, workers)
@@ -497,8 +497,11 @@ class _NumpyOps:
         return topk_kernel.RunningTopk(rows, want) if self.compiled(method) else None
 
     @staticmethod
-    def _workers(size: int) -> int:
-        return 1 if size < COMPILED_PARALLEL_SCORES or _in_select_pool() else os.cpu_count() or 1
+    def _workers(size: int, enough: int | None = None) -> int:
+        """Threads for selecting `size` scores: one per core from `enough` (default COMPILED_PARALLEL_SCORES)
+        on, and one inside the select pool."""
+        enough = COMPILED_PARALLEL_SCORES if enough is None else enough
+        return 1 if size < enough or _in_select_pool() else os.cpu_count() or 1
 
     def fold(self, running, s, start: int) -> None:
         ranges = _row_ranges(s.shape[0], self._workers(s.size))

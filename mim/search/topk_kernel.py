@@ -113,7 +113,7 @@ class RunningTopk:
     def add(self, scores: np.ndarray, start: int, rows: tuple[int, int] | None = None) -> None:
         """Fold a C-contiguous float32 (B, c) tile whose column j is gallery column start + j."""
         r0, r1 = (0, self.rows) if rows is None else rows
-        g = _groups(scores.shape[1], self.k) if scores.shape[1] >= self.k else 1
+        g = _groups(scores.shape[1], self.k)  # 1 for a tile narrower than k: every column is scanned
         kernel("add_rows")(scores, start, self.k, g, r0, r1, self._vals, self._cols, self._counts, self._bars)
 
     def result(self, rows: tuple[int, int] | None = None, out=None) -> tuple[np.ndarray, np.ndarray]:
