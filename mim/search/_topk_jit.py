@@ -154,7 +154,9 @@ def select_rows(s, k, g, r0, r1, sort, out_v, out_i):
     keys = np.empty(k, np.int64)
     for r in range(r0, r1):
         group_maxima(s[r], g, n_groups, gm)
-        n, _ = gather(s[r], 0, g, n_groups, gm, bar_for(gm, n_groups, k, 2 * k), bv, bi, 0, k)
+        # The k-th largest group maximum itself: a looser bar (any count up to 2k) scanned twice the columns and
+        # cost 20% more at k = 101 (256 x 5,000: 2.66 ms against 2.17 on one thread).
+        n, _ = gather(s[r], 0, g, n_groups, gm, bar_for(gm, n_groups, k, k), bv, bi, 0, k)
         if n > k:
             keep_best(bv, bi, n, k)
         if sort:
@@ -175,7 +177,7 @@ def add_rows(s, start, k, g, r0, r1, bv, bi, counts, bars):
         bar = bars[r]
         if n_groups >= k and count_at_least(gm, n_groups, bar) > 2 * k:
             # This tile alone has k items >= its own bar, so none below it can be among the row's k best.
-            bar = max(bar, bar_for(gm, n_groups, k, 2 * k))
+            bar = max(bar, bar_for(gm, n_groups, k, k))
         counts[r], bars[r] = gather(s[r], start, g, n_groups, gm, bar, bv[r], bi[r], counts[r], k)
 
 
