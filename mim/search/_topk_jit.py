@@ -49,10 +49,10 @@ def count_at_least(a, n, v):
 
 
 @jit
-def bar_for(a, n, k, enough):
-    """A value v with k <= count(a[:n] >= v), and count <= enough where the values allow it: bisection over
-    order keys, one vectorised count per step (at most 32 steps). With enough = k, the items >= v are exactly
-    k when no tie straddles the cut, else v is the k-th largest value itself (the keys end adjacent)."""
+def bar_for(a, n, k):
+    """A value v with k <= count(a[:n] >= v): bisection over order keys, one vectorised count per step (at most
+    32 steps). The items >= v are exactly k when no tie straddles the cut, else v is the k-th largest value
+    itself (the keys end adjacent)."""
     lo_v, hi_v = a[0], a[0]
     for t in range(1, n):
         x = a[t]
@@ -64,7 +64,7 @@ def bar_for(a, n, k, enough):
         c = count_at_least(a, n, value(mid))
         if c >= k:
             lo = mid
-            if c <= enough:
+            if c == k:
                 break
         else:
             hi = mid
@@ -75,7 +75,7 @@ def bar_for(a, n, k, enough):
 def keep_best(bv, bi, n, k):
     """Cut bv[:n] / bi[:n] to k items with the k largest values (in place, any order); returns a value at most
     the smallest of them, so that nothing above it was cut."""
-    kth = bar_for(bv, n, k, k)
+    kth = bar_for(bv, n, k)
     ties = k
     for t in range(n):
         ties -= bv[t] > kth
@@ -156,7 +156,7 @@ def select_rows(s, k, g, r0, r1, sort, out_v, out_i):
         group_maxima(s[r], g, n_groups, gm)
         # The k-th largest group maximum itself: a looser bar (any count up to 2k) scanned twice the columns and
         # cost 20% more at k = 101 (256 x 5,000: 2.66 ms against 2.17 on one thread).
-        n, _ = gather(s[r], 0, g, n_groups, gm, bar_for(gm, n_groups, k, k), bv, bi, 0, k)
+        n, _ = gather(s[r], 0, g, n_groups, gm, bar_for(gm, n_groups, k), bv, bi, 0, k)
         if n > k:
             keep_best(bv, bi, n, k)
         if sort:
@@ -177,7 +177,7 @@ def add_rows(s, start, k, g, r0, r1, bv, bi, counts, bars):
         bar = bars[r]
         if n_groups >= k and count_at_least(gm, n_groups, bar) > 2 * k:
             # This tile alone has k items >= its own bar, so none below it can be among the row's k best.
-            bar = max(bar, bar_for(gm, n_groups, k, k))
+            bar = max(bar, bar_for(gm, n_groups, k))
         counts[r], bars[r] = gather(s[r], start, g, n_groups, gm, bar, bv[r], bi[r], counts[r], k)
 
 

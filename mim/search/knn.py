@@ -333,6 +333,15 @@ def _row_ranges(n: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _by_rows(fn: Callable, rows: int, workers: int) -> list:
+    """fn((start, end)) for up to `workers` near-equal row ranges covering `rows`: side by side in the select pool
+    when there are several, else inline. Results in row order."""
+    ranges = _row_ranges(rows, workers)
+    if len(ranges) < 2:
+        return [fn((0, rows))]
+    return [f.result() for f in [_select_pool().submit(fn, r) for r in ranges]]
+
+
 def _in_select_pool() -> bool:
     return threading.current_thread().name.startswith("knn-select")
 
@@ -480,11 +489,8 @@ class _NumpyOps:
         if compiled:  # values, columns and the order come out of the kernel
             return self._compiled_topk(s, k, sort, workers)
         select = TOPK_METHODS[method]
-        if workers > 1 and s.shape[0] >= 2:
-            parts = [_select_pool().submit(select, np, s[a:b], k) for a, b in _row_ranges(s.shape[0], workers)]
-            cols = np.concatenate([np.asarray(f.result(), dtype=np.int64) for f in parts])
-        else:
-            cols = np.asarray(select(np, s, k), dtype=np.int64)
+        parts = _by_rows(lambda r: np.asarray(select(np, s[r[0] : r[1]], k), dtype=np.int64), s.shape[0], workers)
+        cols = parts[0] if len(parts) == 1 else np.concatenate(parts)
         vals = np.take_along_axis(s, cols, axis=1)
         if sort:
             order = np.argsort(vals, axis=1)[:, ::-1]  # descending; ties in any order (the caller checks)
@@ -504,34 +510,19 @@ class _NumpyOps:
         return 1 if size < enough or _in_select_pool() else os.cpu_count() or 1
 
     def fold(self, running, s, start: int) -> None:
-        ranges = _row_ranges(s.shape[0], self._workers(s.size))
-        if len(ranges) > 1:
-            for f in [_select_pool().submit(running.add, s, start, r) for r in ranges]:
-                f.result()
-        else:
-            running.add(s, start)
+        _by_rows(lambda r: running.add(s, start, r), s.shape[0], self._workers(s.size))
 
     def finish(self, running):
+        out = (np.empty((running.rows, running.k), np.float32), np.empty((running.rows, running.k), np.int64))
         # The final cut and sort of a kept item cost about what folding 64 scores does.
-        ranges = _row_ranges(running.rows, self._workers(running.rows * running.k * 64))
-        if len(ranges) > 1:
-            out = (np.empty((running.rows, running.k), np.float32), np.empty((running.rows, running.k), np.int64))
-            for f in [_select_pool().submit(running.result, r, out) for r in ranges]:
-                f.result()
-            return out
-        return running.result()
+        _by_rows(lambda r: running.result(r, out), running.rows, self._workers(running.rows * running.k * 64))
+        return out
 
     @staticmethod
     def _compiled_topk(s, k: int, sort: bool, workers: int):
         s = np.ascontiguousarray(s, dtype=np.float32)
         vals, cols = np.empty((s.shape[0], k), np.float32), np.empty((s.shape[0], k), np.int64)
-        ranges = _row_ranges(s.shape[0], workers)
-        if len(ranges) > 1:
-            parts = [_select_pool().submit(topk_kernel.select_rows, s, k, r, sort, vals, cols) for r in ranges]
-            for f in parts:
-                f.result()
-        else:
-            topk_kernel.select_rows(s, k, (0, s.shape[0]), sort, vals, cols)
+        _by_rows(lambda r: topk_kernel.select_rows(s, k, r, sort, vals, cols), s.shape[0], workers)
         return vals, cols
 
     def keyed_topk(self, keys, k: int, *, sort: bool):
