@@ -910,6 +910,24 @@ def test_large_tiles_are_selected_in_row_blocks_with_the_same_results(monkeypatc
     assert blocks is None if cores == 1 else (len(blocks) == cores and blocks[0][0] == 0 and blocks[-1][1] == 37)
 
 
+def test_compiled_selection_spreads_over_cores_only_when_its_work_pays_for_a_handoff(monkeypatch):
+    _needs_numba()
+    calls = []
+    real = knn._select_pool
+    monkeypatch.setattr(knn, "_select_pool", lambda: calls.append(1) or real())
+    ops = knn._NumpyOps()
+    s = np.random.default_rng(3).standard_normal((64, 3000), dtype=np.float32)
+    want = np.sort(s, axis=1)[:, ::-1]
+    monkeypatch.setattr(knn, "COMPILED_PARALLEL_SCORES", ops.compiled_cost(64, 3000, 50))
+    vals, _ = ops.topk(s, 49, sort=True, method="compiled")  # just below the bar: the calling thread alone
+    np.testing.assert_array_equal(vals, want[:, :49])
+    assert not calls
+    vals, cols = ops.topk(s, 50, sort=True, method="compiled")  # at the bar: the rows split over the cores
+    np.testing.assert_array_equal(vals, want[:, :50])
+    np.testing.assert_array_equal(np.take_along_axis(s, cols, axis=1), vals)
+    assert calls or (os.cpu_count() or 1) == 1
+
+
 def test_cpu_default_engine_is_numpy_and_agrees_with_torch():
     assert knn.default_backend("cpu") == "numpy" and knn.default_backend("cuda") == "torch"
     rng = np.random.default_rng(42)

@@ -75,8 +75,14 @@ NUMPY_TILE_BYTES = 64 << 20
 # NumPy score tiles with at least this many scores are selected in row blocks on a thread per core: NumPy's
 # partition and reductions release the GIL, and one 256 x 100k tile took 51 ms on one thread, 25 on two.
 PARALLEL_SELECT_SCORES = 1 << 20
-# The same for the compiled selector, several times cheaper per score: worth a thread handoff from smaller tiles.
-COMPILED_PARALLEL_SCORES = 1 << 18
+# The compiled selector's work in score-equivalents (`_NumpyOps.compiled_cost`): a score costs one element of a
+# vectorised pass (~0.15 ns), each of a row's k kept items about COMPILED_ITEM_COST of them (its scan, cut and
+# sort: ~0.1 us). One thread, 256 rows: 5k scores and k = 11 took 0.38 ms, k = 101 2.15 ms; 65k, 2.7 and 5.1 ms.
+COMPILED_ITEM_COST = 650
+# Selections of at least this much work are split over a thread per core. Just after a product one core may
+# still be busy with an idle BLAS thread's spin, so a handoff pays off late: 256 x 5k right after its product
+# selected k = 11 in 0.40-0.47 ms on one thread and 0.39-0.61 on two, k = 101 in 2.2 ms on one and 1.3 on two.
+COMPILED_PARALLEL_SCORES = 1 << 22
 # NumPy searches of at least this many multiply-adds and QUERY_BLOCK_ROWS queries per core run as one search per
 # core over its block of queries, each on one BLAS thread (`_NumpyOps.query_blocks`); smaller ones as one search
 # whose product uses BLAS's threads. Measured side by side on 2 idle cores against faiss: blocks took 256 queries
@@ -329,17 +335,25 @@ _NEG_INF = float("-inf")
 
 def _row_ranges(n: int, parts: int) -> list[tuple[int, int]]:
     """[start, end) of up to `parts` consecutive, near-equal, non-empty ranges covering n rows."""
-    bounds = np.linspace(0, n, min(parts, n) + 1).astype(int).tolist()
+    parts = min(parts, n)
+    if parts < 1:
+        return []
+    bounds = [i * n // parts for i in range(parts + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+@functools.cache
+def _cores() -> int:
+    # Read once: os.cpu_count() cost ~10 us a call here, a tenth of a one-query search over 5k rows.
+    return os.cpu_count() or 1
 
 
 def _by_rows(fn: Callable, rows: int, workers: int) -> list:
     """fn((start, end)) for up to `workers` near-equal row ranges covering `rows`: side by side in the select pool
     when there are several, else inline. Results in row order."""
-    ranges = _row_ranges(rows, workers)
-    if len(ranges) < 2:
+    if workers < 2 or rows < 2:
         return [fn((0, rows))]
-    return [f.result() for f in [_select_pool().submit(fn, r) for r in ranges]]
+    return [f.result() for f in [_select_pool().submit(fn, r) for r in _row_ranges(rows, workers)]]
 
 
 def _in_select_pool() -> bool:
@@ -351,7 +365,7 @@ def _select_pool():
     """Threads for row-parallel selection on NumPy score tiles (one per core; created on first use)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="knn-select")
+    return ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="knn-select")
 
 
 @functools.cache
@@ -442,7 +456,7 @@ class _NumpyOps:
 
     # -- search
     def threads(self, n: int | None):
-        return _blas_threads(n)
+        return contextlib.nullcontext() if n is None else _blas_threads(n)
 
     def one_thread(self, nq: int, macs: int) -> bool:
         return macs < NUMPY_ONE_THREAD_MACS
@@ -460,7 +474,7 @@ class _NumpyOps:
         Only for the NumPy selectors, whose selection was worth spreading that way. The compiled one costs a few
         percent of the product, and one product on every BLAS thread beat one-thread products side by side:
         1M x 256 ran at 0.93-0.97 of the product alone's speed as one search, at 0.88-0.94 in query blocks."""
-        workers = os.cpu_count() or 1
+        workers = _cores()
         if workers < 2 or nq < QUERY_BLOCK_ROWS * workers or macs < QUERY_BLOCK_MACS or _in_select_pool():
             return None
         if self.compiled(method):
@@ -481,13 +495,10 @@ class _NumpyOps:
     def topk(self, s, k: int, *, sort: bool, method: str):
         if method == "auto":
             method = numpy_topk_method(s.shape[0], s.shape[1], k)
-        compiled = method == "compiled"
+        if method == "compiled":  # values, columns and the order come out of the kernel
+            return self._compiled_topk(s, k, sort, self._workers(self.compiled_cost(*s.shape, k)))
         # One thread in a query block's own search: the pool's threads are all taken.
-        workers = self._workers(s.size, COMPILED_PARALLEL_SCORES if compiled else PARALLEL_SELECT_SCORES)
-        if method == "torch":
-            workers = 1
-        if compiled:  # values, columns and the order come out of the kernel
-            return self._compiled_topk(s, k, sort, workers)
+        workers = 1 if method == "torch" else self._workers(s.size, PARALLEL_SELECT_SCORES)
         select = TOPK_METHODS[method]
         parts = _by_rows(lambda r: np.asarray(select(np, s[r[0] : r[1]], k), dtype=np.int64), s.shape[0], workers)
         cols = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -503,19 +514,25 @@ class _NumpyOps:
         return topk_kernel.RunningTopk(rows, want) if self.compiled(method) else None
 
     @staticmethod
+    def compiled_cost(rows: int, cols: int, k: int) -> int:
+        """The compiled kernel's work on (rows, cols) scores keeping k per row, in score-equivalents."""
+        return rows * (cols + COMPILED_ITEM_COST * k)
+
+    @staticmethod
     def _workers(size: int, enough: int | None = None) -> int:
-        """Threads for selecting `size` scores: one per core from `enough` (default COMPILED_PARALLEL_SCORES)
-        on, and one inside the select pool."""
+        """Threads for a selection of `size` work: one per core from `enough` (default COMPILED_PARALLEL_SCORES,
+        in score-equivalents) on, and one inside the select pool."""
         enough = COMPILED_PARALLEL_SCORES if enough is None else enough
-        return 1 if size < enough or _in_select_pool() else os.cpu_count() or 1
+        return 1 if size < enough or _in_select_pool() else _cores()
 
     def fold(self, running, s, start: int) -> None:
+        # Once the bars have risen a tile costs its vectorised pass, a score-equivalent per score.
         _by_rows(lambda r: running.add(s, start, r), s.shape[0], self._workers(s.size))
 
     def finish(self, running):
         out = (np.empty((running.rows, running.k), np.float32), np.empty((running.rows, running.k), np.int64))
-        # The final cut and sort of a kept item cost about what folding 64 scores does.
-        _by_rows(lambda r: running.result(r, out), running.rows, self._workers(running.rows * running.k * 64))
+        work = self.compiled_cost(running.rows, 0, running.k)  # the final cut and sort of each kept item
+        _by_rows(lambda r: running.result(r, out), running.rows, self._workers(work))
         return out
 
     @staticmethod

@@ -48,6 +48,11 @@ def kernel(name: str = "select_rows"):
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"topk='compiled' cannot run: {reason}")
+    return _compiled(name)
+
+
+@functools.cache
+def _compiled(name: str):
     from mim.search import _topk_jit
 
     return getattr(_topk_jit, name)
