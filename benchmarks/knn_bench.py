@@ -1,9 +1,11 @@
 """Exact top-k: mim.search.knn.KnnIndex (CPU, float32) against faiss-cpu IndexFlatIP, side by side on the same data.
 
-For every (N, d, batch, k) our two CPU engines (NumPy, the default, and torch) and faiss search the same query
-batch in alternating rounds, each round one untimed and three timed calls per engine, until each has run for
---min-time seconds (and at least min_reps calls); queries/s = batch / median call time. The float32 product
-alone (`product_only`), timed in the same rounds, is the floor every exact engine sits above.
+For every (N, d, batch, k) our CPU engines (NumPy, the default, with its bfloat16 candidate search where it
+applies; the same in float32 alone, `prefilter="off"`; and torch) and faiss search the same query batch in
+alternating rounds, each round one untimed and three timed calls per engine, until each has run for --min-time
+seconds (and at least min_reps calls); queries/s = batch / median call time. The float32 product
+alone (`product_only`), timed in the same rounds, is the floor of every float32 engine; the bfloat16 candidate
+search (`mim.search.prefilter`) computes half of that product's work at twice the rate and can go below it.
 Results are checked against each other "up to ties": at every rank the two returned ids must carry the same
 exact (float64) score, so the only swaps allowed are among equal scores. With a usable GPU the same grid also
 times the CUDA path, a torch.mm + torch.topk baseline, and the memory floor (fp16 gallery bytes / 4.3 TB/s,
@@ -36,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from mim.commandline import CommandParser
-from mim.search.knn import TOPK_METHODS, KnnIndex, cuda_unavailable_reason, numpy_topk_method
+from mim.search.knn import TOPK_METHODS, KnnIndex, cuda_unavailable_reason, numpy_topk_method, prefilter_gains
 
 HBM_BYTES_PER_S = 4.3e12  # H200 HBM3e peak; an exact scan can't beat reading the fp16 gallery once per batch
 SCORE_ATOL = 1e-5  # fp32 vs fp64 inner products of unit vectors differ by ~1e-7
@@ -72,6 +74,8 @@ CSV_FIELDS = [
     "faiss_qps",
     "ratio_ours_over_faiss",
     "torch_engine_qps",
+    "fp32_engine_qps",
+    "ours_prefilter",
     "product_qps",
     "ids_match",
     "exact_id_frac",
@@ -261,6 +265,8 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
             # The torch engine on the same gallery, timed beside it: the measurement behind the default.
             ours_torch = KnnIndex(d, device="cpu", topk=topk, backend="torch")
             ours_torch.add(ids, gallery)
+            ours_fp32 = KnnIndex(d, device="cpu", topk=topk, prefilter="off")  # no bfloat16 candidates
+            ours_fp32.add(ids, gallery)
             flat = faiss.IndexFlatIP(d)
             flat.add(gallery)
             gpu = GpuSide(gallery, ids, topk) if gpu_reason is None else None
@@ -272,6 +278,7 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                             "ours": lambda ours=ours, q=q, k=k: ours.search(q, k),
                             "faiss": lambda flat=flat, q=q, k=k: flat.search(q, k),
                             "ours_torch": lambda ours_torch=ours_torch, q=q, k=k: ours_torch.search(q, k),
+                            "ours_fp32": lambda ours_fp32=ours_fp32, q=q, k=k: ours_fp32.search(q, k),
                             "product": product_only(ours, gallery, q),
                         },
                         grid.min_time,
@@ -290,6 +297,9 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                         "faiss_qps": batch / secs["faiss"],
                         "ratio_ours_over_faiss": secs["faiss"] / secs["ours"],
                         "torch_engine_qps": batch / secs["ours_torch"],
+                        "fp32_engine_qps": batch / secs["ours_fp32"],
+                        "ours_prefilter": ours.prefilter == "bf16"
+                        or (ours.prefilter == "auto" and prefilter_gains(batch, n, k)),
                         "product_qps": batch / secs["product"],
                         "ids_match": match,
                         "exact_id_frac": exact,
@@ -306,7 +316,7 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                         row.update(gpu.time(q, k, grid, our_ids))
                     rows.append(row)
                     print(_format_row(row), flush=True)
-            del ours, ours_torch, flat, gpu, gallery
+            del ours, ours_torch, ours_fp32, flat, gpu, gallery
     return rows
 
 
@@ -478,7 +488,8 @@ def _format_row(r: dict) -> str:
     line = (
         f"N={r['n']:>8} d={r['d']:>4} batch={r['batch']:>4} k={r['k']:>4}  ours {r['ours_qps']:>10.1f} q/s  "
         f"faiss {r['faiss_qps']:>10.1f} q/s  ratio {r['ratio_ours_over_faiss']:5.2f}  "
-        f"torch engine {r['torch_engine_qps']:>10.1f} q/s  product alone {r['product_qps']:>10.1f} q/s  "
+        f"torch engine {r['torch_engine_qps']:>10.1f} q/s  float32 alone {r['fp32_engine_qps']:>10.1f} q/s  "
+        f"(bf16 {'on' if r['ours_prefilter'] else 'off'})  product alone {r['product_qps']:>10.1f} q/s  "
         f"match={'yes' if r['ids_match'] else 'NO'} exact={r['exact_id_frac']:.3f}"
     )
     if r.get("gpu_qps") is not None:

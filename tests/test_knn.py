@@ -21,11 +21,18 @@ import sys
 import numpy as np
 import pytest
 
-from mim.search import knn, topk_kernel
+from mim.search import knn, prefilter, topk_kernel
 from mim.search.knn import TOPK_METHODS, KnnIndex, cuda_unavailable_reason
 from mim.search.ranking import exact_top_k
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(autouse=True)
+def _float32_unless_asked(monkeypatch):
+    """These tests pin the float32 engine and its selectors, also on CPUs where prefilter='auto' would take their
+    searches; the bfloat16 search runs where a test asks for it (`where`'s bf16 variant, tests/test_prefilter.py)."""
+    monkeypatch.setattr(prefilter, "cpu_has_bf16_dot", lambda: False)
 
 
 @pytest.fixture(params=DEVICES)
@@ -512,20 +519,27 @@ def test_cupy_equals_numpy():
 
 # ---- the tiled search core: tiles, the tie pass, filters, backends and inputs ------------------------------------
 # Each runs on torch (CPU) and on the NumPy backend (the search without torch); the CUDA variants are marked gpu.
+# ("cpu", "numpy", "bf16"): the NumPy engine with its bfloat16 candidate search taking every search.
 BACKENDS = [
     ("cpu", "torch"),
     ("cpu", "numpy"),
+    ("cpu", "numpy", "bf16"),
     pytest.param(("cuda", "torch"), marks=pytest.mark.gpu),
 ]
 
 
 @pytest.fixture(params=BACKENDS, ids=lambda p: "-".join(p))
 def where(request) -> dict:
-    device, backend = request.param
+    device, backend, *low = request.param
     if device == "cuda":
         reason = cuda_unavailable_reason()
         if reason is not None:
             pytest.skip(f"the CUDA path needs a usable CUDA device: {reason}")
+    if low:
+        reason = prefilter.unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"the bfloat16 candidate search cannot run here: {reason}")
+        return {"device": device, "backend": backend, "prefilter": "bf16"}
     return {"device": device, "backend": backend}
 
 

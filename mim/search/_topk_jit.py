@@ -188,3 +188,31 @@ def finish_rows(k, r0, r1, bv, bi, counts, out_v, out_i):
         if counts[r] > k:
             keep_best(bv[r], bi[r], counts[r], k)
         sort_best_first(bv[r], bi[r], k, keys, out_v[r], out_i[r])
+
+
+# Dot products may be summed in any order (vectorised); one compiled loop sums every row the same way, so equal
+# rows get equal scores.
+_DOT_FASTMATH = {"nnan", "nsz", "reassoc", "contract"}
+dot_fast = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_DOT_FASTMATH)
+
+
+@dot_fast
+def dot(a, b):
+    acc = np.float32(0.0)
+    for t in range(a.shape[0]):
+        acc += a[t] * b[t]
+    return acc
+
+
+@jit
+def rescore_rows(q, g, cols, approx, lower, r0, r1, out):
+    """out[r, j] = q[r] . g[cols[r, j]] in float32 for the kept items whose approximate score reaches the
+    row's lower bound, -inf for the others (and for -inf approximations: rows a filter excludes)."""
+    for r in range(r0, r1):
+        lo = lower[r]
+        for j in range(cols.shape[1]):
+            a = approx[r, j]
+            if a >= lo and a > -np.inf:
+                out[r, j] = dot(q[r], g[cols[r, j]])
+            else:
+                out[r, j] = -np.inf

@@ -59,9 +59,9 @@ def _compiled(name: str):
 
 
 def warm_up() -> bool:
-    """Compile (or load from the disk cache) every kernel now, on tiny inputs, so that a server's first search
-    does not pay for it: seconds the first time on a machine, a fraction of a second later. False without
-    numba."""
+    """Compile (or load from the disk cache) every kernel now, the bfloat16 search's rescoring
+    (`mim.search.prefilter`) included, on tiny inputs, so that a server's first search does not pay for it:
+    seconds the first time on a machine, a fraction of a second later. False without numba."""
     if unavailable_reason() is not None:
         return False
     s = np.arange(8, dtype=np.float32).reshape(2, 4)
@@ -69,6 +69,8 @@ def warm_up() -> bool:
     running = RunningTopk(2, 2)
     running.add(s, 0)
     running.result()
+    cols, lower = np.zeros((2, 2), np.int64), np.zeros(2, np.float32)
+    kernel("rescore_rows")(s, s, cols, s[:, :2].copy(), lower, 0, 2, np.empty((2, 2), np.float32))
     return True
 
 

@@ -24,7 +24,6 @@ from mim import contract
 from mim.atomic import atomic_write_dir
 from mim.errors import ServingInputError
 from mim.layout import GALLERY_FILE, MODEL_PY, VERSION, installed_model_id
-from mim.search import topk_kernel
 from mim.search.knn import KnnIndex, read_model_id
 from mim.serving.repository import MODEL_PY_TEMPLATE, WRITE_COMMAND
 
@@ -109,8 +108,7 @@ def load_gallery(version_dir: str | Path, *, dim: int | None = None, device: str
         raise GalleryError(f"{path} holds {index.dim}-d embeddings; the knn model config expects {dim}")
     if len(index) == 0:
         raise GalleryError(f"{path} holds no items; {INSTALL_HINT}")
-    if index.device == "cpu":
-        topk_kernel.warm_up()  # the CPU selection's kernels compiled now, not in the first request
+    index.warm_up()  # the CPU's kernels and bfloat16 gallery copy made now, not in the first request
     return index
 
 
