@@ -299,7 +299,7 @@ def run_grid(grid: Grid, topk: str, seed: int, gpu_reason: str | None) -> list[d
                         "torch_engine_qps": batch / secs["ours_torch"],
                         "fp32_engine_qps": batch / secs["ours_fp32"],
                         "ours_prefilter": ours.prefilter == "bf16"
-                        or (ours.prefilter == "auto" and prefilter_gains(batch, n, k, d)),
+                        or (ours.prefilter == "auto" and prefilter_gains(batch, n, k)),
                         "product_qps": batch / secs["product"],
                         "ids_match": match,
                         "exact_id_frac": exact,

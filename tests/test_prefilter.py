@@ -161,13 +161,11 @@ def test_modes_and_the_auto_rule(monkeypatch):
     assert KnnIndex(8, device="cpu", backend="torch").prefilter == "off"
     monkeypatch.setattr(prefilter, "cpu_has_bf16_dot", lambda: True)
     rows = knn.PREFILTER_ROWS_PER_ITEM
-    assert knn.prefilter_gains(2, rows * 11, 10, 512) and not knn.prefilter_gains(1, rows * 11, 10, 512)
-    assert not knn.prefilter_gains(256, rows * 11 - 1, 10, 512)
-    assert knn.prefilter_gains(256, rows * 101, 100, 512) and not knn.prefilter_gains(256, 5000, 100, 512)
-    one_query_rows = knn.PREFILTER_ONE_QUERY_BYTES // (4 * 512)  # 64k rows of 512 floats
-    assert knn.prefilter_gains(1, one_query_rows, 10, 512) and not knn.prefilter_gains(1, one_query_rows - 1, 10, 512)
+    assert knn.prefilter_gains(2, rows * 11, 10) and not knn.prefilter_gains(1, 10**7, 10)
+    assert not knn.prefilter_gains(256, rows * 11 - 1, 10)
+    assert knn.prefilter_gains(256, rows * 101, 100) and not knn.prefilter_gains(256, 5000, 100)
     monkeypatch.setattr(prefilter, "cpu_has_bf16_dot", lambda: False)
-    assert not knn.prefilter_gains(256, 10**6, 10, 512)
+    assert not knn.prefilter_gains(256, 10**6, 10)
 
 
 def test_load_passes_the_mode_on(tmp_path):
@@ -191,7 +189,7 @@ def test_auto_takes_large_searches_where_the_cpu_has_bfloat16_dot(monkeypatch):
     monkeypatch.setattr(prefilter, "cpu_has_bf16_dot", lambda: True)
     q = _unit(rng, 3, 32)
     _assert_same(auto, off, q, 10)
-    auto.search(q[:1], 10)  # one query over a gallery that fits the caches: float32
+    auto.search(q[:1], 10)  # one query: float32
     auto.search(q, 11)  # fewer rows than PREFILTER_ROWS_PER_ITEM per item: float32
     assert calls == [3]
     off.warm_up()

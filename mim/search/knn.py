@@ -110,16 +110,17 @@ NUMPY_ONE_THREAD_MACS = 0
 # a broader one as a mask over the whole gallery. The copies of all cached filters stay under half the gallery.
 COMPACT_FRACTION = 1 / 8
 _CACHED_FILTERS = 8
-# `prefilter='auto'` takes searches over at least PREFILTER_ROWS_PER_ITEM rows per item kept (k + 1): it halves the
-# product's time and adds a selection and a rescoring that grow with k. One query, a matrix-vector product bound by
-# memory, also needs a float32 gallery of PREFILTER_ONE_QUERY_BYTES: a smaller one is read from the caches.
-# Measured on 2 cores of an AVX512_BF16 CPU (32 MiB L3), bfloat16 against float32 engine (speed ratio), k = 10 / 100:
+# `prefilter='auto'` takes searches of several queries over at least PREFILTER_ROWS_PER_ITEM rows per item kept
+# (k + 1): it halves the product's time and adds a selection and a rescoring that grow with k. One query stays in
+# float32: a bfloat16 matrix-vector product gained 1.1-1.3x alone (100k and 1M rows) but swung from 0.60 to 1.30
+# of the float32 engine in benchmark rounds shared with other thread pools, and lost where the gallery fits the
+# caches. Measured on 2 cores of an AVX512_BF16 CPU (32 MiB L3), bfloat16 against float32 engine (speed ratio),
+# k = 10 / 100:
 #   10k rows x 2 / 32 / 256 queries: 1.98 / 1.64 / 1.35 and 1.60 / 0.96 / 0.69;
 #   30k rows: 2.48 / 2.25 / 1.54 and 2.49 / 1.50 / 0.97; 100k rows: 3.19 / 2.18 / 1.71 and 3.12 / 1.75 / 1.26;
 #   5k rows x 256: 1.02 and 0.48; 8k x 256, k = 10: 1.20; 60k x 256, k = 100: 1.30;
 #   one query: 6k and 12k rows, k = 10: 0.62 and 0.35; 60k, k = 100: 1.00; 100k: 1.30 / 1.29; 1M: 1.33 / 1.10.
 PREFILTER_ROWS_PER_ITEM = 512
-PREFILTER_ONE_QUERY_BYTES = 128 << 20
 
 _PAD_ID = -1
 _INT64_MAX = np.iinfo(np.int64).max
@@ -951,13 +952,10 @@ def _refuse_prefilter(mode: str, why: str) -> str:
     raise ValueError(f"prefilter={mode!r} cannot be used: {why}; use prefilter='auto' or 'off'")
 
 
-def prefilter_gains(nq: int, m: int, k: int, dim: int) -> bool:
-    """Whether `prefilter='auto'` searches nq queries for their top k over m rows of dim floats through bfloat16:
-    where the CPU has bfloat16 dot instructions, m >= `PREFILTER_ROWS_PER_ITEM` (k + 1), and for one query a
-    float32 gallery of at least `PREFILTER_ONE_QUERY_BYTES`."""
-    if m < PREFILTER_ROWS_PER_ITEM * (k + 1) or (nq < 2 and 4 * m * dim < PREFILTER_ONE_QUERY_BYTES):
-        return False
-    return prefilter.cpu_has_bf16_dot()
+def prefilter_gains(nq: int, m: int, k: int) -> bool:
+    """Whether `prefilter='auto'` searches nq queries for their top k over m rows through bfloat16: where the CPU
+    has bfloat16 dot instructions, nq >= 2 and m >= `PREFILTER_ROWS_PER_ITEM` (k + 1)."""
+    return nq >= 2 and m >= PREFILTER_ROWS_PER_ITEM * (k + 1) and prefilter.cpu_has_bf16_dot()
 
 
 class KnnIndex:
@@ -1352,7 +1350,7 @@ class KnnIndex:
     def _prefilter_applies(self, q: Any, k: int, view: _View) -> bool:
         if self.prefilter == "off":
             return False
-        if self.prefilter == "auto" and not prefilter_gains(q.shape[0], view.emb.shape[0], k, self._dim):
+        if self.prefilter == "auto" and not prefilter_gains(q.shape[0], view.emb.shape[0], k):
             return False
         return prefilter.applies(q)
 
@@ -1386,7 +1384,7 @@ class KnnIndex:
         the copy of 1M x 512)."""
         if self._device != "cpu" or not topk_kernel.warm_up():
             return
-        may_use = self.prefilter == "auto" and prefilter_gains(2, len(self), 1, self._dim)
+        may_use = self.prefilter == "auto" and prefilter_gains(2, len(self), 1)
         if len(self) and (self.prefilter == "bf16" or may_use):
             self._shadow(self._all_rows)
 
