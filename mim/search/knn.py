@@ -1210,7 +1210,8 @@ class KnnIndex:
         threads = 1 if ops.one_thread(nq, macs) else None
         blocks = ops.query_blocks(nq, macs, self.topk) if threads is None else None
         if self._prefilter_applies(q, k, view):  # candidates by a bfloat16 product, ranked in float32
-            vals, rows = self._scan_prefiltered(q, k, view)
+            with ops.threads(threads):  # BLAS: the float32 search of queries the bound cannot settle
+                vals, rows = self._scan_prefiltered(q, k, view)
         elif blocks is not None:  # each block of queries searched whole in its own thread, one BLAS thread each
             with ops.threads(1):
                 parts = [_select_pool().submit(self._scan, q[a:b], k, view, exact=False) for a, b in blocks]
