@@ -976,7 +976,7 @@ class KnnIndex:
             Both run the same search with the same results; NumPy also lets a client search without torch.
         prefilter: the NumPy engine's bfloat16 candidate search (`mim.search.prefilter`), same results: "auto"
             (where the CPU has bfloat16 dot instructions and the search is large enough to gain,
-            `prefilter_applies`), "bf16" (every search it can take), or "off". It keeps a bfloat16 copy of the
+            `prefilter_gains`), "bf16" (every search it can take), or "off". It keeps a bfloat16 copy of the
             gallery, made on first use: half the float32 gallery's memory.
 
     Not safe for concurrent mutation and search from several threads.
