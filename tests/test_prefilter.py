@@ -198,3 +198,32 @@ def test_auto_takes_large_searches_where_the_cpu_has_bfloat16_dot(monkeypatch):
     fresh.add(np.arange(n), x)
     fresh.warm_up()  # a server's load: the copy is made before the first request
     assert "bf16" in fresh._all_rows.shadow
+
+
+def test_auto_leaves_a_gallery_of_dense_clusters_to_float32_for_a_while(monkeypatch):
+    """Most queries unsettled: each is searched twice. 'auto' then searches that view in float32 for
+    PREFILTER_RETRY_AFTER searches, and tries bfloat16 again after them; a forced 'bf16' index keeps trying."""
+    rng = np.random.default_rng(8)
+    base = _unit(rng, 4, 64)
+    n = knn.PREFILTER_ROWS_PER_ITEM * 11
+    x = base[rng.integers(0, 4, n)] + rng.standard_normal((n, 64)).astype(np.float32) * 1e-4
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    monkeypatch.setattr(prefilter, "cpu_has_bf16_dot", lambda: True)
+    monkeypatch.setattr(knn, "PREFILTER_RETRY_AFTER", 3)
+    auto, forced = KnnIndex(64, device="cpu"), KnnIndex(64, device="cpu", prefilter="bf16")
+    off = KnnIndex(64, device="cpu", prefilter="off")
+    for index in (auto, forced, off):
+        index.add(np.arange(n), x)
+    calls = []
+    scan = prefilter.scan
+    monkeypatch.setattr(prefilter, "scan", lambda *a: calls.append(a[2]) or scan(*a))
+    q = base + np.float32(1e-4)
+    want = off.search(q, 10)
+    for _ in range(5):
+        got = auto.search(q, 10)
+        np.testing.assert_array_equal(got[1], want[1])
+    assert len(calls) == 2  # the first search, then 3 in float32, then the retry
+    calls.clear()
+    for _ in range(3):
+        forced.search(q, 10)
+    assert len(calls) == 3
