@@ -137,7 +137,7 @@ def lower_bounds(t: np.ndarray, eps: np.ndarray) -> np.ndarray:
 
     With c = OUTPUT_ROUNDING / (1 - OUTPUT_ROUNDING), an item's exact score s and output a satisfy
     |s - a| <= eps + c|a|. The k+1 items with a >= t have s >= t - c|t| - eps, so the (k+1)-th exact score is at
-    least that; an item scoring that much has a + c|a| >= t - c|t| - 2 eps, inverted by `_below`."""
+    least that; an item scoring that much has a + c|a| >= t - c|t| - 2 eps, which is solved for a here."""
     c = OUTPUT_ROUNDING / (1 - OUTPUT_ROUNDING)
     t = t.astype(np.float64)
     with np.errstate(invalid="ignore"):  # t = -inf (fewer than k+1 rows pass a filter) gives -inf
