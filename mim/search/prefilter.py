@@ -212,15 +212,3 @@ def applies(q: np.ndarray) -> bool:
     """Whether these (non-empty) queries can be searched through bfloat16: `MAX_QUERY_VALUE`."""
     return bool(np.abs(q).max() < MAX_QUERY_VALUE)
 
-
-__all__ = [
-    "OUTPUT_ROUNDING",
-    "Shadow",
-    "cpu_has_bf16_dot",
-    "lower_bounds",
-    "product",
-    "query_bounds",
-    "scan",
-    "spare",
-    "unavailable_reason",
-]
