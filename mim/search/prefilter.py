@@ -211,4 +211,3 @@ def scan(ops, q: np.ndarray, kk: int, emb: np.ndarray, blocked, shadow: Shadow, 
 def applies(q: np.ndarray) -> bool:
     """Whether these (non-empty) queries can be searched through bfloat16: `MAX_QUERY_VALUE`."""
     return bool(np.abs(q).max() < MAX_QUERY_VALUE)
-
