@@ -1,11 +1,11 @@
-"""Exact top-k: mim.search.knn.KnnIndex (CPU, float32) against faiss-cpu IndexFlatIP, side by side on the same data.
+"""Exact top-k: mim.search.knn.KnnIndex (CPU, float32 results) against faiss-cpu IndexFlatIP on the same data.
 
 For every (N, d, batch, k) our CPU engines (NumPy, the default, with its bfloat16 candidate search where it
 applies; the same in float32 alone, `prefilter="off"`; and torch) and faiss search the same query batch in
 alternating rounds, each round one untimed and three timed calls per engine, until each has run for --min-time
 seconds (and at least min_reps calls); queries/s = batch / median call time. The float32 product
-alone (`product_only`), timed in the same rounds, is the floor of every float32 engine; the bfloat16 candidate
-search (`mim.search.prefilter`) computes half of that product's work at twice the rate and can go below it.
+alone (`product_only`), timed in the same rounds, is the floor of our float32 engine; the bfloat16 candidate
+search (`mim.search.prefilter`) runs the same product in bfloat16 at about twice the rate and can go below it.
 Results are checked against each other "up to ties": at every rank the two returned ids must carry the same
 exact (float64) score, so the only swaps allowed are among equal scores. With a usable GPU the same grid also
 times the CUDA path, a torch.mm + torch.topk baseline, and the memory floor (fp16 gallery bytes / 4.3 TB/s,
