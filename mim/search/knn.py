@@ -555,12 +555,12 @@ class _NumpyOps:
 
     def fold(self, running, s, start: int) -> None:
         # Once the bars have risen a tile costs its vectorised pass, a score-equivalent per score.
-        _by_rows(lambda r: running.add(s, start, r), s.shape[0], self._workers(s.size))
+        self.spread(lambda r: running.add(s, start, r), s.shape[0], s.size)
 
     def finish(self, running):
         out = (np.empty((running.rows, running.k), np.float32), np.empty((running.rows, running.k), np.int64))
         work = self.compiled_cost(running.rows, 0, running.k)  # the final cut and sort of each kept item
-        _by_rows(lambda r: running.result(r, out), running.rows, self._workers(work))
+        self.spread(lambda r: running.result(r, out), running.rows, work)
         return out
 
     @staticmethod
@@ -944,19 +944,16 @@ PREFILTER_MODES = ("auto", "bf16", "off")
 
 
 def _check_prefilter(mode: str, engine: str) -> str:
+    """The mode an index runs: 'auto' turns 'off' where the bfloat16 search cannot run; 'bf16' is refused there."""
     if mode not in PREFILTER_MODES:
         raise ValueError(f"prefilter must be one of {PREFILTER_MODES}; got {mode!r}")
-    if engine != "numpy":
-        return "off" if mode == "auto" else _refuse_prefilter(mode, f"it runs on the NumPy engine, not {engine}")
-    why = prefilter.unavailable_reason()
-    if why is not None:
-        return "off" if mode == "auto" else _refuse_prefilter(mode, why)
-    return mode
-
-
-def _refuse_prefilter(mode: str, why: str) -> str:
     if mode == "off":
         return mode
+    why = f"it runs on the NumPy engine, not {engine}" if engine != "numpy" else prefilter.unavailable_reason()
+    if why is None:
+        return mode
+    if mode == "auto":
+        return "off"
     raise ValueError(f"prefilter={mode!r} cannot be used: {why}; use prefilter='auto' or 'off'")
 
 
